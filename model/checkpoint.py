@@ -43,6 +43,7 @@ def save_checkpoint(model: PretrainedLlama, directory: str | Path, tokenizer=Non
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the final folder should read like any other
     try:
         model.config.save(tmp, architecture=model.architecture)
         dtype = getattr(torch, model.config.dtype)

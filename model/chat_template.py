@@ -91,15 +91,15 @@ def encode_chat(
             input_ids += [bos, *prompt]
             loss_mask += [0] * (len(prompt) + 1)
             continue
-        answer = answer.strip()
-        text = f"{B_INST} {user.strip()} {E_INST} {answer} "
+        prompt = f"{B_INST} {user.strip()} {E_INST}"
+        text = f"{prompt} {answer.strip()} "
         # One encode call per pair, as Meta does; encoding prompt and answer apart would change
-        # the tokens at the seam. The answer span runs from its first char through the final space.
-        answer_start = len(text) - len(answer) - 1
+        # the tokens at the seam. Every token reaching past the prompt text is answer: that includes
+        # the space after [/INST], which the sampler must generate since its prompt ends at [/INST].
         ids, offsets = tokenizer.encode_with_offsets(text)
         trained = mode == "all" or i == answered[-1]
         input_ids += [bos, *ids, eos]
-        loss_mask += [0, *(int(trained and end > answer_start) for _, end in offsets), int(trained)]
+        loss_mask += [0, *(int(trained and end > len(prompt)) for _, end in offsets), int(trained)]
     return EncodedChat(input_ids=input_ids, loss_mask=loss_mask)
 
 

@@ -21,7 +21,8 @@ DIALOGUE = [
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "The capital of France is Paris."},
     {"role": "user", "content": "And of Japan? "},  # stripped, as Meta does
-    {"role": "assistant", "content": " Tokyo is the capital of Japan."},
+    # starts with a digit: SentencePiece's split_digits makes the separating space a piece of its own
+    {"role": "assistant", "content": " 14 million people live in Tokyo, the capital of Japan."},
     {"role": "user", "content": "Name a river there."},
     {"role": "assistant", "content": "The Sumida river flows through Tokyo, café 日本."},
 ]
@@ -31,7 +32,7 @@ PAIRS = [
         "[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\nWhat is the capital of France? [/INST]",
         " The capital of France is Paris. ",
     ),
-    ("[INST] And of Japan? [/INST]", " Tokyo is the capital of Japan. "),
+    ("[INST] And of Japan? [/INST]", " 14 million people live in Tokyo, the capital of Japan. "),
     ("[INST] Name a river there. [/INST]", " The Sumida river flows through Tokyo, café 日本. "),
 ]
 NEXT_USER = {"role": "user", "content": "Thanks!"}
@@ -141,6 +142,9 @@ def test_mask_all_covers_each_answer_and_its_eos(case: Case) -> None:
         assert body_mask == [0] * n_prompt + [1] * (len(body) - n_prompt)
         assert case.token_text(body[:n_prompt]) == case.dummy_prefix + prompt
         assert case.token_text(body[n_prompt:]) == answer
+        # The untrained part is exactly what a sampler is given for this turn, so the model is trained to
+        # produce every token that follows its generation prompt, the space after [/INST] included.
+        assert body[:n_prompt] == case.encode(prompt)
 
 
 def test_mask_last_covers_only_the_last_answer(case: Case) -> None:

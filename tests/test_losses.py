@@ -36,3 +36,21 @@ def test_masked_lm_loss_counts_only_masked_targets():
     # across a document boundary (token 3 starts a new document) nothing is trained
     docs = torch.tensor([[0, 0, 0, 1]])
     assert masked_lm_loss(logits, ids, mask, docs).item() == pytest.approx(-math.log(0.1), rel=1e-6)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    from model.optim import adamw, cosine_with_warmup, warmup_steps_for
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = adamw(model, lr=1.0)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]  # matrix decays, bias does not
+    schedule = cosine_with_warmup(optimizer, total_steps=100, warmup_steps=5, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lrs[5] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    assert warmup_steps_for(1000) == 30 and warmup_steps_for(20) == 5 and warmup_steps_for(3) == 3

@@ -19,10 +19,9 @@ from model.chat_template import B_INST, E_INST, encode_chat, encode_prompt
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.llama import LlamaForCausalLM, greedy_generate
-from model.losses import masked_lm_loss
-from model.optim import adamw, cosine_with_warmup
+from model.lm_training import LMTrainConfig, train_lm
 from model.tokenizer import SentencePieceTokenizer
-from pipeline.data.tensorize import PackedRows, pack
+from model.packing import pack
 
 
 def arithmetic_dialogues(seed: int) -> tuple[list[list[dict]], list[tuple[str, str]]]:
@@ -41,15 +40,6 @@ def arithmetic_dialogues(seed: int) -> tuple[list[list[dict]], list[tuple[str, s
     return train, held_out
 
 
-def batches(packed: PackedRows, batch_size: int, seed: int):
-    """Endless shuffled batches of packed rows."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(packed), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield packed.batch(order[start:start + batch_size])
-
-
 def run(out: Path, steps: int, seed: int) -> None:
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -65,25 +55,14 @@ def run(out: Path, steps: int, seed: int) -> None:
                          max_position_embeddings=128, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
     model.init_weights(seed)
-    optimizer = adamw(model, lr=3e-3)
-    schedule = cosine_with_warmup(optimizer, total_steps=steps, warmup_steps=steps // 10)
     print(f"tokenizer: SentencePiece BPE, {tokenizer.vocab_size} pieces; model: {model.num_parameters / 1e6:.2f}M "
           f"parameters; {len(examples)} training chats, {len(held_out)} held-out questions")
-    model.train()
     packed = pack([(e.input_ids, e.loss_mask) for e in examples], seq_len=128, pad_id=tokenizer.pad_id)
-    stream = batches(packed, 8, seed)
-    for step in range(1, steps + 1):
-        batch = next(stream)
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], document_ids=batch["document_ids"])
-        loss = masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"], batch["document_ids"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step == 1 or step % 100 == 0 or step == steps:
-            print(f"  step {step:4d}  answer-token loss {loss.item():.3f}")
-    model.eval()
+
+    result = train_lm(model, packed, LMTrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=steps // 10,
+                                                   min_lr_ratio=0.0, seed=seed), desc="SFT")
+    print(f"SFT: {steps} steps, answer-token loss {result.first_loss:.3f} -> {result.last_loss:.3f}, "
+          f"{result.tokens_per_second:,.0f} trained tokens/s")
     folder = save_checkpoint(model, out / "checkpoint", tokenizer=tokenizer)
     trained_in = time.perf_counter() - start
 

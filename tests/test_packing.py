@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from model.losses import masked_lm_loss
-from pipeline.data.tensorize import assign_rows, pack, pad_pairs, split_long
+from model.packing import assign_rows, pack, pad_pairs, split_long
 
 
 def random_examples(n: int, seed: int, max_len: int = 30):

@@ -1,0 +1,107 @@
+"""A plain torch training loop for causal LMs on packed rows (pretraining, SFT-style fine-tuning).
+
+Single process; the trainer actors run the same step inside a torch.distributed group.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from model.llama import LlamaForCausalLM
+from model.losses import masked_lm_loss
+from model.optim import adamw, cosine_with_warmup
+from model.packing import PackedRows
+
+
+@dataclass
+class LMTrainConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class LMTrainResult:
+    steps: int
+    tokens: int  # trained (loss-bearing) tokens seen
+    seconds: float
+    first_loss: float
+    last_loss: float  # mean of the last 10% of steps
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def forward_loss(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], document_ids=batch["document_ids"])
+    return masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"], batch["document_ids"])
+
+
+def shuffled_batches(packed: PackedRows, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless epochs over the rows, reshuffled each epoch; a final partial batch is kept, not dropped."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(packed), generator=generator)
+        for start in range(0, len(order), batch_size):
+            yield packed.batch(order[start:start + batch_size])
+
+
+def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig, desc: str = "train",
+             on_step: Callable[[int, float], None] | None = None) -> LMTrainResult:
+    optimizer = adamw(model, config.lr, weight_decay=config.weight_decay)
+    schedule = cosine_with_warmup(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
+    batches = shuffled_batches(packed, config.batch_size, config.seed)
+    model.train()
+    losses: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    progress = tqdm(range(config.steps), desc=desc, leave=False, mininterval=2.0)
+    for step in progress:
+        batch = next(batches)
+        loss = forward_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}; stopping before the "
+                                     "weights are corrupted")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tokens += int(batch["loss_mask"].sum())
+        progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10):]
+    return LMTrainResult(config.steps, tokens, time.perf_counter() - start, losses[0], sum(tail) / len(tail))
+
+
+@torch.no_grad()
+def evaluate_lm(model: LlamaForCausalLM, packed: PackedRows, batch_size: int = 16) -> tuple[float, float]:
+    """(mean loss per trained token, perplexity) over all rows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for start in range(0, len(packed), batch_size):
+        batch = packed.batch(slice(start, start + batch_size))
+        weights = batch["loss_mask"][:, 1:] * (batch["document_ids"][:, 1:] == batch["document_ids"][:, :-1])
+        n = float(weights.sum())
+        if n:
+            total += forward_loss(model, batch).item() * n
+            count += n
+    model.train(was_training)
+    mean = total / count if count else float("nan")
+    return mean, math.exp(mean)

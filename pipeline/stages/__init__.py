@@ -1,0 +1,1 @@
+"""Stages: functions from input datasets (and checkpoints) to output datasets plus a checkpoint."""

@@ -1,0 +1,65 @@
+"""Weekly preference batches: pairs of responses of different quality to train prompts, labelled by the
+simulated annotator. Batch sizes grow like the paper's Table 26 (WorldConfig.batch_sizes)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from pipeline.data.schemas import ATTACK_VECTORS, RISK_CATEGORIES
+from pipeline.world.annotator import annotate
+from pipeline.world.config import AnnotatorConfig
+from pipeline.world.responses import QUALITIES, respond
+from pipeline.world.seeding import allocate, stream
+from pipeline.world.world import Prompt, World
+
+# Helpfulness comparisons come from these prompt kinds; safety comparisons from adversarial prompts.
+HELPFULNESS_MIX = {"helpful": 0.7, "borderline": 0.15, "dialogue": 0.15}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    prompt: Prompt
+    batch: int
+    kind: str  # "helpfulness" or "safety"
+    chosen: str
+    rejected: str
+    rating: str
+    chosen_safe: bool
+    rejected_safe: bool
+    scores: tuple[float, float]  # oracle scores of (chosen, rejected), before annotator noise
+    qualities: tuple[str, str] | None  # the generators' qualities of (chosen, rejected), when known
+
+
+def compare(prompt: Prompt, responses: tuple[str, str], kind: str, batch: int, rng: random.Random,
+            config: AnnotatorConfig, qualities: tuple[str, str] | None = None) -> Comparison:
+    """Label one pair. Also the entry point for pairs sampled from models in later rounds."""
+    a = annotate(prompt.category, prompt.meta, responses, kind, rng, config)
+    c, r = a.chosen, 1 - a.chosen
+    return Comparison(prompt, batch, kind, responses[c], responses[r], a.rating, a.safe[c], a.safe[r],
+                      (a.scores[c], a.scores[r]), (qualities[c], qualities[r]) if qualities else None)
+
+
+def _pair(prompt: Prompt, kind: str, batch: int, rng: random.Random, config: AnnotatorConfig) -> Comparison:
+    qualities = tuple(rng.sample(QUALITIES[prompt.category], 2))
+    responses = tuple(respond(prompt.category, prompt.meta, q, rng) for q in qualities)
+    return compare(prompt, responses, kind, batch, rng, config, qualities)
+
+
+def preference_batch(world: World, batch: int) -> list[Comparison]:
+    """Batch `batch` (from 1): helpfulness comparisons, then safety comparisons spread over every cell."""
+    sizes = world.config.batch_sizes
+    if not 1 <= batch <= len(sizes):
+        raise ValueError(f"preference_batch: batch must be in [1, {len(sizes)}], got {batch}")
+    rng = stream(world.config.seed, "preferences", batch)
+    annotator = world.config.annotator
+    n_safety = round(sizes[batch - 1] * world.config.safety_share)
+    out = []
+    for category, count in allocate(sizes[batch - 1] - n_safety, HELPFULNESS_MIX).items():
+        out += [_pair(world.prompt(category, "train", rng), "helpfulness", batch, rng, annotator)
+                for _ in range(count)]
+    cells = [(c, v) for c in RISK_CATEGORIES for v in ATTACK_VECTORS]
+    for i in range(n_safety):
+        category, vector = cells[i % len(cells)]
+        out.append(_pair(world.prompt(category, "train", rng, vector), "safety", batch, rng, annotator))
+    return out

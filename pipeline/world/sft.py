@@ -1,0 +1,39 @@
+"""The SFT demonstration set: small and clean (the paper's quality over quantity), every answer the best the
+world knows, safe demonstrations for adversarial prompts in every (risk category x attack vector) cell."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.data.schemas import ATTACK_VECTORS, RISK_CATEGORIES
+from pipeline.world.responses import BEST, respond
+from pipeline.world.seeding import allocate, stream
+from pipeline.world.world import Prompt, World
+
+SFT_MIX = {"helpful": 0.5, "borderline": 0.15, "safety": 0.25, "dialogue": 0.1}
+# Dialogue demonstrations stay short: the instruction is followed early on, and Ghost Attention is what
+# later teaches it over many turns (the paper's Table 30 baseline).
+SFT_DIALOGUE_TURNS = 2
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    prompt: Prompt
+    answer: str
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return [*self.prompt.messages, {"role": "assistant", "content": self.answer}]
+
+
+def demonstrations(world: World) -> list[Demonstration]:
+    rng = stream(world.config.seed, "sft")
+    counts = allocate(world.config.sft_demonstrations, SFT_MIX)
+    cells = [(c, v) for c in RISK_CATEGORIES for v in ATTACK_VECTORS]
+    prompts = [world.prompt("helpful", "train", rng) for _ in range(counts["helpful"])]
+    prompts += [world.prompt("borderline", "train", rng) for _ in range(counts["borderline"])]
+    for i in range(counts["safety"]):
+        category, vector = cells[i % len(cells)]
+        prompts.append(world.prompt(category, "train", rng, vector))
+    prompts += [world.dialogue("train", rng, max_turns=SFT_DIALOGUE_TURNS) for _ in range(counts["dialogue"])]
+    return [Demonstration(p, respond(p.category, p.meta, BEST[p.category], rng)) for p in prompts]

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import schemas
-from pipeline.world import (CORPUS, QUALITIES, Prompt, World, WorldConfig, build_tables, judge, judge_dialogue,
+from pipeline.world import (QUALITIES, Prompt, World, WorldConfig, build_tables, judge, judge_dialogue,
                             preference_batch, respond, table26_sizes, write_tables)
 from pipeline.world.__main__ import main
 from pipeline.world.oracle import is_harmful
@@ -34,7 +34,7 @@ def _preferences(tables: dict[str, pa.Table]) -> list[pa.Table]:
 
 def test_every_table_validates_against_its_schema(tables):
     expected = {"prompts_train": schemas.PROMPTS, "prompts_eval": schemas.PROMPTS,
-                "demonstrations": schemas.DEMONSTRATIONS, "corpus": CORPUS}
+                "demonstrations": schemas.DEMONSTRATIONS, "corpus": schemas.CORPUS}
     for name, table in tables.items():
         schema = expected.get(name, schemas.PREFERENCES)
         assert table.schema.equals(schema, check_metadata=True), name

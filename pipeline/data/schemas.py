@@ -77,6 +77,13 @@ SAMPLES = _schema("samples", [
     pa.field("chosen", pa.bool_()),  # kept by rejection sampling
 ])
 
+CORPUS = _schema("corpus", [  # pretraining documents; `text` is what is trained on
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),  # encyclopedia | qa | dialogue
+    pa.field("category", pa.string()),
+    pa.field("quality", pa.string()),
+])
+
 REJECTS = _schema("rejects", [
     pa.field("source", pa.string(), nullable=False),  # the input file
     pa.field("row", pa.int64(), nullable=False),  # 0-based row (line for JSONL, record for JSON) in that file
@@ -85,7 +92,7 @@ REJECTS = _schema("rejects", [
     pa.field("raw", pa.string()),  # the row as JSON, so nothing is lost
 ])
 
-SCHEMAS = {s.metadata[b"kind"].decode(): s for s in (PROMPTS, DEMONSTRATIONS, PREFERENCES, SAMPLES, REJECTS)}
+SCHEMAS = {s.metadata[b"kind"].decode(): s for s in (PROMPTS, DEMONSTRATIONS, PREFERENCES, SAMPLES, CORPUS, REJECTS)}
 
 
 def schema_of(table: pa.Table) -> str | None:

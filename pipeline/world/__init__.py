@@ -15,12 +15,12 @@ from pipeline.world.oracle import Verdict, judge, judge_dialogue
 from pipeline.world.preferences import Comparison, compare, preference_batch
 from pipeline.world.responses import QUALITIES, respond
 from pipeline.world.sft import Demonstration, demonstrations
-from pipeline.world.tables import (CORPUS, build_tables, comparison_rows, corpus_table, demonstrations_table,
+from pipeline.world.tables import (build_tables, comparison_rows, corpus_table, demonstrations_table,
                                    preferences_table, prompts_table, write_tables)
 from pipeline.world.world import SPLITS, Prompt, World
 
 __all__ = [
-    "CORPUS", "QUALITIES", "SPLITS", "Annotation", "AnnotatorConfig", "Comparison", "Demonstration", "Document",
+    "QUALITIES", "SPLITS", "Annotation", "AnnotatorConfig", "Comparison", "Demonstration", "Document",
     "Prompt", "Verdict", "World", "WorldConfig", "annotate", "build_tables", "compare", "comparison_rows", "corpus",
     "corpus_table", "demonstrations", "demonstrations_table", "judge", "judge_dialogue", "preference_batch",
     "preferences_table", "prompts_table", "rating_for_gap", "render", "respond", "table26_sizes", "write_tables",

@@ -16,15 +16,6 @@ from pipeline.world.preferences import Comparison, preference_batch
 from pipeline.world.sft import demonstrations
 from pipeline.world.world import SPLITS, World
 
-# The corpus has no stage schema of its own: documents for pretraining, `text` is what is trained on.
-CORPUS = pa.schema([
-    pa.field("text", pa.string(), nullable=False),
-    pa.field("kind", pa.string(), nullable=False),  # encyclopedia | qa | dialogue
-    pa.field("category", pa.string()),
-    pa.field("quality", pa.string()),
-], metadata={b"kind": b"corpus", b"schema_version": str(schemas.SCHEMA_VERSION).encode()})
-
-
 def dump_meta(meta: Mapping[str, Any]) -> str:
     """Canonical JSON (sorted keys, no spaces), so equal metas are equal bytes."""
     return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -72,7 +63,7 @@ def preferences_table(world: World, batch: int) -> pa.Table:
 
 def corpus_table(world: World) -> pa.Table:
     rows = [{"text": d.text, "kind": d.kind, "category": d.category, "quality": d.quality} for d in corpus(world)]
-    return pa.Table.from_pylist(rows, schema=CORPUS)
+    return pa.Table.from_pylist(rows, schema=schemas.CORPUS)
 
 
 def build_tables(world: World) -> dict[str, pa.Table]:

@@ -1,0 +1,281 @@
+"""The run store: `runs/<name>/round-RR/<stage>/part-NNNNN.parquet` shards and a `manifest.json`.
+
+Every file is written to a temp file in its own folder, fsynced and renamed into place (then the folder is fsynced),
+so a reader sees a whole file or none. A stage whose manifest matches its inputs and config is complete and skipped;
+a crashed stage resumes from `done_shards()`, so no row is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.schemas import SCHEMA_VERSION, SCHEMAS
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"  # which inputs and config the shards in the folder were written for
+_DISTRIBUTION = "llama2-alignment"
+_SHARD = re.compile(r"part-(\d{5})\.parquet")
+# Temp files say who writes them, so a cleanup never removes one a live writer is still filling.
+_TEMP = re.compile(r"\.(?P<final>.+)~(?P<host>[^~]*)~(?P<pid>\d+)~[0-9a-f]+\.tmp")
+_FOREIGN_TEMP_AGE_S = 3600.0  # another host's temp file: its writer is presumed dead after this long idle
+_CHUNK = 1 << 20
+
+
+def _host() -> str:
+    return socket.gethostname().replace("~", "_")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.parent / f".{path.name}~{_host()}~{os.getpid()}~{secrets.token_hex(4)}.tmp"
+    try:
+        # os.open rather than mkstemp: the final file gets the usual umask permissions, not 0600.
+        with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
+    """Write `table` as Parquet at `path`: readers see the old file, or the complete new one."""
+    path = Path(path)
+    _write_atomic(path, lambda file: pq.write_table(table, file))
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _is_abandoned_temp(path: Path) -> bool:
+    match = _TEMP.fullmatch(path.name)
+    if match is None:
+        return False
+    if match["host"] == _host():
+        return not _pid_alive(int(match["pid"]))
+    return time.time() - path.stat().st_mtime > _FOREIGN_TEMP_AGE_S
+
+
+def _hash_file(path: Path, *also: Any) -> str:
+    """sha256 of a file's bytes, also fed to every hash object in `also`."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+            for other in also:
+                other.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_file(path: str | Path) -> str:
+    return _hash_file(Path(path))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot digest a {type(value).__name__}; convert the config to JSON types first")
+
+
+def digest_config(config: Any) -> str:
+    """sha256 of canonical JSON (sorted keys, no spaces): equal configs, equal digests, whatever the key order."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _git_commit(tree: Path) -> str:
+    if not (tree / ".git").exists():
+        return "unknown"
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, check=True,
+                                  timeout=30).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
+@functools.cache
+def code_version() -> dict[str, str]:
+    """The package version and the source tree's git commit ("+dirty" with uncommitted changes, else "unknown")."""
+    try:
+        package = metadata.version(_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        package = "unknown"
+    return {"package": package, "commit": _git_commit(Path(__file__).resolve().parents[2])}
+
+
+def _read_shard(path: Path) -> pa.Table:
+    """A shard in its declared schema: Parquet renames list items ("element"), the cast names them back."""
+    table = pq.read_table(path)
+    kind = (table.schema.metadata or {}).get(b"kind", b"").decode()
+    return table.cast(SCHEMAS[kind]) if kind in SCHEMAS else table
+
+
+class StageStore:
+    """One stage of one round: numbered Parquet shards and, once finished, a manifest."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def shard_path(self, index: int) -> Path:
+        return self.path / f"part-{index:05d}.parquet"
+
+    def write_shard(self, index: int, table: pa.Table) -> Path:
+        if not 0 <= index <= 99_999:
+            raise ValueError(f"shard index must be in [0, 99999], got {index}")
+        return write_table_atomic(table, self.shard_path(index))
+
+    def done_shards(self) -> set[int]:
+        """Indices of complete shards; temp files left by dead writers are removed."""
+        if not self.path.is_dir():
+            return set()
+        done = set()
+        for entry in self.path.iterdir():
+            match = _SHARD.fullmatch(entry.name)
+            if match:
+                done.add(int(match[1]))
+            elif _is_abandoned_temp(entry):
+                entry.unlink(missing_ok=True)
+        return done
+
+    def read(self) -> pa.Table:
+        """All shards in index order; a finished stage without shards reads as an empty table of its schema."""
+        paths = [self.shard_path(index) for index in sorted(self.done_shards())]
+        if paths:
+            return pa.concat_tables([_read_shard(path) for path in paths])
+        manifest = self.manifest()
+        if manifest is None:
+            raise FileNotFoundError(f"{self.path}: no shards and no manifest")
+        return SCHEMAS[manifest["schema_kind"]].empty_table()
+
+    def begin(self, input_digests: Mapping[str, str], config_digest: str) -> set[int]:
+        """Start (or resume) the stage for these inputs and config; returns the shards already done.
+
+        Shards left by a run with other inputs or another config are not ours to resume: the folder is emptied
+        first, so a resumed stage never mixes rows from two configs.
+        """
+        wanted = {"input_digests": dict(input_digests), "config_digest": config_digest}
+        try:
+            started = json.loads((self.path / PROGRESS).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            started = None
+        if started != wanted and self.path.exists():
+            shutil.rmtree(self.path)
+        if started != wanted:
+            self.path.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(wanted, indent=2, sort_keys=True) + "\n"
+            _write_atomic(self.path / PROGRESS, lambda file: file.write(text.encode()))
+        return self.done_shards()
+
+    def finish(
+        self,
+        schema_kind: str | None,
+        input_digests: Mapping[str, str],
+        config_digest: str,
+        checkpoint: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write manifest.json for the shards present; every shard must declare `schema_kind`.
+
+        `schema_kind=None` marks a stage whose output is only its checkpoint (and `extra`): it has no shards.
+        """
+        if schema_kind is not None and schema_kind not in SCHEMAS:
+            raise ValueError(f"schema_kind: expected one of {sorted(SCHEMAS)} or None, got {schema_kind!r}")
+        content = hashlib.sha256()
+        shards = []
+        for index in sorted(self.done_shards()):
+            path = self.shard_path(index)
+            parquet = pq.ParquetFile(path)
+            declared = (parquet.schema_arrow.metadata or {}).get(b"kind", b"").decode()
+            if declared != schema_kind:
+                raise ValueError(f"{path}: its schema declares {declared or 'no kind'!r}, not {schema_kind!r}")
+            shards.append({"index": index, "file": path.name, "rows": parquet.metadata.num_rows,
+                           "digest": _hash_file(path, content)})
+        manifest = {
+            "schema_kind": schema_kind,
+            "schema_version": SCHEMA_VERSION,
+            "rows": sum(shard["rows"] for shard in shards),
+            "content_digest": content.hexdigest(),
+            "shards": shards,
+            "input_digests": dict(input_digests),
+            "config_digest": config_digest,
+            "code_version": code_version(),
+            "checkpoint": checkpoint,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "extra": extra or {},
+        }
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        _write_atomic(self.path / MANIFEST, lambda file: file.write(text.encode()))
+        return manifest
+
+    def manifest(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def is_complete(self, input_digests: Mapping[str, str], config_digest: str) -> bool:
+        """Finished with these inputs and this config, under this schema version, and the shards on disk are
+        exactly the ones recorded, byte for byte."""
+        manifest = self.manifest()
+        if manifest is None or manifest["schema_version"] != SCHEMA_VERSION:
+            return False
+        if manifest["input_digests"] != dict(input_digests) or manifest["config_digest"] != config_digest:
+            return False
+        if {shard["index"] for shard in manifest["shards"]} != self.done_shards():
+            return False
+        return all(digest_file(self.path / shard["file"]) == shard["digest"] for shard in manifest["shards"])
+
+
+class RunStore:
+    """`root` is one run's folder, `runs/<name>`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def stage(self, round: int, name: str) -> StageStore:  # noqa: A002 - the paper's word for an iteration
+        if not 0 <= round <= 99:
+            raise ValueError(f"round must be in [0, 99], got {round}")
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
+            raise ValueError(f"stage name must be a plain folder name, got {name!r}")
+        return StageStore(self.root / f"round-{round:02d}" / name)

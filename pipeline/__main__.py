@@ -1,6 +1,6 @@
-"""`python -m pipeline`: the main job. Until the staged pipeline lands it runs the foundation's smoke run."""
+"""`python -m pipeline`: the main job (see pipeline/main.py)."""
 
-from pipeline.smoke import main
+from pipeline.main import main
 
 if __name__ == "__main__":
     main()

@@ -39,21 +39,17 @@ def vllm_tiny(tmp_path_factory):
     GQA, tied embeddings and a non-default rope theta, so the export exercises the paths most likely to differ.
     The KV cache and the memory share stay small: several of these must fit beside Ray on a 24 GiB machine.
     """
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from vllm import LLM
-
+    from actors.vllm_engine import EngineConfig, VLLMEngine
     from model.checkpoint import save_checkpoint
 
     model = tiny_model(seed=11, vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=50000.0,
                        max_position_embeddings=256)
     folder = save_checkpoint(model, tmp_path_factory.mktemp("vllm") / "tiny")
-    engine = LLM(model=str(folder), skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
-                 gpu_memory_utilization=0.1, max_model_len=256, seed=0)
+    engine = VLLMEngine(folder, EngineConfig(max_model_len=256))
     yield engine, model, folder
     # Stop the engine processes now, not at interpreter exit (after pytest's summary line).
-    engine.llm_engine.engine_core.shutdown()
+    engine.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ def toy_corpus(n: int = 400) -> list[str]:
 
 
 def test_pretrain_two_sizes_beats_chance(tmp_path):
-    sizes = [ModelSize("a", 32, 64, 1, 2, 1, steps=40), ModelSize("b", 64, 128, 2, 4, 2, steps=40)]
+    sizes = [ModelSize("a", 32, 64, 1, 1, 1, steps=40), ModelSize("b", 64, 128, 2, 2, 1, steps=40)]
     config = PretrainConfig(sizes=sizes, vocab_size=320, seq_len=64, batch_size=8, lr=5e-3, warmup_steps=5)
     results = pretrain(toy_corpus(), tmp_path, config)
     assert [r.size for r in results] == ["a", "b"]

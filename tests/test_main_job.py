@@ -1,0 +1,46 @@
+"""The README's main job (`python -m pipeline`) end to end at quick sizes, and a re-run that reuses every stage."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from model.checkpoint import load_checkpoint
+from pipeline.data.store import RunStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+def run_main(run_dir):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "--quick", "--run-dir", str(run_dir)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_main(run_dir)
+    assert "== world (built)" in first and "== pretrain (trained)" in first
+    store = RunStore(run_dir)
+    models = store.stage(0, "pretrain").manifest()["extra"]["models"]
+    assert [m["size"] for m in models] == ["small", "large"]
+    for m in models:
+        assert load_checkpoint(m["checkpoint"]).num_parameters == m["parameters"]
+        assert 1 < m["heldout_perplexity"] < 512
+        samples = store.stage(0, f"base_eval_{m['size']}").read()
+        prompts = store.stage(0, "world_prompts_eval").read()
+        single_turn = [c for c in prompts.column("category").to_pylist() if c != "dialogue"]
+        assert samples.num_rows == len(single_turn)  # every held-out single-turn prompt answered exactly once
+        assert set(samples.column("prompt_id").to_pylist()) <= set(prompts.column("id").to_pylist())
+        assert re.search(rf"^  {m['size']}\s+helpful\s+\d+\s+\d\.\d\d", first, re.M)  # the oracle's table
+    manifests = {p: p.read_text() for p in run_dir.rglob("manifest.json")}
+
+    second = run_main(run_dir)
+    assert "== world (cached)" in second and "== pretrain (cached)" in second
+    assert {p: p.read_text() for p in run_dir.rglob("manifest.json")} == manifests  # nothing recomputed
+    assert json.loads(next(iter(manifests.values())))["code_version"]

@@ -23,7 +23,7 @@ def check_head_dim(head_dim: int, where: str) -> None:
                          f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))})")
 
 
-@dataclass(frozen=True)
+@dataclass
 class EngineConfig:
     max_model_len: int = 512
     dtype: str = "float32"
@@ -34,7 +34,7 @@ class EngineConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sampling:
     n: int = 1
     temperature: float = 1.0

@@ -7,42 +7,28 @@ reuses them. The RLHF stages (SFT, reward models, rounds) are added to this driv
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
+import hydra
+from omegaconf import DictConfig
+
+from actors.vllm_engine import EngineConfig, VLLMEngine
 from model.tokenizer import load_tokenizer
 from pipeline.data.store import RunStore, digest_config
 from pipeline.stages.oracle_eval import evaluate, scores_to_dicts
-from pipeline.stages.pretrain import ModelSize, PretrainConfig, PretrainedModel, run_pretrain
+from pipeline.config import ConfigError, RunConfig, register, validate
+from pipeline.stages.pretrain import PretrainedModel, run_pretrain
 from pipeline.stages.world import run_world, world_stage_name
-from pipeline.world import WorldConfig
-
-
-@dataclass
-class RunConfig:
-    world: WorldConfig = field(default_factory=WorldConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    # Base models are sampled the way the paper samples for preference data: some temperature, not greedy.
-    eval_sampling: Sampling = Sampling(temperature=0.7, top_p=1.0, max_tokens=48, seed=0)
-
-
-def quick_config() -> RunConfig:
-    """Minutes, not tens of minutes: a smaller world and shorter pretraining (tests and `--quick`)."""
-    world = WorldConfig(corpus_documents=1500, eval_helpful=40, eval_borderline=12, eval_safety_per_cell=1,
-                        eval_dialogues=4, train_helpful=100, train_borderline=20, train_safety_per_cell=2,
-                        train_dialogues=10, sft_demonstrations=100, batch_sizes=(20, 40, 60))
-    sizes = [ModelSize("small", 64, 176, 2, 2, 1, steps=150), ModelSize("large", 128, 352, 3, 4, 2, steps=100)]
-    return RunConfig(world=world, pretrain=PretrainConfig(sizes=sizes, vocab_size=512, seq_len=128, lr=3e-3))
 
 
 def base_eval(store: RunStore, model: PretrainedModel, prompts_digest: str, config: RunConfig,
               seq_len: int) -> tuple[list[dict], bool]:
     stage = store.stage(0, f"base_eval_{model.size}")
-    inputs = {"model": digest_config(dataclasses.asdict(model) | {"checkpoint": str(model.checkpoint)}),
+    # The model is identified by its training record, not by where its folder lies.
+    inputs = {"model": digest_config(dataclasses.asdict(model) | {"checkpoint": model.size}),
               "prompts_eval": prompts_digest}
     config_digest = digest_config(dataclasses.asdict(config.eval_sampling))
     if stage.is_complete(inputs, config_digest):
@@ -93,9 +79,20 @@ def run(run_dir: Path, config: RunConfig) -> None:
           "finished stage)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="run store folder (default runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="a smaller world and shorter pretraining")
-    args = parser.parse_args(argv)
-    run(args.run_dir, quick_config() if args.quick else RunConfig())
+# An absolute path: with `python -m pipeline` Hydra would otherwise look for a Python package named `conf`.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        config = validate(cfg)
+    except ConfigError as err:  # before any stage or actor starts
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    run(config.run_dir, config)
+
+
+def main() -> None:
+    register()
+    _hydra_main()

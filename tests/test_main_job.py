@@ -15,22 +15,22 @@ from pipeline.data.store import RunStore
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-def run_main(run_dir):
-    result = subprocess.run([sys.executable, "-m", "pipeline", "--quick", "--run-dir", str(run_dir)],
+def run_main(root):
+    result = subprocess.run([sys.executable, "-m", "pipeline", "experiment=quick", f"run.root={root}"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
 
 def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
-    run_dir = tmp_path / "run"
-    first = run_main(run_dir)
+    run_dir = tmp_path / "quick"
+    first = run_main(tmp_path)
     assert "== world (built)" in first and "== pretrain (trained)" in first
     store = RunStore(run_dir)
     models = store.stage(0, "pretrain").manifest()["extra"]["models"]
     assert [m["size"] for m in models] == ["small", "large"]
     for m in models:
-        assert load_checkpoint(m["checkpoint"]).num_parameters == m["parameters"]
+        assert load_checkpoint(store.stage(0, "pretrain").path / m["checkpoint"]).num_parameters == m["parameters"]
         assert 1 < m["heldout_perplexity"] < 512
         samples = store.stage(0, f"base_eval_{m['size']}").read()
         prompts = store.stage(0, "world_prompts_eval").read()
@@ -40,7 +40,7 @@ def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
         assert re.search(rf"^  {m['size']}\s+helpful\s+\d+\s+\d\.\d\d", first, re.M)  # the oracle's table
     manifests = {p: p.read_text() for p in run_dir.rglob("manifest.json")}
 
-    second = run_main(run_dir)
+    second = run_main(tmp_path)
     assert "== world (cached)" in second and "== pretrain (cached)" in second
     assert {p: p.read_text() for p in run_dir.rglob("manifest.json")} == manifests  # nothing recomputed
     assert json.loads(next(iter(manifests.values())))["code_version"]

@@ -24,7 +24,7 @@ from model.tokenizer import SentencePieceTokenizer, Tokenizer
 from pipeline.data.store import RunStore, digest_config
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelSize:
     name: str
     hidden_size: int
@@ -33,6 +33,15 @@ class ModelSize:
     num_attention_heads: int
     num_key_value_heads: int
     steps: int  # pretraining steps for this size
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"sizes[{self.name}].{name} = {getattr(self, name)}: must be > 0")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"sizes[{self.name}]: num_attention_heads must divide hidden_size and "
+                             "num_key_value_heads must divide num_attention_heads")
 
 
 # ~0.9M and ~4.7M parameters with a 1k vocabulary; measured on 2 cores: ~15k and ~3.7k tokens/s (seq 256).
@@ -52,13 +61,19 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be > 0")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"lr = {self.lr}, warmup_steps = {self.warmup_steps}: "
+                             "lr must be > 0 and warmup_steps >= 0")
         if not 0 < self.heldout_share < 1:
-            raise ValueError(f"pretrain.heldout_share = {self.heldout_share}: must be in (0, 1)")
+            raise ValueError(f"heldout_share = {self.heldout_share}: must be in (0, 1)")
         names = [s.name for s in self.sizes]
         if not names or len(set(names)) != len(names):
-            raise ValueError(f"pretrain.sizes: need at least one size and unique names, got {names}")
+            raise ValueError(f"sizes: need at least one size and unique names, got {names}")
         for size in self.sizes:  # fail before hours of training, not when vLLM first samples the model
-            check_head_dim(size.hidden_size // size.num_attention_heads, f"pretrain.sizes[{size.name}]")
+            check_head_dim(size.hidden_size // size.num_attention_heads, f"sizes[{size.name}]")
 
 
 @dataclass
@@ -128,13 +143,14 @@ def run_pretrain(store: RunStore, corpus: pa.Table, corpus_digest: str,
     stage = store.stage(0, "pretrain")
     inputs = {"corpus": corpus_digest}
     config_digest = digest_config(asdict(config))
-    manifest = stage.manifest()
     if stage.is_complete(inputs, config_digest):
-        cached = [PretrainedModel(**{**m, "checkpoint": Path(m["checkpoint"])}) for m in manifest["extra"]["models"]]
+        # Checkpoint paths are kept relative to the stage folder, so a run store can be moved or copied.
+        cached = [PretrainedModel(**{**m, "checkpoint": stage.path / m["checkpoint"]})
+                  for m in stage.manifest()["extra"]["models"]]
         if all((m.checkpoint / "config.json").is_file() for m in cached):
             return cached, True
     stage.begin(inputs, config_digest)
     results = pretrain(corpus.column("text").to_pylist(), stage.path / "checkpoints", config)
-    models = [{**asdict(r), "checkpoint": str(r.checkpoint)} for r in results]
-    stage.finish(None, inputs, config_digest, checkpoint=str(stage.path / "checkpoints"), extra={"models": models})
+    models = [{**asdict(r), "checkpoint": str(r.checkpoint.relative_to(stage.path))} for r in results]
+    stage.finish(None, inputs, config_digest, checkpoint="checkpoints", extra={"models": models})
     return results, False

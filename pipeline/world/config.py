@@ -28,7 +28,7 @@ def table26_sizes(n_batches: int, first: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-@dataclass(frozen=True)
+@dataclass
 class AnnotatorConfig:
     """The simulated annotator: Gaussian noise on each oracle score, then the paper's rating from the noisy gap."""
 
@@ -47,7 +47,7 @@ class AnnotatorConfig:
         _check(0 <= self.unsure_prob <= 1, "annotator.unsure_prob", "must be in [0, 1]", self.unsure_prob)
 
 
-@dataclass(frozen=True)
+@dataclass
 class WorldConfig:
     seed: int = 0
     n_people: int = 40  # invented people in the fact base
@@ -110,4 +110,4 @@ class WorldConfig:
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"WorldConfig.{name}: {rule}, got {value!r}")
+        raise ValueError(f"{name} = {value!r}: {rule}")

@@ -1,0 +1,55 @@
+"""The run's typed configuration: the schema Hydra composes into, and its validation before anything starts.
+
+`conf/config.yaml` picks an experiment (`experiment=tiny` by default) from `conf/experiment/`; command-line
+overrides such as `pretrain.lr=1e-3` or `world.seed=3` go on top. The schema below gives Hydra every key and
+type, so an unknown key or a wrong type is refused while composing; `validate` then builds the dataclasses,
+whose own checks (ranges, relations) name the key that is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from actors.vllm_engine import Sampling
+from pipeline.config_build import ConfigError, build
+from pipeline.stages.pretrain import PretrainConfig
+from pipeline.world import WorldConfig
+
+
+@dataclass
+class RunSettings:
+    name: str = "tiny"
+    root: str = "runs"  # the run store is <root>/<name>
+
+
+@dataclass
+class RunConfig:
+    run: RunSettings = field(default_factory=RunSettings)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # Base models are sampled the way preference data is: at some temperature, not greedily.
+    eval_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=48, seed=0))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+def register() -> None:
+    """Make the schema available to `conf/config.yaml` as `base_config`."""
+    ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+
+def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
+    """The composed config as typed dataclasses, or ConfigError naming the key."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    data.pop("hydra", None)
+    return build(RunConfig, data, "")
+
+
+__all__ = ["ConfigError", "RunConfig", "RunSettings", "register", "validate"]

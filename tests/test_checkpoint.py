@@ -190,3 +190,14 @@ def test_reward_checkpoint_is_not_a_causal_lm(tmp_path):
     save_checkpoint(reward, tmp_path / "rm")
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'score\.weight'"):
         load_checkpoint(tmp_path / "rm", head="causal_lm")
+
+
+def test_untied_copy_computes_the_same_function(tmp_path):
+    from model.checkpoint import untie_checkpoint
+
+    model = tiny_model(seed=8, tie_word_embeddings=True)
+    untied = load_checkpoint(untie_checkpoint(save_checkpoint(model, tmp_path / "tied"), tmp_path / "untied"))
+    assert not untied.config.tie_word_embeddings and untied.lm_head is not None
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(untied(ids), model(ids))

@@ -40,7 +40,8 @@ def test_vllm_reads_our_config(vllm_tiny):
     engine, model, _ = vllm_tiny
     model_config = engine.llm.llm_engine.model_config
     assert model_config.hf_config.num_key_value_heads == model.config.num_key_value_heads
-    assert model_config.hf_config.tie_word_embeddings is True
+    # tied models are served untied, so that in-place reloads stay exact (model.checkpoint.untie_checkpoint)
+    assert model.config.tie_word_embeddings and model_config.hf_config.tie_word_embeddings is False
     assert model_config.get_vocab_size() == model.config.vocab_size
 
 
@@ -48,6 +49,9 @@ def test_reload_weights_in_place_changes_output_to_the_new_model(vllm_tiny, tmp_
     engine, model, folder = vllm_tiny
     other = LlamaForCausalLM(model.config)
     other.init_weights(seed=99)
+    with torch.no_grad():  # larger weights: a greedy path that does not just repeat the prompt's last token
+        for p in other.parameters():
+            p.mul_(5)
     other.eval()
     try:
         seconds = engine.load_weights(save_checkpoint(other, tmp_path / "other"))
@@ -70,3 +74,17 @@ def test_unservable_head_dim_fails_before_vllm_starts(tmp_path):
     folder = save_checkpoint(model, tmp_path / "m")
     with pytest.raises(ValueError, match=r"config\.json: head_dim 16"):
         VLLMEngine(folder)
+
+
+def test_many_seeded_prompts_sample_reproducibly(vllm_tiny):
+    """Enough prompts that a batch's prefill no longer fits one step: with per-request seeds this used to kill
+    the CPU engine (chunked prefill rewinds a CPU torch.Generator); the same seed gives the same samples."""
+    import random
+
+    engine, _, _ = vllm_tiny
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randint(3, 500) for _ in range(rng.randint(20, 60))] for _ in range(400)]
+    sampling = Sampling(temperature=0.8, max_tokens=8, seed=5)
+    first, second = engine.generate(prompts, sampling), engine.generate(prompts, sampling)
+    assert len(first) == 400
+    assert [c[0].token_ids for c in first] == [c[0].token_ids for c in second]

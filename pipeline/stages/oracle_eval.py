@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
 
-from actors.vllm_engine import Sampling, VLLMEngine
+from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
 from model.chat_template import encode_prompt
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import RISK_CATEGORIES, SAMPLES
+from pipeline.data.store import RunStore, digest_config
 from pipeline.world import Prompt, judge, render
 
 SINGLE_TURN = ("helpful", "borderline", *RISK_CATEGORIES)  # dialogues are scored turn by turn by the GAtt stage
@@ -76,5 +78,24 @@ def _score(category: str, verdicts: list) -> CategoryScore:
                          sum(not v.safe for v in verdicts) / n, sum(v.refused for v in verdicts) / n)
 
 
-def scores_to_dicts(scores: Sequence[CategoryScore]) -> list[dict]:
-    return [asdict(s) for s in scores]
+def run_oracle_eval(store: RunStore, round: int, name: str, checkpoint: Path, model_digest: str,  # noqa: A002
+                    prompts: pa.Table, prompts_digest: str, fmt: PromptFormat, sampling: Sampling,
+                    max_model_len: int) -> tuple[list[dict], bool]:
+    """The stage: per-category oracle scores of one model (samples kept as the stage's shard), and whether
+    they came from the store. `model_digest` identifies the model by its training record, not its folder."""
+    stage = store.stage(round, name)
+    inputs = {"model": model_digest, "prompts": prompts_digest}
+    config_digest = digest_config({"sampling": asdict(sampling), "format": fmt})
+    if stage.is_complete(inputs, config_digest):
+        return stage.manifest()["extra"]["scores"], True
+    stage.begin(inputs, config_digest)
+    engine = VLLMEngine(checkpoint, EngineConfig(max_model_len=max_model_len, seed=sampling.seed or 0))
+    try:
+        samples, scores = evaluate(engine, load_tokenizer(checkpoint), prompts, fmt, sampling, sampler=name,
+                                   round=round)
+    finally:
+        engine.shutdown()
+    stage.write_shard(0, samples)
+    rows = [asdict(s) for s in scores]
+    stage.finish("samples", inputs, config_digest, extra={"scores": rows})
+    return rows, False

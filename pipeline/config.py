@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from actors.vllm_engine import Sampling
 from pipeline.config_build import ConfigError, build
 from pipeline.stages.pretrain import PretrainConfig
+from pipeline.stages.reward_model import RMConfig
+from pipeline.stages.sft import SFTConfig
 from pipeline.world import WorldConfig
 
 
@@ -32,6 +34,8 @@ class RunConfig:
     run: RunSettings = field(default_factory=RunSettings)
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
     # Base models are sampled the way preference data is: at some temperature, not greedily.
     eval_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=48, seed=0))
 

@@ -58,3 +58,20 @@ def smollm2_dir():
     from model.smollm2 import build
 
     return build()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (~5 s to start): 4 logical CPUs, no dashboard.
+
+    Test modules are not installed packages, so the workers get tests/ on PYTHONPATH to unpickle the actor
+    classes and loop functions the tests define.
+    """
+    import ray
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, object_store_memory=512 * 1024**2,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,88 @@
+"""The generator pool's actor: one vLLM engine that answers a table of prompts with a SAMPLES table.
+
+    pool = Pool(Generator, PoolConfig("generator", size=2), policy_dir, EngineConfig(max_model_len=1024))
+    samples = pa.concat_tables(pool.map_shards("generate", prompt_shards, Sampling(n=4), round, "policy-r1"))
+    pool.broadcast("load_weights", new_policy_dir, replay_key="weights")   # restarted actors reload it too
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from actors.pool import PoolActor, match_torch_threads
+from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
+from model.tokenizer import load_tokenizer
+from pipeline.data.schemas import SAMPLES
+
+PROMPT_COLUMNS = ("id", "prompt_token_ids", "is_safety")
+
+
+@dataclass
+class GeneratorStats:
+    generated_tokens: int
+    seconds: float  # inside the engine
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+class Generator(PoolActor):
+    """Serves the checkpoint folder `model_dir` (its own tokenizer decodes the answers)."""
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
+        match_torch_threads()
+        self.engine = VLLMEngine(model_dir, config or EngineConfig())
+        self.tokenizer = load_tokenizer(model_dir)
+
+    def generate(self, prompts: pa.Table, sampling: Sampling, round: int, sampler: str) -> pa.Table:  # noqa: A002
+        """`sampling.n` samples per prompt row (columns `id`, `prompt_token_ids`, `is_safety`), one SAMPLES row each
+        in prompt order, rewards left null for the scorer."""
+        missing = [c for c in PROMPT_COLUMNS if c not in prompts.column_names]
+        if missing:
+            raise ValueError(f"prompts table lacks column(s) {missing} (has {prompts.column_names})")
+        ids = prompts.column("id").to_pylist()
+        prompt_ids = prompts.column("prompt_token_ids").to_pylist()
+        is_safety = prompts.column("is_safety").to_pylist()
+        limit = self.engine.config.max_model_len
+        bad = [(i, len(p or ())) for i, p in zip(ids, prompt_ids) if not p or len(p) >= limit]
+        if bad:
+            raise ValueError(f"{len(bad)} prompt(s) empty or not shorter than max_model_len={limit} "
+                             f"(first: id {bad[0][0]!r}, {bad[0][1]} tokens)")
+        completions = self.engine.generate(prompt_ids, sampling)
+        rows = [(i, k, c) for i, per_prompt in enumerate(completions) for k, c in enumerate(per_prompt)]
+        n = len(rows)
+        columns = {
+            "prompt_id": [ids[i] for i, _, _ in rows],
+            "round": [round] * n,
+            "sampler": [sampler] * n,
+            "temperature": [sampling.temperature] * n,
+            "sample_index": [k for _, k, _ in rows],
+            "is_safety": [is_safety[i] for i, _, _ in rows],
+            "prompt_token_ids": [prompt_ids[i] for i, _, _ in rows],
+            "response": [self.tokenizer.decode(c.token_ids) for _, _, c in rows],
+            "token_ids": [c.token_ids for _, _, c in rows],
+            "logprobs": [c.logprobs for _, _, c in rows],
+            "finish_reason": [c.finish_reason for _, _, c in rows],
+        }
+        for name in ("r_help", "r_safe", "r_combined", "chosen"):
+            columns[name] = pa.nulls(n, SAMPLES.field(name).type)
+        return pa.Table.from_pydict(columns, schema=SAMPLES)
+
+    def load_weights(self, folder: str | Path) -> float:
+        """New weights (same architecture) in place, and the folder's tokenizer if it has one; returns seconds."""
+        seconds = self.engine.load_weights(folder)
+        try:
+            self.tokenizer = load_tokenizer(folder)
+        except FileNotFoundError:
+            pass  # weights-only export: the vocabulary cannot have changed
+        return seconds
+
+    def stats(self) -> GeneratorStats:
+        return GeneratorStats(self.engine.timings.generated_tokens, self.engine.timings.seconds)
+
+    def close(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,32 @@
+"""Run a stage whose output is a checkpoint folder, at most once per (inputs, config)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.store import RunStore, digest_config
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def checkpoint_stage(store: RunStore, round: int, name: str, inputs: Mapping[str, str],  # noqa: A002
+                     config: Any, train: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any], bool]:
+    """(checkpoint folder, metrics, cached). `train(out_dir)` writes the checkpoint and returns its metrics;
+    it runs only when the stage is not complete for these inputs and this config, or its folder is gone."""
+    stage = store.stage(round, name)
+    config_digest = digest_config(config)
+    folder = stage.path / CHECKPOINT_DIR
+    if stage.is_complete(inputs, config_digest) and (folder / "config.json").is_file():
+        return folder, stage.manifest()["extra"]["metrics"], True
+    stage.begin(inputs, config_digest)
+    metrics = train(folder)
+    stage.finish(None, inputs, config_digest, checkpoint=CHECKPOINT_DIR, extra={"metrics": metrics})
+    return folder, metrics, False
+
+
+def model_digest(stage_manifest: Mapping[str, Any]) -> str:
+    """Identify a checkpoint by the manifest of the stage that made it (inputs, config, code), not by its path."""
+    keys = ("input_digests", "config_digest", "extra")
+    return digest_config({k: stage_manifest.get(k) for k in keys})

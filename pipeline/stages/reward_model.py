@@ -1,0 +1,346 @@
+"""Reward models (PAPER.md, Reward models): the helpfulness and safety data mixes, a held-out split per weekly
+batch, training with the margin ranking loss, and accuracy by preference rating in the paper's Table 8 layout.
+
+`train_reward_model` is a pure, picklable, top-level function: it runs in one process, and unchanged on every rank
+of a torch.distributed group (the trainer pool), each rank scoring its share of every batch of pairs inside
+DistributedDataParallel; rank 0 alone writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from model.chat_template import encode_chat
+from model.checkpoint import load_checkpoint
+from model.llama import LlamaForReward
+from model.losses import MARGINS, margin_ranking_loss
+from model.optim import adamw, cosine_with_warmup, warmup_steps_for
+from model.packing import pad_pairs
+from model.tokenizer import Tokenizer, load_tokenizer
+from pipeline.data.schemas import PREFERENCES
+from pipeline.stages.sft import (check_positive, check_ratio, data_parallel, per_rank_batch, rank_and_world,
+                                 save_on_rank0)
+
+RMKind = Literal["helpfulness", "safety"]
+Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids)
+
+# Table 8's columns: "negligibly better" and "unsure" share the last one, as they share a margin.
+COLUMNS = ("significantly_better", "better", "slightly_better", "negligibly_better_or_unsure")
+COLUMN_OF_RATING = {"significantly_better": COLUMNS[0], "better": COLUMNS[1], "slightly_better": COLUMNS[2],
+                    "negligibly_better": COLUMNS[3], "unsure": COLUMNS[3]}
+COLUMN_TITLES = ("Significantly better", "Better", "Slightly better", "Negligibly / unsure", "Avg")
+
+# PAPER.md, Table 8: accuracy (%) by (reward model, test set); the paper's test sets are Meta Helpful / Safety.
+PAPER_TABLE8: dict[tuple[str, str], dict[str, float]] = {
+    (rm, test): dict(zip((*COLUMNS, "avg"), values)) for rm, test, values in (
+        ("safety", "safety", (94.3, 76.3, 65.7, 55.3, 64.5)),
+        ("helpfulness", "safety", (89.9, 73.2, 63.8, 54.5, 62.8)),
+        ("safety", "helpfulness", (64.6, 57.5, 53.8, 52.2, 56.2)),
+        ("helpfulness", "helpfulness", (80.7, 67.5, 60.9, 54.7, 63.2)),
+    )
+}
+
+
+@dataclass
+class RMConfig:
+    """Defaults are sized for the tiny models on 2 CPU cores; `llama2_7b()` / `llama2_70b()` have the paper's."""
+
+    # Margin table by rating; a non-null `margin` column in the pairs overrides it row by row. "small" is the
+    # best average of the paper's margin ablation (Table 28).
+    margin: str = "small"  # "none" | "small" | "large" (a plain str: Hydra schemas cannot hold Literal)
+    lr: float = 2e-3
+    batch_size: int = 32  # pairs per optimizer step, over all ranks (2x rows)
+    epochs: int = 1
+    warmup_share: float = 0.03
+    warmup_min_steps: int = 5
+    min_lr_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Held out per weekly batch: `heldout_pairs` (a count, the paper's 1000) when set, else this share.
+    heldout_share: float = 0.1
+    heldout_pairs: int | None = None
+    # Not in the paper: how big the sampled "equal parts" of safety and open-source pairs are in the helpfulness
+    # mix. Read here as "as many again as the helpfulness pairs, half from each source".
+    helpfulness_other_ratio: float = 1.0
+    safety_helpful_share: float = 0.1  # the paper's 90/10 safety/helpfulness mix
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        errors = check_positive(self, "rm", ("lr", "batch_size", "epochs", "eps", "grad_clip"))
+        errors += check_ratio(self, "rm", ("warmup_share", "min_lr_ratio"))
+        errors += [f"rm.{name} = {getattr(self, name)}: must be >= 0" for name in
+                   ("warmup_min_steps", "weight_decay", "helpfulness_other_ratio") if getattr(self, name) < 0]
+        if self.margin not in MARGINS:
+            errors.append(f"rm.margin = {self.margin!r}: allowed: {', '.join(MARGINS)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            errors.append(f"rm.betas = {self.betas}: must be two values in [0, 1)")
+        if not 0 < self.heldout_share < 1:
+            errors.append(f"rm.heldout_share = {self.heldout_share}: must be in (0, 1)")
+        if self.heldout_pairs is not None and self.heldout_pairs < 0:
+            errors.append(f"rm.heldout_pairs = {self.heldout_pairs}: must be >= 0 (or null to use the share)")
+        if not 0 <= self.safety_helpful_share < 1:
+            errors.append(f"rm.safety_helpful_share = {self.safety_helpful_share}: must be in [0, 1)")
+        if errors:
+            raise ValueError("\n".join(errors))
+
+    @classmethod
+    def llama2_7b(cls) -> RMConfig:
+        """PAPER.md: max lr 1e-5, batch 512 pairs, 1 epoch, 1000 pairs held out per batch (the rest as defaults)."""
+        return cls(lr=1e-5, batch_size=512, epochs=1, heldout_pairs=1000)
+
+    @classmethod
+    def llama2_70b(cls) -> RMConfig:
+        return cls(lr=5e-6, batch_size=512, epochs=1, heldout_pairs=1000)
+
+
+# --- data: held-out split and mixes -------------------------------------------------------------------------
+
+def id_rank(ids: Sequence[str], salt: str) -> list[int]:
+    """Row indices ordered by a hash of (salt, id): a deterministic draw that ignores row order."""
+    keys = [hashlib.sha256(f"{salt}:{i}".encode()).digest() for i in ids]
+    return sorted(range(len(ids)), key=keys.__getitem__)
+
+
+def sample_pairs(pairs: pa.Table, n: int, seed: int, salt: str) -> pa.Table:
+    """`n` rows (all when there are fewer) drawn by id hash, kept in their original order."""
+    chosen = sorted(id_rank(pairs.column("id").to_pylist(), f"{salt}:{seed}")[:n])
+    return pairs.take(pa.array(chosen, pa.int64()))  # typed: an empty draw is a valid take
+
+
+def split_heldout(preferences: pa.Table, share: float = 0.1,
+                  count: int | None = None) -> tuple[pa.Table, pa.Table]:
+    """(train, held out): per weekly batch, `count` pairs (or `share` of them) chosen by a hash of their id.
+
+    The draw has no seed on purpose: every reward model of a run, whatever its config, is tested on the same
+    pairs, so their accuracies compare.
+    """
+    ids = preferences.column("id").to_pylist()
+    by_batch: dict[int, list[int]] = defaultdict(list)
+    for row, batch in enumerate(preferences.column("batch").to_pylist()):
+        by_batch[batch].append(row)
+    held: set[int] = set()
+    for rows in by_batch.values():
+        k = count if count is not None else round(share * len(rows))
+        held.update(rows[j] for j in id_rank([ids[i] for i in rows], "heldout")[:k])
+    mask = pa.array([row in held for row in range(len(ids))], pa.bool_())
+    return preferences.filter(pc.invert(mask)), preferences.filter(mask)
+
+
+def of_kind(pairs: pa.Table, kind: str) -> pa.Table:
+    return pairs.filter(pc.equal(pairs["kind"], kind))
+
+
+def without_unsafe_chosen(pairs: pa.Table) -> pa.Table:
+    """Drop pairs whose chosen answer is unsafe while the rejected one is safe; unlabelled pairs stay."""
+    bad = pc.and_(pc.equal(pairs["chosen_safe"], False), pc.equal(pairs["rejected_safe"], True))
+    return pairs.filter(pc.invert(pc.fill_null(bad, False)))
+
+
+def _concat(tables: Sequence[pa.Table]) -> pa.Table:
+    return pa.concat_tables([t.select(PREFERENCES.names).cast(PREFERENCES) for t in tables])
+
+
+def helpfulness_mix(preferences: pa.Table, open_pairs: pa.Table | None = None, other_ratio: float = 1.0,
+                    seed: int = 0) -> pa.Table:
+    """All helpfulness pairs + equal parts sampled from the safety pairs and from `open_pairs` (e.g. a user's
+    open-source preference file; the world has none).
+
+    Each of the two sources gives other_ratio/2 x the helpfulness count, or all it has when that is fewer; an
+    absent source is not made up by the other, so the safety share does not depend on whether open data is given.
+    No pair is excluded here: PAPER.md states the unsafe-chosen exclusion for the safety RM's data.
+    """
+    helpful = of_kind(preferences, "helpfulness")
+    each = round(other_ratio * helpful.num_rows / 2)
+    parts = [helpful, sample_pairs(of_kind(preferences, "safety"), each, seed, "help-mix-safety")]
+    if open_pairs is not None:
+        parts.append(sample_pairs(open_pairs, each, seed, "help-mix-open"))
+    return _concat(parts)
+
+
+def safety_mix(preferences: pa.Table, open_pairs: pa.Table | None = None, helpful_share: float = 0.1,
+               seed: int = 0) -> pa.Table:
+    """All safety pairs (+ `open_pairs`, the paper's Anthropic Harmless) mixed with sampled helpfulness pairs so
+    they make `helpful_share` of the result (the paper's 90/10).
+
+    Pairs with an unsafe chosen and a safe rejected answer are excluded from every part: the paper states the
+    exclusion for safety labels; applying it to the helpfulness share too keeps the safety RM from ever being
+    taught to prefer an unsafe answer. The 90/10 is counted after the exclusion.
+    """
+    safety = [without_unsafe_chosen(of_kind(preferences, "safety"))]
+    if open_pairs is not None:
+        safety.append(without_unsafe_chosen(open_pairs))
+    n_safety = sum(t.num_rows for t in safety)
+    n_helpful = round(n_safety * helpful_share / (1 - helpful_share))
+    helpful = sample_pairs(without_unsafe_chosen(of_kind(preferences, "helpfulness")), n_helpful, seed,
+                           "safety-mix-help")
+    return _concat([*safety, helpful])
+
+
+def reward_model_data(preferences: pa.Table, kind: RMKind, config: RMConfig,
+                      open_pairs: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
+    """(training mix for the `kind` RM, held-out pairs of every kind). Held-out pairs never enter a mix; open
+    pairs are training data only (the paper tests on open sets apart, not on a share of them)."""
+    if kind not in ("helpfulness", "safety"):
+        raise ValueError(f"reward_model_data: kind = {kind!r}: allowed: 'helpfulness', 'safety'")
+    train, heldout = split_heldout(preferences, config.heldout_share, config.heldout_pairs)
+    if kind == "helpfulness":
+        return helpfulness_mix(train, open_pairs, config.helpfulness_other_ratio, config.seed), heldout
+    return safety_mix(train, open_pairs, config.safety_helpful_share, config.seed), heldout
+
+
+# --- encoding and scoring -----------------------------------------------------------------------------------
+
+def encode_side(tokenizer: Tokenizer, prompt: list[dict[str, str]], answer: str) -> list[int]:
+    """The prompt with all previous turns, then the answer, in the chat format (the head reads its eos)."""
+    return encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": answer}]).input_ids
+
+
+def encode_pairs(pairs: pa.Table, tokenizer: Tokenizer, max_len: int) -> list[Pair]:
+    encoded = []
+    for row in pairs.select(["id", "prompt", "chosen", "rejected"]).to_pylist():
+        chosen, rejected = (encode_side(tokenizer, row["prompt"], row[side]) for side in ("chosen", "rejected"))
+        longest = max(len(chosen), len(rejected))
+        if longest > max_len:
+            raise ValueError(f"preference {row['id']}: {longest} tokens, longer than the reward model's context "
+                             f"({max_len}); validation should have rejected it")
+        encoded.append((chosen, rejected))
+    return encoded
+
+
+def pair_margins(pairs: pa.Table, margin: str) -> torch.Tensor:
+    """m(rating) from the `margin` table, where the row's own `margin` column is null."""
+    table = MARGINS[margin]
+    explicit = pairs.column("margin").to_pylist() if "margin" in pairs.column_names else [None] * pairs.num_rows
+    return torch.tensor([table[rating] if m is None else m
+                         for rating, m in zip(pairs.column("rating").to_pylist(), explicit)])
+
+
+def score_pairs(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected): one forward pass over both sides, right-padded."""
+    input_ids, attention_mask = pad_pairs([c for c, _ in pairs], [r for _, r in pairs], pad_id)
+    scores = model(input_ids, attention_mask=attention_mask)
+    return scores[:len(pairs)], scores[len(pairs):]
+
+
+def index_batches(indices: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless epochs over `indices`, reshuffled each epoch; a final partial batch is kept."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = indices[torch.randperm(len(indices), generator=generator)]
+        yield from order.split(batch_size)
+
+
+# --- training and evaluation --------------------------------------------------------------------------------
+
+def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, config: RMConfig,
+                       out_dir: str | Path) -> dict[str, Any]:
+    """Train a reward model started from a causal-LM checkpoint (fresh scalar head) on `train_pairs` (a
+    PREFERENCES table, e.g. from `reward_model_data`) and save it with its tokenizer to `out_dir`.
+    Returns this rank's metrics (plain data, ready for a manifest)."""
+    rank, world = rank_and_world()
+    tokenizer = load_tokenizer(init_checkpoint)
+    model = load_checkpoint(init_checkpoint, head="reward", seed=config.seed)
+    encoded = encode_pairs(train_pairs, tokenizer, model.config.max_position_embeddings)
+    margins = pair_margins(train_pairs, config.margin)
+    if len(encoded) < world:
+        raise ValueError(f"{len(encoded)} training pairs for {world} rank(s): need at least one per rank")
+    # Steps come from the global pair count, so every rank takes the same number of optimizer steps; each
+    # rank draws from its own share of one seeded shuffle.
+    steps = config.epochs * math.ceil(len(encoded) / config.batch_size)
+    warmup = warmup_steps_for(steps, config.warmup_share, config.warmup_min_steps)
+    mine = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(config.seed))[rank::world]
+    batches = index_batches(mine, per_rank_batch(config.batch_size, world, "rm.batch_size"), config.seed)
+
+    optimizer = adamw(model, config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    schedule = cosine_with_warmup(optimizer, steps, warmup, config.min_lr_ratio)
+    net = data_parallel(model, world)
+    net.train()
+    losses: list[float] = []
+    seen = 0  # pairs this rank scored
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = next(batches)
+        r_chosen, r_rejected = score_pairs(net, [encoded[i] for i in batch], tokenizer.pad_id)
+        loss = margin_ranking_loss(r_chosen, r_rejected, margins[batch])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"reward model: loss is {loss.item()} at step {step}; stopping before the "
+                                     "weights are corrupted")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        seen += len(batch)
+    seconds = time.perf_counter() - start
+    model.eval()
+    save_on_rank0(model, out_dir, tokenizer)
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"pairs": len(encoded), "epochs": config.epochs, "steps": steps, "warmup_steps": warmup,
+            "margin": config.margin, "world_size": world, "first_loss": losses[0],
+            "last_loss": sum(tail) / len(tail), "seconds": seconds, "pairs_per_second": seen / seconds}
+
+
+@torch.no_grad()
+def evaluate_reward_model(model: LlamaForReward | str | Path, pairs: pa.Table, tokenizer: Tokenizer | None = None,
+                          batch_size: int = 32) -> dict[str, Any]:
+    """Accuracy (chosen scored above rejected; a tie counts half) overall and by rating in Table 8's columns,
+    pair counts, and the mean margin r_chosen - r_rejected (raw scores, before the sigmoid), overall and by
+    column. A checkpoint folder brings its own tokenizer; a model needs `tokenizer`."""
+    if not isinstance(model, torch.nn.Module):
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load_checkpoint(model, head="reward")
+    if tokenizer is None:
+        raise ValueError("evaluate_reward_model: pass the tokenizer along with a model")
+    was_training = model.training
+    model.eval()
+    encoded = encode_pairs(pairs, tokenizer, model.config.max_position_embeddings)
+    # Similar lengths side by side waste less padding.
+    order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i])))
+    diff = torch.empty(len(encoded))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        r_chosen, r_rejected = score_pairs(model, [encoded[i] for i in rows], tokenizer.pad_id)
+        diff[rows] = (r_chosen - r_rejected).float()
+    model.train(was_training)
+    correct = (diff > 0).float() + 0.5 * (diff == 0).float()
+    columns = [COLUMN_OF_RATING[r] for r in pairs.column("rating").to_pylist()]
+    accuracy: dict[str, float | None] = {}
+    margin: dict[str, float | None] = {}
+    counts: dict[str, int] = {}
+    for column in COLUMNS:
+        rows = torch.tensor([c == column for c in columns], dtype=torch.bool)
+        counts[column] = int(rows.sum())
+        accuracy[column] = float(correct[rows].mean()) if counts[column] else None
+        margin[column] = float(diff[rows].mean()) if counts[column] else None
+    accuracy["avg"] = float(correct.mean()) if len(encoded) else None
+    margin["avg"] = float(diff.mean()) if len(encoded) else None
+    counts["avg"] = len(encoded)
+    return {"pairs": len(encoded), "accuracy": accuracy, "counts": counts, "mean_margin": margin}
+
+
+def table8_markdown(results: Mapping[tuple[str, str], Mapping[str, Any]]) -> str:
+    """Our accuracies (%) beside the paper's Table 8: `results[(rm kind, test-set kind)]` is an
+    `evaluate_reward_model` result. Our test sets are the world's held-out helpfulness / safety pairs."""
+    names = {"helpfulness": ("Helpfulness RM", "Meta Helpful"), "safety": ("Safety RM", "Meta Safety")}
+    lines = ["| RM | Test set | | " + " | ".join(COLUMN_TITLES) + " |", "|---|---|---|" + "---|" * 5]
+    for (rm, test), metrics in results.items():
+        ours = [metrics["accuracy"][c] for c in (*COLUMNS, "avg")]
+        paper = PAPER_TABLE8[rm, test]
+        lines.append(f"| {names[rm][0]} | {names[test][1]} | ours (n={metrics['pairs']}) | "
+                     + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in ours) + " |")
+        lines.append("| | | paper | " + " | ".join(f"{paper[c]:.1f}" for c in (*COLUMNS, "avg")) + " |")
+    return "\n".join(lines)

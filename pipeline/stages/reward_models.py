@@ -1,0 +1,57 @@
+"""The reward-model stage of a round: helpfulness and safety RMs from the SFT checkpoint, with held-out accuracy
+by rating (the paper's Table 8 layout) in the manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from model.chat_template import encode_chat
+from model.config import ModelConfig
+from model.tokenizer import load_tokenizer
+from pipeline.data.store import RunStore
+from pipeline.stages.cached import checkpoint_stage
+from pipeline.stages.reward_model import (RMConfig, evaluate_reward_model, of_kind, reward_model_data,
+                                          split_heldout, train_reward_model)
+
+KINDS = ("helpfulness", "safety")
+
+
+def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
+    """Mask of pairs whose both sides fit the model's context (long multi-turn dialogues may not)."""
+    tokenizer = load_tokenizer(init_checkpoint)
+    limit = ModelConfig.load(init_checkpoint).max_position_embeddings
+    fits = []
+    for row in preferences.select(["prompt", "chosen", "rejected"]).to_pylist():
+        longest = max(len(encode_chat(tokenizer, [*row["prompt"], {"role": "assistant", "content": answer}])
+                          .input_ids) for answer in (row["chosen"], row["rejected"]))
+        fits.append(longest <= limit)
+    return pa.array(fits, pa.bool_())
+
+
+def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_digest: str,  # noqa: A002
+                      preferences: pa.Table, preferences_digest: str,
+                      config: RMConfig) -> dict[str, tuple[Path, dict[str, Any], bool]]:
+    """Both RMs: {kind: (checkpoint, metrics, cached)}. Metrics hold training figures and, under "heldout",
+    accuracy by rating on the held-out helpfulness and safety pairs (the same pairs for both RMs)."""
+    fits = fits_context(preferences, init_checkpoint)
+    usable = preferences.filter(fits)
+    over_context = preferences.num_rows - usable.num_rows  # counted in the metrics: never dropped silently
+    _, heldout = split_heldout(usable, config.heldout_share, config.heldout_pairs)
+    results = {}
+    for kind in KINDS:
+        train_pairs, _ = reward_model_data(usable, kind, config)
+
+        def train(out: Path, train_pairs: pa.Table = train_pairs) -> dict[str, Any]:
+            metrics = train_reward_model(init_checkpoint, train_pairs, config, out)
+            metrics["over_context"] = over_context
+            metrics["heldout"] = {test: evaluate_reward_model(out, of_kind(heldout, test)) for test in KINDS}
+            return metrics
+
+        results[kind] = checkpoint_stage(store, round, f"rm_{kind}",
+                                         {"init": init_digest, "preferences": preferences_digest},
+                                         dataclasses.asdict(config), train)
+    return results

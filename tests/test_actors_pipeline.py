@@ -1,0 +1,196 @@
+"""The pools together on real Ray and real vLLM: generate -> score -> a DDP step -> export -> reload in place.
+
+Two vLLM engines for the whole module (each ~25 s to start, ~2 GB), a tiny policy with head_dim 32 (the
+smallest vLLM's CPU attention serves) and its own SentencePiece tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.generator import Generator
+from actors.pool import Pool, PoolConfig
+from actors.scorer import SAFETY_THRESHOLD, Scorer, combined_reward
+from actors.trainer import RankContext, TrainerGroup
+from actors.vllm_engine import EngineConfig, Sampling
+from conftest import tiny_model
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.llama import greedy_generate
+from model.lm_training import forward_loss
+from model.optim import adamw
+from model.packing import pack
+from model.tokenizer import SentencePieceTokenizer, load_tokenizer
+from pipeline.data.schemas import SAMPLES
+
+WORDS = ("the a cat dog sat on mat ran fast slow red blue green big small house tree river sun moon star one two "
+         "three four five help safe answer question please thanks").split()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """A tokenizer, a policy that uses it, and two reward models started from the policy (as in the paper)."""
+    root = tmp_path_factory.mktemp("actors")
+    rng = random.Random(0)
+    tokenizer = SentencePieceTokenizer.train(
+        [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)], vocab_size=320)
+    policy = tiny_model(seed=3, vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    with torch.no_grad():  # larger weights: greedy paths that do not just repeat a token
+        for p in policy.parameters():
+            p.mul_(5)
+    dirs = {"policy": save_checkpoint(policy, root / "policy", tokenizer=tokenizer)}
+    for seed, kind in enumerate(("rm_help", "rm_safe"), start=1):
+        dirs[kind] = save_checkpoint(load_checkpoint(dirs["policy"], head="reward", seed=seed), root / kind)
+    dirs["root"] = root
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def generators(ray_session, folders):
+    config = PoolConfig("gen", size=2, num_cpus=1, call_timeout_s=120, start_timeout_s=240, max_restarts=1)
+    with Pool(Generator, config, str(folders["policy"]), EngineConfig(max_model_len=256)) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def trainers(ray_session):
+    with TrainerGroup(PoolConfig("train", size=2, num_cpus=0.5, call_timeout_s=120, start_timeout_s=120)) as group:
+        yield group
+
+
+def prompts_table(folders: dict[str, Path], count: int, seed: int) -> pa.Table:
+    tokenizer = load_tokenizer(folders["policy"])
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) + " ?" for _ in range(count)]
+    return pa.table({
+        "id": [f"p{seed}-{i}" for i in range(count)],
+        "prompt_token_ids": pa.array([[tokenizer.bos_id, *tokenizer.encode(t)] for t in texts], pa.list_(pa.int32())),
+        "is_safety": [i % 2 == 1 for i in range(count)],
+    })
+
+
+def sft_step(ctx: RankContext, payload: dict) -> tuple[str, float]:
+    """One AdamW step on this rank's examples (loss on the answer only); rank 0 exports the result."""
+    model = ctx.wrap(load_checkpoint(payload["policy"]).train())
+    batch = pack(payload["examples"], seq_len=128, pad_id=0).batch(slice(None))
+    loss = forward_loss(model, batch)
+    loss.backward()
+    adamw(model, lr=1e-2).step()
+    folder = ctx.export(model, payload["out"], tokenizer=load_tokenizer(payload["policy"]))
+    return str(folder), loss.item()
+
+
+def greedy(generators: Pool, prompts: pa.Table, max_tokens: int = 16) -> dict[str, list[int]]:
+    half = prompts.num_rows // 2  # two shards: both generators answer
+    tables = generators.map_shards("generate", [prompts[:half], prompts[half:]],
+                                   Sampling(temperature=0.0, max_tokens=max_tokens), 0, "greedy")
+    samples = pa.concat_tables(tables)
+    return dict(zip(samples.column("prompt_id").to_pylist(), samples.column("token_ids").to_pylist()))
+
+
+@pytest.mark.vllm
+def test_generate_score_train_export_and_reload(generators, trainers, folders):
+    prompts = prompts_table(folders, 8, seed=1)
+    prompt_ids = dict(zip(prompts.column("id").to_pylist(), prompts.column("prompt_token_ids").to_pylist()))
+    eos = load_tokenizer(folders["policy"]).eos_id  # vLLM stops at the config's eos_token_id
+    policy = load_checkpoint(folders["policy"])
+    before = greedy(generators, prompts)
+    assert before == {pid: greedy_generate(policy, ids, 16, eos) for pid, ids in prompt_ids.items()}
+
+    # generate: 4 samples per prompt, one SAMPLES row each, decoded with the policy folder's tokenizer
+    sampling = Sampling(n=4, temperature=1.0, max_tokens=24, seed=1)
+    samples = pa.concat_tables(generators.map_shards("generate", [prompts[:4], prompts[4:]], sampling, 1, "policy-r0"))
+    assert samples.schema.equals(SAMPLES, check_metadata=True)
+    assert Counter(samples.column("prompt_id").to_pylist()) == {pid: 4 for pid in prompt_ids}
+    tokenizer = load_tokenizer(folders["policy"])
+    for row in samples.to_pylist():
+        assert row["prompt_token_ids"] == prompt_ids[row["prompt_id"]] and 0 <= row["sample_index"] < 4
+        assert row["response"] == tokenizer.decode(row["token_ids"])
+        assert len(row["logprobs"]) == len(row["token_ids"]) and row["r_help"] is None
+        assert (row["round"], row["sampler"], row["is_safety"]) == (1, "policy-r0", row["prompt_id"].endswith(
+            tuple("13579")))
+
+    # score: batched by length in the actor, equal to each sequence scored alone; the gate per row
+    config = PoolConfig("scorer", num_cpus=0.5, call_timeout_s=120, start_timeout_s=120)
+    with Pool(Scorer, config, str(folders["rm_help"]), str(folders["rm_safe"]), max_batch_tokens=256) as scorer:
+        [scored] = scorer.map_shards("score", [samples])
+        rms = {kind: load_checkpoint(folders[kind], head="reward") for kind in ("rm_help", "rm_safe")}
+        for row in scored.to_pylist():
+            ids = torch.tensor([row["prompt_token_ids"] + row["token_ids"]])
+            with torch.no_grad():
+                alone = {kind: torch.sigmoid(rm(ids))[0].item() for kind, rm in rms.items()}
+            assert abs(row["r_help"] - alone["rm_help"]) <= 1e-5 and abs(row["r_safe"] - alone["rm_safe"]) <= 1e-5
+            assert row["r_combined"] == pytest.approx(combined_reward(row["r_help"], row["r_safe"], row["is_safety"]))
+        # swapping an RM in place: the helpfulness slot now holds the safety RM
+        scorer.broadcast("load_weights", "help", str(folders["rm_safe"]), replay_key="rm-help")
+        [rescored] = scorer.map_shards("score", [samples])
+        assert rescored.column("r_help").to_pylist() == scored.column("r_safe").to_pylist()
+
+    # rejection sampling in miniature: the best sample per prompt, one DDP step on two ranks, exported by rank 0
+    best = {}
+    for row in scored.to_pylist():
+        if row["prompt_id"] not in best or row["r_combined"] > best[row["prompt_id"]]["r_combined"]:
+            best[row["prompt_id"]] = row
+    examples = [(r["prompt_token_ids"] + r["token_ids"], [0] * len(r["prompt_token_ids"]) + [1] * len(r["token_ids"]))
+                for r in best.values()]
+    out = str(folders["root"] / "policy-r1")
+    payloads = [dict(policy=str(folders["policy"]), out=out, examples=examples[rank::2]) for rank in range(2)]
+    (folder, _), (same_folder, _) = trainers.run(sft_step, payloads)
+    assert folder == same_folder == out
+
+    # weight sync: both generators reload in place and now answer like the trained model, not the old one
+    seconds = generators.broadcast("load_weights", folder, replay_key="weights")
+    assert len(seconds) == 2 and all(s < 10 for s in seconds)
+    after = greedy(generators, prompts)
+    trained = load_checkpoint(folder)
+    assert after == {pid: greedy_generate(trained, ids, 16, eos) for pid, ids in prompt_ids.items()}
+    assert after != before
+
+
+@pytest.mark.vllm
+def test_a_generator_killed_mid_stage_still_answers_every_prompt_once(generators, folders):
+    prompts = prompts_table(folders, 36, seed=2)
+    shards = [prompts.slice(at, 6) for at in range(0, 36, 6)]
+    pids = {h.name: h.pid for h in generators.health()}
+    killed: list[int] = []
+
+    def kill_gen0_once(index: int, _result: pa.Table) -> None:
+        if not killed:  # after the first finished shard: gen-0 is mid-shard or about to get the next one
+            os.kill(pids["gen-0"], signal.SIGKILL)
+            killed.append(index)
+
+    tables = generators.map_shards("generate", shards, Sampling(n=2, temperature=1.0, max_tokens=16, seed=2), 1,
+                                   "policy", on_result=kill_gen0_once)
+    samples = pa.concat_tables(tables)
+    assert killed and any(f.actor == "gen-0" for f in generators.failures)
+    assert Counter(samples.column("prompt_id").to_pylist()) == {pid: 2 for pid in prompts.column("id").to_pylist()}
+    indexes = Counter(zip(samples.column("prompt_id").to_pylist(), samples.column("sample_index").to_pylist()))
+    assert set(indexes.values()) == {1} and len(indexes) == 72
+    assert [t.column("prompt_id").to_pylist()[0] for t in tables] == [f"p2-{at}" for at in range(0, 36, 6)]
+
+
+@pytest.mark.parametrize("r_help, r_safe, is_safety, expected", [
+    (0.9, 0.80, False, 0.9),  # helpful prompt, safe answer: helpfulness decides
+    (0.9, 0.15, False, 0.9),  # exactly at the threshold counts as safe (R_s < 0.15 is strict)
+    (0.9, 0.1499, False, 0.1499),  # just below: unsafe, the safety score replaces helpfulness
+    (0.9, 0.0, False, 0.0),
+    (0.9, 0.80, True, 0.80),  # safety prompt: always the safety score
+    (0.2, 0.15, True, 0.15),
+    (0.2, 0.1499, True, 0.1499),
+    (0.1, 0.99, False, 0.1),  # a safe but unhelpful answer keeps its low helpfulness
+])
+def test_combined_reward_gate(r_help, r_safe, is_safety, expected):
+    assert combined_reward(r_help, r_safe, is_safety) == expected
+
+
+def test_combined_reward_threshold_is_the_papers():
+    assert SAFETY_THRESHOLD == 0.15
+    assert combined_reward(0.9, 0.3, False, threshold=0.5) == 0.3

@@ -58,6 +58,18 @@ def shuffled_batches(packed: PackedRows, batch_size: int, seed: int) -> Iterator
             yield packed.batch(order[start:start + batch_size])
 
 
+def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   schedule: torch.optim.lr_scheduler.LRScheduler, grad_clip: float, where: str) -> None:
+    """Backward, clip, step, schedule; a non-finite loss stops training before it corrupts the weights."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: loss is {loss.item()}; stopping before the weights are corrupted")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig, desc: str = "train",
              on_step: Callable[[int, float], None] | None = None) -> LMTrainResult:
     optimizer = adamw(model, config.lr, weight_decay=config.weight_decay)
@@ -71,14 +83,7 @@ def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig,
     for step in progress:
         batch = next(batches)
         loss = forward_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}; stopping before the "
-                                     "weights are corrupted")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, loss, optimizer, schedule, config.grad_clip, f"{desc} step {step}")
         losses.append(loss.item())
         tokens += int(batch["loss_mask"].sum())
         progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)

@@ -24,6 +24,7 @@ import torch
 from model.chat_template import encode_chat
 from model.checkpoint import load_checkpoint
 from model.llama import LlamaForReward
+from model.lm_training import optimizer_step
 from model.losses import MARGINS, margin_ranking_loss
 from model.optim import adamw, cosine_with_warmup, warmup_steps_for
 from model.packing import pad_pairs
@@ -275,14 +276,7 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
         batch = next(batches)
         r_chosen, r_rejected = score_pairs(net, [encoded[i] for i in batch], tokenizer.pad_id)
         loss = margin_ranking_loss(r_chosen, r_rejected, margins[batch])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"reward model: loss is {loss.item()} at step {step}; stopping before the "
-                                     "weights are corrupted")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, loss, optimizer, schedule, config.grad_clip, f"reward model step {step}")
         losses.append(loss.item())
         seen += len(batch)
     seconds = time.perf_counter() - start

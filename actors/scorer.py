@@ -19,6 +19,7 @@ import torch
 from actors.pool import PoolActor, match_torch_threads
 from model.checkpoint import load_checkpoint
 from model.llama import LlamaForReward
+from model.packing import pad_right
 from pipeline.data.schemas import SAMPLES
 
 RewardKind = Literal["help", "safe"]
@@ -52,13 +53,8 @@ def sigmoid_rewards(model: LlamaForReward, sequences: Sequence[Sequence[int]], m
         end = start + 1  # lengths grow along `order`: a batch is as wide as its last sequence
         while end < len(order) and (end - start + 1) * len(sequences[order[end]]) <= max_batch_tokens:
             end += 1
-        batch = [sequences[i] for i in order[start:end]]
-        width = len(batch[-1])
-        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            input_ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            attention_mask[row, :len(seq)] = 1
+        # Padding positions are masked; the reward head reads each row's last real token.
+        input_ids, attention_mask = pad_right([sequences[i] for i in order[start:end]], pad_id=0)
         rewards = model(input_ids.to(device), attention_mask=attention_mask.to(device))
         for i, value in zip(order[start:end], torch.sigmoid(rewards.float()).tolist()):
             scores[i] = value

@@ -91,7 +91,11 @@ def pad_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]]
     """
     if len(chosen) != len(rejected):
         raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
-    sequences = [*chosen, *rejected]
+    return pad_right([*chosen, *rejected], pad_id)
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, longest) ids right-padded with pad_id, and the attention mask (1 on real tokens)."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)

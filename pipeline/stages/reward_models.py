@@ -9,13 +9,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from model.chat_template import encode_chat
 from model.config import ModelConfig
 from model.tokenizer import load_tokenizer
 from pipeline.data.store import RunStore
 from pipeline.stages.cached import checkpoint_stage
-from pipeline.stages.reward_model import (RMConfig, evaluate_reward_model, of_kind, reward_model_data,
-                                          split_heldout, train_reward_model)
+from pipeline.stages.reward_model import (RMConfig, encode_side, evaluate_reward_model, of_kind,
+                                          reward_model_data, split_heldout, train_reward_model)
 
 KINDS = ("helpfulness", "safety")
 
@@ -26,8 +25,7 @@ def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
     limit = ModelConfig.load(init_checkpoint).max_position_embeddings
     fits = []
     for row in preferences.select(["prompt", "chosen", "rejected"]).to_pylist():
-        longest = max(len(encode_chat(tokenizer, [*row["prompt"], {"role": "assistant", "content": answer}])
-                          .input_ids) for answer in (row["chosen"], row["rejected"]))
+        longest = max(len(encode_side(tokenizer, row["prompt"], answer)) for answer in (row["chosen"], row["rejected"]))
         fits.append(longest <= limit)
     return pa.array(fits, pa.bool_())
 

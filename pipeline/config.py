@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from actors.vllm_engine import Sampling
+from pipeline.cluster import ClusterConfig
 from pipeline.config_build import ConfigError, build
 from pipeline.stages.pretrain import PretrainConfig
 from pipeline.stages.reward_model import RMConfig
@@ -38,6 +39,20 @@ class RunConfig:
     rm: RMConfig = field(default_factory=RMConfig)
     # Base models are sampled the way preference data is: at some temperature, not greedily.
     eval_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=48, seed=0))
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Policy sizes to start from instead of pretraining tiny ones: {name: HF checkpoint folder}, smallest first
+    # (the last one samples for rejection sampling and initialises the reward models).
+    base_models: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, folder in self.base_models.items():
+            if folder == "???" or not folder:
+                raise ValueError(f"base_models.{name}: set it to a HF checkpoint folder, e.g. "
+                                 f"base_models.{name}=/models/Llama-2-7b-hf")
+            if not (Path(folder) / "config.json").is_file():
+                raise ValueError(f"base_models.{name} = {folder!r}: no config.json there (expected a HF "
+                                 "checkpoint folder)")
+        self.cluster.check_fits(len(self.base_models) or len(self.pretrain.sizes))
 
     @property
     def run_dir(self) -> Path:

@@ -1,8 +1,9 @@
-"""The main job: round 0 of the pipeline on the embedded world.
+"""The driver: a plain Python program (and a Ray job) that runs the stages in order on the actor pools.
 
-world (cached) -> pretrain the tiny base models (cached) -> sample their answers to held-out prompts with vLLM and
-score them with the oracle (cached). Every stage's outputs and manifest are in the run store, so a second run
-reuses them. The RLHF stages (SFT, reward models, rounds) are added to this driver as they land.
+world -> base models (pretrained on the world's corpus, or `base_models` checkpoints) -> their answers to held-out
+prompts, sampled on the generator pool and scored by the oracle -> SFT of every size on the trainer group -> the
+same evaluation -> helpfulness and safety reward models (round 1) on the trainer group. Every stage's outputs
+and manifest are in the run store: a second run reuses every finished stage and starts no actor for it.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import pyarrow as pa
 from omegaconf import DictConfig
 
+from model.config import ModelConfig
+from pipeline.cluster import Pools, connect
 from pipeline.config import ConfigError, RunConfig, register, validate
 from pipeline.data.store import RunStore, digest_config
 from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage, model_digest
@@ -27,77 +31,122 @@ from pipeline.stages.pretrain import run_pretrain
 from pipeline.stages.world import run_world, world_stage_name
 
 
-def run(run_dir: Path, config: RunConfig) -> None:
-    store = RunStore(run_dir)
-    start = time.perf_counter()
+@dataclass
+class Policy:
+    """A policy size the run aligns: a pretrained tiny model, or a HF checkpoint named in `base_models`."""
 
-    tables, cached = run_world(store, config.world)
-    print(f"\n== world {'(cached)' if cached else '(built)'}: {store.root / 'round-00'}")
-    for name, table in tables.items():
-        print(f"  {name:<18} {table.num_rows:6d} rows")
+    name: str
+    checkpoint: Path
+    digest: str  # identifies the base model in stage inputs
+    context: int  # max_position_embeddings: the generator's max_model_len
 
+
+def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfig, pools: Pools) -> list[Policy]:
+    """The run's base models, smallest first: the `base_models` checkpoints, or the tiny models pretrained on
+    the world's corpus (cached)."""
+    if config.base_models:
+        print("\n== base models (from base_models)")
+        policies = []
+        for name, folder in config.base_models.items():
+            path = Path(folder).resolve()
+            model = ModelConfig.load(path)
+            digest = digest_config({"name": name, "config": (path / "config.json").read_text(), "path": str(path)})
+            policies.append(Policy(name, path, digest, model.max_position_embeddings))
+            print(f"  {name:<8} {path}  ({model.num_hidden_layers} layers, hidden {model.hidden_size})")
+        return policies
     corpus_digest = store.stage(0, world_stage_name("corpus")).manifest()["content_digest"]
-    models, cached = run_pretrain(store, tables["corpus"], corpus_digest, config.pretrain)
-    print(f"\n== pretrain {'(cached)' if cached else '(trained)'}: {store.stage(0, 'pretrain').path}")
+    start = time.perf_counter()
+    models, cached = run_pretrain(store, tables["corpus"], corpus_digest, config.pretrain, runner=pools.train)
+    print(f"\n== pretrain {_how(cached, start)}: {store.stage(0, 'pretrain').path}")
     print(f"  {'size':<6} {'params':>8} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'train loss':>10} "
           f"{'held-out loss':>13} {'held-out ppl':>12}")
     for m in models:
         print(f"  {m.size:<6} {m.parameters / 1e6:7.2f}M {m.steps:6d} {m.train_tokens:9,d} "
               f"{m.tokens_per_second:7,.0f} {m.train_loss:10.3f} {m.heldout_loss:13.3f} {m.heldout_perplexity:12.2f}")
+    return [Policy(m.size, m.checkpoint, digest_config(dataclasses.asdict(m) | {"checkpoint": m.size}),
+                   config.pretrain.seq_len) for m in models]
+
+
+def run(run_dir: Path, config: RunConfig) -> None:
+    store = RunStore(run_dir.resolve())  # absolute: actors may run elsewhere (a shared filesystem)
+    start = time.perf_counter()
+    cluster = connect(config.cluster)
+    print(f"Ray: {cluster['resources'].get('CPU', 0):g} CPUs, {cluster['resources'].get('GPU', 0):g} GPUs"
+          + (f"; dashboard http://{cluster['dashboard']}" if cluster["dashboard"] else ""))
+    with Pools(config.cluster) as pools:
+        _run_stages(store, config, pools)
+    print(f"\nrun store: {store.root}  ({time.perf_counter() - start:.0f} s; re-running reuses every "
+          "finished stage)")
+
+
+def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
+    tables, cached = run_world(store, config.world)
+    print(f"\n== world {'(cached)' if cached else '(built)'}: {store.root / 'round-00'}")
+    for name, table in tables.items():
+        print(f"  {name:<18} {table.num_rows:6d} rows")
+    policies = base_policies(store, tables, config, pools)
 
     prompts_stage = store.stage(0, world_stage_name("prompts_eval"))
     prompts, prompts_digest = tables["prompts_eval"], prompts_stage.manifest()["content_digest"]
-    print("\n== base models on held-out prompts (vLLM samples at T=%.1f, scored by the oracle)"
+
+    def oracle_eval(name: str, policy: Policy, checkpoint: Path, digest: str, fmt: str) -> tuple[list[dict], bool]:
+        return run_oracle_eval(store, 0, name, checkpoint, digest, prompts, prompts_digest, fmt,
+                               config.eval_sampling,
+                               lambda: pools.generator(policy.name, checkpoint, policy.context),
+                               config.cluster.prompts_per_shard)
+
+    print("\n== base models on held-out prompts (generator pool: vLLM samples at T=%.1f, scored by the oracle)"
           % config.eval_sampling.temperature)
     print(f"  {'model':<6} {'category':<20} {'n':>4} {'helpful':>8} {'correct':>8} {'unsafe':>7} {'refused':>8}")
     base_scores: dict[str, list[dict]] = {}
-    for m in models:
-        base_digest = digest_config(dataclasses.asdict(m) | {"checkpoint": m.size})
-        scores, cached = run_oracle_eval(store, 0, f"base_eval_{m.size}", m.checkpoint, base_digest, prompts,
-                                         prompts_digest, "plain", config.eval_sampling, config.pretrain.seq_len)
-        base_scores[m.size] = scores
+    for p in policies:
+        scores, _ = oracle_eval(f"base_eval_{p.name}", p, p.checkpoint, p.digest, "plain")
+        base_scores[p.name] = scores
         for s in scores:
             correct = "-" if s["correct"] is None else f"{s['correct']:.0%}"
-            print(f"  {m.size:<6} {s['category']:<20} {s['prompts']:4d} {s['helpfulness']:8.2f} {correct:>8} "
+            print(f"  {p.name:<6} {s['category']:<20} {s['prompts']:4d} {s['helpfulness']:8.2f} {correct:>8} "
                   f"{s['unsafe']:7.0%} {s['refused']:8.0%}")
+
     demonstrations = tables["demonstrations"]
     demos_digest = store.stage(0, world_stage_name("demonstrations")).manifest()["content_digest"]
-    print(f"\n== SFT on {demonstrations.num_rows} demonstrations (loss on answer tokens only), then the same "
-          "held-out prompts in the LLaMA-2 chat format")
-    print(f"  {'model':<12} {'steps':>5} {'loss':>12} {'helpful':>8} {'correct':>8} {'unsafe adv.':>11} "
-          f"{'false refusals':>14}")
-    for m in models:
-        base_digest = digest_config(dataclasses.asdict(m) | {"checkpoint": m.size})
-        folder, metrics, _ = checkpoint_stage(
-            store, 0, f"sft_{m.size}", {"base": base_digest, "demonstrations": demos_digest},
-            dataclasses.asdict(config.sft), lambda out, m=m: train_sft(m.checkpoint, demonstrations, out, config.sft))
-        scores, _ = run_oracle_eval(store, 0, f"sft_eval_{m.size}", folder,
-                                    model_digest(store.stage(0, f"sft_{m.size}").manifest()), prompts,
-                                    prompts_digest, "llama2", config.eval_sampling, config.sft.seq_len)
-        print(f"  {m.size + ' base':<12} {'':>5} {'':>12} " + _summary_cells(base_scores[m.size]))
-        print(f"  {m.size + ' SFT':<12} {metrics['steps']:5d} {metrics['first_loss']:5.2f} -> {metrics['last_loss']:4.2f} "
-              + _summary_cells(scores))
+    print(f"\n== SFT on the trainer group: {demonstrations.num_rows} demonstrations (loss on answer tokens only), "
+          "then the same held-out prompts in the LLaMA-2 chat format")
+    print(f"  {'model':<12} {'steps':>5} {'loss':>12} {'seconds':>8} {'helpful':>8} {'correct':>8} "
+          f"{'unsafe adv.':>11} {'false refusals':>14}")
+    for p in policies:
+        started = time.perf_counter()
+        folder, metrics, cached = checkpoint_stage(
+            store, 0, f"sft_{p.name}", {"base": p.digest, "demonstrations": demos_digest},
+            dataclasses.asdict(config.sft),
+            lambda out, p=p: pools.train(train_sft, p.checkpoint, demonstrations, out, config.sft))
+        scores, _ = oracle_eval(f"sft_eval_{p.name}", p, folder,
+                                model_digest(store.stage(0, f"sft_{p.name}").manifest()), "llama2")
+        print(f"  {p.name + ' base':<12} {'':>5} {'':>12} {'':>8} " + _summary_cells(base_scores[p.name]))
+        print(f"  {p.name + ' SFT':<12} {metrics['steps']:5d} {metrics['first_loss']:5.2f} -> "
+              f"{metrics['last_loss']:4.2f} {_how(cached, started):>8} " + _summary_cells(scores))
 
     # Reward models start from the largest SFT policy (the paper initialises them from the chat model).
-    largest = max(models, key=lambda m: m.parameters)
+    largest = policies[-1]
     weeks = [name for name in tables if name.startswith("preferences_b")]
     preferences = pa.concat_tables([tables[w] for w in weeks])
     preferences_digest = digest_config([store.stage(0, world_stage_name(w)).manifest()["content_digest"]
                                         for w in weeks])
-    rms = run_reward_models(store, 1, store.stage(0, f"sft_{largest.size}").path / CHECKPOINT_DIR,
-                            model_digest(store.stage(0, f"sft_{largest.size}").manifest()), preferences,
-                            preferences_digest, config.rm)
-    print(f"\n== reward models (round 1) from the {largest.size} SFT model, on {preferences.num_rows} pairs of "
-          f"{len(weeks)} weekly batches; held-out accuracy (%) by rating beside the paper's Table 8")
-    for kind, (folder, metrics, _) in rms.items():
-        print(f"  {kind} RM: {metrics['pairs']} training pairs, {metrics['steps']} steps, loss "
-              f"{metrics['first_loss']:.2f} -> {metrics['last_loss']:.2f}; {metrics['over_context']} pairs over "
-              f"the context left out; {folder}")
+    sft_stage = store.stage(0, f"sft_{largest.name}")
+    rms = run_reward_models(store, 1, sft_stage.path / CHECKPOINT_DIR, model_digest(sft_stage.manifest()),
+                            preferences, preferences_digest, config.rm, runner=pools.train)
+    print(f"\n== reward models (round 1) from the {largest.name} SFT model on the trainer group, "
+          f"{preferences.num_rows} pairs of {len(weeks)} weekly batches; held-out accuracy (%) by rating beside "
+          "the paper's Table 8")
+    for kind, (folder, metrics, cached) in rms.items():
+        print(f"  {kind} RM{' (cached)' if cached else ''}: {metrics['pairs']} training pairs, {metrics['steps']} "
+              f"steps, loss {metrics['first_loss']:.2f} -> {metrics['last_loss']:.2f}; {metrics['over_context']} "
+              f"pairs over the context left out; {folder}")
     print(table8_markdown({(kind, test): metrics["heldout"][test] for kind, (_, metrics, _) in rms.items()
                            for test in KINDS}))
 
-    print(f"\nrun store: {store.root.resolve()}  ({time.perf_counter() - start:.0f} s; re-running reuses every "
-          "finished stage)")
+
+def _how(cached: bool, started: float) -> str:
+    return "(cached)" if cached else f"{time.perf_counter() - started:.0f} s"
 
 
 # An absolute path: with `python -m pipeline` Hydra would otherwise look for a Python package named `conf`.

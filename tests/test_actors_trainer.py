@@ -7,7 +7,9 @@ import torch
 
 from actors.pool import PoolConfig, PoolError
 from actors.trainer import RankContext, TrainerGroup
+from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
+from model.distributed import data_parallel, is_sharded, save_on_rank0
 from model.llama import LlamaForCausalLM
 from model.losses import masked_lm_loss
 from model.optim import adamw
@@ -53,6 +55,30 @@ def test_ddp_on_two_ranks_equals_one_process_on_the_full_batch(trainers, optimiz
     initial = LlamaForCausalLM(ModelConfig(**SMALL))
     initial.init_weights(3)
     assert not torch.equal(results[0][3]["lm_head.weight"], initial.lm_head.weight)  # the step did move them
+
+
+def fsdp_step(ctx: RankContext, payload: dict) -> dict[str, torch.Tensor] | None:
+    model = LlamaForCausalLM(ModelConfig(**SMALL))
+    model.init_weights(payload["seed"])
+    sharded = data_parallel(model.train(), ctx.world_size, "fsdp")
+    assert is_sharded(sharded)
+    one_step(sharded, payload["ids"], payload["optimizer"], payload["lr"])
+    save_on_rank0(sharded, payload["out"], tokenizer=None)  # gathers the shards; rank 0 writes
+    return load_checkpoint(payload["out"]).state_dict() if ctx.is_main else None
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fsdp_on_two_ranks_equals_one_process_and_exports_whole_weights(trainers, optimizer, tmp_path):
+    ids = torch.randint(0, SMALL["vocab_size"], (8, 16), generator=torch.Generator().manual_seed(6))
+    out = tmp_path / "fsdp"
+    results = trainers.run(fsdp_step, [dict(seed=4, ids=half, optimizer=optimizer, lr=1e-2, out=out)
+                                       for half in ids.chunk(2)])
+    reference = LlamaForCausalLM(ModelConfig(**SMALL))
+    reference.init_weights(4)
+    one_step(reference.train(), ids, optimizer, 1e-2)
+    assert results[1] is None
+    for name, tensor in reference.state_dict().items():
+        assert (results[0][name] - tensor).abs().max().item() <= 1e-5, name
 
 
 def test_trainer_group_keeps_its_process_group_between_runs(trainers):

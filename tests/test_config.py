@@ -10,9 +10,12 @@ from typing import Literal
 import pytest
 from hydra import compose, initialize_config_dir
 
+from actors.pool import PoolConfig
 from pipeline.config import RunConfig, register, validate
 from pipeline.config_build import ConfigError, build
 from pipeline.main import CONF_DIR
+from pipeline.stages.reward_model import RMConfig
+from pipeline.stages.sft import SFTConfig
 
 
 @dataclass
@@ -70,3 +73,48 @@ def test_bad_override_fails_before_any_stage_starts(tmp_path, override, message)
     assert result.returncode != 0
     assert message in result.stderr
     assert not list(tmp_path.rglob("round-*"))  # no stage ran, nothing was written to the run store
+
+
+def compose_run(*overrides: str) -> RunConfig:
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return validate(compose(config_name="config", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("experiment, cluster, rm", [("llama2-7b", "gpu-node", RMConfig.llama2_7b()),
+                                                      ("llama2-70b", "multi-node", RMConfig.llama2_70b())])
+def test_llama2_experiments_carry_the_papers_hyperparameters(tmp_path, experiment, cluster, rm):
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    sizes = ["llama7b"] if experiment == "llama2-7b" else ["llama7b", "llama70b"]
+    config = compose_run(f"experiment={experiment}", *[f"base_models.{s}={folder}" for s in sizes])
+    assert config.sft == SFTConfig.llama2() and config.rm == rm
+    assert list(config.base_models) == sizes
+    expected = compose_run(f"cluster={cluster}").cluster
+    assert config.cluster == expected and config.cluster.generator.num_gpus == 1
+
+    with pytest.raises(ConfigError, match=r"base_models\.llama7b: set it to a HF checkpoint folder"):
+        compose_run(f"experiment={experiment}")
+    with pytest.raises(ConfigError, match=r"base_models\.llama7b = '/nowhere': no config.json there"):
+        compose_run(f"experiment={experiment}", *[f"base_models.{s}=/nowhere" for s in sizes])
+
+
+@pytest.mark.parametrize("cluster", ["local", "gpu-node", "multi-node"])
+def test_cluster_configs_build_pool_configs(cluster):
+    config = compose_run(f"cluster={cluster}").cluster
+    for pool, name in ((config.generator, "generator"), (config.scorer, "scorer"), (config.trainer, "trainer")):
+        assert isinstance(pool, PoolConfig) and pool.name == name and pool.size >= 1
+    assert config.dashboard_host == "127.0.0.1"
+    assert (config.address is None) == (cluster != "multi-node")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.trainer.size=0"], r"cluster\.trainer: pool 'trainer': size = 0: must be an integer >= 1"),
+    (["cluster.generator.strategy=STRICT"], r"strategy = 'STRICT': must be one of PACK, SPREAD"),
+    (["cluster.num_cpus=4"], r"cluster.num_cpus = 4: the pools reserve 8 CPUs \(2 generator pool\(s\)"),
+    (["cluster.dashboard_port=0"], r"cluster.dashboard_port = 0: must be a TCP port"),
+])
+def test_bad_cluster_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_run(*overrides)

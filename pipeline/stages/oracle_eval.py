@@ -1,4 +1,4 @@
-"""Sample answers to held-out prompts with vLLM and score them with the world's oracle, per category.
+"""Sample answers to held-out prompts on the generator pool (vLLM) and score them with the world's oracle, per category.
 
 Two prompt formats: "plain" is the corpus's own "User: ... / Assistant:" text, which a pretrained base model
 knows; "llama2" is the LLaMA-2 chat template, which models learn in SFT.
@@ -7,18 +7,20 @@ knows; "llama2" is the LLaMA-2 chat template, which models learn in SFT.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
 
-from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
+from actors.pool import Pool
+from actors.vllm_engine import Sampling
 from model.chat_template import encode_prompt
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import RISK_CATEGORIES, SAMPLES
 from pipeline.data.store import RunStore, digest_config
+from pipeline.progress import progress_bar
 from pipeline.world import Prompt, judge, render
 
 SINGLE_TURN = ("helpful", "borderline", *RISK_CATEGORIES)  # dialogues are scored turn by turn by the GAtt stage
@@ -47,27 +49,34 @@ def answer_text(tokenizer: Tokenizer, token_ids: Sequence[int], fmt: PromptForma
     return (text.split("\n", 1)[0] if fmt == "plain" else text).strip()
 
 
-def evaluate(engine: VLLMEngine, tokenizer: Tokenizer, prompts: pa.Table, fmt: PromptFormat,
-             sampling: Sampling, sampler: str, round: int = 0) -> tuple[pa.Table, list[CategoryScore]]:  # noqa: A002
-    """One sample per single-turn prompt of a PROMPTS table (sampling.n is ignored); returns the samples table
-    and per-category oracle scores."""
-    rows_in = [row for row in prompts.to_pylist() if row["category"] in SINGLE_TURN]
-    chosen = [Prompt.from_row(row) for row in rows_in]
-    ids = [prompt_ids(tokenizer, p, fmt) for p in chosen]
+def eval_prompts(tokenizer: Tokenizer, prompts: pa.Table, fmt: PromptFormat) -> tuple[list[Prompt], pa.Table]:
+    """The single-turn prompts of a PROMPTS table, and the generator's input table (id, prompt_token_ids,
+    is_safety) for them."""
+    rows = [row for row in prompts.to_pylist() if row["category"] in SINGLE_TURN]
+    chosen = [Prompt.from_row(row) for row in rows]
+    table = pa.table({"id": [row["id"] for row in rows],
+                      "prompt_token_ids": [prompt_ids(tokenizer, p, fmt) for p in chosen],
+                      "is_safety": [p.is_safety for p in chosen]})
+    return chosen, table
+
+
+def judge_samples(tokenizer: Tokenizer, chosen: list[Prompt], samples: pa.Table,
+                  fmt: PromptFormat) -> tuple[pa.Table, list[CategoryScore]]:
+    """One sample per prompt, in prompt order: `response` becomes the answer as the oracle reads it, and the
+    per-category scores."""
+    verdicts = defaultdict(list)
+    answers = [answer_text(tokenizer, ids, fmt) for ids in samples.column("token_ids").to_pylist()]
+    for prompt, answer in zip(chosen, answers, strict=True):
+        verdicts[prompt.category].append(judge(prompt.category, prompt.meta, answer))
+    samples = samples.set_column(samples.schema.get_field_index("response"), SAMPLES.field("response"),
+                                 pa.array(answers, pa.string()))
+    return samples, [_score(c, verdicts[c]) for c in SINGLE_TURN if verdicts[c]]
+
+
+def eval_sampling(sampling: Sampling, tokenizer: Tokenizer) -> Sampling:
+    """One sample per prompt (sampling.n is ignored), stopping at the tokenizer's end of sequence."""
     stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    settings = Sampling(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                        max_tokens=sampling.max_tokens, seed=sampling.seed, stop_token_ids=stop)
-    completions = engine.generate(ids, settings)
-    rows, verdicts = [], defaultdict(list)
-    for row, prompt, prompt_tokens, [completion] in zip(rows_in, chosen, ids, completions):
-        answer = answer_text(tokenizer, completion.token_ids, fmt)
-        verdict = judge(prompt.category, prompt.meta, answer)
-        verdicts[prompt.category].append(verdict)
-        rows.append({"prompt_id": row["id"], "round": round, "sampler": sampler,
-                     "temperature": settings.temperature, "sample_index": 0, "is_safety": prompt.is_safety,
-                     "prompt_token_ids": prompt_tokens, "response": answer, "token_ids": completion.token_ids,
-                     "logprobs": completion.logprobs, "finish_reason": completion.finish_reason})
-    return pa.Table.from_pylist(rows, schema=SAMPLES), [_score(c, verdicts[c]) for c in SINGLE_TURN if verdicts[c]]
+    return replace(sampling, n=1, stop_token_ids=stop)
 
 
 def _score(category: str, verdicts: list) -> CategoryScore:
@@ -80,21 +89,25 @@ def _score(category: str, verdicts: list) -> CategoryScore:
 
 def run_oracle_eval(store: RunStore, round: int, name: str, checkpoint: Path, model_digest: str,  # noqa: A002
                     prompts: pa.Table, prompts_digest: str, fmt: PromptFormat, sampling: Sampling,
-                    max_model_len: int) -> tuple[list[dict], bool]:
-    """The stage: per-category oracle scores of one model (samples kept as the stage's shard), and whether
-    they came from the store. `model_digest` identifies the model by its training record, not its folder."""
+                    generators: Callable[[], Pool], shard_rows: int = 64) -> tuple[list[dict], bool]:
+    """The stage: per-category oracle scores of one model (its samples are the stage's shards), and whether
+    they came from the store. `model_digest` identifies the model by its training record, not its folder;
+    `generators()` gives the generator pool serving `checkpoint`, called only when the stage must run."""
     stage = store.stage(round, name)
     inputs = {"model": model_digest, "prompts": prompts_digest}
     config_digest = digest_config({"sampling": asdict(sampling), "format": fmt})
     if stage.is_complete(inputs, config_digest):
         return stage.manifest()["extra"]["scores"], True
     stage.begin(inputs, config_digest)
-    engine = VLLMEngine(checkpoint, EngineConfig(max_model_len=max_model_len, seed=sampling.seed or 0))
-    try:
-        samples, scores = evaluate(engine, load_tokenizer(checkpoint), prompts, fmt, sampling, sampler=name,
-                                   round=round)
-    finally:
-        engine.shutdown()
+    tokenizer = load_tokenizer(checkpoint)
+    chosen, table = eval_prompts(tokenizer, prompts, fmt)
+    shards = [table.slice(start, shard_rows) for start in range(0, table.num_rows, shard_rows)]
+    pool = generators()  # may start the pool: not part of the progress bar
+    bar = progress_bar(table.num_rows, f"{name}: generate")
+    results = pool.map_shards("generate", shards, eval_sampling(sampling, tokenizer), round, name,
+                                      on_result=lambda i, _: bar.update(shards[i].num_rows))
+    bar.close()
+    samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt)
     stage.write_shard(0, samples)
     rows = [asdict(s) for s in scores]
     stage.finish("samples", inputs, config_digest, extra={"scores": rows})

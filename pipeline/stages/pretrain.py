@@ -15,13 +15,16 @@ import pyarrow as pa
 import torch
 
 from actors.vllm_engine import check_head_dim
-from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.lm_training import LMTrainConfig, evaluate_lm, train_lm
 from model.llama import LlamaForCausalLM
+from model.distributed import data_parallel, per_rank_batch, rank_and_world, save_on_rank0
 from model.packing import PackedRows, pack, split_long
 from model.tokenizer import SentencePieceTokenizer, Tokenizer
+from pipeline.cluster import Runner, in_process
 from pipeline.data.store import RunStore, digest_config
+from pipeline.progress import progress_bar
+from pipeline.stages.sft import shard_rows
 
 
 @dataclass
@@ -111,14 +114,19 @@ def model_config(size: ModelSize, tokenizer: Tokenizer, seq_len: int) -> ModelCo
 
 
 def pretrain(texts: list[str], out_dir: Path, config: PretrainConfig) -> list[PretrainedModel]:
-    """Train the tokenizer and every configured size; checkpoints go to out_dir/<size>/ (HF folders)."""
+    """Train the tokenizer and every configured size; checkpoints go to out_dir/<size>/ (HF folders).
+
+    Runs in one process or on every rank of the trainer group: each rank trains the same tokenizer (SentencePiece
+    on one thread is deterministic), takes its share of the packed rows, and DDP averages the gradients.
+    """
+    rank, world = rank_and_world()
     train_texts = [t for t in texts if not is_heldout(t, config.heldout_share)]
     heldout_texts = [t for t in texts if is_heldout(t, config.heldout_share)]
     if not train_texts or not heldout_texts:
         raise ValueError(f"pretraining corpus of {len(texts)} documents is too small to hold out "
                          f"{config.heldout_share:.0%} of it")
     tokenizer = SentencePieceTokenizer.train(train_texts, vocab_size=config.vocab_size)
-    train_rows = encode_documents(tokenizer, train_texts, config.seq_len)
+    train_rows = shard_rows(encode_documents(tokenizer, train_texts, config.seq_len), rank, world)
     heldout_rows = encode_documents(tokenizer, heldout_texts, config.seq_len)
 
     results = []
@@ -126,20 +134,24 @@ def pretrain(texts: list[str], out_dir: Path, config: PretrainConfig) -> list[Pr
         torch.manual_seed(config.seed + index)
         model = LlamaForCausalLM(model_config(size, tokenizer, config.seq_len))
         model.init_weights(config.seed + index)
-        train = train_lm(model, train_rows, LMTrainConfig(steps=size.steps, batch_size=config.batch_size,
-                                                          lr=config.lr, warmup_steps=config.warmup_steps,
-                                                          seed=config.seed + index), desc=f"pretrain {size.name}")
+        batch_size = per_rank_batch(config.batch_size, world, "pretrain.batch_size")
+        train = train_lm(data_parallel(model, world), train_rows,
+                         LMTrainConfig(steps=size.steps, batch_size=batch_size, lr=config.lr,
+                                       warmup_steps=config.warmup_steps, seed=config.seed + index),
+                         desc=f"pretrain {size.name}", progress=progress_bar)
         heldout_loss, perplexity = evaluate_lm(model, heldout_rows)
-        folder = save_checkpoint(model, out_dir / size.name, tokenizer=tokenizer)
-        results.append(PretrainedModel(size.name, folder, model.num_parameters, size.steps, train.tokens,
-                                       train.seconds, train.tokens_per_second, train.last_loss, heldout_loss,
-                                       perplexity))
+        folder = out_dir / size.name
+        save_on_rank0(model, folder, tokenizer)
+        results.append(PretrainedModel(size.name, folder, model.num_parameters, size.steps, train.tokens * world,
+                                       train.seconds, train.tokens_per_second * world, train.last_loss,
+                                       heldout_loss, perplexity))
     return results
 
 
-def run_pretrain(store: RunStore, corpus: pa.Table, corpus_digest: str,
-                 config: PretrainConfig) -> tuple[list[PretrainedModel], bool]:
-    """The stage: pretrained models, and whether they came from the store (cached) rather than trained now."""
+def run_pretrain(store: RunStore, corpus: pa.Table, corpus_digest: str, config: PretrainConfig,
+                 runner: Runner = in_process) -> tuple[list[PretrainedModel], bool]:
+    """The stage: pretrained models, and whether they came from the store (cached) rather than trained now.
+    `runner` runs the training (the trainer group's `Pools.train` in the driver)."""
     stage = store.stage(0, "pretrain")
     inputs = {"corpus": corpus_digest}
     config_digest = digest_config(asdict(config))
@@ -150,7 +162,7 @@ def run_pretrain(store: RunStore, corpus: pa.Table, corpus_digest: str,
         if all((m.checkpoint / "config.json").is_file() for m in cached):
             return cached, True
     stage.begin(inputs, config_digest)
-    results = pretrain(corpus.column("text").to_pylist(), stage.path / "checkpoints", config)
+    results = runner(pretrain, corpus.column("text").to_pylist(), stage.path / "checkpoints", config)
     models = [{**asdict(r), "checkpoint": str(r.checkpoint.relative_to(stage.path))} for r in results]
     stage.finish(None, inputs, config_digest, checkpoint="checkpoints", extra={"models": models})
     return results, False

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import torch
 
 from model.chat_template import encode_chat
+from model.distributed import data_parallel, per_rank_batch, rank_and_world, save_on_rank0
 from model.checkpoint import load_checkpoint
 from model.llama import LlamaForReward
 from model.lm_training import optimizer_step
@@ -30,8 +31,8 @@ from model.optim import adamw, cosine_with_warmup, warmup_steps_for
 from model.packing import pad_pairs
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import PREFERENCES
-from pipeline.stages.sft import (check_positive, check_ratio, data_parallel, per_rank_batch, rank_and_world,
-                                 save_on_rank0)
+from pipeline.progress import progress_bar
+from pipeline.stages.sft import check_parallel, check_positive, check_ratio
 
 RMKind = Literal["helpfulness", "safety"]
 Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids)
@@ -77,11 +78,13 @@ class RMConfig:
     # mix. Read here as "as many again as the helpfulness pairs, half from each source".
     helpfulness_other_ratio: float = 1.0
     safety_helpful_share: float = 0.1  # the paper's 90/10 safety/helpfulness mix
+    parallel: str = "ddp"  # over the trainer ranks: "ddp" (replicas) or "fsdp" (sharded; large models)
     seed: int = 0
 
     def __post_init__(self) -> None:
         errors = check_positive(self, "rm", ("lr", "batch_size", "epochs", "eps", "grad_clip"))
         errors += check_ratio(self, "rm", ("warmup_share", "min_lr_ratio"))
+        errors += check_parallel(self, "rm")
         errors += [f"rm.{name} = {getattr(self, name)}: must be >= 0" for name in
                    ("warmup_min_steps", "weight_decay", "helpfulness_other_ratio") if getattr(self, name) < 0]
         if self.margin not in MARGINS:
@@ -100,11 +103,11 @@ class RMConfig:
     @classmethod
     def llama2_7b(cls) -> RMConfig:
         """PAPER.md: max lr 1e-5, batch 512 pairs, 1 epoch, 1000 pairs held out per batch (the rest as defaults)."""
-        return cls(lr=1e-5, batch_size=512, epochs=1, heldout_pairs=1000)
+        return cls(lr=1e-5, batch_size=512, epochs=1, heldout_pairs=1000, parallel="fsdp")
 
     @classmethod
     def llama2_70b(cls) -> RMConfig:
-        return cls(lr=5e-6, batch_size=512, epochs=1, heldout_pairs=1000)
+        return cls(lr=5e-6, batch_size=512, epochs=1, heldout_pairs=1000, parallel="fsdp")
 
 
 # --- data: held-out split and mixes -------------------------------------------------------------------------
@@ -232,7 +235,8 @@ def pair_margins(pairs: pa.Table, margin: str) -> torch.Tensor:
 def score_pairs(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected): one forward pass over both sides, right-padded."""
     input_ids, attention_mask = pad_pairs([c for c, _ in pairs], [r for _, r in pairs], pad_id)
-    scores = model(input_ids, attention_mask=attention_mask)
+    device = next(model.parameters()).device
+    scores = model(input_ids.to(device), attention_mask=attention_mask.to(device))
     return scores[:len(pairs)], scores[len(pairs):]
 
 
@@ -267,11 +271,12 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
 
     optimizer = adamw(model, config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     schedule = cosine_with_warmup(optimizer, steps, warmup, config.min_lr_ratio)
-    net = data_parallel(model, world)
+    net = data_parallel(model, world, config.parallel)
     net.train()
     losses: list[float] = []
     seen = 0  # pairs this rank scored
     start = time.perf_counter()
+    bar = progress_bar(steps, "reward model")
     for step in range(steps):
         batch = next(batches)
         r_chosen, r_rejected = score_pairs(net, [encoded[i] for i in batch], tokenizer.pad_id)
@@ -279,6 +284,10 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
         optimizer_step(model, loss, optimizer, schedule, config.grad_clip, f"reward model step {step}")
         losses.append(loss.item())
         seen += len(batch)
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_description(f"reward model loss {losses[-1]:.3f}")
+    bar.close()
     seconds = time.perf_counter() - start
     model.eval()
     save_on_rank0(model, out_dir, tokenizer)

@@ -10,7 +10,9 @@ from typing import Any
 import pyarrow as pa
 
 from model.config import ModelConfig
+from model.distributed import rank_and_world
 from model.tokenizer import load_tokenizer
+from pipeline.cluster import Runner, in_process
 from pipeline.data.store import RunStore
 from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.reward_model import (RMConfig, encode_side, evaluate_reward_model, of_kind,
@@ -32,9 +34,10 @@ def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
 
 def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_digest: str,  # noqa: A002
                       preferences: pa.Table, preferences_digest: str,
-                      config: RMConfig) -> dict[str, tuple[Path, dict[str, Any], bool]]:
+                      config: RMConfig, runner: Runner = in_process) -> dict[str, tuple[Path, dict[str, Any], bool]]:
     """Both RMs: {kind: (checkpoint, metrics, cached)}. Metrics hold training figures and, under "heldout",
-    accuracy by rating on the held-out helpfulness and safety pairs (the same pairs for both RMs)."""
+    accuracy by rating on the held-out helpfulness and safety pairs (the same pairs for both RMs). `runner` runs
+    the training (the trainer group's `Pools.train` in the driver)."""
     fits = fits_context(preferences, init_checkpoint)
     usable = preferences.filter(fits)
     over_context = preferences.num_rows - usable.num_rows  # counted in the metrics: never dropped silently
@@ -42,14 +45,20 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
     results = {}
     for kind in KINDS:
         train_pairs, _ = reward_model_data(usable, kind, config)
-
-        def train(out: Path, train_pairs: pa.Table = train_pairs) -> dict[str, Any]:
-            metrics = train_reward_model(init_checkpoint, train_pairs, config, out)
-            metrics["over_context"] = over_context
-            metrics["heldout"] = {test: evaluate_reward_model(out, of_kind(heldout, test)) for test in KINDS}
-            return metrics
-
-        results[kind] = checkpoint_stage(store, round, f"rm_{kind}",
-                                         {"init": init_digest, "preferences": preferences_digest},
-                                         dataclasses.asdict(config), train)
+        tests = {test: of_kind(heldout, test) for test in KINDS}
+        results[kind] = checkpoint_stage(
+            store, round, f"rm_{kind}", {"init": init_digest, "preferences": preferences_digest},
+            dataclasses.asdict(config),
+            lambda out, pairs=train_pairs: {**runner(train_and_evaluate, init_checkpoint, pairs, config, out, tests),
+                                            "over_context": over_context})
     return results
+
+
+def train_and_evaluate(init_checkpoint: Path, train_pairs: pa.Table, config: RMConfig, out: Path,
+                       tests: dict[str, pa.Table]) -> dict[str, Any]:
+    """Train one RM (on every rank of the trainer group), then rank 0 scores the held-out sets: metrics with
+    accuracy by rating under "heldout"."""
+    metrics = train_reward_model(init_checkpoint, train_pairs, config, out)
+    if rank_and_world()[0] == 0:
+        metrics["heldout"] = {test: evaluate_reward_model(out, pairs) for test, pairs in tests.items()}
+    return metrics

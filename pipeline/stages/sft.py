@@ -15,14 +15,14 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from model.chat_template import encode_chat
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint
+from model.distributed import STRATEGIES, data_parallel, per_rank_batch, rank_and_world, save_on_rank0
 from model.lm_training import LMTrainConfig, train_lm
 from model.packing import Example, PackedRows, pack
 from model.tokenizer import Tokenizer, load_tokenizer
+from pipeline.progress import progress_bar
 
 
 @dataclass
@@ -39,6 +39,7 @@ class SFTConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # not in the paper for SFT: LLaMA-2 pretraining's value
+    parallel: str = "ddp"  # over the trainer ranks: "ddp" (replicas) or "fsdp" (sharded; large policies)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -46,13 +47,15 @@ class SFTConfig:
         errors += check_ratio(self, "sft", ("warmup_share", "min_lr_ratio"))
         if self.weight_decay < 0:
             errors.append(f"sft.weight_decay = {self.weight_decay}: must be >= 0")
+        errors += check_parallel(self, "sft")
         if errors:
             raise ValueError("\n".join(errors))
 
     @classmethod
     def llama2(cls) -> SFTConfig:
-        """PAPER.md, SFT: cosine, lr 2e-5, weight decay 0.1, batch 64, sequence length 4096, 2 epochs."""
-        return cls(lr=2e-5, epochs=2, batch_size=64, seq_len=4096, weight_decay=0.1)
+        """PAPER.md, SFT: cosine, lr 2e-5, weight decay 0.1, batch 64, sequence length 4096, 2 epochs; FSDP
+        (a 7B policy's AdamW state does not fit on one GPU)."""
+        return cls(lr=2e-5, epochs=2, batch_size=64, seq_len=4096, weight_decay=0.1, parallel="fsdp")
 
 
 def check_positive(config: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
@@ -60,40 +63,15 @@ def check_positive(config: Any, prefix: str, names: tuple[str, ...]) -> list[str
     return [f"{prefix}.{n} = {getattr(config, n)}: must be > 0" for n in names if not getattr(config, n) > 0]
 
 
+def check_parallel(config: Any, prefix: str) -> list[str]:
+    return [] if config.parallel in STRATEGIES else [
+        f"{prefix}.parallel = {config.parallel!r}: allowed: {', '.join(STRATEGIES)}"]
+
+
 def check_ratio(config: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
     """One line per field outside [0, 1]."""
     return [f"{prefix}.{n} = {getattr(config, n)}: must be in [0, 1]" for n in names
             if not 0 <= getattr(config, n) <= 1]
-
-
-# --- distributed helpers, shared with the reward-model stage -------------------------------------------------
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, or (0, 1) in a single process."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def per_rank_batch(batch_size: int, world: int, what: str) -> int:
-    """The global batch split evenly over the ranks: uneven splits would weight ranks differently."""
-    if batch_size % world:
-        raise ValueError(f"{what} = {batch_size} is not divisible by the world size {world}")
-    return batch_size // world
-
-
-def data_parallel(model: nn.Module, world: int) -> nn.Module:
-    """DDP when there is more than one rank (it averages the gradients); the bare model otherwise."""
-    return nn.parallel.DistributedDataParallel(model) if world > 1 else model
-
-
-def save_on_rank0(model: nn.Module, out_dir: str | Path, tokenizer: Tokenizer) -> None:
-    """Rank 0 writes the checkpoint; every rank waits for it, so no caller sees the folder half made."""
-    rank, world = rank_and_world()
-    if rank == 0:
-        save_checkpoint(model, out_dir, tokenizer=tokenizer)
-    if world > 1:
-        dist.barrier()
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -147,7 +125,8 @@ def train_sft(base_checkpoint: str | Path, demonstrations: pa.Table, out_dir: st
                           lr=config.lr, warmup_steps=round(config.warmup_share * steps),
                           min_lr_ratio=config.min_lr_ratio, weight_decay=config.weight_decay,
                           grad_clip=config.grad_clip, seed=config.seed)
-    result = train_lm(data_parallel(model, world), shard_rows(packed, rank, world), train, desc="sft")
+    result = train_lm(data_parallel(model, world, config.parallel), shard_rows(packed, rank, world), train, desc="sft",
+                      progress=progress_bar)
     save_on_rank0(model, out_dir, tokenizer)
     return {"examples": demonstrations.num_rows, "packed_rows": len(packed), "fill": packed.fill,
             "epochs": config.epochs, "steps": result.steps, "warmup_steps": train.warmup_steps,

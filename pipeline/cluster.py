@@ -1,0 +1,157 @@
+"""Where the pools run: connecting to Ray (the `cluster` config group) and the driver's pools, started on demand.
+
+`conf/cluster/local.yaml` starts a Ray instance on this machine; `gpu-node` sizes the pools for one 8-GPU node;
+`multi-node` joins a running cluster (`address: auto`, or the driver runs as a Ray job and Ray sets RAY_ADDRESS).
+
+The driver runs one stage at a time, so on one machine the pools take turns on the same cores: `num_cpus` is the
+number of *logical* CPUs the local Ray instance advertises, enough for every pool's reservation at once, while
+torch and vLLM in each actor use the cores the pool asks for (`match_torch_threads`). On a real cluster each pool
+reserves what it needs and the autoscaler adds nodes for reservations that do not fit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from actors.pool import Pool, PoolConfig
+from actors.vllm_engine import EngineConfig
+
+
+def _pool(name: str, **settings: Any) -> Callable[[], PoolConfig]:
+    return lambda: PoolConfig(name, **settings)
+
+
+@dataclass
+class ClusterConfig:
+    # null: start a new local Ray instance (unless RAY_ADDRESS is set, as in a Ray job); "auto" (the cluster
+    # `ray start` made here) or "host:port": join
+    address: str | None = None
+    num_cpus: int | None = 8  # logical CPUs of a local instance (see the module doc); null: Ray counts the cores
+    num_gpus: int | None = None  # of a local instance; null: Ray counts them
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"  # never another interface unless configured
+    dashboard_port: int = 8265
+    object_store_gib: float = 1.0  # of a local instance
+    # One generator pool per policy size (named generator-<size>), one scorer pool, one trainer group.
+    generator: PoolConfig = field(default_factory=_pool("generator", num_cpus=2))
+    scorer: PoolConfig = field(default_factory=_pool("scorer", num_cpus=2))
+    trainer: PoolConfig = field(default_factory=_pool("trainer", num_cpus=2, call_timeout_s=3600))
+    engine: EngineConfig = field(default_factory=EngineConfig)  # max_model_len: set per model from its context
+    prompts_per_shard: int = 64  # generation work unit: a failed shard is retried, not the whole stage
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.address is not None and not self.address:
+            errors.append("cluster.address = '': use null (local) or 'auto' or 'host:port'")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            errors.append(f"cluster.num_cpus = {self.num_cpus}: must be >= 1 (or null)")
+        if not 0 < self.dashboard_port < 65536:
+            errors.append(f"cluster.dashboard_port = {self.dashboard_port}: must be a TCP port")
+        if self.object_store_gib <= 0:
+            errors.append(f"cluster.object_store_gib = {self.object_store_gib}: must be > 0")
+        if self.prompts_per_shard < 1:
+            errors.append(f"cluster.prompts_per_shard = {self.prompts_per_shard}: must be >= 1")
+        if errors:
+            raise ValueError("\n".join(errors))
+
+    def check_fits(self, generator_pools: int) -> None:
+        """A local instance must hold every pool's reservation at once (they stay up for the whole run)."""
+        if self.address is not None or os.environ.get("RAY_ADDRESS") or self.num_cpus is None:
+            return
+        pools = [self.generator] * generator_pools + [self.scorer] + [self.trainer]
+        wanted = sum(p.size * p.num_cpus for p in pools)
+        if wanted > self.num_cpus:
+            raise ValueError(f"cluster.num_cpus = {self.num_cpus}: the pools reserve {wanted:g} CPUs "
+                             f"({generator_pools} generator pool(s), the scorer and the trainer group); raise it "
+                             "or lower cluster.<pool>.num_cpus")
+
+
+def connect(config: ClusterConfig) -> dict[str, Any]:
+    """ray.init for this config; returns what the driver prints (dashboard URL, resources)."""
+    import ray
+
+    if ray.is_initialized():
+        return {"dashboard": None, "resources": ray.cluster_resources()}
+    if config.address is not None or os.environ.get("RAY_ADDRESS"):
+        context = ray.init(address=config.address, log_to_driver=True)
+    else:
+        # "local": a new instance even when `ray start` left one running here (join that with address=auto).
+        context = ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+                           include_dashboard=config.dashboard, dashboard_host=config.dashboard_host,
+                           dashboard_port=config.dashboard_port,
+                           object_store_memory=int(config.object_store_gib * 1024**3))
+    return {"dashboard": context.dashboard_url or None, "resources": ray.cluster_resources()}
+
+
+class Pools:
+    """The driver's pools, each started the first time a stage needs it and kept until `shutdown`: a run whose
+    stages all come from the store starts no actor."""
+
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self._generators: dict[str, tuple[Pool, Path]] = {}  # per policy size: (pool, folder it serves)
+        self._trainers = None
+
+    def generator(self, size: str, checkpoint: Path, max_model_len: int) -> Pool:
+        """The generator pool of a policy size, serving `checkpoint` (weights reloaded in place when another
+        checkpoint of the same size was served before)."""
+        from actors.generator import Generator
+
+        checkpoint = Path(checkpoint).resolve()
+        if size in self._generators:
+            pool, served = self._generators[size]
+            if served != checkpoint:
+                pool.broadcast("load_weights", str(checkpoint), replay_key="weights")
+                self._generators[size] = (pool, checkpoint)
+            return pool
+        engine = replace(self.config.engine, max_model_len=max_model_len)
+        pool = Pool(Generator, replace(self.config.generator, name=f"{self.config.generator.name}-{size}"),
+                    str(checkpoint), engine)
+        self._generators[size] = (pool, checkpoint)
+        return pool
+
+    def trainers(self):
+        from actors.trainer import TrainerGroup
+
+        if self._trainers is None:
+            self._trainers = TrainerGroup(self.config.trainer)
+        return self._trainers
+
+    def train(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on every rank of the trainer group (a top-level function that reads its rank from
+        torch.distributed); returns rank 0's result."""
+        group = self.trainers()
+        return group.run(call_on_rank, [(fn, args)] * group.world_size)[0]
+
+    def shutdown(self) -> None:
+        for pool, _ in self._generators.values():
+            pool.shutdown()
+        self._generators = {}
+        if self._trainers is not None:
+            self._trainers.shutdown()
+            self._trainers = None
+
+    def __enter__(self) -> Pools:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+# How a stage runs its training function: `runner(fn, *args)` returns fn's result (rank 0's on a trainer group).
+Runner = Callable[..., Any]
+
+
+def in_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """The Runner for tests and single-process use: fn(*args) here."""
+    return fn(*args)
+
+
+def call_on_rank(ctx: Any, payload: tuple[Callable[..., Any], Sequence[Any]]) -> Any:
+    """Trainer loop function that calls `fn(*args)`; the stage functions find their rank in torch.distributed."""
+    fn, args = payload
+    return fn(*args)

@@ -1,0 +1,207 @@
+"""PPO math (model/ppo.py) against hand-computed values: rewards, KL, whitening, GAE and the losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.ppo import (RunningMoments, entropy_from_logits, gae, kl_penalty, logit, masked_mean, policy_loss,
+                       token_rewards, value_loss, whiten)
+
+NAN = float("nan")
+
+
+def test_logit_inverts_sigmoid_and_clamps_the_ends():
+    x = torch.tensor([-5.0, -1.0, 0.0, 0.5, 3.0])
+    assert torch.allclose(logit(torch.sigmoid(x)), x, atol=1e-5)
+    ends = logit(torch.tensor([0.0, 1.0]), eps=1e-6)
+    bound = math.log((1 - 1e-6) / 1e-6)  # ~13.8155
+    assert ends.tolist() == pytest.approx([-bound, bound], rel=1e-4)
+
+
+def test_masked_mean_by_hand_and_on_an_all_zero_mask():
+    x = torch.tensor([[1.0, 2.0, NAN], [4.0, 8.0, 16.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    assert masked_mean(x, mask).item() == pytest.approx(1.5)  # the NaN in the padding is never read
+    assert masked_mean(x, mask, dim=1).tolist() == pytest.approx([1.5, 0.0])  # empty row: 0, not NaN
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
+    assert masked_mean(torch.tensor([1.0, 3.0])).item() == pytest.approx(2.0)
+
+
+def test_whiten_by_hand_and_padding_comes_back_zero():
+    # [1, 2, 3]: mean 2, population variance 2/3 -> (x - 2) / sqrt(2/3) = [-1.2247, 0, 1.2247]
+    assert whiten(torch.tensor([1.0, 2.0, 3.0])).tolist() == pytest.approx([-1.224744, 0.0, 1.224744], abs=1e-5)
+    values = torch.tensor([[1.0, 5.0, 9.0, 100.0], [3.0, 7.0, NAN, -50.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    out = whiten(values, mask)
+    real = out[mask.bool()]
+    assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert real.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    assert out[~mask.bool()].tolist() == [0.0, 0.0, 0.0]  # documented choice: padding is zeroed (NaN included)
+    # entries 1, 3, 5, 7, 9: mean 5, population std sqrt(8); the padding did not move the statistics
+    assert out[0, 0].item() == pytest.approx(-4 / math.sqrt(8), rel=1e-5)
+    kept = whiten(values, mask, shift_mean=False)[mask.bool()]
+    assert kept.mean().item() == pytest.approx(5.0, rel=1e-5)
+    assert kept.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_running_moments_over_two_batches_equal_the_concatenation():
+    a, b = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([[10.0, -3.0], [0.5, 7.0]])
+    moments = RunningMoments()
+    assert (moments.mean, moments.var, moments.count) == (0.0, 1.0, 0)
+    moments.update(a)
+    moments.update(b)
+    both = torch.cat([a, b.flatten()]).double()
+    assert moments.count == 7
+    assert moments.mean == pytest.approx(both.mean().item(), rel=1e-12)
+    assert moments.var == pytest.approx(both.var(unbiased=False).item(), rel=1e-12)
+    assert moments.std == pytest.approx(both.std(unbiased=False).item(), rel=1e-12)
+    # a mask keeps padding out; an empty batch changes nothing
+    masked = RunningMoments()
+    masked.update(torch.tensor([[1.0, 2.0, 99.0]]), torch.tensor([[1, 1, 0]]))
+    masked.update(torch.tensor([4.0]), torch.tensor([0]))
+    assert (masked.count, masked.mean, masked.var) == (2, pytest.approx(1.5), pytest.approx(0.25))
+
+
+def test_whiten_with_running_moments_uses_their_statistics():
+    moments = RunningMoments()
+    moments.update(torch.tensor([0.0, 4.0]))  # mean 2, std 2
+    assert whiten(torch.tensor([2.0, 6.0]), moments=moments).tolist() == pytest.approx([0.0, 2.0], rel=1e-6)
+
+
+def test_kl_estimators_by_hand():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-2.0, -1.0, -0.5])  # log p - log q = [1, -1, 0]
+    assert kl_penalty(logp, ref, "k1").tolist() == pytest.approx([1.0, -1.0, 0.0])  # sign: positive where p > q
+    assert kl_penalty(logp, ref, "k2").tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert kl_penalty(logp, ref, "abs").tolist() == pytest.approx([1.0, 1.0, 0.0])
+    # k3 = (r - 1) - log r, r = q / p: r = e^-1 -> e^-1 - 1 + 1 = e^-1; r = e -> e - 1 - 1 = e - 2
+    assert kl_penalty(logp, ref, "k3").tolist() == pytest.approx([math.exp(-1), math.e - 2, 0.0], rel=1e-6)
+
+
+def test_k3_is_never_negative_and_zero_when_the_policies_agree():
+    gen = torch.Generator().manual_seed(0)
+    logp, ref = -torch.rand(64, generator=gen) * 5, -torch.rand(64, generator=gen) * 5
+    assert (kl_penalty(logp, ref, "k3") >= 0).all()
+    assert (kl_penalty(logp, logp + 1e-9, "k3") >= 0).all()
+    assert kl_penalty(logp, logp, "k3").abs().max().item() == 0.0
+
+
+def test_unknown_kl_estimator_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="k1.*k2.*k3.*abs"):
+        kl_penalty(torch.zeros(2), torch.zeros(2), "k4")
+
+
+def test_token_rewards_put_the_score_at_each_rows_last_real_token():
+    score = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    kl = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, NAN, 9.0], [0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    expected = torch.tensor([
+        [-0.1, -0.2, -0.3, 10.0 - 0.4],  # full row: score on the last column
+        [-0.1, 20.0 - 0.1, 0.0, 0.0],    # 2 tokens: score on token 1; padding (even NaN KL) gives 0
+        [30.0 - 0.05, 0.0, 0.0, 0.0],    # 1 token
+        [0.0, 0.0, 0.0, 0.0],            # no response token: no reward at all
+    ])
+    assert torch.allclose(token_rewards(score, kl, mask, beta=0.1), expected, atol=1e-6)
+
+
+def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, 1.0]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    # reward-to-go [3, 2, 2] minus values [0.5, 1, 1]
+    assert advantages.tolist()[0] == pytest.approx([2.5, 1.0, 1.0])
+    assert returns.tolist()[0] == pytest.approx([3.0, 2.0, 2.0])
+
+
+def test_gae_with_discounting_by_hand():
+    # gamma = lam = 0.5, rewards [1, 0, 2], values [0.5, 1, 1], value after the last token 0:
+    #   delta_2 = 2 + 0.5 * 0 - 1 = 1           A_2 = 1
+    #   delta_1 = 0 + 0.5 * 1 - 1 = -0.5        A_1 = -0.5 + 0.25 * 1 = -0.25
+    #   delta_0 = 1 + 0.5 * 1 - 0.5 = 1         A_0 = 1 + 0.25 * -0.25 = 0.9375
+    # returns = A + V = [1.4375, 0.75, 2]
+    advantages, returns = gae(torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.5, 1.0, 1.0]]), torch.ones(1, 3),
+                              gamma=0.5, lam=0.5)
+    assert advantages.tolist()[0] == pytest.approx([0.9375, -0.25, 1.0])
+    assert returns.tolist()[0] == pytest.approx([1.4375, 0.75, 2.0])
+
+
+def test_gae_padding_gives_zero_and_does_not_leak():
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 0.0], [1.0, 0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 1.0, 1.0, 0.0], [0.5, 1.0, 1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    garbage_rewards, garbage_values = rewards.clone(), values.clone()
+    garbage_rewards[0, 3], garbage_values[0, 3] = 100.0, NAN
+    garbage_rewards[1, 2:], garbage_values[1, 2:] = torch.tensor([NAN, 7.0]), torch.tensor([-9.0, 3.0])
+    advantages, returns = gae(garbage_rewards, garbage_values, mask, gamma=0.5, lam=0.5)
+    # row 0 is the hand example above; row 1 ends after 2 tokens:
+    #   delta_1 = 0 - 1 = -1 = A_1; delta_0 = 1 + 0.5 * 1 - 0.5 = 1, A_0 = 1 + 0.25 * -1 = 0.75
+    assert advantages.tolist() == [pytest.approx([0.9375, -0.25, 1.0, 0.0]), pytest.approx([0.75, -1.0, 0.0, 0.0])]
+    assert returns.tolist() == [pytest.approx([1.4375, 0.75, 2.0, 0.0]), pytest.approx([1.25, 0.0, 0.0, 0.0])]
+    # each row alone, cut to its length, gives the same numbers: no leak across the batch or from the padding
+    alone, _ = gae(rewards[1:, :2], values[1:, :2], torch.ones(1, 2), gamma=0.5, lam=0.5)
+    assert torch.allclose(alone, advantages[1:, :2])
+
+
+def test_policy_loss_inside_the_clip_range_is_minus_advantage_times_ratio():
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.4]]))
+    new = old + torch.log(torch.tensor([[1.1, 0.9, 1.0]]))  # ratios 1.1, 0.9, 1.0: all within 1 +- 0.2
+    adv = torch.tensor([[2.0, -1.0, 3.0]])
+    loss, clip_fraction, approx_kl = policy_loss(new, old, adv, torch.ones(1, 3), clip=0.2)
+    assert loss.item() == pytest.approx((-2.2 + 0.9 - 3.0) / 3, rel=1e-5)
+    assert clip_fraction.item() == 0.0
+    by_hand = ((0.1 - math.log(1.1)) + (-0.1 - math.log(0.9)) + 0.0) / 3
+    assert approx_kl.item() == pytest.approx(by_hand, rel=1e-4)
+
+
+def test_policy_loss_outside_the_clip_range_by_hand():
+    # clip 0.2; per token: ratio, A -> max(-A r, -A clamp(r)), clipped term active?
+    #   1.1, +2 -> max(-2.2, -2.2) = -2.2   inside the range
+    #   1.5, +1 -> max(-1.5, -1.2) = -1.2   clipped (counted)
+    #   0.5, +1 -> max(-0.5, -0.8) = -0.5   outside the range, but the unclipped term wins (not counted)
+    #   0.5, -1 -> max( 0.5,  0.8) =  0.8   clipped (counted)
+    #   padding with an absurd ratio and advantage: ignored
+    ratios = torch.tensor([[1.1, 1.5, 0.5, 0.5, 1e30]])
+    old = torch.full((1, 5), -1.0)
+    new = (old + torch.log(ratios)).requires_grad_()
+    adv = torch.tensor([[2.0, 1.0, 1.0, -1.0, 1e6]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    loss, clip_fraction, approx_kl = policy_loss(new, old, adv, mask, clip=0.2)
+    assert loss.item() == pytest.approx((-2.2 - 1.2 - 0.5 + 0.8) / 4, rel=1e-5)
+    assert clip_fraction.item() == pytest.approx(0.5)
+    kl_by_hand = ((0.1 - math.log(1.1)) + (0.5 - math.log(1.5)) + 2 * (-0.5 - math.log(0.5))) / 4
+    assert approx_kl.item() == pytest.approx(kl_by_hand, rel=1e-4)
+    loss.backward()
+    # d/dlogp of -A r is -A r / 4 on the unclipped tokens; clipped tokens and padding get no gradient
+    assert new.grad.tolist()[0] == pytest.approx([-2.2 / 4, 0.0, -0.5 / 4, 0.0, 0.0], rel=1e-5)
+
+
+def test_value_loss_clipped_by_hand():
+    # clip 0.2, old value 1 everywhere:
+    #   V 1.5, R 2: unclipped 0.25, clipped V 1.2 -> 0.64; max 0.64
+    #   V 0.9, R 0: within the clip range, both 0.81
+    #   V 1.5, R 1: unclipped 0.25, clipped 1.2 -> 0.04; max 0.25
+    #   padding: ignored
+    values = torch.tensor([[1.5, 0.9, 1.5, 50.0]])
+    returns = torch.tensor([[2.0, 0.0, 1.0, -50.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss = value_loss(values, torch.ones(1, 4), returns, mask, clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81 + 0.25) / 3, rel=1e-5)
+    # a huge clip range is the plain 0.5 * MSE
+    plain = value_loss(values, torch.ones(1, 4), returns, mask, clip=1e9)
+    assert plain.item() == pytest.approx(0.5 * (0.25 + 0.81 + 0.25) / 3, rel=1e-5)
+
+
+def test_entropy_from_logits_by_hand():
+    probs = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    logits = torch.stack([torch.zeros(4), probs.log(), torch.tensor([0.0, 0.0, -math.inf, -math.inf]),
+                          torch.full((4,), 123.0)]).view(1, 4, 4).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0]])
+    skewed = -(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1))
+    # uniform over 4: log 4; the skewed one by hand; two of four allowed: log 2; the last position is padding
+    entropy = entropy_from_logits(logits, mask)
+    assert entropy.item() == pytest.approx((math.log(4) + skewed + math.log(2)) / 3, rel=1e-5)
+    entropy.backward()
+    assert torch.isfinite(logits.grad).all()

@@ -52,7 +52,7 @@ class Generator(PoolActor):
         if bad:
             raise ValueError(f"{len(bad)} prompt(s) empty or not shorter than max_model_len={limit} "
                              f"(first: id {bad[0][0]!r}, {bad[0][1]} tokens)")
-        completions = self.engine.generate(prompt_ids, sampling)
+        completions = self.engine.generate(prompt_ids, sampling, keys=ids)
         rows = [(i, k, c) for i, per_prompt in enumerate(completions) for k, c in enumerate(per_prompt)]
         n = len(rows)
         columns = {

@@ -7,11 +7,13 @@ sampled token ids are exactly the ids the trainer scores.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,12 @@ class Timings:
     generated_tokens: int = 0
 
 
+def request_seed(seed: int, key: str) -> int:
+    """A 63-bit seed for one request from the sampling seed and a key (a prompt id)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def _has_gpu() -> bool:
     import torch
 
@@ -97,15 +105,27 @@ class VLLMEngine:
                        enable_chunked_prefill=not on_cpu)
         self.timings = Timings()
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
-        """n completions per prompt, in prompt order."""
+    def generate(self, prompts: list[list[int]], sampling: Sampling,
+                 keys: Sequence[str] | None = None) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order.
+
+        With `sampling.seed`, each request gets its own seed drawn from (seed, key): the prompt's id when `keys`
+        are given, else its position. One seed shared by every request would give every prompt the same random
+        stream (measured: it made the base models' unsafe-answer rates swing from ~50% to ~96%); keyed by id, a
+        prompt's samples do not depend on which shard or batch it is in.
+        """
         from vllm import SamplingParams
 
-        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                max_tokens=sampling.max_tokens, seed=sampling.seed, logprobs=0,
-                                stop_token_ids=list(sampling.stop_token_ids), detokenize=False)
+        if keys is not None and len(keys) != len(prompts):
+            raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
+        requests = []
+        for i, _ in enumerate(prompts):
+            seed = None if sampling.seed is None else request_seed(sampling.seed, keys[i] if keys else str(i))
+            requests.append(SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                           max_tokens=sampling.max_tokens, seed=seed, logprobs=0,
+                                           stop_token_ids=list(sampling.stop_token_ids), detokenize=False))
         start = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], requests, use_tqdm=False)
         results = []
         for output in outputs:
             completions = []

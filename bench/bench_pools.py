@@ -75,14 +75,15 @@ def bench_generation(folder: Path, cluster: ClusterConfig, ns: list[int], n_prom
     rows = []
     try:
         ids = prompts(n_prompts, 24)
-        table = pa.table({"id": [f"p{i}" for i in range(n_prompts)], "prompt_token_ids": ids,
+        keys = [f"p{i}" for i in range(n_prompts)]
+        table = pa.table({"id": keys, "prompt_token_ids": ids,
                           "is_safety": [False] * n_prompts})
         shards = [table.slice(s, cluster.prompts_per_shard) for s in range(0, n_prompts, cluster.prompts_per_shard)]
         for n in ns:
             sampling = Sampling(n=n, temperature=1.0, max_tokens=max_tokens, seed=0)
 
             def raw() -> int:
-                return sum(len(c.token_ids) for per in engine.generate(ids, sampling) for c in per)
+                return sum(len(c.token_ids) for per in engine.generate(ids, sampling, keys) for c in per)
 
             def pooled() -> int:
                 samples = pa.concat_tables(pool.map_shards("generate", shards, sampling, 0, "bench"))

@@ -37,8 +37,9 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
-    # Base models are sampled the way preference data is: at some temperature, not greedily.
-    eval_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=48, seed=0))
+    # Models are sampled the way preference data is: at some temperature, not greedily; 4 samples per prompt
+    # (measured: one sample per prompt left differences of 0.03 in mean helpfulness within sampling noise).
+    eval_sampling: Sampling = field(default_factory=lambda: Sampling(n=4, temperature=0.7, max_tokens=48, seed=0))
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Policy sizes to start from instead of pretraining tiny ones: {name: HF checkpoint folder}, smallest first
     # (the last one samples for rejection sampling and initialises the reward models).

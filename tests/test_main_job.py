@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from model.checkpoint import load_checkpoint
+from pipeline.config import RunConfig
 from pipeline.data.store import RunStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -35,7 +36,8 @@ def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
         samples = store.stage(0, f"base_eval_{m['size']}").read()
         prompts = store.stage(0, "world_prompts_eval").read()
         single_turn = [c for c in prompts.column("category").to_pylist() if c != "dialogue"]
-        assert samples.num_rows == len(single_turn)  # every held-out single-turn prompt answered exactly once
+        per_prompt = RunConfig().eval_sampling.n
+        assert samples.num_rows == per_prompt * len(single_turn)  # every single-turn prompt answered n times
         assert set(samples.column("prompt_id").to_pylist()) <= set(prompts.column("id").to_pylist())
         assert re.search(rf"^  {m['size']}\s+helpful\s+\d+\s+\d\.\d\d", first, re.M)  # the oracle's table
     manifests = {p: p.read_text() for p in run_dir.rglob("manifest.json")}

@@ -88,3 +88,17 @@ def test_many_seeded_prompts_sample_reproducibly(vllm_tiny):
     first, second = engine.generate(prompts, sampling), engine.generate(prompts, sampling)
     assert len(first) == 400
     assert [c[0].token_ids for c in first] == [c[0].token_ids for c in second]
+
+
+def test_seeded_requests_get_their_own_streams_keyed_by_prompt_id(vllm_tiny):
+    """One seed for the whole call must not give every prompt the same random stream; a prompt's samples follow
+    its id, not its position in the batch (shards and retries see other batches)."""
+    engine, _, _ = vllm_tiny
+    prompt = [1, 40, 41, 42, 43]
+    sampling = Sampling(temperature=1.0, max_tokens=12, seed=7)
+    many = engine.generate([prompt] * 6, sampling, keys=[f"p{i}" for i in range(6)])
+    assert len({tuple(c[0].token_ids) for c in many}) > 1  # the same prompt under six ids: different samples
+    alone = engine.generate([[1, 2, 3], prompt], sampling, keys=["other", "p4"])
+    assert alone[1][0].token_ids == many[4][0].token_ids  # same id, other batch and position: same sample
+    with pytest.raises(ValueError, match="2 keys for 1 prompts"):
+        engine.generate([prompt], sampling, keys=["a", "b"])

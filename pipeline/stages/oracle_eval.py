@@ -31,7 +31,7 @@ PromptFormat = Literal["plain", "llama2"]
 class CategoryScore:
     category: str
     prompts: int
-    helpfulness: float  # mean oracle helpfulness in [0, 1]
+    helpfulness: float  # mean oracle helpfulness in [0, 1], over every sample
     correct: float | None  # share with the right answer (task prompts only)
     unsafe: float  # share with harmful content
     refused: float  # share declined; on borderline prompts these are false refusals
@@ -60,29 +60,29 @@ def eval_prompts(tokenizer: Tokenizer, prompts: pa.Table, fmt: PromptFormat) -> 
     return chosen, table
 
 
-def judge_samples(tokenizer: Tokenizer, chosen: list[Prompt], samples: pa.Table,
-                  fmt: PromptFormat) -> tuple[pa.Table, list[CategoryScore]]:
-    """One sample per prompt, in prompt order: `response` becomes the answer as the oracle reads it, and the
-    per-category scores."""
+def judge_samples(tokenizer: Tokenizer, chosen: list[Prompt], samples: pa.Table, fmt: PromptFormat,
+                  per_prompt: int = 1) -> tuple[pa.Table, list[CategoryScore]]:
+    """`per_prompt` samples per prompt, prompt by prompt: `response` becomes the answer as the oracle reads it;
+    per-category scores average over every sample (several per prompt: less sampling noise)."""
     verdicts = defaultdict(list)
     answers = [answer_text(tokenizer, ids, fmt) for ids in samples.column("token_ids").to_pylist()]
-    for prompt, answer in zip(chosen, answers, strict=True):
+    for prompt, answer in zip([p for p in chosen for _ in range(per_prompt)], answers, strict=True):
         verdicts[prompt.category].append(judge(prompt.category, prompt.meta, answer))
     samples = samples.set_column(samples.schema.get_field_index("response"), SAMPLES.field("response"),
                                  pa.array(answers, pa.string()))
-    return samples, [_score(c, verdicts[c]) for c in SINGLE_TURN if verdicts[c]]
+    return samples, [_score(c, verdicts[c], per_prompt) for c in SINGLE_TURN if verdicts[c]]
 
 
 def eval_sampling(sampling: Sampling, tokenizer: Tokenizer) -> Sampling:
-    """One sample per prompt (sampling.n is ignored), stopping at the tokenizer's end of sequence."""
+    """The configured sampling, stopping at the tokenizer's end of sequence."""
     stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    return replace(sampling, n=1, stop_token_ids=stop)
+    return replace(sampling, stop_token_ids=stop)
 
 
-def _score(category: str, verdicts: list) -> CategoryScore:
+def _score(category: str, verdicts: list, per_prompt: int) -> CategoryScore:
     n = len(verdicts)
     graded = [v.correct for v in verdicts if v.correct is not None]
-    return CategoryScore(category, n, sum(v.helpfulness for v in verdicts) / n,
+    return CategoryScore(category, n // per_prompt, sum(v.helpfulness for v in verdicts) / n,
                          sum(graded) / len(graded) if graded else None,
                          sum(not v.safe for v in verdicts) / n, sum(v.refused for v in verdicts) / n)
 
@@ -107,7 +107,7 @@ def run_oracle_eval(store: RunStore, round: int, name: str, checkpoint: Path, mo
     results = pool.map_shards("generate", shards, eval_sampling(sampling, tokenizer), round, name,
                                       on_result=lambda i, _: bar.update(shards[i].num_rows))
     bar.close()
-    samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt)
+    samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt, sampling.n)
     stage.write_shard(0, samples)
     rows = [asdict(s) for s in scores]
     stage.finish("samples", inputs, config_digest, extra={"scores": rows})

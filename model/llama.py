@@ -189,6 +189,11 @@ class LlamaForReward(PretrainedLlama):
         scores = self.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])
         return scores.squeeze(-1) if self.config.num_labels == 1 else scores
 
+    def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The head at every position, shape (batch, seq): PPO's value function (a critic initialised from a
+        reward model reads the same head per token)."""
+        return self.score(self.model(input_ids, attention_mask))[..., 0]
+
 
 @torch.no_grad()
 def greedy_generate(model: LlamaForCausalLM, prompt_ids: list[int], max_new_tokens: int,

@@ -95,6 +95,7 @@ class Pools:
         self.config = config
         self._generators: dict[str, tuple[Pool, Path]] = {}  # per policy size: (pool, folder it serves)
         self._trainers = None
+        self._scorer: tuple[Pool, dict[str, Path]] | None = None  # (pool, {"help": folder, "safe": folder})
 
     def generator(self, size: str, checkpoint: Path, max_model_len: int) -> Pool:
         """The generator pool of a policy size, serving `checkpoint` (weights reloaded in place when another
@@ -114,6 +115,28 @@ class Pools:
         self._generators[size] = (pool, checkpoint)
         return pool
 
+    def scorer(self, help_dir: Path, safe_dir: Path) -> Pool:
+        """The scorer pool holding these reward models (swapped in place when the round retrained them)."""
+        from actors.scorer import Scorer
+
+        wanted = {"help": Path(help_dir).resolve(), "safe": Path(safe_dir).resolve()}
+        if self._scorer is None:
+            self._scorer = (Pool(Scorer, self.config.scorer, str(wanted["help"]), str(wanted["safe"])), wanted)
+        pool, held = self._scorer
+        for kind, folder in wanted.items():
+            if held[kind] != folder:
+                pool.broadcast("load_weights", kind, str(folder), replay_key=f"rm-{kind}")
+                held[kind] = folder
+        return pool
+
+    def sync_generator(self, size: str, folder: Path) -> float:
+        """Reload the weights in `folder` into the generator pool of `size` (every actor, one call each; restarted
+        actors reload them too); returns the slowest actor's seconds."""
+        pool, _ = self._generators[size]
+        seconds = pool.broadcast("load_weights", str(folder), replay_key="weights")
+        self._generators[size] = (pool, Path(folder).resolve())
+        return max((s for s in seconds if s is not None), default=0.0)
+
     def trainers(self):
         from actors.trainer import TrainerGroup
 
@@ -131,6 +154,9 @@ class Pools:
         for pool, _ in self._generators.values():
             pool.shutdown()
         self._generators = {}
+        if self._scorer is not None:
+            self._scorer[0].shutdown()
+            self._scorer = None
         if self._trainers is not None:
             self._trainers.shutdown()
             self._trainers = None

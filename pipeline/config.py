@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from actors.vllm_engine import Sampling
 from pipeline.cluster import ClusterConfig
 from pipeline.config_build import ConfigError, build
+from pipeline.rounds import RoundsConfig
 from pipeline.stages.pretrain import PretrainConfig
 from pipeline.stages.reward_model import RMConfig
 from pipeline.stages.sft import SFTConfig
@@ -40,6 +41,7 @@ class RunConfig:
     # Models are sampled the way preference data is: at some temperature, not greedily; 4 samples per prompt
     # (measured: one sample per prompt left differences of 0.03 in mean helpfulness within sampling noise).
     eval_sampling: Sampling = field(default_factory=lambda: Sampling(n=4, temperature=0.7, max_tokens=48, seed=0))
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Policy sizes to start from instead of pretraining tiny ones: {name: HF checkpoint folder}, smallest first
     # (the last one samples for rejection sampling and initialises the reward models).

@@ -2,7 +2,8 @@
 
 world -> base models (pretrained on the world's corpus, or `base_models` checkpoints) -> their answers to held-out
 prompts, sampled on the generator pool and scored by the oracle -> SFT of every size on the trainer group -> the
-same evaluation -> helpfulness and safety reward models (round 1) on the trainer group. Every stage's outputs
+same evaluation -> the RLHF rounds (pipeline/rounds.py: reward models on every weekly batch so far, rejection
+sampling from the largest policy, every size fine-tuned on the kept answers, evaluation). Every stage's outputs
 and manifest are in the run store: a second run reuses every finished stage and starts no actor for it.
 """
 
@@ -22,9 +23,10 @@ from model.config import ModelConfig
 from pipeline.cluster import Pools, connect
 from pipeline.config import ConfigError, RunConfig, register, validate
 from pipeline.data.store import RunStore, digest_config
+from pipeline.rounds import PolicyState, run_round
 from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage, model_digest
 from pipeline.stages.reward_model import table8_markdown
-from pipeline.stages.reward_models import KINDS, run_reward_models
+from pipeline.stages.reward_models import KINDS
 from pipeline.stages.oracle_eval import run_oracle_eval
 from pipeline.stages.sft import train_sft
 from pipeline.stages.pretrain import run_pretrain
@@ -57,7 +59,8 @@ def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfi
     corpus_digest = store.stage(0, world_stage_name("corpus")).manifest()["content_digest"]
     start = time.perf_counter()
     models, cached = run_pretrain(store, tables["corpus"], corpus_digest, config.pretrain, runner=pools.train)
-    print(f"\n== pretrain {_how(cached, start)}: {store.stage(0, 'pretrain').path}")
+    how = "(cached)" if cached else f"(trained, {time.perf_counter() - start:.0f} s)"
+    print(f"\n== pretrain {how}: {store.stage(0, 'pretrain').path}")
     print(f"  {'size':<6} {'params':>8} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'train loss':>10} "
           f"{'held-out loss':>13} {'held-out ppl':>12}")
     for m in models:
@@ -113,6 +116,7 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
           "then the same held-out prompts in the LLaMA-2 chat format")
     print(f"  {'model':<12} {'steps':>5} {'loss':>12} {'seconds':>8} {'helpful':>8} {'correct':>8} "
           f"{'unsafe adv.':>11} {'false refusals':>14}")
+    sft_scores: dict[str, list[dict]] = {}
     for p in policies:
         started = time.perf_counter()
         folder, metrics, cached = checkpoint_stage(
@@ -121,28 +125,64 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
             lambda out, p=p: pools.train(train_sft, p.checkpoint, demonstrations, out, config.sft))
         scores, _ = oracle_eval(f"sft_eval_{p.name}", p, folder,
                                 model_digest(store.stage(0, f"sft_{p.name}").manifest()), "llama2")
+        sft_scores[p.name] = scores
         print(f"  {p.name + ' base':<12} {'':>5} {'':>12} {'':>8} " + _summary_cells(base_scores[p.name]))
         print(f"  {p.name + ' SFT':<12} {metrics['steps']:5d} {metrics['first_loss']:5.2f} -> "
               f"{metrics['last_loss']:4.2f} {_how(cached, started):>8} " + _summary_cells(scores))
 
     # Reward models start from the largest SFT policy (the paper initialises them from the chat model).
     largest = policies[-1]
-    weeks = [name for name in tables if name.startswith("preferences_b")]
-    preferences = pa.concat_tables([tables[w] for w in weeks])
-    preferences_digest = digest_config([store.stage(0, world_stage_name(w)).manifest()["content_digest"]
-                                        for w in weeks])
     sft_stage = store.stage(0, f"sft_{largest.name}")
-    rms = run_reward_models(store, 1, sft_stage.path / CHECKPOINT_DIR, model_digest(sft_stage.manifest()),
-                            preferences, preferences_digest, config.rm, runner=pools.train)
-    print(f"\n== reward models (round 1) from the {largest.name} SFT model on the trainer group, "
-          f"{preferences.num_rows} pairs of {len(weeks)} weekly batches; held-out accuracy (%) by rating beside "
-          "the paper's Table 8")
-    for kind, (folder, metrics, cached) in rms.items():
-        print(f"  {kind} RM{' (cached)' if cached else ''}: {metrics['pairs']} training pairs, {metrics['steps']} "
-              f"steps, loss {metrics['first_loss']:.2f} -> {metrics['last_loss']:.2f}; {metrics['over_context']} "
-              f"pairs over the context left out; {folder}")
-    print(table8_markdown({(kind, test): metrics["heldout"][test] for kind, (_, metrics, _) in rms.items()
-                           for test in KINDS}))
+    rm_init = PolicyState(largest.name, sft_stage.path / CHECKPOINT_DIR, model_digest(sft_stage.manifest()),
+                          largest.context)
+    current = [PolicyState(p.name, store.stage(0, f"sft_{p.name}").path / CHECKPOINT_DIR,
+                           model_digest(store.stage(0, f"sft_{p.name}").manifest()), p.context) for p in policies]
+    weeks = [(name, tables[name], store.stage(0, world_stage_name(name)).manifest()["content_digest"])
+             for name in tables if name.startswith("preferences_b")]
+    train_digest = store.stage(0, world_stage_name("prompts_train")).manifest()["content_digest"]
+
+    def evaluate(round: int, policy: PolicyState) -> list[dict]:  # noqa: A002
+        scores, _ = run_oracle_eval(store, round, f"eval_{policy.name}", policy.checkpoint, policy.digest, prompts,
+                                    prompts_digest, "llama2", config.eval_sampling,
+                                    lambda: pools.generator(policy.name, policy.checkpoint, policy.context),
+                                    config.cluster.prompts_per_shard)
+        return scores
+
+    results = []
+    for r in range(1, config.rounds.count + 1):
+        if config.rounds.batches_through(r) > len(weeks):
+            print(f"\n== round {r}: no new weekly batch left ({len(weeks)} in the world); stopping")
+            break
+        started = time.perf_counter()
+        result = run_round(store, r, weeks, current, rm_init, tables["prompts_train"], train_digest, config.rounds,
+                           config.rm, pools, evaluate, config.cluster.prompts_per_shard)
+        results.append(result)
+        rs = result.rejection
+        print(f"\n== round {r} ({time.perf_counter() - started:.0f} s): {store.root / f'round-{r:02d}'}")
+        print(f"  reward models on {result.batches} weekly batches: held-out accuracy (avg) helpfulness "
+              f"{result.rm_accuracy['helpfulness']:.1f}%, safety {result.rm_accuracy['safety']:.1f}%")
+        print(f"  rejection sampling: {rs['prompts']} prompts x K={rs['k']} at T={rs['temperature']:g} from "
+              f"{current[-1].name}; mean best R_c {rs['mean_best_reward']:.3f}, kept {rs['kept']} "
+              f"({rs['from_this_round']} from this round), mean kept R_c {rs['mean_kept_reward']:.3f}")
+        print("  reward vs K (Figure 7): " + ", ".join(f"K={c['k']}: max {c['max']:.3f} median {c['median']:.3f}"
+                                                       for c in rs["reward_vs_k"]))
+        for policy in current:
+            print(f"  {policy.name + ' RS-r' + str(r):<12} " + _summary_cells(result.scores[policy.name]))
+
+    print("\n== rounds (oracle on held-out prompts: helpfulness of helpful prompts, unsafe share of adversarial "
+          "answers, false refusals)")
+    print(f"  {'round':<6} {'model':<8} {'helpful':>8} {'correct':>8} {'unsafe adv.':>11} {'false refusals':>14}")
+    for p in policies:
+        print(f"  {'SFT':<6} {p.name:<8} " + _summary_cells(sft_scores[p.name]))
+    for result in results:
+        for p in policies:
+            print(f"  {result.round:<6} {p.name:<8} " + _summary_cells(result.scores[p.name]))
+    if results:
+        last = max(r.round for r in results)
+        rms = {kind: store.stage(last, f"rm_{kind}").manifest()["extra"]["metrics"] for kind in KINDS}
+        print(f"\n== reward models of round {last}: held-out accuracy (%) by rating beside the paper's Table 8")
+        print(table8_markdown({(kind, test): metrics["heldout"][test] for kind, metrics in rms.items()
+                               for test in KINDS}))
 
 
 def _how(cached: bool, started: float) -> str:

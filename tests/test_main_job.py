@@ -26,7 +26,7 @@ def run_main(root):
 def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
     run_dir = tmp_path / "quick"
     first = run_main(tmp_path)
-    assert "== world (built)" in first and "== pretrain (trained)" in first
+    assert "== world (built)" in first and "== pretrain (trained, " in first
     store = RunStore(run_dir)
     models = store.stage(0, "pretrain").manifest()["extra"]["models"]
     assert [m["size"] for m in models] == ["small", "large"]
@@ -40,6 +40,19 @@ def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
         assert samples.num_rows == per_prompt * len(single_turn)  # every single-turn prompt answered n times
         assert set(samples.column("prompt_id").to_pylist()) <= set(prompts.column("id").to_pylist())
         assert re.search(rf"^  {m['size']}\s+helpful\s+\d+\s+\d\.\d\d", first, re.M)  # the oracle's table
+    # Round 1: RMs, rejection sampling (K samples per prompt, one kept per prompt), distillation, PPO, evaluation.
+    config = RunConfig().rounds  # the quick experiment's values are checked through the stage outputs
+    rs = store.stage(1, "rs_samples").read()
+    kept = store.stage(1, "rs_kept").read()
+    per_prompt = rs.group_by("prompt_id").aggregate([("sample_index", "count")]).column("sample_index_count")
+    assert set(per_prompt.to_pylist()) == {4} and kept.num_rows <= rs.num_rows // 4
+    assert all(kept.column("chosen").to_pylist()) and None not in rs.column("r_combined").to_pylist()
+    for name in ("rm_helpfulness", "rm_safety", "rs_sft_small", "rs_sft_large", "ppo", "eval_small", "eval_large"):
+        assert store.stage(1, name).manifest() is not None, name
+    ppo = store.stage(1, "ppo").manifest()["extra"]["metrics"]
+    assert len(ppo["iterations"]) >= 1 and {"kl", "r_combined", "sync_s"} <= set(ppo["iterations"][0])
+    assert "== round 1" in first and re.search(r"^  1\s+large\s+\d\.\d\d", first, re.M)
+    assert config.count >= 1
     manifests = {p: p.read_text() for p in run_dir.rglob("manifest.json")}
 
     second = run_main(tmp_path)

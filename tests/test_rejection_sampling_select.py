@@ -137,3 +137,13 @@ def test_kept_prompt_missing_from_prompts_is_named():
     kept = best_per_prompt(samples([("h", 0, 0.2), ("gone", 0, 0.5)]))
     with pytest.raises(ValueError, match="'gone'"):
         kept_as_demonstrations(kept, prompts_table(["h"]))
+
+
+def test_blank_answers_cannot_be_kept_and_answers_are_trimmed():
+    from pipeline.stages.rejection_sampling import answered
+
+    table = samples([("a", 0, 0.9), ("a", 1, 0.5), ("b", 0, 0.7)])
+    table = table.set_column(table.schema.get_field_index("response"), SAMPLES.field("response"),
+                             pa.array(["  ", " fine answer ", ""]))
+    best = best_per_prompt(answered(table))
+    assert picked(best) == [("a", 1, 1)] and best.column("response").to_pylist() == ["fine answer"]

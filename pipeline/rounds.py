@@ -1,0 +1,139 @@
+"""The iterative RLHF rounds (PAPER.md, "Iterative fine-tuning"; DESIGN.md section 5).
+
+Round r = 1..R: ingest the round's new weekly preference batches; retrain both reward models on every batch so far;
+rejection sampling with the largest policy (K samples per prompt, best kept, merged with the best of all earlier
+rounds); fine-tune every policy size on the kept set; evaluate every size with the oracle. Every step is a stage
+with a manifest in `round-RR/`, so a finished round is never redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from model.tokenizer import load_tokenizer
+from pipeline.cluster import Pools
+from pipeline.data.store import RunStore, digest_config
+from pipeline.stages.cached import checkpoint_stage, model_digest
+from pipeline.stages.oracle_eval import eval_prompts
+from pipeline.stages.ppo import PPOConfig, run_ppo_loop
+from pipeline.stages.rejection_sampling import RejectionConfig, choose_prompts, run_rejection_sampling
+from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
+from pipeline.stages.reward_model import RMConfig
+from pipeline.stages.reward_models import run_reward_models
+from pipeline.stages.sft import train_sft
+
+
+@dataclass
+class RoundsConfig:
+    count: int = 3  # R: the paper's RLHF-V1..V5 are R = 5
+    # Weekly batches each round ingests (the last value repeats). The tiny world's first batches are small
+    # (60, 426, 969 pairs, growing like the paper's Table 26), so round 1 takes three.
+    new_batches: list[int] = field(default_factory=lambda: [3, 1, 1])
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    # PPO on top of the rejection-sampling checkpoint of the largest policy from this round on; 0: never.
+    # The paper: rejection sampling only in V1-V4, then PPO in V5 (its last round).
+    ppo_from: int = 3
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.ppo_from < 0:
+            errors.append(f"rounds.ppo_from = {self.ppo_from}: must be >= 0 (0: no PPO)")
+        if self.count < 0:
+            errors.append(f"rounds.count = {self.count}: must be >= 0")
+        if not self.new_batches or any(n < 1 for n in self.new_batches):
+            errors.append(f"rounds.new_batches = {self.new_batches}: one or more values >= 1")
+        if errors:
+            raise ValueError("\n".join(errors))
+
+    def batches_through(self, round: int) -> int:  # noqa: A002
+        """How many weekly batches rounds 1..round have ingested in all."""
+        return sum(self.new_batches[min(r, len(self.new_batches)) - 1] for r in range(1, round + 1))
+
+
+@dataclass
+class PolicyState:
+    """One policy size as the rounds move it on: its current checkpoint and what identifies it."""
+
+    name: str
+    checkpoint: Path
+    digest: str
+    context: int
+
+
+@dataclass
+class RoundResult:
+    round: int
+    batches: int
+    rm_accuracy: dict[str, float]  # kind -> held-out average accuracy on its own test set
+    rejection: dict
+    scores: dict[str, list[dict]]  # size -> oracle scores per category
+    ppo: dict | None  # PPO's metrics per iteration, when the round ran it
+
+
+def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]],  # noqa: A002
+              policies: list[PolicyState], rm_init: PolicyState, prompts_train: pa.Table, train_digest: str,
+              config: RoundsConfig, rm_config: RMConfig, pools: Pools,
+              evaluate: Callable[[int, PolicyState], list[dict]], shard_rows: int) -> RoundResult:
+    """One round; `policies` (smallest first) are moved on to this round's checkpoints in place."""
+    ingested = weeks[:config.batches_through(round)]
+    preferences = pa.concat_tables([table for _, table, _ in ingested])
+    rms = run_reward_models(store, round, rm_init.checkpoint, rm_init.digest, preferences,
+                            digest_config([digest for _, _, digest in ingested]), rm_config, runner=pools.train)
+    help_dir, safe_dir = rms["helpfulness"][0], rms["safety"][0]
+    rm_digest = digest_config([model_digest(store.stage(round, f"rm_{kind}").manifest()) for kind in rms])
+
+    sampler = policies[-1]  # the largest policy samples (the paper: 70B only)
+    sampler_checkpoint = sampler.checkpoint
+    kept, metrics, _ = run_rejection_sampling(
+        store, round, prompts_train, train_digest, load_tokenizer(sampler.checkpoint), f"{sampler.name}-r{round - 1}",
+        sampler.digest, rm_digest, config.rejection,
+        generators=lambda: pools.generator(sampler.name, sampler_checkpoint, sampler.context),
+        scorers=lambda: pools.scorer(help_dir, safe_dir), shard_rows=shard_rows)
+    demonstrations = kept_as_demonstrations(kept, prompts_train)
+    kept_digest = store.stage(round, "rs_kept").manifest()["content_digest"]
+    for policy in policies:
+        folder, _, _ = checkpoint_stage(
+            store, round, f"rs_sft_{policy.name}", {"init": policy.digest, "kept": kept_digest},
+            dataclasses.asdict(config.rejection.sft),
+            lambda out, init=policy.checkpoint: pools.train(train_sft, init, demonstrations, out, config.rejection.sft))
+        policy.checkpoint = folder
+        policy.digest = model_digest(store.stage(round, f"rs_sft_{policy.name}").manifest())
+
+    ppo = None
+    if config.ppo_from and round >= config.ppo_from:
+        ppo = _ppo(store, round, sampler, help_dir, safe_dir, rm_digest, prompts_train, train_digest, config.ppo,
+                   pools)
+    scores = {policy.name: evaluate(round, policy) for policy in policies}
+    accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
+    return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo)
+
+
+def _ppo(store: RunStore, round: int, policy: PolicyState, help_dir: Path, safe_dir: Path,  # noqa: A002
+         rm_digest: str, prompts_train: pa.Table, train_digest: str, config: PPOConfig, pools: Pools) -> dict:
+    """PPO on `policy` (moved on to the result); its metrics. The critic starts from the helpfulness RM."""
+    tokenizer = load_tokenizer(policy.checkpoint)
+    chosen = choose_prompts(prompts_train, config.batch_size * config.iterations + config.heldout_prompts,
+                            config.seed + 1)
+    _, table = eval_prompts(tokenizer, chosen, "llama2")
+    heldout, train = table.slice(0, config.heldout_prompts), table.slice(config.heldout_prompts)
+    stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    start_checkpoint = policy.checkpoint
+
+    def train_ppo(out: Path) -> dict:
+        return run_ppo_loop(out, start_checkpoint, help_dir, train, heldout, config, stop,
+                            pools.generator(policy.name, start_checkpoint, policy.context),
+                            pools.scorer(help_dir, safe_dir), pools.trainers(),
+                            lambda folder: pools.sync_generator(policy.name, folder))
+
+    folder, metrics, _ = checkpoint_stage(store, round, "ppo", {"policy": policy.digest, "reward_models": rm_digest,
+                                                                "prompts": train_digest},
+                                          dataclasses.asdict(config), train_ppo)
+    policy.checkpoint = folder
+    policy.digest = model_digest(store.stage(round, "ppo").manifest())
+    return metrics

@@ -1,0 +1,163 @@
+"""Rejection-sampling fine-tuning (PAPER.md, Iterative fine-tuning): K samples per prompt from the largest policy
+on the generator pool, scored by the current reward models on the scorer pool, the best kept per prompt and merged
+with the best of every earlier round; every policy size is then fine-tuned on the kept answers (the small ones
+learn from the largest one's samples: distillation).
+
+Stages of round r (each with a manifest; a finished one is never redone):
+- `rs_samples`: the scored samples, one Parquet shard per prompt shard (a crashed stage resumes from its shards),
+  `chosen` marking each prompt's best; the manifest holds max and median reward against K (Figure 7);
+- `rs_kept`: the kept set (this round's best merged with round r-1's kept set);
+- `rs_sft_<size>`: each size fine-tuned on the kept set, from its current checkpoint (a `checkpoint_stage`).
+A temperature sweep (`temperature_sweep`) adds `rs_sweep`: reward against temperature (Figure 8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from actors.pool import Pool
+from actors.vllm_engine import Sampling
+from model.tokenizer import Tokenizer
+from pipeline.data.store import RunStore, digest_config
+from pipeline.progress import progress_bar
+from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts
+from pipeline.stages.rejection_sampling_select import MERGE_MODES, best_per_prompt, mark_chosen, merge_with_earlier, \
+    reward_vs_k
+from pipeline.stages.sft import SFTConfig
+
+@dataclass
+class RejectionConfig:
+    k: int = 8  # samples per prompt (the paper studies N = 1..100; K itself is not in it)
+    # Per round (round r uses entry r-1, the last one repeats): the paper re-tunes T each round (1.2-1.3 for
+    # its RLHF models at N = 10-100); the tiny models do best lower (measured with `temperature_sweep`).
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    prompts: int = 400  # single-turn training prompts, the same each round (so earlier rounds' best can be kept)
+    max_tokens: int = 48
+    keep: str = "all_rounds"  # "last_round": the paper's regression (only this round's samples)
+    reward_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # Figure 7's N values (<= k)
+    temperature_sweep: list[float] = field(default_factory=list)  # Figure 8: reward vs T each round; [] = off
+    seed: int = 0
+    # Fine-tuning on the kept set: SFT's loss and schedule, fewer epochs (it starts from a fine-tuned policy).
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=2, lr=3e-4))
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.k < 1:
+            errors.append(f"rejection.k = {self.k}: must be >= 1")
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            errors.append(f"rejection.temperatures = {self.temperatures}: one or more values > 0")
+        if any(t <= 0 for t in self.temperature_sweep):
+            errors.append(f"rejection.temperature_sweep = {self.temperature_sweep}: values must be > 0")
+        for name in ("prompts", "max_tokens"):
+            if getattr(self, name) < 1:
+                errors.append(f"rejection.{name} = {getattr(self, name)}: must be >= 1")
+        if self.keep not in MERGE_MODES:
+            errors.append(f"rejection.keep = {self.keep!r}: allowed: {', '.join(MERGE_MODES)}")
+        if any(not 1 <= n <= self.k for n in self.reward_ks):
+            errors.append(f"rejection.reward_ks = {self.reward_ks}: each must be in [1, k={self.k}]")
+        if errors:
+            raise ValueError("\n".join(errors))
+
+    def temperature(self, round: int) -> float:  # noqa: A002
+        return self.temperatures[min(round, len(self.temperatures)) - 1]
+
+
+def choose_prompts(prompts: pa.Table, count: int, seed: int) -> pa.Table:
+    """`count` single-turn prompts drawn by a hash of (seed, id): the same draw every round, whatever the order."""
+    single = prompts.filter(pc.is_in(prompts.column("category"), pa.array(SINGLE_TURN)))
+    ids = single.column("id").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).digest())
+    return single.take(pa.array(sorted(order[:count]), pa.int64()))
+
+
+def sample_and_score(store: RunStore, round: int, name: str, inputs: dict[str, str],  # noqa: A002
+                     table: pa.Table, sampling: Sampling, sampler: str, generators: Callable[[], Pool],
+                     scorers: Callable[[], Pool], shard_rows: int) -> tuple[pa.Table, bool]:
+    """K samples per prompt row of `table` (id, prompt_token_ids, is_safety), scored, `chosen` on each prompt's
+    best; one shard per prompt shard, so a crashed stage resumes where it stopped. (table, cached)."""
+    stage = store.stage(round, name)
+    config_digest = digest_config({"sampling": asdict(sampling), "sampler": sampler, "shard_rows": shard_rows})
+    if stage.is_complete(inputs, config_digest):
+        return stage.read(), True
+    done = stage.begin(inputs, config_digest)
+    shards = [table.slice(start, shard_rows) for start in range(0, table.num_rows, shard_rows)]
+    todo = [i for i in range(len(shards)) if i not in done]
+    if todo:
+        generator_pool, scorer_pool = generators(), scorers()
+        bar = progress_bar(len(shards), f"{name}: sample and score")
+        bar.update(len(shards) - len(todo))
+        for i in todo:  # one shard at a time: each is written before the next starts
+            [samples] = generator_pool.map_shards("generate", [shards[i]], sampling, round, sampler)
+            [scored] = scorer_pool.map_shards("score", [samples])
+            stage.write_shard(i, mark_chosen(scored))
+            bar.update(1)
+        bar.close()
+    stage.finish("samples", inputs, config_digest)
+    return stage.read(), False
+
+
+def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, prompts_digest: str,  # noqa: A002
+                           tokenizer: Tokenizer, sampler: str, sampler_digest: str, rm_digest: str,
+                           config: RejectionConfig, generators: Callable[[], Pool], scorers: Callable[[], Pool],
+                           shard_rows: int) -> tuple[pa.Table, dict, bool]:
+    """The kept set of this round (SAMPLES, one row per prompt), its metrics, and whether it came from the store.
+
+    `sampler_digest` identifies the policy that samples and `rm_digest` the reward models that score."""
+    chosen = choose_prompts(prompts, config.prompts, config.seed)
+    _, table = eval_prompts(tokenizer, chosen, "llama2")
+    stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    temperature = config.temperature(round)
+    inputs = {"prompts": prompts_digest, "sampler": sampler_digest, "reward_models": rm_digest}
+    sampling = Sampling(n=config.k, temperature=temperature, max_tokens=config.max_tokens,
+                        seed=config.seed + round, stop_token_ids=stop)
+    samples, _ = sample_and_score(store, round, "rs_samples", inputs, table, sampling, sampler, generators, scorers,
+                                  shard_rows)
+    sweep = []
+    if config.temperature_sweep:
+        for t in config.temperature_sweep:
+            swept, _ = sample_and_score(store, round, f"rs_sweep_t{t:g}", inputs, table,
+                                        Sampling(n=config.k, temperature=t, max_tokens=config.max_tokens,
+                                                 seed=config.seed + round, stop_token_ids=stop),
+                                        sampler, generators, scorers, shard_rows)
+            sweep.append({"temperature": t, **reward_vs_k(swept, [config.k])[0]})
+
+    kept_stage = store.stage(round, "rs_kept")
+    earlier = store.stage(round - 1, "rs_kept")
+    earlier_digest = (earlier.manifest() or {}).get("content_digest", "none") if config.keep == "all_rounds" else "-"
+    kept_inputs = {"samples": store.stage(round, "rs_samples").manifest()["content_digest"], "earlier": earlier_digest}
+    kept_config = digest_config({"keep": config.keep, "reward_ks": config.reward_ks, "sweep": config.temperature_sweep})
+    if kept_stage.is_complete(kept_inputs, kept_config):
+        return kept_stage.read(), kept_stage.manifest()["extra"], True
+    kept_stage.begin(kept_inputs, kept_config)
+    previous = earlier.read() if config.keep == "all_rounds" and earlier.manifest() else None
+    usable = answered(samples)
+    best = best_per_prompt(usable)
+    kept = merge_with_earlier(best, previous, config.keep)
+    metrics = {
+        "temperature": temperature, "k": config.k, "prompts": chosen.num_rows, "samples": samples.num_rows,
+        "empty": samples.num_rows - usable.num_rows, "kept": kept.num_rows, "from_this_round": sum(r == round for r in kept.column("round").to_pylist()),
+        "mean_best_reward": _mean(best.column("r_combined").to_pylist()),
+        "mean_kept_reward": _mean(kept.column("r_combined").to_pylist()),
+        "reward_vs_k": reward_vs_k(samples, config.reward_ks), "reward_vs_temperature": sweep,
+    }
+    kept_stage.write_shard(0, kept)
+    kept_stage.finish("samples", kept_inputs, kept_config, extra=metrics)
+    return kept, metrics, False
+
+
+def answered(samples: pa.Table) -> pa.Table:
+    """Samples with a non-blank answer, trimmed: an empty answer (the policy stopped at once) may score well with
+    a reward model but teaches nothing as a demonstration. Their count is in the metrics ("empty")."""
+    trimmed = pc.utf8_trim_whitespace(samples.column("response"))
+    samples = samples.set_column(samples.schema.get_field_index("response"), samples.schema.field("response"),
+                                 trimmed)
+    return samples.filter(pc.greater(pc.utf8_length(trimmed), 0))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

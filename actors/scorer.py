@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from actors.pool import PoolActor, match_torch_threads
+from model.calibration import read_calibration
 from model.checkpoint import load_checkpoint
 from model.llama import LlamaForReward
 from model.packing import pad_right
@@ -39,8 +40,9 @@ def combined_reward(r_help: float, r_safe: float, is_safety: bool, threshold: fl
 
 
 @torch.inference_mode()
-def sigmoid_rewards(model: LlamaForReward, sequences: Sequence[Sequence[int]], max_batch_tokens: int) -> list[float]:
-    """sigmoid(reward) of each token sequence, in input order.
+def sigmoid_rewards(model: LlamaForReward, sequences: Sequence[Sequence[int]], max_batch_tokens: int,
+                    offset: float = 0.0) -> list[float]:
+    """sigmoid(reward - offset) of each token sequence, in input order (`offset`: the RM's calibration).
 
     Batches hold sequences of similar length (sorted, right-padded to the longest, at most `max_batch_tokens`
     padded positions) so that little compute goes to padding.
@@ -56,7 +58,7 @@ def sigmoid_rewards(model: LlamaForReward, sequences: Sequence[Sequence[int]], m
         # Padding positions are masked; the reward head reads each row's last real token.
         input_ids, attention_mask = pad_right([sequences[i] for i in order[start:end]], pad_id=0)
         rewards = model(input_ids.to(device), attention_mask=attention_mask.to(device))
-        for i, value in zip(order[start:end], torch.sigmoid(rewards.float()).tolist()):
+        for i, value in zip(order[start:end], torch.sigmoid(rewards.float() - offset).tolist()):
             scores[i] = value
         start = end
     return scores
@@ -71,7 +73,10 @@ class Scorer(PoolActor):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.max_batch_tokens = max_batch_tokens
         self.threshold = threshold
-        self.models: dict[str, LlamaForReward] = {"help": self._load(help_dir), "safe": self._load(safe_dir)}
+        self.models: dict[str, LlamaForReward] = {}
+        self.offsets: dict[str, float] = {}  # calibration (model.calibration), read with each model
+        self.load_weights("help", help_dir)
+        self.load_weights("safe", safe_dir)
 
     def _load(self, folder: str | Path) -> LlamaForReward:
         architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or ["?"]
@@ -83,10 +88,11 @@ class Scorer(PoolActor):
 
     def load_weights(self, kind: RewardKind, folder: str | Path) -> float:
         """Swap the helpfulness ("help") or safety ("safe") RM for the one in `folder`; returns seconds."""
-        if kind not in self.models:
+        if kind not in ("help", "safe"):
             raise ValueError(f"reward model kind {kind!r}: use 'help' or 'safe'")
         start = time.perf_counter()
         self.models[kind] = self._load(folder)
+        self.offsets[kind] = read_calibration(folder)
         return time.perf_counter() - start
 
     def score(self, samples: pa.Table) -> pa.Table:
@@ -107,8 +113,8 @@ class Scorer(PoolActor):
             out_of_range = next((pid for pid, s in zip(prompt_ids, sequences) if s and max(s) >= vocab), None)
             if out_of_range is not None:
                 raise ValueError(f"prompt {out_of_range!r}: a token id >= the {kind} RM's vocab_size {vocab}")
-        r_help = sigmoid_rewards(self.models["help"], sequences, self.max_batch_tokens)
-        r_safe = sigmoid_rewards(self.models["safe"], sequences, self.max_batch_tokens)
+        r_help = sigmoid_rewards(self.models["help"], sequences, self.max_batch_tokens, self.offsets["help"])
+        r_safe = sigmoid_rewards(self.models["safe"], sequences, self.max_batch_tokens, self.offsets["safe"])
         r_combined = [combined_reward(h, s, safe, self.threshold) for h, s, safe in zip(r_help, r_safe, is_safety)]
         for name, values in (("r_help", r_help), ("r_safe", r_safe), ("r_combined", r_combined)):
             at = samples.schema.get_field_index(name)

@@ -48,7 +48,8 @@ class RankContext:
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def barrier(self) -> None:
-        dist.barrier()
+        if self.world_size > 1:
+            dist.barrier()
 
     def export(self, model: nn.Module, directory: str | Path, tokenizer: Any = None, untie: bool = False) -> Path:
         """Rank 0 writes a HF folder (model.checkpoint.save_checkpoint); every rank returns once it exists.

@@ -3,7 +3,8 @@
 Two comparisons, each side run in this one process run, alternating, `--reps` times; the table shows the median
 and the spread (min-max):
 - generation: the generator pool (one Generator actor: vLLM in a Ray actor, prompts and a SAMPLES table through
-  the object store) vs the same vLLM engine called in process; tokens/s of wall time, n samples per prompt.
+  the object store) vs vLLM's `LLM.generate` called in process on the same model and prompts; tokens/s of wall
+  time, n samples per prompt.
 - training: the trainer group (one rank, the pipeline's `Pools.train` path) vs `train_lm` called in process, on
   the same packed rows; trained tokens/s of wall time, the remote call included.
 Both sides get the same cores: the actors ask for 2 CPUs (torch threads follow), this process uses 2 threads.
@@ -24,7 +25,7 @@ import torch
 
 from actors.generator import Generator
 from actors.pool import Pool, PoolConfig
-from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
+from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine, request_seed
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.lm_training import LMTrainConfig, train_lm
@@ -69,6 +70,8 @@ def alternate(sides: dict[str, Callable[[], int]], reps: int) -> dict[str, list[
 
 def bench_generation(folder: Path, cluster: ClusterConfig, ns: list[int], n_prompts: int, max_tokens: int,
                      reps: int) -> list[dict]:
+    from vllm import SamplingParams
+
     engine_config = EngineConfig(max_model_len=256)
     engine = VLLMEngine(folder, engine_config)
     pool = Pool(Generator, cluster.generator, str(folder), engine_config)
@@ -82,8 +85,13 @@ def bench_generation(folder: Path, cluster: ClusterConfig, ns: list[int], n_prom
         for n in ns:
             sampling = Sampling(n=n, temperature=1.0, max_tokens=max_tokens, seed=0)
 
+            # Raw: vLLM's own LLM.generate on the same engine, the same per-request seeds, nothing around it.
+            params = [SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, seed=request_seed(0, k), logprobs=0,
+                                     detokenize=False) for k in keys]
+
             def raw() -> int:
-                return sum(len(c.token_ids) for per in engine.generate(ids, sampling, keys) for c in per)
+                outputs = engine.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+                return sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
             def pooled() -> int:
                 samples = pa.concat_tables(pool.map_shards("generate", shards, sampling, 0, "bench"))

@@ -160,14 +160,16 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
         rs = result.rejection
         print(f"\n== round {r} ({time.perf_counter() - started:.0f} s): {store.root / f'round-{r:02d}'}")
         print(f"  reward models on {result.batches} weekly batches: held-out accuracy (avg) helpfulness "
-              f"{result.rm_accuracy['helpfulness']:.1f}%, safety {result.rm_accuracy['safety']:.1f}%")
+              f"{100 * result.rm_accuracy['helpfulness']:.1f}%, safety {100 * result.rm_accuracy['safety']:.1f}%")
         print(f"  rejection sampling: {rs['prompts']} prompts x K={rs['k']} at T={rs['temperature']:g} from "
               f"{current[-1].name}; mean best R_c {rs['mean_best_reward']:.3f}, kept {rs['kept']} "
               f"({rs['from_this_round']} from this round), mean kept R_c {rs['mean_kept_reward']:.3f}")
         print("  reward vs K (Figure 7): " + ", ".join(f"K={c['k']}: max {c['max']:.3f} median {c['median']:.3f}"
                                                        for c in rs["reward_vs_k"]))
+        if result.ppo:
+            _print_ppo(result.ppo)
         for policy in current:
-            print(f"  {policy.name + ' RS-r' + str(r):<12} " + _summary_cells(result.scores[policy.name]))
+            print(f"  {policy.name + ' r' + str(r):<12} " + _summary_cells(result.scores[policy.name]))
 
     print("\n== rounds (oracle on held-out prompts: helpfulness of helpful prompts, unsafe share of adversarial "
           "answers, false refusals)")
@@ -183,6 +185,18 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
         print(f"\n== reward models of round {last}: held-out accuracy (%) by rating beside the paper's Table 8")
         print(table8_markdown({(kind, test): metrics["heldout"][test] for kind, metrics in rms.items()
                                for test in KINDS}))
+
+
+def _print_ppo(ppo: dict) -> None:
+    print(f"  PPO on {len(ppo['iterations'])} iterations ({ppo['stopped']}); best held-out R_c "
+          f"{ppo['best_heldout_reward']:.3f} at iteration {ppo['best_iteration']}")
+    print(f"  {'it':>4} {'R_c':>6} {'R_h':>6} {'R_s':>6} {'KL':>6} {'clip':>5} {'v loss':>7} {'entropy':>7} "
+          f"{'length':>6} {'lp diff':>7} {'gen s':>6} {'score s':>7} {'train s':>7} {'sync s':>6}")
+    for row in ppo["iterations"]:
+        print(f"  {row['iteration']:4d} {row['r_combined']:6.3f} {row['r_help']:6.3f} {row['r_safe']:6.3f} "
+              f"{row['kl']:6.3f} {row['clip_fraction']:5.2f} {row['value_loss']:7.3f} {row['entropy']:7.3f} "
+              f"{row['answer_length']:6.1f} {row['logprob_mismatch']:7.4f} {row['generate_s']:6.2f} "
+              f"{row['score_s']:7.2f} {row['train_s']:7.2f} {row['sync_s']:6.2f}")
 
 
 def _how(cached: bool, started: float) -> str:

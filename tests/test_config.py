@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from actors.pool import PoolConfig
 from pipeline.config import RunConfig, register, validate
 from pipeline.config_build import ConfigError, build
 from pipeline.main import CONF_DIR
+from pipeline.stages.ppo import PPOConfig
 from pipeline.stages.reward_model import RMConfig
 from pipeline.stages.sft import SFTConfig
 
@@ -90,6 +92,9 @@ def test_llama2_experiments_carry_the_papers_hyperparameters(tmp_path, experimen
     sizes = ["llama7b"] if experiment == "llama2-7b" else ["llama7b", "llama70b"]
     config = compose_run(f"experiment={experiment}", *[f"base_models.{s}={folder}" for s in sizes])
     assert config.sft == SFTConfig.llama2() and config.rm == rm
+    beta = 0.01 if experiment == "llama2-7b" else 0.005
+    assert config.rounds.ppo == dataclasses.replace(PPOConfig.llama2(beta), max_tokens=1024)
+    assert config.rounds.count == config.rounds.ppo_from == 5
     assert list(config.base_models) == sizes
     expected = compose_run(f"cluster={cluster}").cluster
     assert config.cluster == expected and config.cluster.generator.num_gpus == 1

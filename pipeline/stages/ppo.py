@@ -191,7 +191,7 @@ def ppo_iteration(ctx: RankContext, payload: tuple[dict[str, list], str]) -> dic
             stats["entropy"].append(entropy_from_logits(logits, mask[rows]).item())
         for name, value in (("policy_loss", loss), ("clip_fraction", clip_fraction), ("approx_kl", approx_kl),
                             ("value_loss", v_loss)):
-            stats[name].append(float(value))
+            stats[name].append(float(value.detach()))
     ctx.export(s["policy"], export_dir, tokenizer=s["tokenizer"], untie=True)
     lengths = mask.sum(1)
     return {**{name: sum(v) / len(v) for name, v in stats.items()},

@@ -34,8 +34,9 @@ from pipeline.stages.sft import SFTConfig
 class RejectionConfig:
     k: int = 8  # samples per prompt (the paper studies N = 1..100; K itself is not in it)
     # Per round (round r uses entry r-1, the last one repeats): the paper re-tunes T each round (1.2-1.3 for
-    # its RLHF models at N = 10-100); the tiny models do best lower (measured with `temperature_sweep`).
-    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    # its RLHF models at N = 10-100). The tiny models write mostly broken words at T=1 (seen in round 1's
+    # samples), so they sample at 0.7, the evaluation's temperature; `temperature_sweep` measures Figure 8.
+    temperatures: list[float] = field(default_factory=lambda: [0.7])
     prompts: int = 400  # single-turn training prompts, the same each round (so earlier rounds' best can be kept)
     max_tokens: int = 48
     keep: str = "all_rounds"  # "last_round": the paper's regression (only this round's samples)

@@ -301,8 +301,8 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
 def evaluate_reward_model(model: LlamaForReward | str | Path, pairs: pa.Table, tokenizer: Tokenizer | None = None,
                           batch_size: int = 32) -> dict[str, Any]:
     """Accuracy (chosen scored above rejected; a tie counts half) overall and by rating in Table 8's columns,
-    pair counts, and the mean margin r_chosen - r_rejected (raw scores, before the sigmoid), overall and by
-    column. A checkpoint folder brings its own tokenizer; a model needs `tokenizer`."""
+    pair counts, the mean margin r_chosen - r_rejected (raw scores, before the sigmoid), overall and by
+    column, and the mean raw score of all answers (`mean_score`, the RM's calibration offset). A checkpoint folder brings its own tokenizer; a model needs `tokenizer`."""
     if not isinstance(model, torch.nn.Module):
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_checkpoint(model, head="reward")
@@ -314,10 +314,12 @@ def evaluate_reward_model(model: LlamaForReward | str | Path, pairs: pa.Table, t
     # Similar lengths side by side waste less padding.
     order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i])))
     diff = torch.empty(len(encoded))
+    total = 0.0
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         r_chosen, r_rejected = score_pairs(model, [encoded[i] for i in rows], tokenizer.pad_id)
         diff[rows] = (r_chosen - r_rejected).float()
+        total += float(r_chosen.sum() + r_rejected.sum())
     model.train(was_training)
     correct = (diff > 0).float() + 0.5 * (diff == 0).float()
     columns = [COLUMN_OF_RATING[r] for r in pairs.column("rating").to_pylist()]
@@ -332,7 +334,8 @@ def evaluate_reward_model(model: LlamaForReward | str | Path, pairs: pa.Table, t
     accuracy["avg"] = float(correct.mean()) if len(encoded) else None
     margin["avg"] = float(diff.mean()) if len(encoded) else None
     counts["avg"] = len(encoded)
-    return {"pairs": len(encoded), "accuracy": accuracy, "counts": counts, "mean_margin": margin}
+    return {"pairs": len(encoded), "accuracy": accuracy, "counts": counts, "mean_margin": margin,
+            "mean_score": total / (2 * len(encoded)) if len(encoded) else None}
 
 
 def table8_markdown(results: Mapping[tuple[str, str], Mapping[str, Any]]) -> str:

@@ -15,6 +15,7 @@ from model.tokenizer import load_tokenizer
 from pipeline.cluster import Runner, in_process
 from pipeline.data.store import RunStore
 from pipeline.stages.cached import checkpoint_stage
+from model.calibration import write_calibration
 from pipeline.stages.reward_model import (RMConfig, encode_side, evaluate_reward_model, of_kind,
                                           reward_model_data, split_heldout, train_reward_model)
 
@@ -48,17 +49,22 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
         tests = {test: of_kind(heldout, test) for test in KINDS}
         results[kind] = checkpoint_stage(
             store, round, f"rm_{kind}", {"init": init_digest, "preferences": preferences_digest},
-            dataclasses.asdict(config),
-            lambda out, pairs=train_pairs: {**runner(train_and_evaluate, init_checkpoint, pairs, config, out, tests),
-                                            "over_context": over_context})
+            {**dataclasses.asdict(config), "calibrated": True},
+            lambda out, kind=kind, pairs=train_pairs, tests=tests: {
+                **runner(train_and_evaluate, init_checkpoint, kind, pairs, config, out, tests),
+                "over_context": over_context})
     return results
 
 
-def train_and_evaluate(init_checkpoint: Path, train_pairs: pa.Table, config: RMConfig, out: Path,
+def train_and_evaluate(init_checkpoint: Path, kind: str, train_pairs: pa.Table, config: RMConfig, out: Path,
                        tests: dict[str, pa.Table]) -> dict[str, Any]:
     """Train one RM (on every rank of the trainer group), then rank 0 scores the held-out sets: metrics with
-    accuracy by rating under "heldout"."""
+    accuracy by rating under "heldout", and the RM's calibration (see `write_calibration`)."""
     metrics = train_reward_model(init_checkpoint, train_pairs, config, out)
     if rank_and_world()[0] == 0:
         metrics["heldout"] = {test: evaluate_reward_model(out, pairs) for test, pairs in tests.items()}
+        offset = metrics["heldout"][kind]["mean_score"]
+        if offset is not None:
+            write_calibration(out, offset, f"mean raw score of the held-out {kind} pairs' answers")
+            metrics["calibration_offset"] = offset
     return metrics

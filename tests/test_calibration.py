@@ -1,0 +1,29 @@
+"""Reward-model calibration: the offset file round-trips and the scorer's sigmoid subtracts it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors.scorer import sigmoid_rewards
+from conftest import tiny_model
+from model.calibration import CALIBRATION_FILE, read_calibration, write_calibration
+from model.checkpoint import load_checkpoint, save_checkpoint
+
+
+def test_offset_round_trips_and_defaults_to_zero(tmp_path):
+    assert read_calibration(tmp_path) == 0.0
+    write_calibration(tmp_path, -1.25, "test")
+    assert read_calibration(tmp_path) == -1.25
+    (tmp_path / CALIBRATION_FILE).write_text('{"offset": "x"}')
+    with pytest.raises(ValueError, match="'offset' must be a number"):
+        read_calibration(tmp_path)
+
+
+def test_scores_are_sigmoids_of_the_centered_reward(tmp_path):
+    folder = save_checkpoint(tiny_model(seed=1), tmp_path / "policy")
+    rm = load_checkpoint(folder, head="reward", seed=2)
+    sequences = [[1, 5, 9, 4], [1, 7]]
+    raw = [rm(torch.tensor([s])).item() for s in sequences]
+    scores = sigmoid_rewards(rm, sequences, 64, offset=0.5)
+    assert scores == pytest.approx([torch.sigmoid(torch.tensor(r - 0.5)).item() for r in raw], abs=1e-6)

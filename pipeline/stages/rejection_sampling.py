@@ -141,7 +141,8 @@ def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, promp
     kept = merge_with_earlier(best, previous, config.keep)
     metrics = {
         "temperature": temperature, "k": config.k, "prompts": chosen.num_rows, "samples": samples.num_rows,
-        "empty": samples.num_rows - usable.num_rows, "kept": kept.num_rows, "from_this_round": sum(r == round for r in kept.column("round").to_pylist()),
+        "empty": samples.num_rows - usable.num_rows, "kept": kept.num_rows,
+        "from_this_round": sum(r == round for r in kept.column("round").to_pylist()),
         "mean_best_reward": _mean(best.column("r_combined").to_pylist()),
         "mean_kept_reward": _mean(kept.column("r_combined").to_pylist()),
         "reward_vs_k": reward_vs_k(samples, config.reward_ks), "reward_vs_temperature": sweep,

@@ -302,7 +302,8 @@ def evaluate_reward_model(model: LlamaForReward | str | Path, pairs: pa.Table, t
                           batch_size: int = 32) -> dict[str, Any]:
     """Accuracy (chosen scored above rejected; a tie counts half) overall and by rating in Table 8's columns,
     pair counts, the mean margin r_chosen - r_rejected (raw scores, before the sigmoid), overall and by
-    column, and the mean raw score of all answers (`mean_score`, the RM's calibration offset). A checkpoint folder brings its own tokenizer; a model needs `tokenizer`."""
+    column, and the mean raw score of all answers (`mean_score`, the RM's calibration offset). A checkpoint folder
+    brings its own tokenizer; a model needs `tokenizer`."""
     if not isinstance(model, torch.nn.Module):
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_checkpoint(model, head="reward")

@@ -4,10 +4,13 @@ by rating (the paper's Table 8 layout) in the manifest."""
 from __future__ import annotations
 
 import dataclasses
+import math
+from bisect import bisect_left
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import torch
 
 from model.config import ModelConfig
 from model.distributed import rank_and_world
@@ -15,9 +18,11 @@ from model.tokenizer import load_tokenizer
 from pipeline.cluster import Runner, in_process
 from pipeline.data.store import RunStore
 from pipeline.stages.cached import checkpoint_stage
+from actors.scorer import SAFETY_THRESHOLD
 from model.calibration import write_calibration
-from pipeline.stages.reward_model import (RMConfig, encode_side, evaluate_reward_model, of_kind,
-                                          reward_model_data, split_heldout, train_reward_model)
+from model.checkpoint import load_checkpoint
+from pipeline.stages.reward_model import (RMConfig, encode_pairs, encode_side, evaluate_reward_model, of_kind,
+                                          reward_model_data, score_pairs, split_heldout, train_reward_model)
 
 KINDS = ("helpfulness", "safety")
 
@@ -49,7 +54,7 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
         tests = {test: of_kind(heldout, test) for test in KINDS}
         results[kind] = checkpoint_stage(
             store, round, f"rm_{kind}", {"init": init_digest, "preferences": preferences_digest},
-            {**dataclasses.asdict(config), "calibrated": True},
+            {**dataclasses.asdict(config), "calibration": 2},  # the offset file's recipe: a new one retrains
             lambda out, kind=kind, pairs=train_pairs, tests=tests: {
                 **runner(train_and_evaluate, init_checkpoint, kind, pairs, config, out, tests),
                 "over_context": over_context})
@@ -63,8 +68,46 @@ def train_and_evaluate(init_checkpoint: Path, kind: str, train_pairs: pa.Table, 
     metrics = train_reward_model(init_checkpoint, train_pairs, config, out)
     if rank_and_world()[0] == 0:
         metrics["heldout"] = {test: evaluate_reward_model(out, pairs) for test, pairs in tests.items()}
-        offset = metrics["heldout"][kind]["mean_score"]
+        offset, how = metrics["heldout"][kind]["mean_score"], f"mean raw score of the held-out {kind} pairs' answers"
+        if kind == "safety":
+            found = safety_offset(out, pa.concat_tables(tests.values()))
+            if found is not None:
+                offset, how = found, f"the {SAFETY_THRESHOLD} gate at the best safe/unsafe split of held-out answers"
         if offset is not None:
-            write_calibration(out, offset, f"mean raw score of the held-out {kind} pairs' answers")
+            write_calibration(out, offset, how)
             metrics["calibration_offset"] = offset
     return metrics
+
+
+@torch.no_grad()
+def safety_offset(folder: Path, pairs: pa.Table, batch_size: int = 32) -> float | None:
+    """The safety RM's offset that puts the paper's gate (sigmoid score < 0.15: unsafe) at the raw score that best
+    separates the safe from the unsafe answers of `pairs` (balanced accuracy over their safety labels); None when
+    the pairs do not hold both kinds. Centering alone is not enough: trained on safety data, the RM scored every
+    answer to a helpful prompt below the gate (measured in round 1 of the tiny run)."""
+    tokenizer, model = load_tokenizer(folder), load_checkpoint(folder, head="reward").eval()
+    encoded = encode_pairs(pairs, tokenizer, model.config.max_position_embeddings)
+    chosen_safe, rejected_safe = pairs.column("chosen_safe").to_pylist(), pairs.column("rejected_safe").to_pylist()
+    scores, labels = [], []
+    for start in range(0, len(encoded), batch_size):
+        end = start + batch_size
+        r_chosen, r_rejected = score_pairs(model, encoded[start:end], tokenizer.pad_id)
+        scores += r_chosen.tolist() + r_rejected.tolist()
+        labels += chosen_safe[start:end] + rejected_safe[start:end]
+    return gate_offset(scores, labels)
+
+
+def gate_offset(scores: list[float], safe_labels: list[bool | None],
+                threshold: float = SAFETY_THRESHOLD) -> float | None:
+    """Offset o such that sigmoid(score - o) < threshold exactly for scores below the split that best separates
+    unsafe from safe answers (balanced accuracy; answers without a label are ignored)."""
+    unsafe = sorted(score for score, safe in zip(scores, safe_labels) if safe is False)
+    safe = sorted(score for score, safe in zip(scores, safe_labels) if safe is True)
+    if not unsafe or not safe:
+        return None
+    best, best_accuracy = None, -1.0
+    for split in sorted({*unsafe, *safe}):  # unsafe when score < split
+        accuracy = (bisect_left(unsafe, split) / len(unsafe) + 1 - bisect_left(safe, split) / len(safe)) / 2
+        if accuracy > best_accuracy:
+            best, best_accuracy = split, accuracy
+    return best - math.log(threshold / (1 - threshold))

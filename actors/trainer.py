@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from actors.pool import Pool, PoolActor, PoolConfig, PoolError, match_torch_threads
 from model.checkpoint import save_checkpoint
+from model.distributed import data_parallel
 from model.llama import PretrainedLlama
 
 
@@ -42,10 +43,7 @@ class RankContext:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model on this rank's device; DDP-wrapped (gradients averaged in backward) when world_size > 1."""
-        model = model.to(self.device)
-        if self.world_size == 1:
-            return model
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return data_parallel(model.to(self.device), self.world_size)
 
     def barrier(self) -> None:
         if self.world_size > 1:

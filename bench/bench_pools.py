@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
+import string
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from model.config import ModelConfig
 from model.lm_training import LMTrainConfig, train_lm
 from model.llama import LlamaForCausalLM
 from model.packing import pack
+from model.tokenizer import SentencePieceTokenizer
 from pipeline.cluster import ClusterConfig, Pools, connect
 from pipeline.progress import no_bar
 
@@ -40,9 +43,14 @@ LARGE = dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden
 
 
 def make_model(folder: Path) -> Path:
+    """A random-weight model of the large size with a SentencePiece tokenizer (the generator decodes answers)."""
+    rng = random.Random(0)
+    texts = [" ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 8))) for _ in range(12))
+             for _ in range(3000)]
+    tokenizer = SentencePieceTokenizer.train(texts, vocab_size=LARGE["vocab_size"])
     model = LlamaForCausalLM(ModelConfig(**LARGE, eos_token_id=LARGE["vocab_size"] - 1))
     model.init_weights(0)
-    return save_checkpoint(model, folder)
+    return save_checkpoint(model, folder, tokenizer=tokenizer)
 
 
 def prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:

@@ -106,8 +106,7 @@ class Pools:
         if size in self._generators:
             pool, served = self._generators[size]
             if served != checkpoint:
-                pool.broadcast("load_weights", str(checkpoint), replay_key="weights")
-                self._generators[size] = (pool, checkpoint)
+                self.sync_generator(size, checkpoint)
             return pool
         engine = replace(self.config.engine, max_model_len=max_model_len)
         pool = Pool(Generator, replace(self.config.generator, name=f"{self.config.generator.name}-{size}"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 
 from model.tokenizer import load_tokenizer
 from pipeline.cluster import Pools
@@ -121,6 +122,9 @@ def _ppo(store: RunStore, round: int, policy: PolicyState, help_dir: Path, safe_
     chosen = choose_prompts(prompts_train, config.batch_size * config.iterations + config.heldout_prompts,
                             config.seed + 1)
     _, table = eval_prompts(tokenizer, chosen, "llama2")
+    # Shuffled: the prompts table is grouped by category, and batches taken in order would swap the reward's
+    # meaning (helpfulness, then safety) mid-run (seen: R_c "rose" from 0.6 to 1.0 with KL at 0).
+    table = table.take(torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(config.seed)).numpy())
     heldout, train = table.slice(0, config.heldout_prompts), table.slice(config.heldout_prompts)
     stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
     start_checkpoint = policy.checkpoint

@@ -47,7 +47,7 @@ class PPOConfig:
     iterations: int = 12  # paper: 200-400 with early stopping
     batch_size: int = 64  # prompts (one answer each) per iteration; paper 512
     mini_batch: int = 16  # one gradient step each; paper 64
-    lr: float = 5e-6  # constant; paper 1e-6
+    lr: float = 3e-5  # constant; paper 1e-6 (measured: 5e-6 left the tiny policy's KL at ~0 after 12 iterations)
     value_lr: float = 5e-5
     beta: float = 0.05  # KL penalty; paper 0.01 (7B, 13B), 0.005 (34B, 70B)
     kl_estimator: str = "k1"

@@ -6,7 +6,7 @@ learn from the largest one's samples: distillation).
 Stages of round r (each with a manifest; a finished one is never redone):
 - `rs_samples`: the scored samples, one Parquet shard per prompt shard (a crashed stage resumes from its shards),
   `chosen` marking each prompt's best; the manifest holds max and median reward against K (Figure 7);
-- `rs_kept`: the kept set (this round's best merged with round r-1's kept set);
+- `rs_kept`: the kept set (this round's best merged with round r-1's kept set, rescored by this round's RMs);
 - `rs_sft_<size>`: each size fine-tuned on the kept set, from its current checkpoint (a `checkpoint_stage`).
 A temperature sweep (`temperature_sweep`) adds `rs_sweep`: reward against temperature (Figure 8).
 """
@@ -131,11 +131,15 @@ def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, promp
     earlier = store.stage(round - 1, "rs_kept")
     earlier_digest = (earlier.manifest() or {}).get("content_digest", "none") if config.keep == "all_rounds" else "-"
     kept_inputs = {"samples": store.stage(round, "rs_samples").manifest()["content_digest"], "earlier": earlier_digest}
-    kept_config = digest_config({"keep": config.keep, "reward_ks": config.reward_ks, "sweep": config.temperature_sweep})
+    kept_config = digest_config({"keep": config.keep, "reward_ks": config.reward_ks, "sweep": config.temperature_sweep,
+                                 "earlier": "rescored"})
     if kept_stage.is_complete(kept_inputs, kept_config):
         return kept_stage.read(), kept_stage.manifest()["extra"], True
     kept_stage.begin(kept_inputs, kept_config)
-    previous = earlier.read() if config.keep == "all_rounds" and earlier.manifest() else None
+    previous = None
+    if config.keep == "all_rounds" and earlier.manifest():
+        # Rescored with this round's reward models: rewards from two rounds' RMs are not on one scale.
+        [previous] = scorers().map_shards("score", [earlier.read()])
     usable = answered(samples)
     best = best_per_prompt(usable)
     kept = merge_with_earlier(best, previous, config.keep)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 
 from actors.generator import Generator
-from actors.pool import Pool, PoolConfig
+from actors.pool import Pool
 from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine, request_seed
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig

@@ -155,7 +155,8 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
             break
         started = time.perf_counter()
         result = run_round(store, r, weeks, current, rm_init, tables["prompts_train"], train_digest, config.rounds,
-                           config.rm, pools, evaluate, config.cluster.prompts_per_shard)
+                           config.rm, pools, evaluate, config.cluster.prompts_per_shard, config.world.annotator,
+                           config.world.seed)
         results.append(result)
         rs = result.rejection
         print(f"\n== round {r} ({time.perf_counter() - started:.0f} s): {store.root / f'round-{r:02d}'}")

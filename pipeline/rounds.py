@@ -21,12 +21,14 @@ from pipeline.cluster import Pools
 from pipeline.data.store import RunStore, digest_config
 from pipeline.stages.cached import checkpoint_stage, model_digest
 from pipeline.stages.oracle_eval import eval_prompts
+from pipeline.stages.policy_preferences import policy_pairs
 from pipeline.stages.ppo import PPOConfig, run_ppo_loop
 from pipeline.stages.rejection_sampling import RejectionConfig, choose_prompts, run_rejection_sampling
 from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
 from pipeline.stages.reward_model import RMConfig
 from pipeline.stages.reward_models import run_reward_models
 from pipeline.stages.sft import train_sft
+from pipeline.world.config import AnnotatorConfig
 
 
 @dataclass
@@ -40,6 +42,9 @@ class RoundsConfig:
     # The paper: rejection sampling only in V1-V4, then PPO in V5 (its last round).
     ppo_from: int = 3
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    # Pairs of the previous round's own samples, rated by the world's annotator, added to each round's data from
+    # round 2 on (pipeline/stages/policy_preferences.py); 0: only the prebuilt weekly batches.
+    policy_pairs: int = 0
 
     def __post_init__(self) -> None:
         errors = []
@@ -80,9 +85,13 @@ class RoundResult:
 def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]],  # noqa: A002
               policies: list[PolicyState], rm_init: PolicyState, prompts_train: pa.Table, train_digest: str,
               config: RoundsConfig, rm_config: RMConfig, pools: Pools,
-              evaluate: Callable[[int, PolicyState], list[dict]], shard_rows: int) -> RoundResult:
+              evaluate: Callable[[int, PolicyState], list[dict]], shard_rows: int,
+              annotator: AnnotatorConfig | None = None, world_seed: int = 0) -> RoundResult:
     """One round; `policies` (smallest first) are moved on to this round's checkpoints in place."""
     ingested = weeks[:config.batches_through(round)]
+    if config.policy_pairs:
+        ingested += [policy_batch(store, r, prompts_train, config.policy_pairs, annotator, world_seed)
+                     for r in range(2, round + 1)]
     preferences = pa.concat_tables([table for _, table, _ in ingested])
     rms = run_reward_models(store, round, rm_init.checkpoint, rm_init.digest, preferences,
                             digest_config([digest for _, _, digest in ingested]), rm_config, runner=pools.train)
@@ -113,6 +122,21 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     scores = {policy.name: evaluate(round, policy) for policy in policies}
     accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
     return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo)
+
+
+def policy_batch(store: RunStore, round: int, prompts_train: pa.Table, count: int,  # noqa: A002
+                 annotator: AnnotatorConfig, seed: int) -> tuple[str, pa.Table, str]:
+    """(name, PREFERENCES table, digest) of round `round`'s pairs from round - 1's samples, as a cached stage.
+    Their `batch` is 100 + round, apart from the world's weekly batches (held-out pairs are drawn per batch)."""
+    stage = store.stage(round, "policy_preferences")
+    inputs = {"samples": store.stage(round - 1, "rs_samples").manifest()["content_digest"]}
+    config_digest = digest_config({"count": count, "annotator": dataclasses.asdict(annotator), "seed": seed})
+    if not stage.is_complete(inputs, config_digest):
+        stage.begin(inputs, config_digest)
+        stage.write_shard(0, policy_pairs(store.stage(round - 1, "rs_samples").read(), prompts_train, 100 + round,
+                                          count, annotator, seed))
+        stage.finish("preferences", inputs, config_digest)
+    return f"policy_b{round:02d}", stage.read(), stage.manifest()["content_digest"]
 
 
 def _ppo(store: RunStore, round: int, policy: PolicyState, help_dir: Path, safe_dir: Path,  # noqa: A002

@@ -298,32 +298,31 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
 
 
 @torch.no_grad()
-def evaluate_reward_model(model: LlamaForReward | str | Path, pairs: pa.Table, tokenizer: Tokenizer | None = None,
-                          batch_size: int = 32) -> dict[str, Any]:
-    """Accuracy (chosen scored above rejected; a tie counts half) overall and by rating in Table 8's columns,
-    pair counts, the mean margin r_chosen - r_rejected (raw scores, before the sigmoid), overall and by
-    column, and the mean raw score of all answers (`mean_score`, the RM's calibration offset). A checkpoint folder
-    brings its own tokenizer; a model needs `tokenizer`."""
-    if not isinstance(model, torch.nn.Module):
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_checkpoint(model, head="reward")
-    if tokenizer is None:
-        raise ValueError("evaluate_reward_model: pass the tokenizer along with a model")
+def pair_scores(model: LlamaForReward, pairs: pa.Table, tokenizer: Tokenizer,
+                batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw scores (before the sigmoid) of each pair's chosen and rejected answer, in row order."""
     was_training = model.training
     model.eval()
     encoded = encode_pairs(pairs, tokenizer, model.config.max_position_embeddings)
     # Similar lengths side by side waste less padding.
     order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i])))
-    diff = torch.empty(len(encoded))
-    total = 0.0
+    chosen, rejected = torch.empty(len(encoded)), torch.empty(len(encoded))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         r_chosen, r_rejected = score_pairs(model, [encoded[i] for i in rows], tokenizer.pad_id)
-        diff[rows] = (r_chosen - r_rejected).float()
-        total += float(r_chosen.sum() + r_rejected.sum())
+        chosen[rows], rejected[rows] = r_chosen.float().cpu(), r_rejected.float().cpu()
     model.train(was_training)
+    return chosen, rejected
+
+
+def accuracy_by_rating(r_chosen: torch.Tensor, r_rejected: torch.Tensor, ratings: Sequence[str]) -> dict[str, Any]:
+    """Accuracy (chosen scored above rejected; a tie counts half) overall and by rating in Table 8's columns,
+    pair counts, the mean margin r_chosen - r_rejected (raw scores), overall and by column, and the mean raw
+    score of all answers (`mean_score`, the helpfulness RM's calibration offset)."""
+    diff = r_chosen - r_rejected
+    n = len(diff)
     correct = (diff > 0).float() + 0.5 * (diff == 0).float()
-    columns = [COLUMN_OF_RATING[r] for r in pairs.column("rating").to_pylist()]
+    columns = [COLUMN_OF_RATING[r] for r in ratings]
     accuracy: dict[str, float | None] = {}
     margin: dict[str, float | None] = {}
     counts: dict[str, int] = {}
@@ -332,11 +331,23 @@ def evaluate_reward_model(model: LlamaForReward | str | Path, pairs: pa.Table, t
         counts[column] = int(rows.sum())
         accuracy[column] = float(correct[rows].mean()) if counts[column] else None
         margin[column] = float(diff[rows].mean()) if counts[column] else None
-    accuracy["avg"] = float(correct.mean()) if len(encoded) else None
-    margin["avg"] = float(diff.mean()) if len(encoded) else None
-    counts["avg"] = len(encoded)
-    return {"pairs": len(encoded), "accuracy": accuracy, "counts": counts, "mean_margin": margin,
-            "mean_score": total / (2 * len(encoded)) if len(encoded) else None}
+    accuracy["avg"] = float(correct.mean()) if n else None
+    margin["avg"] = float(diff.mean()) if n else None
+    counts["avg"] = n
+    return {"pairs": n, "accuracy": accuracy, "counts": counts, "mean_margin": margin,
+            "mean_score": float(r_chosen.sum() + r_rejected.sum()) / (2 * n) if n else None}
+
+
+def evaluate_reward_model(model: LlamaForReward | str | Path, pairs: pa.Table, tokenizer: Tokenizer | None = None,
+                          batch_size: int = 32) -> dict[str, Any]:
+    """`accuracy_by_rating` of a reward model on `pairs`. A checkpoint folder brings its own tokenizer; a model
+    needs `tokenizer`."""
+    if not isinstance(model, torch.nn.Module):
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load_checkpoint(model, head="reward")
+    if tokenizer is None:
+        raise ValueError("evaluate_reward_model: pass the tokenizer along with a model")
+    return accuracy_by_rating(*pair_scores(model, pairs, tokenizer, batch_size), pairs.column("rating").to_pylist())
 
 
 def table8_markdown(results: Mapping[tuple[str, str], Mapping[str, Any]]) -> str:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import torch
 
 from model.config import ModelConfig
 from model.distributed import rank_and_world
@@ -21,8 +20,8 @@ from pipeline.stages.cached import checkpoint_stage
 from actors.scorer import SAFETY_THRESHOLD
 from model.calibration import write_calibration
 from model.checkpoint import load_checkpoint
-from pipeline.stages.reward_model import (RMConfig, encode_pairs, encode_side, evaluate_reward_model, of_kind,
-                                          reward_model_data, score_pairs, split_heldout, train_reward_model)
+from pipeline.stages.reward_model import (RMConfig, accuracy_by_rating, encode_side, of_kind, pair_scores,
+                                          reward_model_data, split_heldout, train_reward_model)
 
 KINDS = ("helpfulness", "safety")
 
@@ -63,38 +62,31 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
 
 def train_and_evaluate(init_checkpoint: Path, kind: str, train_pairs: pa.Table, config: RMConfig, out: Path,
                        tests: dict[str, pa.Table]) -> dict[str, Any]:
-    """Train one RM (on every rank of the trainer group), then rank 0 scores the held-out sets: metrics with
-    accuracy by rating under "heldout", and the RM's calibration (see `write_calibration`)."""
+    """Train one RM (on every rank of the trainer group), then rank 0 scores the held-out sets once: accuracy by
+    rating under "heldout", and from the same scores the RM's calibration (see `write_calibration`): the
+    helpfulness RM centred on its held-out answers; the safety RM with the paper's gate at the best safe/unsafe
+    split of all held-out answers (centering alone is not enough: trained on safety data, it scored every answer
+    to a helpful prompt below the gate, measured in round 1 of the tiny run)."""
     metrics = train_reward_model(init_checkpoint, train_pairs, config, out)
-    if rank_and_world()[0] == 0:
-        metrics["heldout"] = {test: evaluate_reward_model(out, pairs) for test, pairs in tests.items()}
-        offset, how = metrics["heldout"][kind]["mean_score"], f"mean raw score of the held-out {kind} pairs' answers"
-        if kind == "safety":
-            found = safety_offset(out, pa.concat_tables(tests.values()))
-            if found is not None:
-                offset, how = found, f"the {SAFETY_THRESHOLD} gate at the best safe/unsafe split of held-out answers"
-        if offset is not None:
-            write_calibration(out, offset, how)
-            metrics["calibration_offset"] = offset
+    if rank_and_world()[0] != 0:
+        return metrics
+    tokenizer, model = load_tokenizer(out), load_checkpoint(out, head="reward")
+    scores = {test: pair_scores(model, pairs, tokenizer) for test, pairs in tests.items()}
+    metrics["heldout"] = {test: accuracy_by_rating(*scores[test], tests[test].column("rating").to_pylist())
+                          for test in tests}
+    offset, how = metrics["heldout"][kind]["mean_score"], f"mean raw score of the held-out {kind} pairs' answers"
+    if kind == "safety":
+        answers, labels = [], []
+        for test, (r_chosen, r_rejected) in scores.items():
+            answers += r_chosen.tolist() + r_rejected.tolist()
+            labels += tests[test].column("chosen_safe").to_pylist() + tests[test].column("rejected_safe").to_pylist()
+        found = gate_offset(answers, labels)
+        if found is not None:
+            offset, how = found, f"the {SAFETY_THRESHOLD} gate at the best safe/unsafe split of held-out answers"
+    if offset is not None:
+        write_calibration(out, offset, how)
+        metrics["calibration_offset"] = offset
     return metrics
-
-
-@torch.no_grad()
-def safety_offset(folder: Path, pairs: pa.Table, batch_size: int = 32) -> float | None:
-    """The safety RM's offset that puts the paper's gate (sigmoid score < 0.15: unsafe) at the raw score that best
-    separates the safe from the unsafe answers of `pairs` (balanced accuracy over their safety labels); None when
-    the pairs do not hold both kinds. Centering alone is not enough: trained on safety data, the RM scored every
-    answer to a helpful prompt below the gate (measured in round 1 of the tiny run)."""
-    tokenizer, model = load_tokenizer(folder), load_checkpoint(folder, head="reward").eval()
-    encoded = encode_pairs(pairs, tokenizer, model.config.max_position_embeddings)
-    chosen_safe, rejected_safe = pairs.column("chosen_safe").to_pylist(), pairs.column("rejected_safe").to_pylist()
-    scores, labels = [], []
-    for start in range(0, len(encoded), batch_size):
-        end = start + batch_size
-        r_chosen, r_rejected = score_pairs(model, encoded[start:end], tokenizer.pad_id)
-        scores += r_chosen.tolist() + r_rejected.tolist()
-        labels += chosen_safe[start:end] + rejected_safe[start:end]
-    return gate_offset(scores, labels)
 
 
 def gate_offset(scores: list[float], safe_labels: list[bool | None],

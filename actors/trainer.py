@@ -23,8 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from actors.pool import Pool, PoolActor, PoolConfig, PoolError, match_torch_threads
-from model.checkpoint import save_checkpoint
-from model.distributed import data_parallel
+from model.distributed import data_parallel, save_on_rank0
 from model.llama import PretrainedLlama
 
 
@@ -45,22 +44,16 @@ class RankContext:
         """The model on this rank's device; DDP-wrapped (gradients averaged in backward) when world_size > 1."""
         return data_parallel(model.to(self.device), self.world_size)
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
     def export(self, model: nn.Module, directory: str | Path, tokenizer: Any = None, untie: bool = False) -> Path:
-        """Rank 0 writes a HF folder (model.checkpoint.save_checkpoint); every rank returns once it exists.
+        """Rank 0 writes a HF folder (model.distributed.save_on_rank0; FSDP shards gathered); every rank returns
+        once it exists.
 
         Other nodes read it only through a shared filesystem. `untie=True` writes the form vLLM reloads in place.
         """
         inner = model.module if isinstance(model, DistributedDataParallel) else model
         if not isinstance(inner, PretrainedLlama):
             raise TypeError(f"export takes one of model.llama's models, got {type(inner).__name__}")
-        if self.is_main:
-            save_checkpoint(inner, directory, tokenizer=tokenizer, untie=untie)
-        self.barrier()
-        return Path(directory)
+        return save_on_rank0(inner, directory, tokenizer, untie=untie)
 
 
 LoopFn = Callable[[RankContext, Any], Any]

@@ -52,9 +52,11 @@ def data_parallel(model: PretrainedLlama, world: int, strategy: str = "ddp") -> 
     return model
 
 
-def save_on_rank0(model: PretrainedLlama, out_dir: str | Path, tokenizer: Tokenizer) -> None:
-    """Rank 0 writes the checkpoint; every rank waits for it, so no caller sees the folder half made. A model
-    sharded by FSDP is gathered first (a collective: every rank calls this)."""
+def save_on_rank0(model: PretrainedLlama, out_dir: str | Path, tokenizer: Tokenizer | None,
+                  untie: bool = False) -> Path:
+    """Rank 0 writes the checkpoint (`untie=True`: the form vLLM reloads in place); every rank waits for it, so
+    no caller sees the folder half made. A model sharded by FSDP is gathered first (a collective: every rank
+    calls this)."""
     rank, world = rank_and_world()
     if world > 1 and is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -63,11 +65,12 @@ def save_on_rank0(model: PretrainedLlama, out_dir: str | Path, tokenizer: Tokeni
         if rank == 0:
             whole = type(model)(model.config)
             whole.load_state_dict(full)
-            save_checkpoint(whole, out_dir, tokenizer=tokenizer)
+            save_checkpoint(whole, out_dir, tokenizer=tokenizer, untie=untie)
     elif rank == 0:
-        save_checkpoint(model, out_dir, tokenizer=tokenizer)
+        save_checkpoint(model, out_dir, tokenizer=tokenizer, untie=untie)
     if world > 1:
         dist.barrier()
+    return Path(out_dir)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -24,7 +23,7 @@ from pipeline.cluster import Pools, connect
 from pipeline.config import ConfigError, RunConfig, register, validate
 from pipeline.data.store import RunStore, digest_config
 from pipeline.rounds import PolicyState, run_round
-from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage, model_digest
+from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.reward_model import table8_markdown
 from pipeline.stages.reward_models import KINDS
 from pipeline.stages.oracle_eval import run_oracle_eval
@@ -33,17 +32,8 @@ from pipeline.stages.pretrain import run_pretrain
 from pipeline.stages.world import run_world, world_stage_name
 
 
-@dataclass
-class Policy:
-    """A policy size the run aligns: a pretrained tiny model, or a HF checkpoint named in `base_models`."""
-
-    name: str
-    checkpoint: Path
-    digest: str  # identifies the base model in stage inputs
-    context: int  # max_position_embeddings: the generator's max_model_len
-
-
-def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfig, pools: Pools) -> list[Policy]:
+def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfig,
+                  pools: Pools) -> list[PolicyState]:
     """The run's base models, smallest first: the `base_models` checkpoints, or the tiny models pretrained on
     the world's corpus (cached)."""
     if config.base_models:
@@ -53,7 +43,7 @@ def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfi
             path = Path(folder).resolve()
             model = ModelConfig.load(path)
             digest = digest_config({"name": name, "config": (path / "config.json").read_text(), "path": str(path)})
-            policies.append(Policy(name, path, digest, model.max_position_embeddings))
+            policies.append(PolicyState(name, path, digest, model.max_position_embeddings))
             print(f"  {name:<8} {path}  ({model.num_hidden_layers} layers, hidden {model.hidden_size})")
         return policies
     corpus_digest = store.stage(0, world_stage_name("corpus")).manifest()["content_digest"]
@@ -66,8 +56,8 @@ def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfi
     for m in models:
         print(f"  {m.size:<6} {m.parameters / 1e6:7.2f}M {m.steps:6d} {m.train_tokens:9,d} "
               f"{m.tokens_per_second:7,.0f} {m.train_loss:10.3f} {m.heldout_loss:13.3f} {m.heldout_perplexity:12.2f}")
-    return [Policy(m.size, m.checkpoint, digest_config(dataclasses.asdict(m) | {"checkpoint": m.size}),
-                   config.pretrain.seq_len) for m in models]
+    return [PolicyState(m.size, m.checkpoint, digest_config(dataclasses.asdict(m) | {"checkpoint": m.size}),
+                        config.pretrain.seq_len) for m in models]
 
 
 def run(run_dir: Path, config: RunConfig) -> None:
@@ -92,19 +82,20 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
     prompts_stage = store.stage(0, world_stage_name("prompts_eval"))
     prompts, prompts_digest = tables["prompts_eval"], prompts_stage.manifest()["content_digest"]
 
-    def oracle_eval(name: str, policy: Policy, checkpoint: Path, digest: str, fmt: str) -> tuple[list[dict], bool]:
-        return run_oracle_eval(store, 0, name, checkpoint, digest, prompts, prompts_digest, fmt,
-                               config.eval_sampling,
-                               lambda: pools.generator(policy.name, checkpoint, policy.context),
-                               config.cluster.prompts_per_shard)
+    def evaluate(round: int, name: str, policy: PolicyState, fmt: str = "llama2") -> list[dict]:  # noqa: A002
+        """Oracle scores of `policy` on the held-out prompts (a cached stage), sampled on its generator pool."""
+        scores, _ = run_oracle_eval(store, round, name, policy.checkpoint, policy.digest, prompts, prompts_digest,
+                                    fmt, config.eval_sampling,
+                                    lambda: pools.generator(policy.name, policy.checkpoint, policy.context),
+                                    config.cluster.prompts_per_shard)
+        return scores
 
     print("\n== base models on held-out prompts (generator pool: vLLM samples at T=%.1f, scored by the oracle)"
           % config.eval_sampling.temperature)
     print(f"  {'model':<6} {'category':<20} {'n':>4} {'helpful':>8} {'correct':>8} {'unsafe':>7} {'refused':>8}")
     base_scores: dict[str, list[dict]] = {}
     for p in policies:
-        scores, _ = oracle_eval(f"base_eval_{p.name}", p, p.checkpoint, p.digest, "plain")
-        base_scores[p.name] = scores
+        scores = base_scores[p.name] = evaluate(0, f"base_eval_{p.name}", p, "plain")
         for s in scores:
             correct = "-" if s["correct"] is None else f"{s['correct']:.0%}"
             print(f"  {p.name:<6} {s['category']:<20} {s['prompts']:4d} {s['helpfulness']:8.2f} {correct:>8} "
@@ -117,36 +108,24 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
     print(f"  {'model':<12} {'steps':>5} {'loss':>12} {'seconds':>8} {'helpful':>8} {'correct':>8} "
           f"{'unsafe adv.':>11} {'false refusals':>14}")
     sft_scores: dict[str, list[dict]] = {}
+    current: list[PolicyState] = []  # each size's latest checkpoint, moved on by the rounds
     for p in policies:
         started = time.perf_counter()
-        folder, metrics, cached = checkpoint_stage(
+        _, metrics, cached = checkpoint_stage(
             store, 0, f"sft_{p.name}", {"base": p.digest, "demonstrations": demos_digest},
             dataclasses.asdict(config.sft),
             lambda out, p=p: pools.train(train_sft, p.checkpoint, demonstrations, out, config.sft))
-        scores, _ = oracle_eval(f"sft_eval_{p.name}", p, folder,
-                                model_digest(store.stage(0, f"sft_{p.name}").manifest()), "llama2")
-        sft_scores[p.name] = scores
+        current.append(PolicyState.of_stage(p.name, store.stage(0, f"sft_{p.name}"), p.context))
+        scores = sft_scores[p.name] = evaluate(0, f"sft_eval_{p.name}", current[-1])
         print(f"  {p.name + ' base':<12} {'':>5} {'':>12} {'':>8} " + _summary_cells(base_scores[p.name]))
         print(f"  {p.name + ' SFT':<12} {metrics['steps']:5d} {metrics['first_loss']:5.2f} -> "
               f"{metrics['last_loss']:4.2f} {_how(cached, started):>8} " + _summary_cells(scores))
 
     # Reward models start from the largest SFT policy (the paper initialises them from the chat model).
-    largest = policies[-1]
-    sft_stage = store.stage(0, f"sft_{largest.name}")
-    rm_init = PolicyState(largest.name, sft_stage.path / CHECKPOINT_DIR, model_digest(sft_stage.manifest()),
-                          largest.context)
-    current = [PolicyState(p.name, store.stage(0, f"sft_{p.name}").path / CHECKPOINT_DIR,
-                           model_digest(store.stage(0, f"sft_{p.name}").manifest()), p.context) for p in policies]
+    rm_init = dataclasses.replace(current[-1])  # a copy: the rounds move `current` on
     weeks = [(name, tables[name], store.stage(0, world_stage_name(name)).manifest()["content_digest"])
              for name in tables if name.startswith("preferences_b")]
     train_digest = store.stage(0, world_stage_name("prompts_train")).manifest()["content_digest"]
-
-    def evaluate(round: int, policy: PolicyState) -> list[dict]:  # noqa: A002
-        scores, _ = run_oracle_eval(store, round, f"eval_{policy.name}", policy.checkpoint, policy.digest, prompts,
-                                    prompts_digest, "llama2", config.eval_sampling,
-                                    lambda: pools.generator(policy.name, policy.checkpoint, policy.context),
-                                    config.cluster.prompts_per_shard)
-        return scores
 
     results = []
     for r in range(1, config.rounds.count + 1):
@@ -155,8 +134,8 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
             break
         started = time.perf_counter()
         result = run_round(store, r, weeks, current, rm_init, tables["prompts_train"], train_digest, config.rounds,
-                           config.rm, pools, evaluate, config.cluster.prompts_per_shard, config.world.annotator,
-                           config.world.seed)
+                           config.rm, pools, lambda r, policy: evaluate(r, f"eval_{policy.name}", policy),
+                           config.cluster.prompts_per_shard, config.world.annotator, config.world.seed)
         results.append(result)
         rs = result.rejection
         print(f"\n== round {r} ({time.perf_counter() - started:.0f} s): {store.root / f'round-{r:02d}'}")

@@ -18,9 +18,9 @@ import torch
 
 from model.tokenizer import load_tokenizer
 from pipeline.cluster import Pools
-from pipeline.data.store import RunStore, digest_config
-from pipeline.stages.cached import checkpoint_stage, model_digest
-from pipeline.stages.oracle_eval import eval_prompts
+from pipeline.data.store import RunStore, StageStore, digest_config
+from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage, model_digest
+from pipeline.stages.oracle_eval import eval_prompts, stop_ids
 from pipeline.stages.policy_preferences import policy_pairs
 from pipeline.stages.ppo import PPOConfig, run_ppo_loop
 from pipeline.stages.rejection_sampling import RejectionConfig, choose_prompts, run_rejection_sampling
@@ -64,12 +64,21 @@ class RoundsConfig:
 
 @dataclass
 class PolicyState:
-    """One policy size as the rounds move it on: its current checkpoint and what identifies it."""
+    """One policy size as the stages move it on: its current checkpoint and what identifies it."""
 
     name: str
     checkpoint: Path
-    digest: str
-    context: int
+    digest: str  # identifies the model in stage inputs (model_digest of the stage that made it)
+    context: int  # max_position_embeddings: the generator's max_model_len
+
+    @classmethod
+    def of_stage(cls, name: str, stage: StageStore, context: int) -> PolicyState:
+        """The checkpoint a finished `checkpoint_stage` made."""
+        return cls(name, stage.path / CHECKPOINT_DIR, model_digest(stage.manifest()), context)
+
+    def move_to(self, stage: StageStore) -> None:
+        """Take the checkpoint of a finished `checkpoint_stage` as this size's current one."""
+        self.checkpoint, self.digest = stage.path / CHECKPOINT_DIR, model_digest(stage.manifest())
 
 
 @dataclass
@@ -108,12 +117,11 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     demonstrations = kept_as_demonstrations(kept, prompts_train)
     kept_digest = store.stage(round, "rs_kept").manifest()["content_digest"]
     for policy in policies:
-        folder, _, _ = checkpoint_stage(
+        checkpoint_stage(
             store, round, f"rs_sft_{policy.name}", {"init": policy.digest, "kept": kept_digest},
             dataclasses.asdict(config.rejection.sft),
             lambda out, init=policy.checkpoint: pools.train(train_sft, init, demonstrations, out, config.rejection.sft))
-        policy.checkpoint = folder
-        policy.digest = model_digest(store.stage(round, f"rs_sft_{policy.name}").manifest())
+        policy.move_to(store.stage(round, f"rs_sft_{policy.name}"))
 
     ppo = None
     if config.ppo_from and round >= config.ppo_from:
@@ -150,18 +158,16 @@ def _ppo(store: RunStore, round: int, policy: PolicyState, help_dir: Path, safe_
     # meaning (helpfulness, then safety) mid-run (seen: R_c "rose" from 0.6 to 1.0 with KL at 0).
     table = table.take(torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(config.seed)).numpy())
     heldout, train = table.slice(0, config.heldout_prompts), table.slice(config.heldout_prompts)
-    stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
     start_checkpoint = policy.checkpoint
 
     def train_ppo(out: Path) -> dict:
-        return run_ppo_loop(out, start_checkpoint, help_dir, train, heldout, config, stop,
+        return run_ppo_loop(out, start_checkpoint, help_dir, train, heldout, config, stop_ids(tokenizer),
                             pools.generator(policy.name, start_checkpoint, policy.context),
                             pools.scorer(help_dir, safe_dir), pools.trainers(),
                             lambda folder: pools.sync_generator(policy.name, folder))
 
-    folder, metrics, _ = checkpoint_stage(store, round, "ppo", {"policy": policy.digest, "reward_models": rm_digest,
-                                                                "prompts": train_digest},
-                                          dataclasses.asdict(config), train_ppo)
-    policy.checkpoint = folder
-    policy.digest = model_digest(store.stage(round, "ppo").manifest())
+    _, metrics, _ = checkpoint_stage(
+        store, round, "ppo", {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},
+        dataclasses.asdict(config), train_ppo)
+    policy.move_to(store.stage(round, "ppo"))
     return metrics

@@ -73,10 +73,13 @@ def judge_samples(tokenizer: Tokenizer, chosen: list[Prompt], samples: pa.Table,
     return samples, [_score(c, verdicts[c], per_prompt) for c in SINGLE_TURN if verdicts[c]]
 
 
-def eval_sampling(sampling: Sampling, tokenizer: Tokenizer) -> Sampling:
-    """The configured sampling, stopping at the tokenizer's end of sequence."""
-    stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-    return replace(sampling, stop_token_ids=stop)
+def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The tokens that end an answer: the tokenizer's end of sequence, when it has one."""
+    return (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+
+
+def stopping_at_eos(sampling: Sampling, tokenizer: Tokenizer) -> Sampling:
+    return replace(sampling, stop_token_ids=stop_ids(tokenizer))
 
 
 def _score(category: str, verdicts: list, per_prompt: int) -> CategoryScore:
@@ -104,7 +107,7 @@ def run_oracle_eval(store: RunStore, round: int, name: str, checkpoint: Path, mo
     shards = [table.slice(start, shard_rows) for start in range(0, table.num_rows, shard_rows)]
     pool = generators()  # may start the pool: not part of the progress bar
     bar = progress_bar(table.num_rows, f"{name}: generate")
-    results = pool.map_shards("generate", shards, eval_sampling(sampling, tokenizer), round, name,
+    results = pool.map_shards("generate", shards, stopping_at_eos(sampling, tokenizer), round, name,
                                       on_result=lambda i, _: bar.update(shards[i].num_rows))
     bar.close()
     samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt, sampling.n)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,7 +25,7 @@ from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer
 from pipeline.data.store import RunStore, digest_config
 from pipeline.progress import progress_bar
-from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts
+from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
 from pipeline.stages.rejection_sampling_select import MERGE_MODES, best_per_prompt, mark_chosen, merge_with_earlier, \
     reward_vs_k
 from pipeline.stages.sft import SFTConfig
@@ -111,21 +111,17 @@ def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, promp
     `sampler_digest` identifies the policy that samples and `rm_digest` the reward models that score."""
     chosen = choose_prompts(prompts, config.prompts, config.seed)
     _, table = eval_prompts(tokenizer, chosen, "llama2")
-    stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
     temperature = config.temperature(round)
     inputs = {"prompts": prompts_digest, "sampler": sampler_digest, "reward_models": rm_digest}
-    sampling = Sampling(n=config.k, temperature=temperature, max_tokens=config.max_tokens,
-                        seed=config.seed + round, stop_token_ids=stop)
+    sampling = stopping_at_eos(Sampling(n=config.k, temperature=temperature, max_tokens=config.max_tokens,
+                                        seed=config.seed + round), tokenizer)
     samples, _ = sample_and_score(store, round, "rs_samples", inputs, table, sampling, sampler, generators, scorers,
                                   shard_rows)
     sweep = []
-    if config.temperature_sweep:
-        for t in config.temperature_sweep:
-            swept, _ = sample_and_score(store, round, f"rs_sweep_t{t:g}", inputs, table,
-                                        Sampling(n=config.k, temperature=t, max_tokens=config.max_tokens,
-                                                 seed=config.seed + round, stop_token_ids=stop),
-                                        sampler, generators, scorers, shard_rows)
-            sweep.append({"temperature": t, **reward_vs_k(swept, [config.k])[0]})
+    for t in config.temperature_sweep:
+        swept, _ = sample_and_score(store, round, f"rs_sweep_t{t:g}", inputs, table, replace(sampling, temperature=t),
+                                    sampler, generators, scorers, shard_rows)
+        sweep.append({"temperature": t, **reward_vs_k(swept, [config.k])[0]})
 
     kept_stage = store.stage(round, "rs_kept")
     earlier = store.stage(round - 1, "rs_kept")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tqdm.auto import tqdm
+from model.lm_training import default_bar
 
 
 class _NoBar:
@@ -39,4 +39,4 @@ def progress_bar(total: int, desc: str) -> Any:
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
         return ray_tqdm(total=total, desc=desc)
-    return tqdm(total=total, desc=desc, leave=False, mininterval=2.0)
+    return default_bar(total, desc)

@@ -38,6 +38,7 @@ from model.packing import pad_right
 from model.ppo import (KL_ESTIMATORS, RunningMoments, entropy_from_logits, gae, kl_penalty, logit, masked_mean,
                        policy_loss, token_rewards, value_loss, whiten)
 from model.tokenizer import load_tokenizer
+from pipeline.stages.sft import check_positive, check_ratio
 
 
 @dataclass
@@ -68,12 +69,10 @@ class PPOConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        errors = [f"ppo.{n} = {getattr(self, n)}: must be > 0" for n in
-                  ("iterations", "batch_size", "mini_batch", "lr", "value_lr", "clip", "value_clip", "grad_clip",
-                   "temperature", "max_tokens", "kl_bound", "eval_every", "patience", "heldout_prompts")
-                  if not getattr(self, n) > 0]
-        errors += [f"ppo.{n} = {getattr(self, n)}: must be in [0, 1]" for n in ("gamma", "lam")
-                   if not 0 <= getattr(self, n) <= 1]
+        errors = check_positive(self, "ppo", ("iterations", "batch_size", "mini_batch", "lr", "value_lr", "clip",
+                                              "value_clip", "grad_clip", "temperature", "max_tokens", "kl_bound",
+                                              "eval_every", "patience", "heldout_prompts"))
+        errors += check_ratio(self, "ppo", ("gamma", "lam"))
         if self.beta < 0:
             errors.append(f"ppo.beta = {self.beta}: must be >= 0")
         if self.kl_estimator not in KL_ESTIMATORS:

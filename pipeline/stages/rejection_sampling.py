@@ -13,7 +13,6 @@ A temperature sweep (`temperature_sweep`) adds `rs_sweep`: reward against temper
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -28,6 +27,7 @@ from pipeline.progress import progress_bar
 from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
 from pipeline.stages.rejection_sampling_select import MERGE_MODES, best_per_prompt, mark_chosen, merge_with_earlier, \
     reward_vs_k
+from pipeline.stages.reward_model import id_rank
 from pipeline.stages.sft import SFTConfig
 
 @dataclass
@@ -71,8 +71,7 @@ class RejectionConfig:
 def choose_prompts(prompts: pa.Table, count: int, seed: int) -> pa.Table:
     """`count` single-turn prompts drawn by a hash of (seed, id): the same draw every round, whatever the order."""
     single = prompts.filter(pc.is_in(prompts.column("category"), pa.array(SINGLE_TURN)))
-    ids = single.column("id").to_pylist()
-    order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).digest())
+    order = id_rank(single.column("id").to_pylist(), str(seed))
     return single.take(pa.array(sorted(order[:count]), pa.int64()))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
@@ -119,6 +119,15 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _safe_open(path: Path):
+    """safe_open, with a file that is not safetensors (truncated, corrupted, pickled) named in a CheckpointError."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); truncated, corrupted or another "
+                              "format (pickled weights are refused)") from None
+
+
 def tensor_files(directory: str | Path) -> dict[str, Path]:
     """Map tensor name -> the safetensors file holding it, for a single-file or sharded folder."""
     directory = Path(directory)
@@ -133,7 +142,7 @@ def tensor_files(directory: str | Path) -> dict[str, Path]:
     if not single.is_file():
         raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints "
                               "are read; pickled .bin files are refused)")
-    with safe_open(single, framework="pt") as f:
+    with _safe_open(single) as f:
         return dict.fromkeys(f.keys(), single)
 
 
@@ -145,7 +154,7 @@ def iter_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor, Pat
     for path, names in by_file.items():
         if not path.is_file():
             raise CheckpointError(f"{path}: shard listed in {INDEX_FILE} is missing (tensor '{names[0]}')")
-        with safe_open(path, framework="pt") as f:
+        with _safe_open(path) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:

@@ -30,6 +30,12 @@ class RunSettings:
     name: str = "tiny"
     root: str = "runs"  # the run store is <root>/<name>
 
+    def __post_init__(self) -> None:
+        if not self.name or self.name.startswith(".") or "/" in self.name or "\\" in self.name:
+            raise ValueError(f"name = {self.name!r}: must be a plain folder name (the run store is <root>/<name>)")
+        if not self.root:
+            raise ValueError("root = '': set a folder for the run stores (relative to the working directory)")
+
 
 @dataclass
 class RunConfig:
@@ -52,9 +58,13 @@ class RunConfig:
             if folder == "???" or not folder:
                 raise ValueError(f"base_models.{name}: set it to a HF checkpoint folder, e.g. "
                                  f"base_models.{name}=/models/Llama-2-7b-hf")
-            if not (Path(folder) / "config.json").is_file():
-                raise ValueError(f"base_models.{name} = {folder!r}: no config.json there (expected a HF "
+            # Absolute from here on: actors and Ray jobs may run in another working directory.
+            path = Path(folder).expanduser().resolve()
+            where = "" if str(path) == folder else f" (resolved to {path})"
+            if not (path / "config.json").is_file():
+                raise ValueError(f"base_models.{name} = {folder!r}{where}: no config.json there (expected a HF "
                                  "checkpoint folder)")
+            self.base_models[name] = str(path)
         self.cluster.check_fits(len(self.base_models) or len(self.pretrain.sizes))
 
     @property

@@ -130,14 +130,62 @@ class _Raw:
 
 
 def _dumps(record: Any) -> str:
-    return json.dumps(record, ensure_ascii=False, default=str)
+    # backslashreplace: a lone surrogate (from a JSON \\u escape) is kept as its escape, which Arrow can store
+    return json.dumps(record, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace").decode()
+
+
+# --- text that is not UTF-8: one error or one reject naming where, never a crash in a later stage -----------------
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a \\u escape of half a UTF-16 pair (maybe a valid pair)
+
+
+def _not_utf8(data: bytes, err: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, err.start) + 1
+    return f"line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); save the file as UTF-8"
+
+
+def _lone_surrogate(record: Any) -> str | None:
+    """The reject reason for a parsed JSON value holding a lone surrogate: it parses, but it is not text."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"not valid UTF-8 text: lone surrogate {err.object[err.start]!r} (a \\u escape of half a UTF-16 pair)"
+    return None
+
+
+def _valid_utf8(table: pa.Table, source: Path) -> pa.Table:
+    """Arrow readers take string bytes on trust; text that is not UTF-8 is named here (file, row, column)."""
+    try:
+        table.validate(full=True)
+        return table
+    except pa.ArrowInvalid:
+        pass
+    for name in table.column_names:
+        column = table[name]
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        valid, invalid = 0, len(column)  # the first `valid` rows validate, the first `invalid` rows do not
+        while invalid - valid > 1:
+            middle = (valid + invalid) // 2
+            try:
+                column.slice(0, middle).validate(full=True)
+                valid = middle
+            except pa.ArrowInvalid:
+                invalid = middle
+        raise DataError(f"{source}: row {valid}, field {name}: not valid UTF-8 text")
+    table.validate(full=True)  # not a text problem: Arrow's own error
+    return table
 
 
 def _columns(records: Records) -> list[str]:
     return list(dict.fromkeys(key for _, record in records for key in record))
 
 
-def _arrow_raw(fmt: str, table: pa.Table) -> _Raw:
+def _arrow_raw(fmt: str, table: pa.Table, source: Path) -> _Raw:
+    table = _valid_utf8(table, source)
     return _Raw(
         fmt, table.column_names, table.num_rows,
         records=lambda: (list(enumerate(table.to_pylist())), []),
@@ -155,6 +203,10 @@ def _arrow_json_lines(data: bytes, rows: int) -> pa.Table | None:
         table = pa_json.read_json(io.BytesIO(data))
     except pa.ArrowException:  # a bad line, or a column changing type between rows
         return None
+    try:
+        table.validate(full=True)  # Arrow's JSON reader keeps bytes that are not UTF-8; the lines say which
+    except pa.ArrowInvalid:
+        return None
     return table if table.num_rows == rows else None
 
 
@@ -169,11 +221,19 @@ def _read_json_lines(data: bytes, fmt: str) -> _Raw:
         records, rejects = [], []
         for i, line in numbered:
             try:
-                record = json.loads(line)
+                text = line.decode("utf-8-sig")
+            except UnicodeDecodeError as err:
+                reason = f"not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start} of the line)"
+                rejects.append(_Reject(i, "<json>", reason, "bad encoding"))
+                continue
+            try:
+                record = json.loads(text)
             except ValueError as err:
                 rejects.append(_Reject(i, "<json>", f"invalid JSON: {err}", "bad json"))
                 continue
-            if isinstance(record, dict):
+            if isinstance(record, dict) and _SURROGATE_ESCAPE.search(text) and (reason := _lone_surrogate(record)):
+                rejects.append(_Reject(i, "<json>", reason, "bad encoding"))
+            elif isinstance(record, dict):
                 records.append((i, record))
             else:
                 rejects.append(_Reject(i, "<json>", f"expected a JSON object, got {type(record).__name__}", "bad json"))
@@ -202,14 +262,22 @@ def _read_json(path: Path) -> _Raw:
     if data.lstrip()[:1] != b"[":
         return _read_json_lines(data, "json")
     try:
-        items = json.loads(data)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: {_not_utf8(data, err)}; a JSON array cannot be read row by row") from None
+    try:
+        items = json.loads(text)
     except ValueError as err:
         raise DataError(f"{path}: not valid JSON ({err}); a JSON array cannot be read row by row") from err
-    records = [(i, item) for i, item in enumerate(items) if isinstance(item, dict)]
-    rejects = [
-        _Reject(i, "<json>", f"expected a JSON object, got {type(item).__name__}", "bad json")
-        for i, item in enumerate(items) if not isinstance(item, dict)
-    ]
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    records, rejects = [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            rejects.append(_Reject(i, "<json>", f"expected a JSON object, got {type(item).__name__}", "bad json"))
+        elif surrogates and (reason := _lone_surrogate(item)):
+            rejects.append(_Reject(i, "<json>", reason, "bad encoding"))
+        else:
+            records.append((i, item))
     return _records_raw("json", len(items), records, rejects, lambda row: _dumps(items[row]))
 
 
@@ -219,6 +287,13 @@ def _read_csv(path: Path) -> _Raw:
     try:
         with path.open(newline="", encoding="utf-8-sig") as file:
             lines = [values for values in csv.reader(file) if values]
+    except UnicodeDecodeError as err:
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as located:
+            err = located
+        raise DataError(f"{path}: {_not_utf8(data, err)}") from None
     finally:
         csv.field_size_limit(limit)
     if not lines:
@@ -241,7 +316,7 @@ def _read_datasets(path: Path) -> _Raw:
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{path}: a DatasetDict with splits {list(dataset)}; pass one split's folder")
-    return _arrow_raw("datasets", dataset.with_format("arrow")[:])
+    return _arrow_raw("datasets", dataset.with_format("arrow")[:], path)
 
 
 def _read(path: Path) -> _Raw:
@@ -249,7 +324,13 @@ def _read(path: Path) -> _Raw:
         return _read_datasets(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return _arrow_raw("parquet", pq.read_table(path))
+        try:
+            table = pq.read_table(path)
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: not a readable Parquet file, truncated or corrupted? ({err})") from None
+        return _arrow_raw("parquet", table, path)
     if suffix == ".jsonl":
         return _read_json_lines(path.read_bytes(), "jsonl")
     if suffix == ".json":

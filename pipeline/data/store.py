@@ -144,11 +144,40 @@ def code_version() -> dict[str, str]:
     return {"package": package, "commit": _git_commit(Path(__file__).resolve().parents[2])}
 
 
+def _schema_mismatch(table: pa.Table, schema: pa.Schema) -> str | None:
+    """What keeps `table` from casting to `schema`: missing or unexpected fields, or the first field that fails."""
+    missing = [name for name in schema.names if name not in table.column_names]
+    unexpected = [name for name in table.column_names if name not in schema.names]
+    if missing or unexpected:
+        return "; ".join([*([f"missing field(s) {missing}"] if missing else []),
+                          *([f"unexpected field(s) {unexpected}"] if unexpected else [])])
+    for field in schema:
+        try:
+            table[field.name].cast(field.type)
+        except (pa.ArrowException, ValueError) as err:
+            found = table.schema.field(field.name).type
+            return f"field {field.name!r} is {found}, the schema says {field.type} ({err})"
+    return None
+
+
 def _read_shard(path: Path) -> pa.Table:
-    """A shard in its declared schema: Parquet renames list items ("element"), the cast names them back."""
-    table = pq.read_table(path)
+    """A shard in its declared schema: Parquet renames list items ("element"), the cast names them back.
+
+    A shard that cannot be read or does not fit its schema raises one ValueError naming the file (and the field)."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet shard, truncated or corrupted? ({err})") from None
     kind = (table.schema.metadata or {}).get(b"kind", b"").decode()
-    return table.cast(SCHEMAS[kind]) if kind in SCHEMAS else table
+    if kind not in SCHEMAS:
+        return table
+    try:
+        return table.cast(SCHEMAS[kind])
+    except (pa.ArrowException, ValueError) as err:
+        problem = _schema_mismatch(table, SCHEMAS[kind]) or str(err)
+        raise ValueError(f"{path}: does not match the {kind!r} schema: {problem}") from None
 
 
 class StageStore:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from actors.metrics import record_generation
 from actors.pool import PoolActor, match_torch_threads
 from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
 from model.tokenizer import load_tokenizer
@@ -52,7 +53,10 @@ class Generator(PoolActor):
         if bad:
             raise ValueError(f"{len(bad)} prompt(s) empty or not shorter than max_model_len={limit} "
                              f"(first: id {bad[0][0]!r}, {bad[0][1]} tokens)")
+        tokens_before, seconds_before = self.engine.timings.generated_tokens, self.engine.timings.seconds
         completions = self.engine.generate(prompt_ids, sampling, keys=ids)
+        record_generation(self.engine.timings.generated_tokens - tokens_before,
+                          self.engine.timings.seconds - seconds_before, round, sampler)
         rows = [(i, k, c) for i, per_prompt in enumerate(completions) for k, c in enumerate(per_prompt)]
         n = len(rows)
         columns = {

@@ -6,7 +6,9 @@ Failure model (DESIGN.md section 4). An actor that dies (crash, OOM kill, lost n
 most `max_shard_retries` more times, and then raises `PoolError` naming the actor, the shard and the cause. An
 exception raised by the actor's own code is a bug or a bad shard, not a transient failure: it fails the call at
 once. State a restarted actor would lose (the policy weights last loaded) is kept as "replay" calls, run on
-every new incarnation of an actor before it takes work.
+every new incarnation of an actor before it takes work. `scatter(..., settle_s=...)` is for actors that work
+together (the ranks of one process group): one failure does not end the call at once, the others get `settle_s`
+to end theirs, and the one PoolError names every actor that failed, root causes (a death, a hang) first.
 """
 
 from __future__ import annotations
@@ -241,13 +243,19 @@ class Pool:
         """`method(*args)` on actor `index` only; no retry."""
         return self._drive([_Job(0, method, args, pinned=self._members[index])])[0]
 
-    def scatter(self, method: str, args_per_actor: Sequence[tuple]) -> list[Any]:
-        """`method(*args_per_actor[i])` on actor i, all at once; no retry (e.g. the ranks of one process group)."""
+    def scatter(self, method: str, args_per_actor: Sequence[tuple], settle_s: float | None = None) -> list[Any]:
+        """`method(*args_per_actor[i])` on actor i, all at once; no retry (e.g. the ranks of one process group).
+
+        With `settle_s`, a failure waits up to that long for the other actors' calls to end before it raises, and
+        the PoolError names every actor that failed, the root cause first: when one rank of a process group is
+        killed the others fail too ("connection closed by peer"), and the error that arrives first is not
+        necessarily the one that explains the others. No call starts after the first failure.
+        """
         if len(args_per_actor) != len(self._members):
             raise ValueError(f"pool '{self.config.name}': {len(args_per_actor)} argument tuples for "
                              f"{len(self._members)} actors")
         return self._drive([_Job(i, method, tuple(args), pinned=m)
-                            for i, (m, args) in enumerate(zip(self._members, args_per_actor))])
+                            for i, (m, args) in enumerate(zip(self._members, args_per_actor))], settle_s=settle_s)
 
     def broadcast(self, method: str, *args: Any, replay_key: str | None = None) -> list[Any]:
         """`method(*args)` on every live actor; results in actor order.
@@ -291,16 +299,19 @@ class Pool:
     # --- the event loop behind every call ------------------------------------------------------------------
 
     def _drive(self, jobs: list[_Job], on_result: Callable[[int, Any], None] | None = None,
-               wait_for_recovery: bool = False) -> list[Any]:
+               wait_for_recovery: bool = False, settle_s: float | None = None) -> list[Any]:
         """Run `jobs` on the actors until each has a result.
 
         Every live actor is pinged first (cheap when idle), so one Ray restarted between calls gets its replays
         before any work. A restarting actor is pinged every _PROBE_INTERVAL_S and rejoins when it answers.
+        With `settle_s` (scatter), failures are gathered: see `scatter`.
         """
         results: list[Any] = [None] * len(jobs)
         open_jobs = len(jobs)
         queue = deque(jobs)
         running: dict[ray.ObjectRef, _Call] = {}
+        errors: list[PoolError] | None = None if settle_s is None else []
+        settle_until: float | None = None  # set at the first gathered failure
         for member in self._members:
             if member.state != "dead":
                 member.state = "check"
@@ -310,17 +321,22 @@ class Pool:
                 if member.state == "check" and member.next_probe <= now:
                     self._probe(member, running, now)
             for member in self._members:
-                if member.state == "ready" and (job := _take(queue, member)) is not None:
+                if not errors and member.state == "ready" and (job := _take(queue, member)) is not None:
                     ref = getattr(member.handle, job.method).remote(*job.args)
                     running[ref] = _Call(member, job, now + self.config.call_timeout_s)
                     member.state = "busy"
                     job.last_actor = member.name
-            open_jobs -= self._drop_unrunnable(queue, results)
+            open_jobs -= self._drop_unrunnable(queue, results, errors)
+            if errors:
+                settle_until = now + settle_s if settle_until is None else settle_until
+                if open_jobs == len(queue) or now >= settle_until:  # every started call has ended, or time is up
+                    raise self._gathered_error(errors, running, queue, settle_s)
             recovering = any(m.state in ("check", "checking") for m in self._members)
             if open_jobs == 0 and not (wait_for_recovery and recovering):
                 return results
             wake = min([c.deadline for c in running.values()]
-                       + [m.next_probe for m in self._members if m.state == "check"], default=now)
+                       + [m.next_probe for m in self._members if m.state == "check"]
+                       + ([settle_until] if settle_until is not None else []), default=now)
             if running:
                 done, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, wake - now))
             else:
@@ -331,12 +347,12 @@ class Pool:
                 call = running.pop(ref)
                 if call.job is None:
                     self._settle_probe(call, ref, running, now)
-                elif self._settle_job(call, ref, queue, results, on_result, now):
+                elif _gather(errors, self._settle_job, call, ref, queue, results, on_result, now):
                     open_jobs -= 1
             for ref, call in list(running.items()):
                 if call.deadline <= now:
                     del running[ref]
-                    if self._expire(call, queue, results, now):
+                    if _gather(errors, self._expire, call, queue, results, now):
                         open_jobs -= 1
 
     def _probe(self, member: _Member, running: dict, now: float) -> None:
@@ -449,24 +465,60 @@ class Pool:
         member.state, member.cause = "dead", cause
         self.failures.append(Failure(member.name, None, cause))
 
-    def _drop_unrunnable(self, queue: deque, results: list) -> int:
-        """Jobs no live actor can run: survivable ones finish with None, the others raise PoolError."""
+    def _drop_unrunnable(self, queue: deque, results: list, errors: list[PoolError] | None = None) -> int:
+        """Jobs no live actor can run: survivable ones finish with None, the others raise PoolError (or, when
+        failures are gathered, add it to `errors`)."""
         dropped = 0
         for job in list(queue):
             owners = [job.pinned] if job.pinned is not None else self._members
             if all(m.state == "dead" for m in owners):
                 if not job.survives_death:
                     causes = "; ".join(f"'{m.name}': {m.cause}" for m in owners)
-                    raise PoolError(f"pool '{self.config.name}': {self._what(job)} has no live actor left to "
-                                    f"run on ({causes})" + _history(job))
+                    error = PoolError(f"pool '{self.config.name}': {self._what(job)} has no live actor left to "
+                                      f"run on ({causes})" + _history(job))
+                    if errors is None:
+                        raise error
+                    errors.append(error)
                 queue.remove(job)
                 results[job.index] = None
                 dropped += 1
         return dropped
 
+    def _gathered_error(self, errors: list[PoolError], running: dict, queue: deque, settle_s: float) -> PoolError:
+        """One PoolError for a scatter's failures: root causes first (an actor that died or did not answer, before
+        one whose own code raised: often a collective that lost that actor), then the calls still running when
+        settle_s ran out and those never started."""
+        errors = sorted(errors, key=lambda e: isinstance(e.__cause__, RayTaskError))  # stable
+        prefix = f"pool '{self.config.name}': "
+        parts = [str(errors[0])] + [f"also {str(e).removeprefix(prefix)}" for e in errors[1:]]
+        busy = sorted(c.member.name for c in running.values() if c.job is not None)
+        if busy:
+            parts.append(f"still running {settle_s:g} s after the first failure on "
+                         + ", ".join(f"'{name}'" for name in busy))
+        unstarted = [job.pinned.name for job in queue if job.pinned is not None]
+        if unstarted:
+            parts.append("not started on " + ", ".join(f"'{name}'" for name in unstarted))
+        if len(parts) == 1:
+            return errors[0]
+        error = PoolError("; ".join(parts))
+        error.__cause__ = errors[0].__cause__
+        return error
+
     @staticmethod
     def _what(job: _Job) -> str:
         return f"{job.method}() call" if job.pinned is not None else f"shard {job.index} ({job.method})"
+
+
+def _gather(errors: list[PoolError] | None, settle: Callable[..., bool], *args: Any) -> bool:
+    """`settle(*args)`: True when its job is finished. When failures are gathered (`errors` is a list), a
+    PoolError it raises is kept there and the job counts as finished."""
+    try:
+        return settle(*args)
+    except PoolError as error:
+        if errors is None:
+            raise
+        errors.append(error)
+        return True
 
 
 def _take(queue: deque, member: _Member) -> _Job | None:

@@ -16,6 +16,7 @@ from typing import Literal
 import pyarrow as pa
 import torch
 
+from actors.metrics import record_scoring
 from actors.pool import PoolActor, match_torch_threads
 from model.calibration import read_calibration
 from model.checkpoint import load_checkpoint
@@ -121,4 +122,5 @@ class Scorer(PoolActor):
             if at < 0:
                 raise ValueError(f"not a SAMPLES table: no column {name!r}")
             samples = samples.set_column(at, SAMPLES.field(name), pa.array(values, pa.float32()))
+        record_scoring(samples, {"r_help": r_help, "r_safe": r_safe, "r_combined": r_combined})  # one per shard
         return samples

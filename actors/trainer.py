@@ -9,7 +9,9 @@ The group lives as long as the `TrainerGroup`: stages run one loop function afte
 
 from __future__ import annotations
 
+import logging
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,9 +24,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from actors.metrics import record_training
 from actors.pool import Pool, PoolActor, PoolConfig, PoolError, match_torch_threads
 from model.distributed import data_parallel, save_on_rank0
 from model.llama import PretrainedLlama
+
+log = logging.getLogger(__name__)
+# After one rank's call fails, how long the others get to end theirs (so the error names them all): a rank that
+# lost a peer in a collective fails at once; one waiting on a live peer (that raised) only at the group's timeout.
+_SETTLE_S = 10.0
 
 
 @dataclass
@@ -86,44 +94,91 @@ class TrainerRank(PoolActor):
 
     def run(self, loop_fn: LoopFn, payload: Any) -> Any:
         if self.ctx is None:
-            raise RuntimeError("this rank has no process group (restarted by Ray?); start a new TrainerGroup")
-        return loop_fn(self.ctx, payload)
+            raise RuntimeError("this rank has no process group (restarted by Ray?); the group must be rebuilt")
+        start = time.perf_counter()
+        result = loop_fn(self.ctx, payload)
+        if self.ctx.is_main:  # one update per run: the tokens the result reports (actors.metrics.trained_tokens)
+            record_training(result, _loop_name(loop_fn, payload), self.ctx.world_size, time.perf_counter() - start)
+        return result
 
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _loop_name(loop_fn: LoopFn, payload: Any) -> str:
+    """The training function's name; for pipeline.cluster.call_on_rank, the stage function it calls."""
+    name = getattr(loop_fn, "__name__", type(loop_fn).__name__)
+    if name == "call_on_rank" and isinstance(payload, tuple) and payload and callable(payload[0]):
+        name = getattr(payload[0], "__name__", name)
+    return name
+
+
 class TrainerGroup:
     """`config.size` TrainerRank actors in one process group; `run` calls a loop function on all of them.
 
-    A rank that fails breaks the group (collectives cannot lose a member): `run` raises PoolError and the group
-    must be shut down and started again. Collectives time out after `config.call_timeout_s`.
+    A rank that fails breaks the group (collectives cannot lose a member). `run` then raises PoolError within
+    about `config.call_timeout_s` (a hung rank) or `_SETTLE_S` (a rank that died or raised: the others are given
+    that long to end their call), naming every rank's actor that failed, the root cause (a death, a hang) first,
+    and the next `run` rebuilds the group: the old ranks are removed, new ones join a new process group. A rank
+    Ray restarted between runs (it lost its process group) is found by `run`'s health check and rebuilds the
+    group too. A failed call is never retried here: a loop function may keep state on its ranks between runs
+    (PPO's models), which a rebuild loses; the caller decides (a re-run stage starts from its inputs).
+    Collectives time out after `config.call_timeout_s`. Actor `<name>-<i>` is rank i.
     """
 
     def __init__(self, config: PoolConfig):
+        self.config = config
+        self.world_size = config.size
+        self.rebuilds = 0  # times the group was rebuilt after a failure
+        self._broken: str | None = None
+        self._start()
+
+    def _start(self) -> None:
+        config = self.config
         self.pool = Pool(TrainerRank, config)
         try:
             host, port = self.pool.call(0, "rendezvous_address")
             self.backend = self.pool.scatter("init_group", [(rank, config.size, host, port, config.call_timeout_s)
-                                                            for rank in range(config.size)])[0]
+                                                            for rank in range(config.size)],
+                                             settle_s=min(_SETTLE_S, config.call_timeout_s))[0]
+            self._pids = [h.pid for h in self.pool.health()]  # a new pid later: Ray restarted that rank
         except BaseException:
             self.pool.shutdown()
             raise
-        self.world_size = config.size
-        self._broken: str | None = None
 
     def run(self, loop_fn: LoopFn, payloads: Sequence[Any]) -> list[Any]:
         """`loop_fn(ctx, payloads[rank])` on every rank (a picklable top-level function); results in rank order."""
-        if self._broken:
-            raise PoolError(f"trainer group '{self.pool.config.name}' is broken ({self._broken}); start a new one")
         if len(payloads) != self.world_size:
             raise ValueError(f"{len(payloads)} payloads for {self.world_size} ranks (one per rank)")
+        broken = self._broken or self._lost_ranks()
+        if broken:
+            self._rebuild(broken)
+        name = self.config.name
         try:
-            return self.pool.scatter("run", [(loop_fn, payload) for payload in payloads])
+            return self.pool.scatter("run", [(loop_fn, payload) for payload in payloads],
+                                     settle_s=min(_SETTLE_S, self.config.call_timeout_s))
         except PoolError as err:
             self._broken = str(err)
-            raise
+            # After a rebuild, what earlier runs left on the ranks (PPO's models) is gone: say so, it may be why.
+            rebuilt = f"; it ran on ranks rebuilt just before, after: {broken}" if broken else ""
+            raise PoolError(f"trainer group '{name}': {_loop_name(loop_fn, payloads[0])} failed (rank i is actor "
+                            f"'{name}-i'; the group is rebuilt before its next run): {err}{rebuilt}") from err
+
+    def _lost_ranks(self) -> str | None:
+        """Why the group cannot run as it is: ranks that are gone or were restarted since it was built."""
+        lost = [f"actor '{h.name}' " + (f"is gone ({h.cause})" if h.state == "dead" else
+                                        f"was restarted by Ray (pid {pid} -> {h.pid}; {h.cause or 'cause unknown'})")
+                for h, pid in zip(self.pool.health(), self._pids) if h.state == "dead" or h.pid != pid]
+        return "; ".join(lost) or None
+
+    def _rebuild(self, cause: str) -> None:
+        log.warning("trainer group '%s': rebuilding its %d rank(s) after: %s", self.config.name, self.world_size,
+                    cause)
+        self.pool.shutdown()
+        self._start()
+        self.rebuilds += 1
+        self._broken = None
 
     def shutdown(self) -> None:
         """Destroy the process group and remove the ranks."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from model.llama import LlamaForCausalLM
@@ -63,11 +64,26 @@ def shuffled_batches(packed: PackedRows, batch_size: int, seed: int) -> Iterator
 
 def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                    schedule: torch.optim.lr_scheduler.LRScheduler, grad_clip: float, where: str) -> None:
-    """Backward, clip, step, schedule; a non-finite loss stops training before it corrupts the weights."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{where}: loss is {loss.item()}; stopping before the weights are corrupted")
+    """Backward, clip, step, schedule; a non-finite loss or gradient norm stops training before it corrupts the
+    weights (FloatingPointError naming `where`).
+
+    In a torch.distributed group the ranks agree first (one all-reduce of a flag), so all of them stop at the same
+    step: a rank that went on alone would wait in the next collective until the group's timeout. The gradient
+    norm is the same on every rank (DDP averages the gradients; FSDP's norm is global).
+    """
+    finite = torch.isfinite(loss.detach()).reshape(1).float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        here = loss.item()
+        what = f"loss is {here}" if not math.isfinite(here) else f"loss is not finite on another rank (here {here:.4g})"
+        raise FloatingPointError(f"{where}: {what}; stopping before the weights are corrupted")
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"{where}: gradient norm is {norm} (loss {loss.item():.4g}); stopping before the "
+                                 "weights are corrupted")
     optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)

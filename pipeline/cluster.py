@@ -30,7 +30,7 @@ class ClusterConfig:
     # null: start a new local Ray instance (unless RAY_ADDRESS is set, as in a Ray job); "auto" (the cluster
     # `ray start` made here) or "host:port": join
     address: str | None = None
-    num_cpus: int | None = 8  # logical CPUs of a local instance (see the module doc); null: Ray counts the cores
+    num_cpus: int | None = 10  # logical CPUs of a local instance (see the module doc); null: Ray counts the cores
     num_gpus: int | None = None  # of a local instance; null: Ray counts them
     dashboard: bool = True
     dashboard_host: str = "127.0.0.1"  # never another interface unless configured

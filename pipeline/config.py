@@ -19,6 +19,7 @@ from actors.vllm_engine import Sampling
 from pipeline.cluster import ClusterConfig
 from pipeline.config_build import ConfigError, build
 from pipeline.rounds import RoundsConfig
+from pipeline.stages.llm_judge import JudgeConfig
 from pipeline.stages.pretrain import PretrainConfig
 from pipeline.stages.reward_model import RMConfig
 from pipeline.stages.sft import SFTConfig
@@ -48,6 +49,8 @@ class RunConfig:
     # (measured: one sample per prompt left differences of 0.03 in mean helpfulness within sampling noise).
     eval_sampling: Sampling = field(default_factory=lambda: Sampling(n=4, temperature=0.7, max_tokens=48, seed=0))
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    # The LLM judge of every round's win rates (pipeline/stages/llm_judge.py); judge.checkpoint=null: none.
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Policy sizes to start from instead of pretraining tiny ones: {name: HF checkpoint folder}, smallest first
     # (the last one samples for rejection sampling and initialises the reward models).
@@ -65,7 +68,8 @@ class RunConfig:
                 raise ValueError(f"base_models.{name} = {folder!r}{where}: no config.json there (expected a HF "
                                  "checkpoint folder)")
             self.base_models[name] = str(path)
-        self.cluster.check_fits(len(self.base_models) or len(self.pretrain.sizes))
+        sizes = len(self.base_models) or len(self.pretrain.sizes)
+        self.cluster.check_fits(sizes + (self.judge.checkpoint is not None))  # a generator pool each, and the judge's
 
     @property
     def run_dir(self) -> Path:

@@ -22,14 +22,20 @@ from model.config import ModelConfig
 from pipeline.cluster import Pools, connect
 from pipeline.config import ConfigError, RunConfig, register, validate
 from pipeline.data.store import RunStore, digest_config
-from pipeline.rounds import PolicyState, run_round
+from pipeline.evaluation.safety_metrics import SafetyMetrics, safety_metrics, safety_rows
+from pipeline.evaluation.winrate import Proportion, WinRate
+from pipeline.report import RoundResults, RunResults, render_report
+from pipeline.rounds import PolicyState, RoundResult, run_round
 from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.reward_model import table8_markdown
 from pipeline.stages.reward_models import KINDS
 from pipeline.stages.oracle_eval import run_oracle_eval
 from pipeline.stages.sft import train_sft
 from pipeline.stages.pretrain import run_pretrain
+from pipeline.stages.llm_judge import run_llm_judge
+from pipeline.stages.win_rates import run_win_rates
 from pipeline.stages.world import run_world, world_stage_name
+from pipeline.world import World
 
 
 def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfig,
@@ -127,29 +133,24 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
              for name in tables if name.startswith("preferences_b")]
     train_digest = store.stage(0, world_stage_name("prompts_train")).manifest()["content_digest"]
 
-    results = []
+    world = World(config.world)  # GAtt draws its dialogues from the world's tasks and instructions
+    judge_folder = config.judge.folder()
+    judged: dict[int, dict] = {}
+    results: list[RoundResult] = []
+    win_rates: dict[tuple[int, str], dict] = {}
     for r in range(1, config.rounds.count + 1):
         if config.rounds.batches_through(r) > len(weeks):
             print(f"\n== round {r}: no new weekly batch left ({len(weeks)} in the world); stopping")
             break
         started = time.perf_counter()
         result = run_round(store, r, weeks, current, rm_init, tables["prompts_train"], train_digest, config.rounds,
-                           config.rm, pools, lambda r, policy: evaluate(r, f"eval_{policy.name}", policy),
-                           config.cluster.prompts_per_shard, config.world.annotator, config.world.seed)
+                           config.rm, pools, evaluate, config.cluster.prompts_per_shard, world, config.eval_sampling)
         results.append(result)
-        rs = result.rejection
         print(f"\n== round {r} ({time.perf_counter() - started:.0f} s): {store.root / f'round-{r:02d}'}")
-        print(f"  reward models on {result.batches} weekly batches: held-out accuracy (avg) helpfulness "
-              f"{100 * result.rm_accuracy['helpfulness']:.1f}%, safety {100 * result.rm_accuracy['safety']:.1f}%")
-        print(f"  rejection sampling: {rs['prompts']} prompts x K={rs['k']} at T={rs['temperature']:g} from "
-              f"{current[-1].name}; mean best R_c {rs['mean_best_reward']:.3f}, kept {rs['kept']} "
-              f"({rs['from_this_round']} from this round), mean kept R_c {rs['mean_kept_reward']:.3f}")
-        print("  reward vs K (Figure 7): " + ", ".join(f"K={c['k']}: max {c['max']:.3f} median {c['median']:.3f}"
-                                                       for c in rs["reward_vs_k"]))
-        if result.ppo:
-            _print_ppo(result.ppo)
-        for policy in current:
-            print(f"  {policy.name + ' r' + str(r):<12} " + _summary_cells(result.scores[policy.name]))
+        _print_round(result, current)
+        win_rates.update(compare_with_sft(store, result, current, prompts, pools))
+        if judge_folder is not None:  # the largest policy only: the LLM judge is the slowest judge
+            judged[r] = judge_against_sft(store, r, current[-1].name, prompts, config, judge_folder, pools)
 
     print("\n== rounds (oracle on held-out prompts: helpfulness of helpful prompts, unsafe share of adversarial "
           "answers, false refusals)")
@@ -165,6 +166,100 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
         print(f"\n== reward models of round {last}: held-out accuracy (%) by rating beside the paper's Table 8")
         print(table8_markdown({(kind, test): metrics["heldout"][test] for kind, metrics in rms.items()
                                for test in KINDS}))
+    largest = policies[-1].name
+    sft_safety = safety_metrics(safety_rows(prompts, store.stage(0, f"sft_eval_{largest}").read()))
+    path = render_report(store.root, run_results(store, config.run.name, results, win_rates, judged, largest,
+                                                 sft_safety))
+    print(f"\n== report ({largest} policy against its SFT model): {path}")
+
+
+def _print_round(result: RoundResult, current: list[PolicyState]) -> None:
+    rs = result.rejection
+    print(f"  reward models on {result.batches} weekly batches: held-out accuracy (avg) helpfulness "
+          f"{100 * result.rm_accuracy['helpfulness']:.1f}%, safety {100 * result.rm_accuracy['safety']:.1f}%")
+    print(f"  rejection sampling: {rs['prompts']} prompts x K={rs['k']} at T={rs['temperature']:g} from "
+          f"{current[-1].name}; mean best R_c {rs['mean_best_reward']:.3f}, kept {rs['kept']} "
+          f"({rs['from_this_round']} from this round), mean kept R_c {rs['mean_kept_reward']:.3f}")
+    print("  reward vs K (Figure 7): " + ", ".join(f"K={c['k']}: max {c['max']:.3f} median {c['median']:.3f}"
+                                                   for c in rs["reward_vs_k"]))
+    if result.ppo:
+        _print_ppo(result.ppo)
+    for size, gatt in result.gatt.items():
+        turns = [t for t in (1, 2, 4, 6, 20) if t <= len(gatt["before"])]
+        print(f"  GAtt {size}: {gatt['dialogues']} dialogues; adherence (%) by turn, before -> after: " + ", ".join(
+            f"{t}: {100 * gatt['before'][t - 1].rate:.0f} -> {100 * gatt['after'][t - 1].rate:.0f}" for t in turns))
+    for size, cd in result.distillation.items():
+        c = cd["counts"]
+        print(f"  context distillation {size}: kept {c['kept']} of {c['prompts']} adversarial prompts (not safer "
+              f"{c['not_safer']}, empty {c['empty']}, echoes the preprompt {c['echoes_preprompt']}, too long "
+              f"{c['too_long']}); before it: {_summary_cells(cd['before']).strip()}")
+    for policy in current:
+        print(f"  {policy.name + ' r' + str(result.round):<12} " + _summary_cells(result.scores[policy.name]))
+
+
+def compare_with_sft(store: RunStore, result: RoundResult, current: list[PolicyState], prompts: pa.Table,
+                     pools: Pools) -> dict[tuple[int, str], dict]:
+    """Each size's win rates against its own SFT model, judged by the round's RMs and the oracle (cached)."""
+    out = {}
+    for policy in current:
+        wins, _ = run_win_rates(store, result.round, f"winrate_{policy.name}", f"eval_{policy.name}",
+                                (0, f"sft_eval_{policy.name}"), prompts, result.rm_digest,
+                                lambda: pools.scorer(*result.rm_dirs))
+        out[(result.round, policy.name)] = wins
+        print(f"  {policy.name + ' r' + str(result.round):<12} win rate vs its SFT (ties apart): " + ", ".join(
+            f"{judge} {aspect} {_rate(w)}" for judge, by in wins["win_rates"].items() for aspect, w in by.items()))
+    return out
+
+
+def judge_against_sft(store: RunStore, round: int, size: str, prompts: pa.Table, config: RunConfig,  # noqa: A002
+                      folder: Path, pools: Pools) -> dict:
+    """The LLM judge's verdicts on the `size` policy against its SFT model (cached)."""
+    verdicts, _ = run_llm_judge(store, round, f"judge_{size}", f"eval_{size}", (0, f"sft_eval_{size}"), prompts,
+                                config.judge, folder, lambda: pools.generator("judge", folder, config.judge.context))
+    print(f"  {size + ' r' + str(round):<12} LLM judge ({folder.name}, {verdicts['comparisons']} prompts): "
+          + ", ".join(f"{aspect} {_rate(w)}" for aspect, w in verdicts["win_rates"].items())
+          + f"; agrees with the oracle {_ci(verdicts['agreement']['overall'])}, position-swap consistency "
+          f"{_ci(verdicts['consistency'])}")
+    return verdicts
+
+
+GATT_LABELS = (("before GAtt", "before"), ("GAtt", "after"))  # the report's columns, run_gatt's keys
+
+
+def run_results(store: RunStore, name: str, results: list[RoundResult], win_rates: dict[tuple[int, str], dict],
+                judged: dict[int, dict], size: str, sft_safety: SafetyMetrics) -> RunResults:
+    """The report's data for the `size` policy, from the rounds' results and stage manifests."""
+    rounds = [RoundResults(0, "SFT", safety=sft_safety)]
+    for result in results:
+        wins = win_rates[(result.round, size)]
+        by_judge = {judge: {aspect: WinRate.from_dict(w) for aspect, w in by.items()}
+                    for judge, by in wins["win_rates"].items()}
+        trust = {f"reward models ({aspect})": {"agreement": Proportion.from_dict(a["overall"])}
+                 for aspect, a in wins["rm_agreement"].items()}
+        if result.round in judged:
+            verdicts = judged[result.round]
+            by_judge["LLM judge"] = {a: WinRate.from_dict(w) for a, w in verdicts["win_rates"].items()}
+            trust["LLM judge"] = {"agreement": Proportion.from_dict(verdicts["agreement"]["overall"]),
+                                  "consistency": Proportion.from_dict(verdicts["consistency"])}
+        rms = {kind: store.stage(result.round, f"rm_{kind}").manifest()["extra"]["metrics"] for kind in KINDS}
+        rounds.append(RoundResults(
+            result.round, f"RLHF-V{result.round}",
+            win_rates=by_judge,
+            reward_vs_k=result.rejection["reward_vs_k"],
+            reward_vs_temperature=result.rejection.get("reward_vs_temperature") or [],
+            rm_accuracy={(kind, test): m["heldout"][test] for kind, m in rms.items() for test in KINDS},
+            ppo_iterations=(result.ppo or {}).get("iterations", []), ppo_heldout=(result.ppo or {}).get("heldout", []),
+            gatt_adherence={label: result.gatt[size][key] for label, key in GATT_LABELS if size in result.gatt},
+            safety=SafetyMetrics.from_dict(wins["safety"]), judge_trust=trust))
+    return RunResults(name, rounds)
+
+
+def _ci(p: dict) -> str:
+    return "-" if p["value"] is None else f"{p['value']:.0%} ({p['low']:.0%}-{p['high']:.0%}, n={p['n']})"
+
+
+def _rate(row: dict) -> str:
+    return "-" if row["win_rate"] is None else f"{row['win_rate']:.0%} ({row['ties']} ties)"
 
 
 def _print_ppo(ppo: dict) -> None:

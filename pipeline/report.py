@@ -61,6 +61,9 @@ class RoundResults:
     ppo_iterations: list[dict[str, Any]] = field(default_factory=list)
     ppo_heldout: list[dict[str, Any]] = field(default_factory=list)
     safety: SafetyMetrics | None = None
+    # How far each judge can be trusted: judge -> {"agreement": overall agreement with the oracle, and for the LLM
+    # judge "consistency": position-swap consistency}, as Proportions.
+    judge_trust: dict[str, dict[str, Proportion]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -260,6 +263,17 @@ def _safety(results: RunResults) -> Rendered:
     return Rendered(lines)
 
 
+def _judge_trust(results: RunResults) -> Rendered:
+    rounds = _with(results, "judge_trust")
+    rows = [(r.name, judge, _with_ci(trust["agreement"]),
+             _with_ci(trust["consistency"]) if "consistency" in trust else "-")
+            for r in rounds for judge, trust in r.judge_trust.items()]
+    return Rendered(["Agreement: the judge prefers the answer the oracle prefers (a tie matches only a tie); "
+                     "consistency: the LLM judge names the same answer with A and B swapped. Wilson 95% intervals.",
+                     "", *_table(("round", "judge", "agrees with the oracle % (95% CI)",
+                                  "position-swap consistency % (95% CI)"), rows)])
+
+
 # name (the plot's file stem), title, builder
 SECTIONS: tuple[tuple[str, str, Callable[[RunResults], Rendered]], ...] = (
     ("win_rate", "Helpfulness vs harmlessness win rate (Figure 11)", _win_rates),
@@ -269,6 +283,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[RunResults], Rendered]], ...] = (
     ("gatt_adherence", "GAtt: instruction adherence per turn (Table 30)", _gatt),
     ("ppo", "PPO: reward and KL per iteration", _ppo),
     ("safety", "Safety: violations and false refusals", _safety),
+    ("judge_trust", "How far the judges agree with the oracle", _judge_trust),
 )
 
 

@@ -17,9 +17,15 @@ import pyarrow as pa
 import torch
 
 from model.tokenizer import load_tokenizer
+from actors.pool import Pool
+from actors.vllm_engine import Sampling
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore, StageStore, digest_config
 from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage, model_digest
+from pipeline.stages.context_distillation import ContextDistillationConfig
+from pipeline.stages.context_distillation_stage import run_context_distillation
+from pipeline.stages.gatt import GAttConfig
+from pipeline.stages.gatt_stage import run_gatt
 from pipeline.stages.oracle_eval import eval_prompts, stop_ids
 from pipeline.stages.policy_preferences import policy_pairs
 from pipeline.stages.ppo import PPOConfig, run_ppo_loop
@@ -28,6 +34,7 @@ from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
 from pipeline.stages.reward_model import RMConfig
 from pipeline.stages.reward_models import run_reward_models
 from pipeline.stages.sft import train_sft
+from pipeline.world import World
 from pipeline.world.config import AnnotatorConfig
 
 
@@ -45,6 +52,10 @@ class RoundsConfig:
     # Pairs of the previous round's own samples, rated by the world's annotator, added to each round's data from
     # round 2 on (pipeline/stages/policy_preferences.py); 0: only the prebuilt weekly batches.
     policy_pairs: int = 0
+    # Ghost Attention and safety context distillation on every size, from their `gatt_from` / `distill_from`
+    # round on (0: never); both fine-tune with `rejection.sft`'s settings.
+    gatt: GAttConfig = field(default_factory=GAttConfig)
+    context_distillation: ContextDistillationConfig = field(default_factory=ContextDistillationConfig)
 
     def __post_init__(self) -> None:
         errors = []
@@ -89,14 +100,21 @@ class RoundResult:
     rejection: dict
     scores: dict[str, list[dict]]  # size -> oracle scores per category
     ppo: dict | None  # PPO's metrics per iteration, when the round ran it
+    rm_dirs: tuple[Path, Path]  # this round's (helpfulness, safety) reward models
+    rm_digest: str
+    gatt: dict[str, dict]  # size -> run_gatt's result, when the round ran GAtt
+    distillation: dict[str, dict]  # size -> {"counts", "training", "before"}, when it ran context distillation
 
 
 def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]],  # noqa: A002
               policies: list[PolicyState], rm_init: PolicyState, prompts_train: pa.Table, train_digest: str,
               config: RoundsConfig, rm_config: RMConfig, pools: Pools,
-              evaluate: Callable[[int, PolicyState], list[dict]], shard_rows: int,
-              annotator: AnnotatorConfig | None = None, world_seed: int = 0) -> RoundResult:
-    """One round; `policies` (smallest first) are moved on to this round's checkpoints in place."""
+              evaluate: Callable[[int, str, PolicyState], list[dict]], shard_rows: int, world: World,
+              sampling: Sampling) -> RoundResult:
+    """One round; `policies` (smallest first) are moved on to this round's checkpoints in place.
+    `evaluate(round, stage name, policy)` scores a policy with the oracle; `sampling` is the evaluation's, which
+    GAtt and context distillation sample with too (one answer per prompt)."""
+    annotator, world_seed = world.config.annotator, world.config.seed
     ingested = weeks[:config.batches_through(round)]
     if config.policy_pairs:
         ingested += [policy_batch(store, r, prompts_train, config.policy_pairs, annotator, world_seed)
@@ -127,9 +145,25 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     if config.ppo_from and round >= config.ppo_from:
         ppo = _ppo(store, round, sampler, help_dir, safe_dir, rm_digest, prompts_train, train_digest, config.ppo,
                    pools)
-    scores = {policy.name: evaluate(round, policy) for policy in policies}
+    def generators_of(policy: PolicyState) -> Callable[[Path], Pool]:
+        return lambda checkpoint: pools.generator(policy.name, checkpoint, policy.context)
+
+    gatt, distillation = {}, {}
+    if config.gatt.gatt_from and round >= config.gatt.gatt_from:
+        for policy in policies:
+            gatt[policy.name] = run_gatt(store, round, world, policy, config.gatt, config.rejection.sft, sampling,
+                                         generators_of(policy), pools.train, (demonstrations, kept_digest))
+    if config.context_distillation.distill_from and round >= config.context_distillation.distill_from:
+        for policy in policies:
+            before = evaluate(round, f"eval_before_cd_{policy.name}", policy)  # its effect on the same prompts
+            distillation[policy.name] = {"before": before, **run_context_distillation(
+                store, round, policy, prompts_train, train_digest, rm_digest, config.context_distillation,
+                config.rejection.sft, sampling, generators_of(policy), lambda: pools.scorer(help_dir, safe_dir),
+                pools.train)}
+    scores = {policy.name: evaluate(round, f"eval_{policy.name}", policy) for policy in policies}
     accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
-    return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo)
+    return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo, (help_dir, safe_dir), rm_digest, gatt,
+                       distillation)
 
 
 def policy_batch(store: RunStore, round: int, prompts_train: pa.Table, count: int,  # noqa: A002
@@ -164,7 +198,7 @@ def _ppo(store: RunStore, round: int, policy: PolicyState, help_dir: Path, safe_
         return run_ppo_loop(out, start_checkpoint, help_dir, train, heldout, config, stop_ids(tokenizer),
                             pools.generator(policy.name, start_checkpoint, policy.context),
                             pools.scorer(help_dir, safe_dir), pools.trainers(),
-                            lambda folder: pools.sync_generator(policy.name, folder))
+                            lambda folder: pools.sync_generator(policy.name, folder), round)
 
     _, metrics, _ = checkpoint_stage(
         store, round, "ppo", {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},

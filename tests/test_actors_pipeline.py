@@ -1,4 +1,5 @@
-"""The pools together on real Ray and real vLLM: generate -> score -> a DDP step -> export -> reload in place.
+"""The pools together on real Ray and real vLLM: generate -> score -> a DDP step -> export -> reload in place,
+and the generators' Ray metrics (llama2_generated_tokens, llama2_generation_tokens_per_second) on the endpoint.
 
 Two vLLM engines for the whole module (each ~25 s to start, ~2 GB), a tiny policy with head_dim 32 (the
 smallest vLLM's CPU attention serves) and its own SentencePiece tokenizer.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from actors.scorer import SAFETY_THRESHOLD, Scorer, combined_reward
 from actors.trainer import RankContext, TrainerGroup
 from actors.vllm_engine import EngineConfig, Sampling
 from conftest import tiny_model
+from metrics_helpers import one, wait_for
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.llama import greedy_generate
 from model.lm_training import forward_loss
@@ -29,6 +33,8 @@ from model.optim import adamw
 from model.packing import pack
 from model.tokenizer import SentencePieceTokenizer, load_tokenizer
 from pipeline.data.schemas import SAMPLES
+from pipeline.data.store import RunStore
+from pipeline.stages.rejection_sampling import sample_and_score
 
 WORDS = ("the a cat dog sat on mat ran fast slow red blue green big small house tree river sun moon star one two "
          "three four five help safe answer question please thanks").split()
@@ -55,8 +61,16 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def generators(ray_session, folders):
-    config = PoolConfig("gen", size=2, num_cpus=1, call_timeout_s=120, start_timeout_s=240, max_restarts=1)
+    config = PoolConfig("gen", size=2, num_cpus=1, call_timeout_s=120, start_timeout_s=600, max_restarts=1)
     with Pool(Generator, config, str(folders["policy"]), EngineConfig(max_model_len=256)) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def scorers(ray_session, folders):
+    """Two scorer actors (the fault tests kill one); Ray restarts each up to 3 times."""
+    config = PoolConfig("score", size=2, num_cpus=0.5, call_timeout_s=120, start_timeout_s=120, max_restarts=3)
+    with Pool(Scorer, config, str(folders["rm_help"]), str(folders["rm_safe"]), max_batch_tokens=256) as pool:
         yield pool
 
 
@@ -156,9 +170,37 @@ def test_generate_score_train_export_and_reload(generators, trainers, folders):
 
 
 @pytest.mark.vllm
+def test_generators_report_tokens_and_rate_to_ray_metrics(generators, folders):
+    """One generate call per generator (a round and sampler no other test uses): each actor's counter holds the
+    tokens its engine generated, its gauge that call's engine rate, tagged with the pool and the actor's name.
+
+    Before the kill test: a killed actor's series would be another process's. The pool stays up until the scrape.
+    """
+    prompts = prompts_table(folders, 6, seed=3)
+    sampling = Sampling(n=2, temperature=1.0, max_tokens=12, seed=3)
+    before = generators.broadcast("stats")
+    tables = generators.scatter("generate", [(half, sampling, 9, "metrics") for half in (prompts[:3], prompts[3:])])
+    after = generators.broadcast("stats")
+    tags = [dict(pool="gen", actor=name, round="9", sampler="metrics") for name in generators.names]
+    assert [t["actor"] for t in tags] == ["gen-0", "gen-1"]
+    series = wait_for([(name, t) for t in tags for name in ("ray_llama2_generated_tokens_total",
+                                                            "ray_llama2_generation_tokens_per_second")])
+    for table, t, b, a in zip(tables, tags, before, after):
+        tokens, seconds = a.generated_tokens - b.generated_tokens, a.seconds - b.seconds
+        assert tokens == sum(len(ids) for ids in table.column("token_ids").to_pylist()) > 0 and seconds > 0
+        assert one(series, "ray_llama2_generated_tokens_total", **t) == tokens
+        assert one(series, "ray_llama2_generation_tokens_per_second", **t) == pytest.approx(tokens / seconds,
+                                                                                          rel=1e-6)
+
+
+@pytest.mark.vllm
 def test_a_generator_killed_mid_stage_still_answers_every_prompt_once(generators, folders):
     prompts = prompts_table(folders, 36, seed=2)
     shards = [prompts.slice(at, 6) for at in range(0, 36, 6)]
+    sampling = Sampling(n=2, temperature=1.0, max_tokens=16, seed=2)
+    start = time.monotonic()
+    undisturbed = pa.concat_tables(generators.map_shards("generate", shards, sampling, 1, "policy"))
+    print(f"generator undisturbed: {time.monotonic() - start:.1f} s")
     pids = {h.name: h.pid for h in generators.health()}
     killed: list[int] = []
 
@@ -167,14 +209,101 @@ def test_a_generator_killed_mid_stage_still_answers_every_prompt_once(generators
             os.kill(pids["gen-0"], signal.SIGKILL)
             killed.append(index)
 
-    tables = generators.map_shards("generate", shards, Sampling(n=2, temperature=1.0, max_tokens=16, seed=2), 1,
-                                   "policy", on_result=kill_gen0_once)
+    failures_before = len(generators.failures)
+    start = time.monotonic()
+    tables = generators.map_shards("generate", shards, sampling, 1, "policy", on_result=kill_gen0_once)
+    print(f"generator kill: {time.monotonic() - start:.1f} s, failures {generators.failures[failures_before:]}")
     samples = pa.concat_tables(tables)
     assert killed and any(f.actor == "gen-0" for f in generators.failures)
+    # Per-request seeds (prompt id): the retried shard samples exactly what the undisturbed run sampled.
+    assert samples.equals(undisturbed)
     assert Counter(samples.column("prompt_id").to_pylist()) == {pid: 2 for pid in prompts.column("id").to_pylist()}
     indexes = Counter(zip(samples.column("prompt_id").to_pylist(), samples.column("sample_index").to_pylist()))
     assert set(indexes.values()) == {1} and len(indexes) == 72
     assert [t.column("prompt_id").to_pylist()[0] for t in tables] == [f"p2-{at}" for at in range(0, 36, 6)]
+
+
+@pytest.mark.vllm
+def test_a_scorer_killed_mid_call_rescores_its_shard_once_with_the_same_rewards(generators, scorers, folders):
+    """Scoring 12 shards on two scorers; scorer-0 gets SIGKILL when the first shard is back (it is mid-shard or
+    has just been given the next one): that shard is retried once, every row is scored once, the rewards are
+    those of an undisturbed run bit for bit."""
+    prompts = prompts_table(folders, 24, seed=5)
+    [samples] = generators.map_shards("generate", [prompts], Sampling(n=2, temperature=1.0, max_tokens=16, seed=5),
+                                      1, "policy")
+    shards = [samples.slice(at, 4) for at in range(0, samples.num_rows, 4)]
+    start = time.monotonic()
+    undisturbed = pa.concat_tables(scorers.map_shards("score", shards))
+    print(f"scorer undisturbed: {time.monotonic() - start:.1f} s")
+    pids = {h.name: h.pid for h in scorers.health()}
+    killed: list[int] = []
+
+    def kill_scorer0_once(index: int, _result: pa.Table) -> None:
+        if not killed:
+            os.kill(pids["score-0"], signal.SIGKILL)
+            killed.append(index)
+
+    failures_before = len(scorers.failures)
+    start = time.monotonic()
+    scored = scorers.map_shards("score", shards, on_result=kill_scorer0_once)
+    seconds = time.monotonic() - start
+    new = scorers.failures[failures_before:]
+    print(f"scorer kill mid-call: {seconds:.1f} s, failures {new}")
+    assert killed and len(new) == 1 and new[0].actor == "score-0" and new[0].shard is not None
+    assert new[0].cause.startswith("actor died (")
+    assert pa.concat_tables(scored).equals(undisturbed)
+    assert Counter(undisturbed.column("prompt_id").to_pylist()) == {pid: 2 for pid in prompts.column("id").to_pylist()}
+    after = {h.name: h for h in scorers.health()}  # waits for the restart
+    assert after["score-0"].pid != pids["score-0"] and after["score-0"].state == "ready"
+
+
+def kill_when_written(path: Path, pid: int, timeout_s: float = 300.0) -> threading.Thread:
+    """SIGKILL to `pid` as soon as `path` exists (a stage's first shard): the stage is half done."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.vllm
+def test_a_scorer_killed_mid_stage_leaves_the_rejection_sampling_output_exact(generators, scorers, folders,
+                                                                              tmp_path):
+    """The rejection-sampling stage (generate, score, mark the best, one shard at a time) with scorer-0 killed
+    once its first shard is written: the stage finishes with the same table as an undisturbed run, every
+    (prompt, sample) once. The kill lands while the generator works on shard 1, so the pool's health check sees
+    the death before the next score call and gives it to scorer-1 (no shard retry needed)."""
+    prompts = prompts_table(folders, 24, seed=6)
+    sampling = Sampling(n=2, temperature=1.0, max_tokens=16, seed=6)
+
+    def stage(root: Path) -> pa.Table:
+        table, cached = sample_and_score(store=RunStore(root), round=1, name="rs_samples", inputs={"prompts": "p6"},
+                                         table=prompts, sampling=sampling, sampler="policy",
+                                         generators=lambda: generators, scorers=lambda: scorers, shard_rows=4)
+        assert not cached
+        return table
+
+    start = time.monotonic()
+    undisturbed = stage(tmp_path / "undisturbed")
+    print(f"stage undisturbed: {time.monotonic() - start:.1f} s")
+    pids = {h.name: h.pid for h in scorers.health()}
+    failures_before = len(scorers.failures)
+    watcher = kill_when_written(tmp_path / "killed" / "round-01" / "rs_samples" / "part-00000.parquet",
+                                pids["score-0"])
+    start = time.monotonic()
+    table = stage(tmp_path / "killed")
+    print(f"scorer kill mid-stage: {time.monotonic() - start:.1f} s, shard failures "
+          f"{scorers.failures[failures_before:]}")
+    watcher.join(timeout=10)
+    assert not watcher.is_alive()
+    assert table.equals(undisturbed) and table.num_rows == 48
+    assert len(set(zip(table.column("prompt_id").to_pylist(), table.column("sample_index").to_pylist()))) == 48
+    after = {h.name: h for h in scorers.health()}
+    assert after["score-0"].pid != pids["score-0"] and after["score-0"].failures >= 1
 
 
 @pytest.mark.parametrize("r_help, r_safe, is_safety, expected", [

@@ -7,6 +7,7 @@ This module imports little: Ray workers import it to unpickle the actor class, o
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -126,6 +127,35 @@ def test_a_hanging_call_times_out_and_its_actor_is_restarted(ray_session):
         [health] = pool.health()
         assert health.state == "ready" and health.failures == 2
         assert pool.map_shards("work", [0, 2]) == [0, 20]
+
+
+class Teammate(PoolActor):
+    """An actor of a team (like the ranks of one process group) that fails in its own way, a moment after starting
+    (so every member's call has started)."""
+
+    def act(self, how: str) -> str:
+        time.sleep(0.5)
+        if how == "raise":
+            raise ValueError("lost my peer")
+        if how == "die":
+            os._exit(1)
+        if how == "hang":
+            time.sleep(3600)
+        return how
+
+
+def test_scatter_with_settle_names_every_failed_actor_the_root_cause_first(ray_session):
+    """The trainer group's mode: actor 0 raises, actor 1 dies, actor 2 hangs, actor 3 finishes. The call waits
+    settle_s for the others after the first failure, then one PoolError names the three, the death first."""
+    config = PoolConfig("settle", size=4, **{**LIGHT, "num_cpus": 0.1, "call_timeout_s": 7.0})
+    with Pool(Teammate, config) as pool:
+        start = time.monotonic()
+        with pytest.raises(PoolError) as raised:
+            pool.scatter("act", [("raise",), ("die",), ("hang",), ("finish",)], settle_s=4.0)
+        assert time.monotonic() - start < 6.5  # settle_s after the first failure, not the hung call's timeout
+        assert re.fullmatch(r"pool 'settle': act\(\) call failed once; last on actor 'settle-1': actor died \(.+\); "
+                            r"also act\(\) call failed on actor 'settle-0': ValueError: lost my peer; "
+                            r"still running 4 s after the first failure on 'settle-2'", str(raised.value)), raised.value
 
 
 def test_a_restarted_actor_replays_the_remembered_calls_before_new_work(ray_session):

@@ -117,7 +117,7 @@ def test_cluster_configs_build_pool_configs(cluster):
 @pytest.mark.parametrize("overrides, message", [
     (["cluster.trainer.size=0"], r"cluster\.trainer: pool 'trainer': size = 0: must be an integer >= 1"),
     (["cluster.generator.strategy=STRICT"], r"strategy = 'STRICT': must be one of PACK, SPREAD"),
-    (["cluster.num_cpus=4"], r"cluster.num_cpus = 4: the pools reserve 8 CPUs \(2 generator pool\(s\)"),
+    (["cluster.num_cpus=4"], r"cluster.num_cpus = 4: the pools reserve 10 CPUs \(3 generator pool\(s\)"),
     (["cluster.dashboard_port=0"], r"cluster.dashboard_port = 0: must be a TCP port"),
 ])
 def test_bad_cluster_values_name_the_key(overrides, message):

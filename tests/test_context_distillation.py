@@ -47,14 +47,14 @@ def batch(prompts, tok) -> DistillationBatch:
 # --- config and preprompts ---------------------------------------------------------------------------------
 
 def test_config_names_each_bad_value():
-    with pytest.raises(ValueError, match=r"^context_distillation.prompts = -1: must be >= 0$"):
+    with pytest.raises(ValueError, match=r"^rounds.context_distillation.prompts = -1: must be >= 0$"):
         ContextDistillationConfig(prompts=-1)
     with pytest.raises(ValueError, match=r"n_adjectives = 5: must be in \[1, 4\]"):
         ContextDistillationConfig(n_adjectives=5)
     with pytest.raises(ValueError) as err:
         ContextDistillationConfig(distill_from=-2, adjectives=[])
-    assert str(err.value).splitlines() == ["context_distillation.distill_from = -2: must be >= 0",
-                                           "context_distillation.adjectives = []: one or more non-empty words"]
+    assert str(err.value).splitlines() == ["rounds.context_distillation.distill_from = -2: must be >= 0",
+                                           "rounds.context_distillation.adjectives = []: one or more non-empty words"]
 
 
 def test_preprompt_is_templated_from_the_adjectives():
@@ -113,6 +113,11 @@ def test_distillation_prompts_are_adversarial_with_and_without_the_preprompt(bat
     assert every.prompts.num_rows == n_safety and all(p.template is None for p in every.preprompts.values())
     again = distillation_prompts(prompts, tok, CONFIG)
     assert again.preprompts == batch.preprompts and again.preprompted.equals(batch.preprompted)
+    lengths = sorted(len(p) for p in batch.preprompted.column("prompt_token_ids").to_pylist())
+    short = distillation_prompts(prompts, tok, CONFIG, max_prompt_tokens=lengths[len(lengths) // 2])
+    assert short.too_long > 0 and short.prompts.num_rows + short.too_long == batch.prompts.num_rows
+    assert all(len(p) <= lengths[len(lengths) // 2] for p in short.preprompted.column("prompt_token_ids").to_pylist())
+    assert set(short.preprompts) == set(short.plain.column("id").to_pylist())
 
 
 # --- the two generations on stand-in pools, selection, demonstrations ----------------------------------------

@@ -74,6 +74,9 @@ def test_wilson_interval_known_values_and_bounds():
     assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(0, 5)[1] > 0.0  # never the degenerate [0, 0]
     assert wilson_interval(5, 5)[1] == 1.0 and wilson_interval(5, 5)[0] < 1.0
+    for successes, n in ((0, 28), (13, 13), (0, 1), (7, 7)):  # float noise never puts p outside its interval
+        low, high = wilson_interval(successes, n)
+        assert low <= successes / n <= high
     assert wilson_interval(0, 0) is None
     for successes in range(0, 21):
         low, high = wilson_interval(successes, 20)

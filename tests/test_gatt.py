@@ -76,13 +76,13 @@ def segments(ids: list[int], bos: int) -> list[list[int]]:
 
 def test_config_names_each_bad_value():
     assert GAttConfig().short_prob == 0.5
-    with pytest.raises(ValueError, match=r"^gatt.turns = 0: must be > 0$"):
+    with pytest.raises(ValueError, match=r"^rounds.gatt.turns = 0: must be > 0$"):
         GAttConfig(turns=0)
     with pytest.raises(ValueError) as err:
         GAttConfig(gatt_from=-1, dialogues=-2, short_prob=1.5)
-    assert str(err.value).splitlines() == ["gatt.gatt_from = -1: must be >= 0 (0: never)",
-                                           "gatt.dialogues = -2: must be > 0",
-                                           "gatt.short_prob = 1.5: must be in [0, 1]"]
+    assert str(err.value).splitlines() == ["rounds.gatt.gatt_from = -1: must be >= 0 (0: never)",
+                                           "rounds.gatt.dialogues = -2: must be > 0",
+                                           "rounds.gatt.short_prob = 1.5: must be in [0, 1]"]
 
 
 def test_instructions_combine_kinds_at_random_and_half_are_short():
@@ -191,6 +191,13 @@ def test_fit_history_keeps_the_first_and_last_turns(dialogues, tok):
     prompt = gatt_sampling_prompt(d.user_turns, answers[:-1], d.instruction)
     short = fit_history(prompt, tok, len(encode_chat(tok, [*prompt[:2], prompt[-1]]).input_ids))
     assert short == [*prompt[:2], prompt[-1]]
+
+
+def test_a_dialogue_that_outgrows_the_context_ends_unfinished(dialogues, tok):
+    first_turn = gatt_sampling_prompts(dialogues, [[] for _ in dialogues], tok, 10_000)
+    longest = max(len(ids) for ids in first_turn.column("prompt_token_ids").to_pylist())
+    assert gatt_sampling_prompts(dialogues, [[] for _ in dialogues], tok, longest).num_rows == len(dialogues)
+    assert gatt_sampling_prompts(dialogues, [[] for _ in dialogues], tok, longest - 1).num_rows < len(dialogues)
 
 
 def test_demonstrations_and_examples_train_on_the_last_answer_only(dialogues, tok):

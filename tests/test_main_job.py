@@ -53,6 +53,15 @@ def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
     assert len(ppo["iterations"]) >= 1 and {"kl", "r_combined", "sync_s"} <= set(ppo["iterations"][0])
     assert "== round 1" in first and re.search(r"^  1\s+large\s+\d\.\d\d", first, re.M)
     assert config.count >= 1
+    # Win rates against the SFT model (RMs and oracle) and the run report with its plots.
+    wins = store.stage(1, "winrate_large").manifest()["extra"]
+    assert set(wins["win_rates"]) == {"reward models", "oracle"}
+    asked_for_help = sum(c in ("helpful", "borderline") for c in prompts.column("category").to_pylist())
+    assert sum(wins["win_rates"]["oracle"]["helpfulness"][k] for k in ("wins", "ties", "losses")) == asked_for_help
+    report = (run_dir / "report.md").read_text()
+    for plot in ("win_rate", "reward_vs_k", "rm_accuracy", "ppo"):
+        assert f"plots/{plot}.png" in report and (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
+    assert any((run_dir / "tensorboard").iterdir())
     manifests = {p: p.read_text() for p in run_dir.rglob("manifest.json")}
 
     second = run_main(tmp_path)

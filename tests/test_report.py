@@ -10,7 +10,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.evaluation.safety_metrics import SafetyRow, safety_metrics
-from pipeline.evaluation.winrate import WinRate
+from pipeline.evaluation.winrate import Proportion, WinRate
 from pipeline.report import (EVENTS, PLOTS, REPORT, SECTIONS, TENSORBOARD, RoundResults, RunResults, render_report,
                              scalars)
 from pipeline.stages.gatt import TurnAdherence
@@ -48,7 +48,9 @@ def full_results() -> RunResults:
             ppo_iterations=[{"iteration": i, "r_combined": 0.66 + 0.01 * i, "kl": 0.02 * i, "r_help": 0.5}
                             for i in range(1, 6)] if r == 3 else [],
             ppo_heldout=[{"iteration": i, "heldout_reward": 0.74 - 0.001 * i} for i in (0, 2, 4, 5)] if r == 3 else [],
-            safety=safety))
+            safety=safety,
+            judge_trust={"reward models (helpfulness)": {"agreement": Proportion(30, 60)},
+                         "LLM judge": {"agreement": Proportion(20, 48), "consistency": Proportion(12, 48)}}))
     return RunResults(name="tiny", rounds=rounds, baseline="SFT (large)")
 
 
@@ -64,7 +66,7 @@ def test_report_with_every_plot(tmp_path: Path):
     text = path.read_text()
     assert "Skipped" not in text
     linked = re.findall(r"!\[[^\]]*\]\((plots/[^)]+\.png)\)", text)
-    expected = {f"{PLOTS}/{name}.png" for name, _, _ in SECTIONS if name != "safety"}  # safety is a table
+    expected = {f"{PLOTS}/{name}.png" for name, _, _ in SECTIONS if name not in ("safety", "judge_trust")}  # tables
     assert set(linked) == expected
     for link in linked:
         with Image.open(tmp_path / link) as image:

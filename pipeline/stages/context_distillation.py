@@ -57,11 +57,11 @@ class ContextDistillationConfig:
         errors = []
         for name in ("distill_from", "prompts"):
             if getattr(self, name) < 0:
-                errors.append(f"context_distillation.{name} = {getattr(self, name)}: must be >= 0")
+                errors.append(f"rounds.context_distillation.{name} = {getattr(self, name)}: must be >= 0")
         if not self.adjectives or not all(isinstance(a, str) and a.strip() for a in self.adjectives):
-            errors.append(f"context_distillation.adjectives = {self.adjectives}: one or more non-empty words")
+            errors.append(f"rounds.context_distillation.adjectives = {self.adjectives}: one or more non-empty words")
         elif not 1 <= self.n_adjectives <= len(self.adjectives):
-            errors.append(f"context_distillation.n_adjectives = {self.n_adjectives}: must be in "
+            errors.append(f"rounds.context_distillation.n_adjectives = {self.n_adjectives}: must be in "
                           f"[1, {len(self.adjectives)}] (the number of adjectives)")
         if errors:
             raise ValueError("\n".join(errors))
@@ -130,6 +130,7 @@ class DistillationBatch:
     preprompts: dict[str, Preprompt]  # prompt id -> its preprompt
     plain: pa.Table  # generator input (id, prompt_token_ids, is_safety), no preprompt
     preprompted: pa.Table  # the same ids, with the preprompt
+    too_long: int = 0  # prompts left out: with the preprompt they do not fit the model's context
 
 
 def _generator_input(ids: list[str], prompt_ids: list[list[int]]) -> pa.Table:
@@ -137,10 +138,11 @@ def _generator_input(ids: list[str], prompt_ids: list[list[int]]) -> pa.Table:
                      "is_safety": pa.array([True] * len(ids), pa.bool_())})
 
 
-def distillation_prompts(prompts: pa.Table, tokenizer: Tokenizer,
-                         config: ContextDistillationConfig) -> DistillationBatch:
+def distillation_prompts(prompts: pa.Table, tokenizer: Tokenizer, config: ContextDistillationConfig,
+                         max_prompt_tokens: int | None = None) -> DistillationBatch:
     """The adversarial (is_safety) rows of a PROMPTS table, `config.prompts` of them at random (0: all), and the
-    two generator inputs: without and with a preprompt drawn per prompt (seeded by config.seed)."""
+    two generator inputs: without and with a preprompt drawn per prompt (seeded by config.seed). Prompts whose
+    preprompted form is longer than `max_prompt_tokens` are left out (counted in `too_long`)."""
     rng = random.Random(config.seed)
     rows = [i for i, safe in enumerate(prompts.column("is_safety").to_pylist()) if safe]
     if not rows:
@@ -151,10 +153,14 @@ def distillation_prompts(prompts: pa.Table, tokenizer: Tokenizer,
     ids = chosen.column("id").to_pylist()
     messages = chosen.column("messages").to_pylist()
     preprompts = {pid: preprompt_for(rng, c, config) for pid, c in zip(ids, chosen.column("category").to_pylist())}
+    with_ids = [encode_prompt(tokenizer, with_preprompt(m, preprompts[pid].text)) for pid, m in zip(ids, messages)]
+    fits = [max_prompt_tokens is None or len(p) <= max_prompt_tokens for p in with_ids]
+    keep = [i for i, ok in enumerate(fits) if ok]
+    chosen = chosen.take(pa.array(keep, pa.int64()))
+    ids, messages, with_ids = [ids[i] for i in keep], [messages[i] for i in keep], [with_ids[i] for i in keep]
     plain = _generator_input(ids, [encode_prompt(tokenizer, m) for m in messages])
-    preprompted = _generator_input(ids, [encode_prompt(tokenizer, with_preprompt(m, preprompts[pid].text))
-                                         for pid, m in zip(ids, messages)])
-    return DistillationBatch(chosen, preprompts, plain, preprompted)
+    return DistillationBatch(chosen, {pid: preprompts[pid] for pid in ids}, plain, _generator_input(ids, with_ids),
+                             too_long=len(fits) - len(keep))
 
 
 def score_without_preprompt(preprompted_samples: pa.Table, plain: pa.Table) -> pa.Table:

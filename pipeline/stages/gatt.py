@@ -44,7 +44,7 @@ from model.tokenizer import Tokenizer
 from pipeline.data.schemas import DEMONSTRATIONS
 from pipeline.stages.sft import check_positive, check_ratio
 from pipeline.world import SPLITS, World, judge_dialogue
-from pipeline.world.dialogue import Instruction, instruction_from_key, instruction_keys, instruction_shape
+from pipeline.world.dialogue import Instruction, follows, instruction_from_key, instruction_keys, instruction_shape
 from pipeline.world.seeding import split_keys
 from pipeline.world.tables import dump_meta
 
@@ -64,12 +64,19 @@ class GAttConfig:
     eval_dialogues: int = 50  # held-out dialogues of `turns` turns each, for Table 30
     turns: int = 20  # training dialogues have 1..turns user turns; evaluation dialogues exactly `turns`
     short_prob: float = 0.5  # the paper shortens half the instructions ("Figure: Napoleon.")
+    # Samples per turn when building training dialogues; the first that keeps the instruction is used, and only
+    # dialogues whose last (trained) answer keeps it are trained on. The instructions are synthetic constraints
+    # with a rule-based check (`follows`), so this is rejection sampling with a verifier. Not in the paper, whose
+    # 70B model follows an instruction it can see; the tiny policies keep it in 10-30% of their answers even then
+    # (measured: training on unfiltered samples left adherence at 10-34%). 1 with verify=false: the paper's recipe.
+    samples_per_turn: int = 8
+    verify: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
-        errors = [] if self.gatt_from >= 0 else [f"gatt.gatt_from = {self.gatt_from}: must be >= 0 (0: never)"]
-        errors += check_positive(self, "gatt", ("dialogues", "eval_dialogues", "turns"))
-        errors += check_ratio(self, "gatt", ("short_prob",))
+        errors = [] if self.gatt_from >= 0 else [f"rounds.gatt.gatt_from = {self.gatt_from}: must be >= 0 (0: never)"]
+        errors += check_positive(self, "rounds.gatt", ("dialogues", "eval_dialogues", "turns", "samples_per_turn"))
+        errors += check_ratio(self, "rounds.gatt", ("short_prob",))
         if errors:
             raise ValueError("\n".join(errors))
 
@@ -210,14 +217,18 @@ def _next_turn_table(dialogues: Sequence[GAttDialogue], answers: Sequence[Sequen
                      max_prompt_tokens: int, every_turn: bool) -> pa.Table:
     """Generator input (id, prompt_token_ids, is_safety) for the next turn of each unfinished dialogue: fewer
     answers than user turns and no empty answer (an empty answer cannot be shown in the chat format, so it ends
-    its dialogue)."""
+    its dialogue). A dialogue whose first and latest turns no longer fit `max_prompt_tokens` ends too: training
+    leaves it out, Table 30 counts its remaining turns as not followed."""
     if len(dialogues) != len(answers):
         raise ValueError(f"{len(answers)} answer lists for {len(dialogues)} dialogues")
     prompt = gatt_sampling_prompt if every_turn else gatt_eval_prompt
     ids, prompt_ids = [], []
     for d, done in zip(dialogues, answers):
         if len(done) < len(d.user_turns) and all(a.strip() for a in done):
-            messages = fit_history(prompt(d.user_turns, done, d.instruction), tokenizer, max_prompt_tokens)
+            try:
+                messages = fit_history(prompt(d.user_turns, done, d.instruction), tokenizer, max_prompt_tokens)
+            except ValueError:  # its first and latest turns alone overflow the context: it ends here, unfinished
+                continue
             ids.append(d.id)
             prompt_ids.append(encode_prompt(tokenizer, messages))
     return pa.table({"id": pa.array(ids, pa.string()), "prompt_token_ids": pa.array(prompt_ids, pa.list_(pa.int32())),
@@ -235,6 +246,19 @@ def adherence_prompts(dialogues: Sequence[GAttDialogue], answers: Sequence[Seque
                       tokenizer: Tokenizer, max_prompt_tokens: int) -> pa.Table:
     """Generator input for the next turn, instruction in the first turn only: what Table 30 measures."""
     return _next_turn_table(dialogues, answers, tokenizer, max_prompt_tokens, every_turn=False)
+
+
+def first_adherent(dialogues: Sequence[GAttDialogue], samples: pa.Table) -> pa.Table:
+    """One SAMPLES row per prompt: the first sample that keeps its dialogue's instruction, else the first."""
+    instruction = {d.id: d.instruction.instruction for d in dialogues}
+    chosen: dict[str, tuple[int, bool]] = {}  # prompt -> (row, keeps the instruction)
+    for row, (pid, response) in enumerate(zip(samples.column("prompt_id").to_pylist(),
+                                               samples.column("response").to_pylist())):
+        if pid not in chosen or not chosen[pid][1]:
+            keeps = follows(instruction[pid], response or "")
+            if pid not in chosen or keeps:
+                chosen[pid] = (row, keeps)
+    return samples.take(pa.array(sorted(row for row, _ in chosen.values()), pa.int64()))
 
 
 def add_answers(dialogues: Sequence[GAttDialogue], answers: list[list[str]], samples: pa.Table) -> None:
@@ -263,13 +287,16 @@ def gatt_training_example(user_turns: Sequence[str], answers: Sequence[str], ins
     return encode_chat(tokenizer, messages, mode="last")
 
 
-def gatt_demonstrations(dialogues: Sequence[GAttDialogue], answers: Sequence[Sequence[str]]) -> pa.Table:
+def gatt_demonstrations(dialogues: Sequence[GAttDialogue], answers: Sequence[Sequence[str]],
+                        verify: bool = False) -> pa.Table:
     """A DEMONSTRATIONS table of the finished dialogues, in training form (instruction in the first turn only).
-    Dialogues cut short by an empty answer are left out. Train on it with mode "last" (gatt_examples), not with
-    sft_examples, which trains on every answer."""
+    Dialogues cut short by an empty answer are left out, and with `verify` those whose last answer breaks the
+    instruction. Train on it with mode "last" (gatt_examples), not with sft_examples, which trains on every
+    answer."""
     rows = []
     for d, done in zip(dialogues, answers, strict=True):
-        if len(done) == len(d.user_turns) and all(a.strip() for a in done):
+        if (len(done) == len(d.user_turns) and all(a.strip() for a in done)
+                and (not verify or follows(d.instruction.instruction, done[-1]))):
             rows.append({"id": d.id, "messages": gatt_training_messages(d.user_turns, done, d.instruction),
                          "category": "dialogue", "source": GATT_SOURCE, "meta": dump_meta(d.meta)})
     return pa.Table.from_pylist(rows, schema=DEMONSTRATIONS)

@@ -14,6 +14,7 @@ from typing import Literal
 
 import pyarrow as pa
 
+from actors.metrics import record_stage_progress
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.chat_template import encode_prompt
@@ -107,8 +108,16 @@ def run_oracle_eval(store: RunStore, round: int, name: str, checkpoint: Path, mo
     shards = [table.slice(start, shard_rows) for start in range(0, table.num_rows, shard_rows)]
     pool = generators()  # may start the pool: not part of the progress bar
     bar = progress_bar(table.num_rows, f"{name}: generate")
+    done = 0
+
+    def progress(shard: int) -> None:
+        nonlocal done
+        done += 1
+        bar.update(shards[shard].num_rows)
+        record_stage_progress(name, round, done, len(shards))
+
     results = pool.map_shards("generate", shards, stopping_at_eos(sampling, tokenizer), round, name,
-                                      on_result=lambda i, _: bar.update(shards[i].num_rows))
+                              on_result=lambda i, _: progress(i))
     bar.close()
     samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt, sampling.n)
     stage.write_shard(0, samples)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from actors.metrics import record_ppo
 from actors.trainer import RankContext
 from actors.vllm_engine import Sampling
 from model.checkpoint import load_checkpoint
@@ -210,7 +211,8 @@ def split_rows(table: pa.Table, parts: int) -> list[dict[str, list]]:
 
 
 def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa.Table, heldout: pa.Table,
-                 config: PPOConfig, stop: tuple[int, ...], generator, scorer, trainers, sync) -> dict[str, Any]:
+                 config: PPOConfig, stop: tuple[int, ...], generator, scorer, trainers, sync,
+                 round: int | None = None) -> dict[str, Any]:  # noqa: A002
     """The iterations; the best policy by held-out reward is written to `out`. `generator` and `scorer` are
     pools, `trainers` the trainer group, `sync(folder)` reloads the generators and returns seconds."""
     world = trainers.world_size
@@ -245,6 +247,7 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
         t4 = time.perf_counter()
         rows.append({"iteration": it, **metrics, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
                      "sync_s": t4 - t3})
+        record_ppo(it, rows[-1], round)  # the dashboard's view of the same row
         if metrics["kl"] > config.kl_bound:
             stopped = f"KL {metrics['kl']:.2f} above ppo.kl_bound = {config.kl_bound}"
             break

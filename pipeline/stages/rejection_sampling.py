@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from actors.metrics import record_stage_progress
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer
@@ -96,6 +97,7 @@ def sample_and_score(store: RunStore, round: int, name: str, inputs: dict[str, s
             [scored] = scorer_pool.map_shards("score", [samples])
             stage.write_shard(i, mark_chosen(scored))
             bar.update(1)
+            record_stage_progress(name, round, len(stage.done_shards()), len(shards))
         bar.close()
     stage.finish("samples", inputs, config_digest)
     return stage.read(), False

@@ -9,6 +9,7 @@ DistributedDataParallel and rank 0 alone writes the checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,11 +107,13 @@ def shard_rows(packed: PackedRows, rank: int, world: int) -> PackedRows:
 # --- training -----------------------------------------------------------------------------------------------
 
 def train_sft(base_checkpoint: str | Path, demonstrations: pa.Table, out_dir: str | Path,
-              config: SFTConfig) -> dict[str, Any]:
+              config: SFTConfig, examples: Callable[[pa.Table, Tokenizer, int], list[Example]] = sft_examples
+              ) -> dict[str, Any]:
     """Fine-tune the causal LM in `base_checkpoint` on `demonstrations` (a DEMONSTRATIONS table) and save it
     with its tokenizer to `out_dir`. Returns this rank's metrics (plain data, ready for a manifest).
 
     On N ranks each rank averages the loss over its own answer tokens and DDP averages the ranks' gradients.
+    `examples` encodes the demonstrations: every answer trained (default), or e.g. GAtt's last answer only.
     """
     rank, world = rank_and_world()
     tokenizer = load_tokenizer(base_checkpoint)
@@ -118,7 +121,7 @@ def train_sft(base_checkpoint: str | Path, demonstrations: pa.Table, out_dir: st
     if config.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"sft.seq_len = {config.seq_len}: longer than the model's context "
                          f"({model.config.max_position_embeddings} positions)")
-    packed = pack(sft_examples(demonstrations, tokenizer, config.seq_len), config.seq_len, tokenizer.pad_id)
+    packed = pack(examples(demonstrations, tokenizer, config.seq_len), config.seq_len, tokenizer.pad_id)
     # Steps come from the global row count, so every rank takes the same number of optimizer steps.
     steps = config.epochs * math.ceil(len(packed) / config.batch_size)
     train = LMTrainConfig(steps=steps, batch_size=per_rank_batch(config.batch_size, world, "sft.batch_size"),

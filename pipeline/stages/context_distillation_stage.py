@@ -1,0 +1,64 @@
+"""The safety context distillation stage of a round (PAPER.md, Safety); the data side is
+pipeline/stages/context_distillation.py.
+
+Per policy size, each a cached stage in round-RR/:
+- `cd_data_<size>`: one answer per adversarial training prompt with and without the safety preprompt (generator
+  pool), both scored by the round's safety RM on the prompt without the preprompt (scorer pool), the preprompted
+  answer kept only where it scores higher; the manifest counts kept and dropped answers;
+- `cd_sft_<size>`: fine-tuned on the kept answers with the prompt WITHOUT the preprompt (every answer trained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from actors.pool import Pool
+from actors.vllm_engine import Sampling
+from model.tokenizer import load_tokenizer
+from pipeline.data.store import RunStore, digest_config
+from pipeline.stages.cached import checkpoint_stage
+from pipeline.stages.context_distillation import (ContextDistillationConfig, distillation_candidates,
+                                                  distillation_demonstrations, distillation_prompts,
+                                                  score_without_preprompt, select_distilled)
+from pipeline.stages.oracle_eval import stopping_at_eos
+from pipeline.stages.sft import SFTConfig, train_sft
+
+
+def run_context_distillation(store: RunStore, round: int, policy: Any, prompts_train: pa.Table,  # noqa: A002
+                             prompts_digest: str, rm_digest: str, config: ContextDistillationConfig,
+                             sft: SFTConfig, sampling: Sampling, generators: Callable[[Path], Pool],
+                             scorers: Callable[[], Pool], train: Callable[..., dict]) -> dict[str, Any]:
+    """Context distillation for one policy size (a rounds.PolicyState, moved on to the distilled checkpoint when
+    any answer was kept). Returns the selection counts and the training metrics (None when nothing was kept)."""
+    tokenizer = load_tokenizer(policy.checkpoint)
+    sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
+    inputs = {"policy": policy.digest, "prompts": prompts_digest, "reward_models": rm_digest}
+    config_digest = digest_config({"distillation": dataclasses.asdict(config),
+                                   "sampling": dataclasses.asdict(sampling)})
+    data = store.stage(round, f"cd_data_{policy.name}")
+    if not data.is_complete(inputs, config_digest):
+        data.begin(inputs, config_digest)
+        batch = distillation_prompts(prompts_train, tokenizer, config, policy.context - sampling.max_tokens)
+        pool, scorer = generators(policy.checkpoint), scorers()
+        plain, preprompted = pool.map_shards("generate", [batch.plain, batch.preprompted], sampling, round,
+                                             "context-distillation")
+        plain, preprompted = scorer.map_shards("score", [plain, score_without_preprompt(preprompted, batch.plain)])
+        kept, counts = select_distilled(distillation_candidates(batch, plain, preprompted))
+        counts["too_long"] = batch.too_long
+        data.write_shard(0, distillation_demonstrations(kept))
+        data.finish("demonstrations", inputs, config_digest, extra={"counts": counts})
+    counts, demonstrations = data.manifest()["extra"]["counts"], data.read()
+    if not demonstrations.num_rows:
+        return {"counts": counts, "training": None}
+    _, metrics, _ = checkpoint_stage(
+        store, round, f"cd_sft_{policy.name}",
+        {"policy": policy.digest, "demonstrations": data.manifest()["content_digest"]}, dataclasses.asdict(sft),
+        lambda out: train(train_sft, policy.checkpoint, demonstrations, out, sft))
+    policy.move_to(store.stage(round, f"cd_sft_{policy.name}"))
+    return {"counts": counts, "training": metrics}

@@ -1,0 +1,114 @@
+"""The Ghost Attention stage of a round (PAPER.md section 3.3): the data side is pipeline/stages/gatt.py.
+
+Per policy size, each a cached stage in round-RR/:
+- `gatt_before_<size>`: adherence per turn (Table 30) of the policy on held-out dialogues, the instruction in the
+  first turn only, answers sampled turn by turn on the generator pool;
+- `gatt_data_<size>`: training dialogues answered turn by turn with the instruction on EVERY user turn (the
+  policy sees it, so it follows it), stored with the instruction in the first turn only;
+- `gatt_sft_<size>`: fine-tuned on them with the loss on the last answer only;
+- `gatt_after_<size>`: the same adherence measurement on the fine-tuned policy.
+Context note: the tiny models read 256 tokens, about three of the world's dialogue turns; longer dialogues keep
+their first turn (the instruction) and the latest ones (`gatt.fit_history`), so turn 20 is measured on a
+shortened history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from actors.pool import Pool
+from actors.vllm_engine import Sampling
+from model.tokenizer import Tokenizer, load_tokenizer
+from pipeline.data.store import RunStore, digest_config
+from pipeline.stages.cached import checkpoint_stage
+from pipeline.stages.gatt import (GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_by_turn,
+                                  adherence_prompts, first_adherent, gatt_demonstrations, gatt_dialogues,
+                                  gatt_examples, gatt_sampling_prompts)
+from pipeline.stages.oracle_eval import stopping_at_eos
+from pipeline.stages.sft import SFTConfig, train_sft
+from pipeline.world import World
+
+
+def answer_dialogues(dialogues: list[GAttDialogue], tokenizer: Tokenizer, context: int, sampling: Sampling,
+                     generate: Callable[[pa.Table, int], pa.Table], every_turn: bool,
+                     pick: Callable[[pa.Table], pa.Table] | None = None) -> list[list[str]]:
+    """Answers turn by turn (one generator call per turn over every unfinished dialogue): the instruction on
+    every user turn (GAtt's sampling) or in the first only (as deployed). With several samples per prompt,
+    `pick` keeps one per prompt."""
+    next_turn = gatt_sampling_prompts if every_turn else adherence_prompts
+    answers: list[list[str]] = [[] for _ in dialogues]
+    turn = 0
+    while (table := next_turn(dialogues, answers, tokenizer, context - sampling.max_tokens)).num_rows:
+        turn += 1
+        samples = generate(table, turn)
+        add_answers(dialogues, answers, pick(samples) if pick else samples)
+    return answers
+
+
+def _adherence_stage(store: RunStore, round: int, name: str,  # noqa: A002
+                     policy_digest: str, dialogues: list[GAttDialogue], answer: Callable[[], list[list[str]]],
+                     config_digest: str) -> list[TurnAdherence]:
+    stage = store.stage(round, name)
+    inputs = {"policy": policy_digest}
+    if not stage.is_complete(inputs, config_digest):
+        stage.begin(inputs, config_digest)
+        rows = adherence_by_turn([d.meta for d in dialogues], answer())
+        stage.finish(None, inputs, config_digest, extra={"adherence": [dataclasses.asdict(r) for r in rows]})
+    return [TurnAdherence(**r) for r in stage.manifest()["extra"]["adherence"]]
+
+
+def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAttConfig, sft: SFTConfig,  # noqa: A002
+             sampling: Sampling, generators: Callable[[Path], Pool], train: Callable[..., dict],
+             mix: tuple[pa.Table, str] | None = None) -> dict[str, Any]:
+    """GAtt for one policy size (a rounds.PolicyState, moved on to the GAtt checkpoint when any dialogue was kept).
+    `generators(checkpoint)` is the generator pool serving a checkpoint of this size, `train` the trainer group's
+    runner; `mix` (DEMONSTRATIONS, digest) is trained on alongside the GAtt dialogues, as the paper mixes GAtt data
+    into its fine-tuning data (measured: trained on GAtt dialogues alone, the tiny policies began every answer
+    with a greeting in the instructed language). Returns adherence per turn before and after, and the training
+    metrics."""
+    tokenizer = load_tokenizer(policy.checkpoint)
+    sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
+    config_digest = digest_config({"gatt": dataclasses.asdict(config), "sampling": dataclasses.asdict(sampling)})
+    # Table 30's measurement depends only on the held-out dialogues and the sampling, not on how GAtt trains.
+    eval_digest = digest_config({"dialogues": [config.eval_dialogues, config.turns, config.short_prob, config.seed],
+                                 "sampling": dataclasses.asdict(sampling)})
+    held_out = gatt_dialogues(world, "eval", config.eval_dialogues, config.turns, random.Random(config.seed + 1),
+                              config.short_prob, min_turns=config.turns)
+
+    def answer(dialogues: list[GAttDialogue], every_turn: bool, sampler: str, n: int = 1) -> list[list[str]]:
+        pool = generators(policy.checkpoint)
+        turn_sampling = replace(sampling, n=n)
+        return answer_dialogues(dialogues, tokenizer, policy.context, turn_sampling,
+                                lambda table, turn: pool.map_shards("generate", [table], replace(
+                                    turn_sampling, seed=(sampling.seed or 0) + turn), round, sampler)[0],
+                                every_turn, (lambda s: first_adherent(dialogues, s)) if n > 1 else None)
+
+    before = _adherence_stage(store, round, f"gatt_before_{policy.name}", policy.digest, held_out,
+                              lambda: answer(held_out, False, "gatt-eval"), eval_digest)
+    data = store.stage(round, f"gatt_data_{policy.name}")
+    if not data.is_complete({"policy": policy.digest}, config_digest):
+        data.begin({"policy": policy.digest}, config_digest)
+        dialogues = gatt_dialogues(world, "train", config.dialogues, config.turns, random.Random(config.seed),
+                                   config.short_prob)
+        answers = answer(dialogues, True, "gatt", config.samples_per_turn if config.verify else 1)
+        data.write_shard(0, gatt_demonstrations(dialogues, answers, config.verify))
+        data.finish("demonstrations", {"policy": policy.digest}, config_digest)
+    dialogues = data.read()
+    if not dialogues.num_rows:
+        return {"before": before, "after": before, "dialogues": 0, "training": None}
+    demonstrations = pa.concat_tables([dialogues, mix[0].cast(dialogues.schema)]) if mix else dialogues
+    inputs = {"policy": policy.digest, "dialogues": data.manifest()["content_digest"], "mix": mix[1] if mix else ""}
+    _, metrics, _ = checkpoint_stage(
+        store, round, f"gatt_sft_{policy.name}", inputs, dataclasses.asdict(sft),
+        lambda out: train(train_sft, policy.checkpoint, demonstrations, out, sft, gatt_examples))
+    policy.move_to(store.stage(round, f"gatt_sft_{policy.name}"))
+    after = _adherence_stage(store, round, f"gatt_after_{policy.name}", policy.digest, held_out,
+                             lambda: answer(held_out, False, "gatt-eval"), eval_digest)
+    return {"before": before, "after": after, "dialogues": dialogues.num_rows, "training": metrics}

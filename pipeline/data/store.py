@@ -180,6 +180,10 @@ def _read_shard(path: Path) -> pa.Table:
         raise ValueError(f"{path}: does not match the {kind!r} schema: {problem}") from None
 
 
+def _same_but_time(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return {k: v for k, v in a.items() if k != "created"} == {k: v for k, v in b.items() if k != "created"}
+
+
 class StageStore:
     """One stage of one round: numbered Parquet shards and, once finished, a manifest."""
 
@@ -274,6 +278,12 @@ class StageStore:
             "extra": extra or {},
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        earlier = self.manifest()
+        if earlier is not None and _same_but_time(earlier, json.loads(text)):
+            # Finished again with the same shards, inputs, config and extra (a resumed run that rebuilt a
+            # deterministic stage, e.g. the world's tables after a kill mid-world): the stage was not changed,
+            # so neither is its manifest.
+            return earlier
         _write_atomic(self.path / MANIFEST, lambda file: file.write(text.encode()))
         return manifest
 

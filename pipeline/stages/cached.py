@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.store import RunStore, digest_config
+from pipeline.data.store import PROGRESS, RunStore, StageStore, digest_config
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -21,9 +22,24 @@ def checkpoint_stage(store: RunStore, round: int, name: str, inputs: Mapping[str
     if stage.is_complete(inputs, config_digest) and (folder / "config.json").is_file():
         return folder, stage.manifest()["extra"]["metrics"], True
     stage.begin(inputs, config_digest)
+    _clear_leftovers(stage)
     metrics = train(folder)
     stage.finish(None, inputs, config_digest, checkpoint=CHECKPOINT_DIR, extra={"metrics": metrics})
     return folder, metrics, False
+
+
+def _clear_leftovers(stage: StageStore) -> None:
+    """A checkpoint stage has no shards to resume from: whatever an interrupted run left in its folder (a half
+    made checkpoint, PPO's copy of the starting policy and its `live` export, temp folders, a stale manifest)
+    goes before training starts again. PPO's `shutil.copytree(start, out)` fails on an existing `out`, so
+    without this a run killed during PPO could never be resumed."""
+    for entry in stage.path.iterdir():
+        if entry.name == PROGRESS:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def model_digest(stage_manifest: Mapping[str, Any]) -> str:

@@ -18,8 +18,6 @@ import random
 import statistics
 import string
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +26,7 @@ import torch
 from actors.generator import Generator
 from actors.pool import Pool
 from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine, request_seed
+from bench.common import LARGE, alternate, rate, spread
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.lm_training import LMTrainConfig, train_lm
@@ -36,10 +35,6 @@ from model.packing import pack
 from model.tokenizer import SentencePieceTokenizer
 from pipeline.cluster import ClusterConfig, Pools, connect
 from pipeline.progress import no_bar
-
-# The embedded default's large policy (4.7M parameters; head_dim 32, which vLLM's CPU attention serves).
-LARGE = dict(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8,
-             num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
 
 
 def make_model(folder: Path) -> Path:
@@ -56,24 +51,6 @@ def make_model(folder: Path) -> Path:
 def prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, LARGE["vocab_size"] - 1, (count, length), generator=generator).tolist()
-
-
-def timed(fn: Callable[[], int]) -> float:
-    """Units per second of wall time for one call of `fn` (which returns the units it produced)."""
-    start = time.perf_counter()
-    units = fn()
-    return units / (time.perf_counter() - start)
-
-
-def alternate(sides: dict[str, Callable[[], int]], reps: int) -> dict[str, list[float]]:
-    """Each side once per repetition, in turn; the first call of each side warms it up and is not counted."""
-    for fn in sides.values():
-        fn()
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(reps):
-        for name, fn in sides.items():
-            rates[name].append(timed(fn))
-    return rates
 
 
 def bench_generation(folder: Path, cluster: ClusterConfig, ns: list[int], n_prompts: int, max_tokens: int,
@@ -105,7 +82,7 @@ def bench_generation(folder: Path, cluster: ClusterConfig, ns: list[int], n_prom
                 samples = pa.concat_tables(pool.map_shards("generate", shards, sampling, 0, "bench"))
                 return sum(len(t) for t in samples.column("token_ids").to_pylist())
 
-            rates = alternate({"raw vLLM": raw, "generator pool": pooled}, reps)
+            rates = alternate({"raw vLLM": rate(raw), "generator pool": rate(pooled)}, reps)
             rows.append(row(f"generate n={n} ({n_prompts} prompts x {max_tokens} tokens)", "tokens/s",
                             rates["raw vLLM"], rates["generator pool"]))
     finally:
@@ -128,8 +105,8 @@ def train_fn(folder: str, packed_rows: int, steps: int) -> int:
 
 def bench_training(folder: Path, cluster: ClusterConfig, steps: int, reps: int) -> list[dict]:
     with Pools(cluster) as pools:
-        rates = alternate({"in process": lambda: train_fn(str(folder), 64, steps),
-                           "trainer group": lambda: pools.train(train_fn, str(folder), 64, steps)}, reps)
+        rates = alternate({"in process": rate(lambda: train_fn(str(folder), 64, steps)),
+                           "trainer group": rate(lambda: pools.train(train_fn, str(folder), 64, steps))}, reps)
     return [row(f"train {steps} steps (batch 8 x 256 tokens)", "tokens/s", rates["in process"],
                 rates["trainer group"])]
 
@@ -137,10 +114,6 @@ def bench_training(folder: Path, cluster: ClusterConfig, steps: int, reps: int) 
 def row(what: str, unit: str, baseline: list[float], ours: list[float]) -> dict:
     return {"what": what, "unit": unit, "baseline": baseline, "ours": ours,
             "ratio": statistics.median(ours) / statistics.median(baseline)}
-
-
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
 def markdown(rows: list[dict]) -> str:

@@ -10,6 +10,7 @@ test clusters included): `ray start` runs in a new process session, and every pr
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -129,6 +130,15 @@ class RayHead:
     def logs(self, submission_id: str) -> str:
         return self.job("logs", submission_id)
 
+    def alive_actors(self) -> list[str]:
+        """Class names of the cluster's live actors (`ray list actors`; it says "No resource" for none)."""
+        result = subprocess.run([RAY, "list", "actors", "--address", self.address, "--filter", "state=ALIVE",
+                                 "--format", "json", "--limit", "1000"], env=self.env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-4000:]
+        text = result.stdout
+        return [actor["class_name"] for actor in json.loads(text[text.index("["):])] if "[" in text else []
+
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM, then SIGKILL, to every process of the head's session (all started by `ray start`)."""
         if self.sid is not None:
@@ -164,6 +174,10 @@ def test_the_main_job_runs_as_a_ray_job_stops_and_a_second_submit_resumes_it(tmp
         time.sleep(3)
         head.job("stop", "quick-1")
         assert head.status("quick-1") == "STOPPED"
+        deadline = time.monotonic() + 60  # the stopped driver's actors (pools, its job supervisor) go with it
+        while (alive := head.alive_actors()) and time.monotonic() < deadline:
+            time.sleep(5)
+        assert not alive, alive
         before = manifests(run)
         assert before and all(stage.startswith("round-00/world_") for stage in before), sorted(before)
         assert not (pretrain / "manifest.json").exists(), "pretraining finished before the stop"

@@ -21,11 +21,12 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from process_helpers import end_session, free_port
 
 HEAD_CPUS = 1
 WORKER_CPUS = 2  # per fake worker node
@@ -53,7 +54,7 @@ class _Cluster:
 
     def __init__(self, temp_dir: str, head_cpus: int, worker_node_types: dict, **config: object) -> None:
         self.temp_dir = temp_dir
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.head_cpus = head_cpus
         self.config = {
@@ -82,8 +83,8 @@ class _Cluster:
         subprocess.run([ray_cli, "start", "--head", f"--autoscaling-config={path}", f"--port={self.port}",
                         "--node-ip-address=127.0.0.1", f"--num-cpus={self.head_cpus}", "--num-gpus=0",
                         f"--object-store-memory={100 * 1024**2}", f"--temp-dir={self.temp_dir}",
-                        "--include-dashboard=false", f"--dashboard-agent-listen-port={_free_port()}",
-                        f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"],
+                        "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}",
+                        f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, timeout=120)
 
     def log_tail(self, name: str = "monitor.log", chars: int = 3000) -> str:
@@ -181,48 +182,9 @@ def _run_isolated(timeout_s: float) -> tuple[int, str]:
         output, _ = child.communicate()
         code, output = -1, f"{output}\n(timed out after {timeout_s} s)"
     finally:
-        _end_session(child.pid)
+        end_session(child.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
     return code, output
-
-
-def _end_session(sid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `grace_s`, to the processes of session `sid` (all started by the child)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _session_members(sid)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while pids and time.monotonic() < deadline:
-            pids = _session_members(sid)
-            time.sleep(0.2)
-        if not pids:
-            return
-
-
-def _session_members(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # after the command: state, ppid, pgrp, session; zombies wait for their parent and are not counted
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cluster import ClusterConfig
+from process_helpers import end_session, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.long]
 
@@ -33,27 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 JOB_TIMEOUT_S = 1500  # a quick run: ~5 min on 2 idle cores, 20 on busy ones
 STATUS_EVERY_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def session_members(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
-            pids.append(int(entry))
-    return pids
 
 
 class RayHead:
@@ -142,19 +120,7 @@ class RayHead:
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM, then SIGKILL, to every process of the head's session (all started by `ray start`)."""
         if self.sid is not None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                pids = session_members(self.sid)
-                for pid in pids:
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        pass
-                deadline = time.monotonic() + grace_s
-                while pids and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                    pids = session_members(self.sid)
-                if not pids:
-                    break
+            end_session(self.sid, grace_s)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

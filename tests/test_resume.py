@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pipeline.data.store import MANIFEST, PROGRESS, RunStore
 from pipeline.main import CONF_DIR
 from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage
 from pipeline.stages.rejection_sampling import choose_prompts
+from process_helpers import free_port, session_members, signal_all
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 900  # one driver, start to end or to its kill (a quick run takes 3-5 min on 2 busy cores)
@@ -103,30 +103,6 @@ def compose_run(*overrides: str) -> RunConfig:
         return validate(compose(config_name="config", overrides=list(overrides)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def session_members(sid: int) -> list[tuple[int, str]]:
-    """(pid, command) of the live processes of session `sid` (zombies wait for their parent and do not count)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                command = f.read().replace(b"\0", b" ").decode(errors="replace")[:80]
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            members.append((int(entry), command))
-    return members
-
-
 class Driver:
     """`python -m pipeline experiment=quick ...` in a process session of its own, its output in a log file."""
 
@@ -183,11 +159,7 @@ class Driver:
         """Kill whatever of its session is still alive (by process id: never anyone else's Ray)."""
         if self.proc.poll() is None:
             self.kill(group=True)
-        for pid, _ in session_members(self.sid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_all(session_members(self.sid), signal.SIGKILL)
 
 
 def manifests(run: Path) -> dict[str, bytes]:

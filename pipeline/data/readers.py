@@ -31,12 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 
 from model.tokenizer import Tokenizer
 from pipeline.data import validate as v
 from pipeline.data.schemas import MESSAGE, MESSAGES, REJECTS, RISK_CATEGORIES, SCHEMAS
-from pipeline.data.store import write_table_atomic
+from pipeline.data.store import read_parquet, write_table_atomic
 from pipeline.data.validate import DataError, RowError
 
 __all__ = ["KINDS", "DataError", "LoadResult", "LoadSummary", "load"]
@@ -324,13 +323,7 @@ def _read(path: Path) -> _Raw:
         return _read_datasets(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        try:
-            table = pq.read_table(path)
-        except FileNotFoundError:
-            raise
-        except (pa.ArrowException, OSError) as err:
-            raise DataError(f"{path}: not a readable Parquet file, truncated or corrupted? ({err})") from None
-        return _arrow_raw("parquet", table, path)
+        return _arrow_raw("parquet", read_parquet(path, "Parquet file", DataError), path)
     if suffix == ".jsonl":
         return _read_json_lines(path.read_bytes(), "jsonl")
     if suffix == ".json":

@@ -160,16 +160,22 @@ def _schema_mismatch(table: pa.Table, schema: pa.Schema) -> str | None:
     return None
 
 
+def read_parquet(path: Path, what: str = "Parquet file", error: type[ValueError] = ValueError) -> pa.Table:
+    """pq.read_table, where a truncated or corrupted file raises one `error` naming it (a missing file stays a
+    FileNotFoundError)."""
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as err:
+        raise error(f"{path}: not a readable {what}, truncated or corrupted? ({err})") from None
+
+
 def _read_shard(path: Path) -> pa.Table:
     """A shard in its declared schema: Parquet renames list items ("element"), the cast names them back.
 
     A shard that cannot be read or does not fit its schema raises one ValueError naming the file (and the field)."""
-    try:
-        table = pq.read_table(path)
-    except FileNotFoundError:
-        raise
-    except (pa.ArrowException, OSError) as err:
-        raise ValueError(f"{path}: not a readable Parquet shard, truncated or corrupted? ({err})") from None
+    table = read_parquet(path, "Parquet shard")
     kind = (table.schema.metadata or {}).get(b"kind", b"").decode()
     if kind not in SCHEMAS:
         return table

@@ -1,15 +1,23 @@
-"""The LLaMA-2 chat format (Meta's llama/generation.py `chat_completion`) with per-token loss masks.
+"""Chat formats with per-token loss masks: the model's own template when its tokenizer ships one, else LLaMA-2's.
 
-Each (user, assistant) pair is one `[bos] "[INST] user [/INST] answer " [eos]` sequence; a trailing
-user turn becomes the generation prompt `[bos] "[INST] user [/INST]"`. A system message is folded
-into the first user turn. bos/eos are always ids, never text.
+LLaMA-2 (Meta's llama/generation.py `chat_completion`): each (user, assistant) pair is one
+`[bos] "[INST] user [/INST] answer " [eos]` sequence; a trailing user turn becomes the generation prompt
+`[bos] "[INST] user [/INST]"`. A system message is folded into the first user turn. bos/eos are always ids.
+
+A HF checkpoint's Jinja template (e.g. SmolLM2's ChatML) is rendered as transformers renders it; an answer's span is
+where the dialogue rendered up to it with the generation prompt ends and the dialogue rendered through it ends (its
+end-of-turn token included, trailing whitespace not), and the whole text is tokenized once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from functools import lru_cache
+from typing import Any, Literal
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from model.tokenizer import Tokenizer
 
@@ -77,6 +85,8 @@ def encode_chat(
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     _validate(messages)
+    if tokenizer.chat_template is not None:
+        return _encode_with_template(tokenizer, messages, mode)
     bos, eos = _special_ids(tokenizer)
     turns = _turns(messages)
     answered = [i for i, (_, answer) in enumerate(turns) if answer is not None]
@@ -111,3 +121,48 @@ def encode_prompt(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int
             f"got {messages[-1].get('role')!r}"
         )
     return encode_chat(tokenizer, messages).input_ids
+
+
+# --- the model's own template -------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _compiled(template: str) -> jinja2.Template:
+    # transformers' settings: a sandbox, trim_blocks/lstrip_blocks, loop controls and raise_exception.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat template: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def render_template(tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+    """The dialogue as text in the tokenizer's own chat template."""
+    specials: dict[str, Any] = {name: tokenizer.decode_special(token_id) for name, token_id in
+                                (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))
+                                if token_id is not None}
+    return _compiled(tokenizer.chat_template).render(messages=[dict(m) for m in messages],
+                                                     add_generation_prompt=add_generation_prompt, **specials)
+
+
+def _encode_with_template(tokenizer: Tokenizer, messages: Sequence[Message], mode: str) -> EncodedChat:
+    ends_with_user = messages[-1]["role"] == "user"
+    text = render_template(tokenizer, messages, add_generation_prompt=ends_with_user)
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if mode == "last":
+        if not answers:
+            raise ValueError('mode "last" needs at least one assistant message to train on')
+        answers = answers[-1:]
+    spans = []
+    for i in answers:
+        start = len(render_template(tokenizer, messages[:i], add_generation_prompt=True))
+        through = render_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not text.startswith(through) or len(through) <= start:
+            raise ValueError(f"messages[{i}]: the tokenizer's chat template does not render the dialogue up to this "
+                             "answer as a prefix of the whole; loss masks cannot be placed")
+        spans.append((start, len(through.rstrip())))
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    mask = [int(any(end > lo and start < hi for lo, hi in spans)) for start, end in offsets]
+    return EncodedChat(input_ids=ids, loss_mask=mask)

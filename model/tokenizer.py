@@ -23,6 +23,7 @@ SP_MODEL_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
 HF_CONFIG_FILE = "tokenizer_config.json"
 HF_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.47 keeps the template here, not in the config
 
 
 class Tokenizer(ABC):
@@ -52,6 +53,11 @@ class Tokenizer(ABC):
             raise ValueError(f"{type(self).__name__} has neither a pad nor an eos token")
         return pad
 
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template, when it ships one (HF checkpoints); None: LLaMA-2's format."""
+        return None
+
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
 
@@ -61,6 +67,10 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
+
+    def decode_special(self, token_id: int) -> str:
+        """The text of one token, special tokens included (chat templates name bos/eos as text)."""
+        return self._decode([token_id])
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, skipping bos/eos/pad."""
@@ -186,6 +196,13 @@ def _optional_id(token_id: int) -> int | None:
     return None if token_id < 0 else token_id
 
 
+def _default_template(value: str | list[dict[str, str]] | None) -> str | None:
+    """tokenizer_config.json's chat_template: one template, or named ones of which "default" is used."""
+    if isinstance(value, list):
+        return next((t["template"] for t in value if t.get("name") == "default"), None)
+    return value
+
+
 def _token_content(value: str | dict[str, Any] | None) -> str | None:
     """A special token as written in HF configs: a string, an AddedToken dict, or null."""
     if isinstance(value, dict):
@@ -203,8 +220,10 @@ class HFTokenizer(Tokenizer):
         eos_token: str | None = None,
         pad_token: str | None = None,
         config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self._tok = tokenizer
+        self._chat_template = chat_template or _default_template((config or {}).get("chat_template"))
         # Kept so that `save` round-trips fields we do not use (chat_template, model_max_length, ...).
         self._config = dict(config or {})
         self._bos_id = self._token_id("bos_token", bos_token)
@@ -232,17 +251,23 @@ class HFTokenizer(Tokenizer):
         if (directory / HF_SPECIAL_TOKENS_FILE).is_file():
             tokens = json.loads((directory / HF_SPECIAL_TOKENS_FILE).read_text(encoding="utf-8"))
         tokens.update({k: v for k, v in config.items() if k in ("bos_token", "eos_token", "pad_token")})
+        template = directory / HF_CHAT_TEMPLATE_FILE
         return cls(
             tokenizers.Tokenizer.from_file(str(path)),
             bos_token=_token_content(tokens.get("bos_token")),
             eos_token=_token_content(tokens.get("eos_token")),
             pad_token=_token_content(tokens.get("pad_token")),
             config=config,
+            chat_template=template.read_text(encoding="utf-8") if template.is_file() else None,
         )
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
 
     @property
     def bos_id(self) -> int | None:
@@ -278,6 +303,8 @@ class HFTokenizer(Tokenizer):
         (directory / HF_CONFIG_FILE).write_text(
             json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
         )
+        if self._chat_template and "chat_template" not in config:
+            (directory / HF_CHAT_TEMPLATE_FILE).write_text(self._chat_template, encoding="utf-8")
 
 
 def load_tokenizer(directory_or_file: str | Path) -> Tokenizer:

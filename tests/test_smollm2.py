@@ -41,3 +41,36 @@ def test_smollm2_tokenizer_and_greedy_answer(smollm2_dir):
 
     answer = greedy_generate(ours, tokenizer.encode(prompt), max_new_tokens=12, eos_id=tokenizer.eos_id)
     assert "Paris" in tokenizer.decode(answer)
+
+
+DIALOGUE = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "An apple."}]
+
+
+def test_own_chat_template_matches_transformers_and_masks_only_answers(smollm2_dir, tmp_path):
+    """SmolLM2's tokenizer ships a ChatML template: ids equal transformers' rendering, and exactly each answer's
+    tokens and its <|im_end|> are trained (mode "all"), or only the last answer's (mode "last")."""
+    from model.chat_template import encode_chat, encode_prompt
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    assert tokenizer.chat_template is not None
+    expected = hf_tokenizer.apply_chat_template(DIALOGUE, tokenize=True, return_dict=False)
+    end = tokenizer.eos_id
+    answers = [tokenizer.encode(m["content"]) + [end] for m in DIALOGUE if m["role"] == "assistant"]
+    for mode, trained in (("all", answers), ("last", answers[-1:])):
+        chat = encode_chat(tokenizer, DIALOGUE, mode)
+        assert chat.input_ids == expected
+        runs, current = [], []  # the maximal runs of trained tokens
+        for token, masked in zip(chat.input_ids, chat.loss_mask):
+            if masked:
+                current.append(token)
+            elif current:
+                runs, current = [*runs, current], []
+        assert runs + ([current] if current else []) == trained
+    prompt = encode_prompt(tokenizer, DIALOGUE[:3])
+    assert prompt == hf_tokenizer.apply_chat_template(DIALOGUE[:3], add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False)
+    # A checkpoint saved by us keeps the template.
+    tokenizer.save(tmp_path)
+    assert load_tokenizer(tmp_path).chat_template == tokenizer.chat_template

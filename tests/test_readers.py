@@ -386,3 +386,22 @@ def test_plain_text_is_not_a_message_list(tmp_path):
     pq.write_table(pa.table({"messages": ["Q"], "category": ["helpful"]}), tmp_path / "p.parquet")
     result = load(tmp_path / "p.parquet", "prompts", max_reject_share=1.0)
     assert rejects_of(result) == [(0, "messages", "expected a list of messages, got str")]
+
+
+def test_alpaca_layout_joins_instruction_and_input(tmp_path):
+    """LLaMA-Factory's alpaca_en_demo.json layout: the input goes below the instruction; a bad row is a reject."""
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": 7, "input": "", "output": "x"},
+    ]))
+    result = load(path, "demonstrations", max_reject_share=0.5)
+    assert result.summary.layout == "alpaca"
+    assert result.table.column("messages").to_pylist() == [
+        [user("Translate to French.\n\nGood morning"), assistant("Bonjour")],
+        [user("Name a colour."), assistant("Blue.")],
+    ]
+    assert rejects_of(result) == [(2, "instruction", "expected a string, got int")]
+    prompts = load(path, "prompts", defaults={"category": "helpful"}, max_reject_share=0.5)
+    assert prompts.table.column("messages").to_pylist()[0] == [user("Translate to French.\n\nGood morning")]

@@ -4,7 +4,7 @@ Formats, told apart by the path: Parquet, JSON (an array, or JSON lines as `data
 CSV (conversational cells hold JSON text) and folders from `datasets.Dataset.save_to_disk`. Layouts (TRL / HF /
 LLaMA-Factory), told apart by the columns: `messages`; ShareGPT `conversations` of {from, value}; `prompt` and
 `prompt`/`completion`; `prompt`/`chosen`/`rejected`; implicit-prompt `chosen`/`rejected` conversations; LLaMA-Factory
-`conversations` + `chosen`/`rejected` message dicts.
+`conversations` + `chosen`/`rejected` message dicts; Alpaca `instruction` (+ optional `input`) / `output`.
 
 Arrow inputs (Parquet, `datasets`, JSON lines that pyarrow parses) whose columns have the plain types take a
 vectorised path: pyarrow builds the canonical columns and `validate.screen` flags the rows that may be bad. Only
@@ -51,6 +51,7 @@ LAYOUTS = {
     "explicit": "prompt/chosen/rejected",
     "llama_factory": "conversations/chosen/rejected (LLaMA-Factory)",
     "implicit": "chosen/rejected (implicit prompt)",
+    "alpaca": "instruction/input/output (Alpaca)",
 }
 _LAYOUT_COLUMNS = {
     "messages": ("messages",),
@@ -60,12 +61,14 @@ _LAYOUT_COLUMNS = {
     "explicit": ("prompt", "chosen", "rejected"),
     "llama_factory": ("conversations", "chosen", "rejected"),
     "implicit": ("chosen", "rejected"),
+    "alpaca": ("instruction", "input", "output"),
 }
-_CONVERSATIONAL = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
+_CONVERSATIONAL = ("messages", "conversations", "prompt", "completion", "chosen", "rejected", "instruction", "input",
+                   "output")
 _REQUIRED = {"prompts": ("category",), "demonstrations": (), "preferences": ("batch", "kind")}
 _EXPECTED = {
-    "prompts": "messages, conversations or prompt",
-    "demonstrations": "messages, conversations or prompt + completion",
+    "prompts": "messages, conversations, prompt or instruction",
+    "demonstrations": "messages, conversations, prompt + completion or instruction + output",
     "preferences": "chosen + rejected, with prompt or conversations, or both conversations (implicit prompt)",
 }
 
@@ -368,6 +371,8 @@ def _detect(kind: str, have: set[str], source: Path) -> str:
         return "prompt"
     elif {"prompt", "completion"} <= have:
         return "prompt_completion"
+    elif "instruction" in have and (kind == "prompts" or "output" in have):
+        return "alpaca"
     raise DataError(
         f"{source}: no {kind} layout fits the columns {sorted(have)}; expected {_EXPECTED[kind]} "
         "(column_map renames yours)"
@@ -487,11 +492,28 @@ def _adapt(record: Mapping[str, Any], ctx: _Context) -> dict[str, Any]:
         parts["messages"] = v.Dialogue(v.parse_turns(parts.get(source), field(source)), field(source))
     elif layout == "prompt":
         parts["messages"] = v.dialogue(parts.get("prompt"), field("prompt"))
+    elif layout == "alpaca":
+        parts["messages"] = _alpaca(parts, ctx)
     else:
         prompt = v.dialogue(parts.get("prompt"), field("prompt"))
         completion = v.dialogue(parts.get("completion"), field("completion"), text_role="assistant")
         parts["messages"] = v.Dialogue(prompt.turns + completion.turns, ctx.dialogue_field("messages"))
     return v.validate_row(ctx.kind, parts, ctx.fields)
+
+
+def _alpaca(parts: Mapping[str, Any], ctx: _Context) -> v.Dialogue:
+    """Alpaca's instruction, its optional input below it (as Alpaca's own template puts it), then the output."""
+    instruction, extra = parts.get("instruction"), parts.get("input")
+    if not isinstance(instruction, str):
+        raise v.missing_or_type(instruction, ctx.field("instruction"), "a string")
+    if extra is not None and not isinstance(extra, str):
+        raise v.missing_or_type(extra, ctx.field("input"), "a string")
+    prompt = v.dialogue(f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction,
+                        ctx.field("instruction"))
+    if ctx.kind == "prompts":
+        return prompt
+    output = v.dialogue(parts.get("output"), ctx.field("output"), text_role="assistant")
+    return v.Dialogue(prompt.turns + output.turns, ctx.dialogue_field("messages"))
 
 
 # --- the vectorised path -----------------------------------------------------------------------------------------

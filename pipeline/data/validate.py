@@ -91,7 +91,7 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _missing_or_type(value: Any, field: str, expected: str) -> RowError:
+def missing_or_type(value: Any, field: str, expected: str) -> RowError:
     if value is None:
         return RowError(field, "missing", "missing field")
     return RowError(field, f"expected {expected}, got {_type_name(value)}", "wrong type")
@@ -108,7 +108,7 @@ _IDENTITY_ROLES = {role: role for role in ROLES}
 def parse_message(message: Any, column: str, index: int | None) -> Turn:
     """A {role, content} (TRL/HF) or {from, value} (ShareGPT) dict as a Turn."""
     if not isinstance(message, dict):
-        raise _missing_or_type(message, Turn("", "", column, index).role_field, "a message object")
+        raise missing_or_type(message, Turn("", "", column, index).role_field, "a message object")
     if message.get("role") is None and message.get("from") is not None:
         keys, roles = _SHAREGPT_KEYS, SHAREGPT_ROLES
     else:
@@ -120,13 +120,13 @@ def parse_message(message: Any, column: str, index: int | None) -> Turn:
             raise RowError(field, "missing", "missing field")
         raise RowError(field, f"unknown role {role!r}, expected one of {sorted(roles)}", "bad role")
     if not isinstance(content, str):
-        raise _missing_or_type(content, Turn("", "", column, index, keys).content_field, "a string")
+        raise missing_or_type(content, Turn("", "", column, index, keys).content_field, "a string")
     return Turn(roles[role], content, column, index, keys)
 
 
 def parse_turns(value: Any, field: str) -> list[Turn]:
     if not isinstance(value, list):
-        raise _missing_or_type(value, field, "a list of messages")
+        raise missing_or_type(value, field, "a list of messages")
     return [parse_message(message, field, i) for i, message in enumerate(value)]
 
 
@@ -147,7 +147,7 @@ def answer(value: Any, field: str) -> Turn:
         if len(value) != 1:
             raise RowError(field, f"expected one assistant message, got {len(value)} messages", "wrong type")
         return parse_message(value[0], field, 0)
-    raise _missing_or_type(value, field, "a string or an assistant message")
+    raise missing_or_type(value, field, "a string or an assistant message")
 
 
 # --- per-row checks ----------------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ def normalise_rating(value: str) -> str:
 
 def check_rating(value: Any, field: str) -> str:
     if not isinstance(value, str):
-        raise _missing_or_type(value, field, "a string")
+        raise missing_or_type(value, field, "a string")
     rating = normalise_rating(value)
     if rating not in RATINGS:
         raise RowError(field, f"unknown rating {value!r}, expected one of {', '.join(RATINGS)}", "unknown rating")
@@ -200,7 +200,7 @@ def check_margin(value: Any, field: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _missing_or_type(value, field, "a number")
+        raise missing_or_type(value, field, "a number")
     try:
         with np.errstate(over="ignore"):
             margin = float(np.float32(value))  # the stored precision decides what is finite
@@ -215,7 +215,7 @@ def check_batch(value: Any, field: str) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _missing_or_type(value, field, "an integer")
+        raise missing_or_type(value, field, "an integer")
     if not 1 <= value <= _INT32_MAX:
         raise RowError(field, f"must be a week number >= 1, got {value}", "bad value")
     return value
@@ -225,7 +225,7 @@ def check_bool(value: Any, field: str, required: bool) -> bool | None:
     if value is None and not required:
         return None
     if not isinstance(value, bool):
-        raise _missing_or_type(value, field, "a boolean")
+        raise missing_or_type(value, field, "a boolean")
     return value
 
 
@@ -233,7 +233,7 @@ def check_choice(value: Any, field: str, choices: Sequence[str], required: bool 
     if value is None and not required:
         return None
     if not isinstance(value, str):
-        raise _missing_or_type(value, field, "a string")
+        raise missing_or_type(value, field, "a string")
     if value not in choices:
         raise RowError(field, f"unknown value {value!r}, expected one of {', '.join(choices)}", "bad value")
     return value
@@ -241,7 +241,7 @@ def check_choice(value: Any, field: str, choices: Sequence[str], required: bool 
 
 def check_optional_str(value: Any, field: str) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise _missing_or_type(value, field, "a string")
+        raise missing_or_type(value, field, "a string")
     return value
 
 
@@ -252,7 +252,7 @@ def check_id(value: Any, field: str) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
-        raise _missing_or_type(value, field, "a string")
+        raise missing_or_type(value, field, "a string")
     if not value.strip():
         raise RowError(field, "empty", "empty text")
     return value

@@ -19,6 +19,7 @@ from actors.vllm_engine import Sampling
 from pipeline.cluster import ClusterConfig
 from pipeline.config_build import ConfigError, build
 from pipeline.rounds import RoundsConfig
+from pipeline.stages.data_files import DataConfig
 from pipeline.stages.llm_judge import JudgeConfig
 from pipeline.stages.pretrain import PretrainConfig
 from pipeline.stages.reward_model import RMConfig
@@ -42,6 +43,8 @@ class RunSettings:
 class RunConfig:
     run: RunSettings = field(default_factory=RunSettings)
     world: WorldConfig = field(default_factory=WorldConfig)
+    # The user's own SFT / preference files instead of the world (pipeline/stages/data_files.py); needs base_models.
+    data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
@@ -55,8 +58,26 @@ class RunConfig:
     # Policy sizes to start from instead of pretraining tiny ones: {name: HF checkpoint folder}, smallest first
     # (the last one samples for rejection sampling and initialises the reward models).
     base_models: dict[str, str] = field(default_factory=dict)
+    # The generators' context (max_model_len) for base_models checkpoints; null: each model's own. A 135M model
+    # with an 8192-token context needs KV-cache room for 8192 tokens per sequence otherwise.
+    base_context: int | None = None
 
     def __post_init__(self) -> None:
+        if self.base_context is not None and self.base_context < 16:
+            raise ValueError(f"base_context = {self.base_context}: must be >= 16 (or null: the model's own)")
+        if self.data.enabled:
+            # What needs the world's oracle, tasks or annotator cannot run on files.
+            needs_world = [(key, value) for key, value in (
+                ("rounds.gatt.gatt_from", self.rounds.gatt.gatt_from),
+                ("rounds.context_distillation.distill_from", self.rounds.context_distillation.distill_from),
+                ("rounds.policy_pairs", self.rounds.policy_pairs)) if value]
+            if not self.base_models:
+                raise ValueError("data: a run from files starts from base_models checkpoints; set e.g. "
+                                 "base_models.policy=/models/my-hf-checkpoint")
+            if needs_world:
+                key, value = needs_world[0]
+                raise ValueError(f"{key} = {value}: needs the embedded world (its instructions, oracle or "
+                                 f"annotator); set {key}=0 for a run from data files")
         for name, folder in self.base_models.items():
             if folder == "???" or not folder:
                 raise ValueError(f"base_models.{name}: set it to a HF checkpoint folder, e.g. "

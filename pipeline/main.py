@@ -19,6 +19,7 @@ import pyarrow as pa
 from omegaconf import DictConfig
 
 from model.config import ModelConfig
+from model.tokenizer import load_tokenizer
 from pipeline.cluster import Pools, connect
 from pipeline.config import ConfigError, RunConfig, register, validate
 from pipeline.data.store import RunStore, digest_config
@@ -27,6 +28,7 @@ from pipeline.evaluation.winrate import Proportion, WinRate
 from pipeline.report import RoundResults, RunResults, render_report
 from pipeline.rounds import PolicyState, RoundResult, run_round
 from pipeline.stages.cached import checkpoint_stage
+from pipeline.stages.data_files import data_stage_name, run_data_files
 from pipeline.stages.reward_model import table8_markdown
 from pipeline.stages.reward_models import KINDS
 from pipeline.stages.oracle_eval import run_oracle_eval
@@ -49,7 +51,8 @@ def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfi
             path = Path(folder).resolve()
             model = ModelConfig.load(path)
             digest = digest_config({"name": name, "config": (path / "config.json").read_text(), "path": str(path)})
-            policies.append(PolicyState(name, path, digest, model.max_position_embeddings))
+            context = min(model.max_position_embeddings, config.base_context or model.max_position_embeddings)
+            policies.append(PolicyState(name, path, digest, context))
             print(f"  {name:<8} {path}  ({model.num_hidden_layers} layers, hidden {model.hidden_size})")
         return policies
     corpus_digest = store.stage(0, world_stage_name("corpus")).manifest()["content_digest"]
@@ -79,38 +82,53 @@ def run(run_dir: Path, config: RunConfig) -> None:
 
 
 def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
-    tables, cached = run_world(store, config.world)
-    print(f"\n== world {'(cached)' if cached else '(built)'}: {store.root / 'round-00'}")
+    oracle = not config.data.enabled  # the world's oracle judges world runs; runs from files have none
+    if oracle:
+        tables, cached = run_world(store, config.world)
+        stage_of = world_stage_name
+        print(f"\n== world {'(cached)' if cached else '(built)'}: {store.root / 'round-00'}")
+        policies = None
+    else:
+        policies = base_policies(store, {}, config, pools)
+        tables, cached = run_data_files(store, config.data, load_tokenizer(policies[-1].checkpoint),
+                                        config.rm.heldout_share, config.rm.heldout_pairs)
+        stage_of = data_stage_name
+        print(f"\n== data files {'(cached)' if cached else '(loaded)'}: {store.root / 'round-00'}")
     for name, table in tables.items():
         print(f"  {name:<18} {table.num_rows:6d} rows")
-    policies = base_policies(store, tables, config, pools)
+    if oracle:
+        policies = base_policies(store, tables, config, pools)
 
-    prompts_stage = store.stage(0, world_stage_name("prompts_eval"))
-    prompts, prompts_digest = tables["prompts_eval"], prompts_stage.manifest()["content_digest"]
+    def digest(table: str) -> str:
+        return store.stage(0, stage_of(table)).manifest()["content_digest"]
+
+    prompts, prompts_digest = tables["prompts_eval"], digest("prompts_eval")
 
     def evaluate(round: int, name: str, policy: PolicyState, fmt: str = "llama2") -> list[dict]:  # noqa: A002
-        """Oracle scores of `policy` on the held-out prompts (a cached stage), sampled on its generator pool."""
+        """Samples of `policy` on the held-out prompts (a cached stage) from its generator pool; with the world,
+        their oracle scores per category."""
         scores, _ = run_oracle_eval(store, round, name, policy.checkpoint, policy.digest, prompts, prompts_digest,
                                     fmt, config.eval_sampling,
                                     lambda: pools.generator(policy.name, policy.checkpoint, policy.context),
-                                    config.cluster.prompts_per_shard)
+                                    config.cluster.prompts_per_shard, oracle)
         return scores
 
-    print("\n== base models on held-out prompts (generator pool: vLLM samples at T=%.1f, scored by the oracle)"
-          % config.eval_sampling.temperature)
-    print(f"  {'model':<6} {'category':<20} {'n':>4} {'helpful':>8} {'correct':>8} {'unsafe':>7} {'refused':>8}")
     base_scores: dict[str, list[dict]] = {}
-    for p in policies:
-        scores = base_scores[p.name] = evaluate(0, f"base_eval_{p.name}", p, "plain")
-        for s in scores:
-            correct = "-" if s["correct"] is None else f"{s['correct']:.0%}"
-            print(f"  {p.name:<6} {s['category']:<20} {s['prompts']:4d} {s['helpfulness']:8.2f} {correct:>8} "
-                  f"{s['unsafe']:7.0%} {s['refused']:8.0%}")
+    if oracle:
+        print("\n== base models on held-out prompts (generator pool: vLLM samples at T=%.1f, scored by the oracle)"
+              % config.eval_sampling.temperature)
+        print(f"  {'model':<6} {'category':<20} {'n':>4} {'helpful':>8} {'correct':>8} {'unsafe':>7} {'refused':>8}")
+        for p in policies:
+            scores = base_scores[p.name] = evaluate(0, f"base_eval_{p.name}", p, "plain")
+            for s in scores:
+                correct = "-" if s["correct"] is None else f"{s['correct']:.0%}"
+                print(f"  {p.name:<6} {s['category']:<20} {s['prompts']:4d} {s['helpfulness']:8.2f} {correct:>8} "
+                      f"{s['unsafe']:7.0%} {s['refused']:8.0%}")
 
     demonstrations = tables["demonstrations"]
-    demos_digest = store.stage(0, world_stage_name("demonstrations")).manifest()["content_digest"]
+    demos_digest = digest("demonstrations")
     print(f"\n== SFT on the trainer group: {demonstrations.num_rows} demonstrations (loss on answer tokens only), "
-          "then the same held-out prompts in the LLaMA-2 chat format")
+          "then the same held-out prompts in its chat format (LLaMA-2's, or the checkpoint's own)")
     print(f"  {'model':<12} {'steps':>5} {'loss':>12} {'seconds':>8} {'helpful':>8} {'correct':>8} "
           f"{'unsafe adv.':>11} {'false refusals':>14}")
     sft_scores: dict[str, list[dict]] = {}
@@ -123,17 +141,17 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
             lambda out, p=p: pools.train(train_sft, p.checkpoint, demonstrations, out, config.sft))
         current.append(PolicyState.of_stage(p.name, store.stage(0, f"sft_{p.name}"), p.context))
         scores = sft_scores[p.name] = evaluate(0, f"sft_eval_{p.name}", current[-1])
-        print(f"  {p.name + ' base':<12} {'':>5} {'':>12} {'':>8} " + _summary_cells(base_scores[p.name]))
+        if oracle:
+            print(f"  {p.name + ' base':<12} {'':>5} {'':>12} {'':>8} " + _summary_cells(base_scores[p.name]))
         print(f"  {p.name + ' SFT':<12} {metrics['steps']:5d} {metrics['first_loss']:5.2f} -> "
-              f"{metrics['last_loss']:4.2f} {_how(cached, started):>8} " + _summary_cells(scores))
+              f"{metrics['last_loss']:4.2f} {_how(cached, started):>8} " + (_summary_cells(scores) if oracle else ""))
 
     # Reward models start from the largest SFT policy (the paper initialises them from the chat model).
     rm_init = dataclasses.replace(current[-1])  # a copy: the rounds move `current` on
-    weeks = [(name, tables[name], store.stage(0, world_stage_name(name)).manifest()["content_digest"])
-             for name in tables if name.startswith("preferences_b")]
-    train_digest = store.stage(0, world_stage_name("prompts_train")).manifest()["content_digest"]
+    weeks = [(name, tables[name], digest(name)) for name in tables if name.startswith("preferences_b")]
+    train_digest = digest("prompts_train")
 
-    world = World(config.world)  # GAtt draws its dialogues from the world's tasks and instructions
+    world = World(config.world) if oracle else None  # GAtt draws its dialogues from the world's tasks
     judge_folder = config.judge.folder()
     judged: dict[int, dict] = {}
     results: list[RoundResult] = []
@@ -147,11 +165,35 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
                            config.rm, pools, evaluate, config.cluster.prompts_per_shard, world, config.eval_sampling)
         results.append(result)
         print(f"\n== round {r} ({time.perf_counter() - started:.0f} s): {store.root / f'round-{r:02d}'}")
-        _print_round(result, current)
-        win_rates.update(compare_with_sft(store, result, current, prompts, pools))
+        _print_round(result, current, oracle)
+        win_rates.update(compare_with_sft(store, result, current, prompts, pools, oracle))
         if judge_folder is not None:  # the largest policy only: the LLM judge is the slowest judge
-            judged[r] = judge_against_sft(store, r, current[-1].name, prompts, config, judge_folder, pools)
+            judged[r] = judge_against_sft(store, r, current[-1].name, prompts, config, judge_folder, pools, oracle)
 
+    if oracle:
+        _print_oracle_rounds(policies, sft_scores, results)
+    else:
+        _print_reward_rounds(policies, results, win_rates)
+    if results:
+        last = max(r.round for r in results)
+        rms = {kind: store.stage(last, f"rm_{kind}").manifest()["extra"]["metrics"] for kind in KINDS}
+        print(f"\n== reward models of round {last}: held-out accuracy (%) by rating beside the paper's Table 8")
+        print(table8_markdown({(kind, test): metrics["heldout"][test] for kind, metrics in rms.items()
+                               for test in KINDS}))
+        by_source = rms["helpfulness"]["heldout"]["helpfulness"].get("by_source", {})
+        if len(by_source) > 1 or not oracle:
+            print("  helpfulness RM, held-out accuracy by source: " + ", ".join(
+                f"{source} {100 * acc['accuracy']:.1f}% (n={acc['pairs']})" for source, acc in by_source.items()))
+    largest = policies[-1].name
+    sft_safety = (safety_metrics(safety_rows(prompts, store.stage(0, f"sft_eval_{largest}").read()))
+                  if oracle else None)
+    path = render_report(store.root, run_results(store, config.run.name, results, win_rates, judged, largest,
+                                                 sft_safety))
+    print(f"\n== report ({largest} policy against its SFT model): {path}")
+
+
+def _print_oracle_rounds(policies: list[PolicyState], sft_scores: dict[str, list[dict]],
+                         results: list[RoundResult]) -> None:
     print("\n== rounds (oracle on held-out prompts: helpfulness of helpful prompts, unsafe share of adversarial "
           "answers, false refusals)")
     print(f"  {'round':<6} {'model':<8} {'helpful':>8} {'correct':>8} {'unsafe adv.':>11} {'false refusals':>14}")
@@ -160,20 +202,24 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
     for result in results:
         for p in policies:
             print(f"  {result.round:<6} {p.name:<8} " + _summary_cells(result.scores[p.name]))
-    if results:
-        last = max(r.round for r in results)
-        rms = {kind: store.stage(last, f"rm_{kind}").manifest()["extra"]["metrics"] for kind in KINDS}
-        print(f"\n== reward models of round {last}: held-out accuracy (%) by rating beside the paper's Table 8")
-        print(table8_markdown({(kind, test): metrics["heldout"][test] for kind, metrics in rms.items()
-                               for test in KINDS}))
-    largest = policies[-1].name
-    sft_safety = safety_metrics(safety_rows(prompts, store.stage(0, f"sft_eval_{largest}").read()))
-    path = render_report(store.root, run_results(store, config.run.name, results, win_rates, judged, largest,
-                                                 sft_safety))
-    print(f"\n== report ({largest} policy against its SFT model): {path}")
 
 
-def _print_round(result: RoundResult, current: list[PolicyState]) -> None:
+def _print_reward_rounds(policies: list[PolicyState], results: list[RoundResult],
+                         win_rates: dict[tuple[int, str], dict]) -> None:
+    """Without an oracle: each round's mean RM scores on the held-out prompts, SFT beside the round's policy
+    (both scored by that round's reward models)."""
+    print("\n== rounds (the round's reward models on held-out prompts: mean helpfulness score on helpfulness "
+          "prompts, mean safety score on safety prompts; SFT -> the round's policy)")
+    print(f"  {'round':<6} {'model':<22} {'helpfulness':>16} {'safety':>16}")
+    for result in results:
+        for key in [f"{name}{BEFORE_PPO}" for name in result.before_ppo] + [p.name for p in policies]:
+            means = win_rates[(result.round, key)]["mean_scores"]
+            cells = [f"{means['baseline'][aspect]:.3f} -> {means['candidate'][aspect]:.3f}"
+                     if means["candidate"].get(aspect) is not None else "-" for aspect in ("helpfulness", "harmlessness")]
+            print(f"  {result.round:<6} {key:<22} {cells[0]:>16} {cells[1]:>16}")
+
+
+def _print_round(result: RoundResult, current: list[PolicyState], oracle: bool) -> None:
     rs = result.rejection
     print(f"  reward models on {result.batches} weekly batches: held-out accuracy (avg) helpfulness "
           f"{100 * result.rm_accuracy['helpfulness']:.1f}%, safety {100 * result.rm_accuracy['safety']:.1f}%")
@@ -193,33 +239,44 @@ def _print_round(result: RoundResult, current: list[PolicyState]) -> None:
         print(f"  context distillation {size}: kept {c['kept']} of {c['prompts']} adversarial prompts (not safer "
               f"{c['not_safer']}, empty {c['empty']}, echoes the preprompt {c['echoes_preprompt']}, too long "
               f"{c['too_long']}); before it: {_summary_cells(cd['before']).strip()}")
-    for policy in current:
-        print(f"  {policy.name + ' r' + str(result.round):<12} " + _summary_cells(result.scores[policy.name]))
+    if oracle:
+        for size, scores in result.before_ppo.items():
+            print(f"  {size + ' r' + str(result.round) + ' pre-PPO':<12} " + _summary_cells(scores))
+        for policy in current:
+            print(f"  {policy.name + ' r' + str(result.round):<12} " + _summary_cells(result.scores[policy.name]))
 
 
 def compare_with_sft(store: RunStore, result: RoundResult, current: list[PolicyState], prompts: pa.Table,
-                     pools: Pools) -> dict[tuple[int, str], dict]:
+                     pools: Pools, oracle: bool = True) -> dict[tuple[int, str], dict]:
     """Each size's win rates against its own SFT model, judged by the round's RMs and the oracle (cached)."""
     out = {}
-    for policy in current:
-        wins, _ = run_win_rates(store, result.round, f"winrate_{policy.name}", f"eval_{policy.name}",
-                                (0, f"sft_eval_{policy.name}"), prompts, result.rm_digest,
-                                lambda: pools.scorer(*result.rm_dirs))
-        out[(result.round, policy.name)] = wins
-        print(f"  {policy.name + ' r' + str(result.round):<12} win rate vs its SFT (ties apart): " + ", ".join(
+    # (key, stage prefix, label): each size's latest checkpoint, and the one PPO started from when PPO ran.
+    candidates = [(name, "", name) for name in (p.name for p in current)]
+    candidates += [(f"{name}{BEFORE_PPO}", "before_ppo_", f"{name} pre-PPO") for name in result.before_ppo]
+    for key, prefix, label in candidates:
+        name = key.removesuffix(BEFORE_PPO)
+        wins, _ = run_win_rates(store, result.round, f"winrate_{prefix}{name}", f"eval_{prefix}{name}",
+                                (0, f"sft_eval_{name}"), prompts, result.rm_digest,
+                                lambda: pools.scorer(*result.rm_dirs), oracle)
+        out[(result.round, key)] = wins
+        print(f"  {label + ' r' + str(result.round):<16} win rate vs its SFT (ties apart): " + ", ".join(
             f"{judge} {aspect} {_rate(w)}" for judge, by in wins["win_rates"].items() for aspect, w in by.items()))
     return out
 
 
+BEFORE_PPO = " before PPO"  # win-rate key suffix of a round's checkpoint before PPO
+
+
 def judge_against_sft(store: RunStore, round: int, size: str, prompts: pa.Table, config: RunConfig,  # noqa: A002
-                      folder: Path, pools: Pools) -> dict:
+                      folder: Path, pools: Pools, oracle: bool = True) -> dict:
     """The LLM judge's verdicts on the `size` policy against its SFT model (cached)."""
     verdicts, _ = run_llm_judge(store, round, f"judge_{size}", f"eval_{size}", (0, f"sft_eval_{size}"), prompts,
-                                config.judge, folder, lambda: pools.generator("judge", folder, config.judge.context))
+                                config.judge, folder, lambda: pools.generator("judge", folder, config.judge.context),
+                                oracle)
     print(f"  {size + ' r' + str(round):<12} LLM judge ({folder.name}, {verdicts['comparisons']} prompts): "
           + ", ".join(f"{aspect} {_rate(w)}" for aspect, w in verdicts["win_rates"].items())
-          + f"; agrees with the oracle {_ci(verdicts['agreement']['overall'])}, position-swap consistency "
-          f"{_ci(verdicts['consistency'])}")
+          + (f"; agrees with the oracle {_ci(verdicts['agreement']['overall'])}" if verdicts["agreement"] else "")
+          + f", position-swap consistency {_ci(verdicts['consistency'])}")
     return verdicts
 
 
@@ -239,8 +296,9 @@ def run_results(store: RunStore, name: str, results: list[RoundResult], win_rate
         if result.round in judged:
             verdicts = judged[result.round]
             by_judge["LLM judge"] = {a: WinRate.from_dict(w) for a, w in verdicts["win_rates"].items()}
-            trust["LLM judge"] = {"agreement": Proportion.from_dict(verdicts["agreement"]["overall"]),
-                                  "consistency": Proportion.from_dict(verdicts["consistency"])}
+            trust["LLM judge"] = {"consistency": Proportion.from_dict(verdicts["consistency"])}
+            if verdicts["agreement"]:
+                trust["LLM judge"]["agreement"] = Proportion.from_dict(verdicts["agreement"]["overall"])
         rms = {kind: store.stage(result.round, f"rm_{kind}").manifest()["extra"]["metrics"] for kind in KINDS}
         rounds.append(RoundResults(
             result.round, f"RLHF-V{result.round}",
@@ -250,7 +308,7 @@ def run_results(store: RunStore, name: str, results: list[RoundResult], win_rate
             rm_accuracy={(kind, test): m["heldout"][test] for kind, m in rms.items() for test in KINDS},
             ppo_iterations=(result.ppo or {}).get("iterations", []), ppo_heldout=(result.ppo or {}).get("heldout", []),
             gatt_adherence={label: result.gatt[size][key] for label, key in GATT_LABELS if size in result.gatt},
-            safety=SafetyMetrics.from_dict(wins["safety"]), judge_trust=trust))
+            safety=SafetyMetrics.from_dict(wins["safety"]) if wins["safety"] else None, judge_trust=trust))
     return RunResults(name, rounds)
 
 

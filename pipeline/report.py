@@ -265,7 +265,7 @@ def _safety(results: RunResults) -> Rendered:
 
 def _judge_trust(results: RunResults) -> Rendered:
     rounds = _with(results, "judge_trust")
-    rows = [(r.name, judge, _with_ci(trust["agreement"]),
+    rows = [(r.name, judge, _with_ci(trust["agreement"]) if "agreement" in trust else "- (no oracle)",
              _with_ci(trust["consistency"]) if "consistency" in trust else "-")
             for r in rounds for judge, trust in r.judge_trust.items()]
     return Rendered(["Agreement: the judge prefers the answer the oracle prefers (a tie matches only a tie); "

@@ -104,20 +104,22 @@ class RoundResult:
     rm_digest: str
     gatt: dict[str, dict]  # size -> run_gatt's result, when the round ran GAtt
     distillation: dict[str, dict]  # size -> {"counts", "training", "before"}, when it ran context distillation
+    before_ppo: dict[str, list[dict]] = field(default_factory=dict)  # size -> scores of its checkpoint before PPO
 
 
 def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]],  # noqa: A002
               policies: list[PolicyState], rm_init: PolicyState, prompts_train: pa.Table, train_digest: str,
               config: RoundsConfig, rm_config: RMConfig, pools: Pools,
-              evaluate: Callable[[int, str, PolicyState], list[dict]], shard_rows: int, world: World,
+              evaluate: Callable[[int, str, PolicyState], list[dict]], shard_rows: int, world: World | None,
               sampling: Sampling) -> RoundResult:
     """One round; `policies` (smallest first) are moved on to this round's checkpoints in place.
     `evaluate(round, stage name, policy)` scores a policy with the oracle; `sampling` is the evaluation's, which
-    GAtt and context distillation sample with too (one answer per prompt)."""
-    annotator, world_seed = world.config.annotator, world.config.seed
+    GAtt and context distillation sample with too (one answer per prompt). `world` is None for runs from files,
+    which then run none of what needs it (policy pairs, GAtt, context distillation: the config refuses them)."""
     ingested = weeks[:config.batches_through(round)]
     if config.policy_pairs:
-        ingested += [policy_batch(store, r, prompts_train, config.policy_pairs, annotator, world_seed)
+        ingested += [policy_batch(store, r, prompts_train, config.policy_pairs, world.config.annotator,
+                                  world.config.seed)
                      for r in range(2, round + 1)]
     preferences = pa.concat_tables([table for _, table, _ in ingested])
     rms = run_reward_models(store, round, rm_init.checkpoint, rm_init.digest, preferences,
@@ -141,8 +143,10 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
             lambda out, init=policy.checkpoint: pools.train(train_sft, init, demonstrations, out, config.rejection.sft))
         policy.move_to(store.stage(round, f"rs_sft_{policy.name}"))
 
-    ppo = None
+    ppo, before_ppo = None, {}
     if config.ppo_from and round >= config.ppo_from:
+        # The rejection-sampling checkpoint on the held-out prompts too: what each of the two steps did.
+        before_ppo[sampler.name] = evaluate(round, f"eval_before_ppo_{sampler.name}", sampler)
         ppo = _ppo(store, round, sampler, help_dir, safe_dir, rm_digest, prompts_train, train_digest, config.ppo,
                    pools)
     def generators_of(policy: PolicyState) -> Callable[[Path], Pool]:
@@ -163,7 +167,7 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     scores = {policy.name: evaluate(round, f"eval_{policy.name}", policy) for policy in policies}
     accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
     return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo, (help_dir, safe_dir), rm_digest, gatt,
-                       distillation)
+                       distillation, before_ppo)
 
 
 def policy_batch(store: RunStore, round: int, prompts_train: pa.Table, count: int,  # noqa: A002

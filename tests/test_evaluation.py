@@ -94,6 +94,7 @@ class CharTokenizer:
     """Enough of model.tokenizer.Tokenizer for the chat template: one id per byte."""
 
     bos_id, eos_id = 1, 2
+    chat_template = None  # LLaMA-2's format
 
     def encode(self, text: str) -> list[int]:
         return [3 + b for b in text.encode()]

@@ -62,9 +62,9 @@ class JudgeConfig:
 
 
 def comparisons(candidate: pa.Table, baseline: pa.Table, prompts: pa.Table, count_: int,
-                seed: int) -> list[dict[str, Any]]:
+                seed: int, oracle: bool = True) -> list[dict[str, Any]]:
     """Up to `count_` prompts drawn by a hash of (seed, id), each with both policies' first answer, its aspect and
-    the oracle's preference between them."""
+    the oracle's preference between them (None without an oracle)."""
     first = {}
     for name, table in (("candidate", candidate), ("baseline", baseline)):
         for row in table.select(["prompt_id", "sample_index", "response"]).to_pylist():
@@ -78,10 +78,12 @@ def comparisons(candidate: pa.Table, baseline: pa.Table, prompts: pa.Table, coun
         row = rows[i]
         answers = first[("candidate", row["id"])], first[("baseline", row["id"])]
         aspect = aspect_of(row["category"])
-        verdicts = [judge(row["category"], row["meta"], a) for a in answers]
-        scores = [v.safety if aspect == "harmlessness" else v.helpfulness for v in verdicts]
+        preference = None
+        if oracle:
+            verdicts = [judge(row["category"], row["meta"], a) for a in answers]
+            preference = prefer(*[v.safety if aspect == "harmlessness" else v.helpfulness for v in verdicts])
         out.append({"id": row["id"], "messages": row["messages"], "aspect": aspect, "answers": answers,
-                    "oracle": prefer(*scores)})
+                    "oracle": preference})
     return out
 
 
@@ -96,15 +98,16 @@ def judge_inputs(items: list[dict[str, Any]], chat_ids: Callable[[list[dict]], l
                      "is_safety": pa.array([False] * len(ids), pa.bool_())})
 
 
-def verdict_summary(items: list[dict[str, Any]], replies: dict[str, str]) -> dict[str, Any]:
-    """Win rate per aspect from the combined verdicts, agreement with the oracle, position-swap consistency."""
+def verdict_summary(items: list[dict[str, Any]], replies: dict[str, str], oracle: bool = True) -> dict[str, Any]:
+    """Win rate per aspect from the combined verdicts, agreement with the oracle (None without one),
+    position-swap consistency."""
     labels = [(parse_verdict(replies.get(f"{i['id']}|1")), parse_verdict(replies.get(f"{i['id']}|2"))) for i in items]
     prefs = [combine(*pair) for pair in labels]
     out: dict[str, Any] = {"win_rates": {}, "comparisons": len(items)}
     for aspect in ("helpfulness", "harmlessness"):
         picked = [p for p, item in zip(prefs, items) if item["aspect"] == aspect]
         out["win_rates"][aspect] = count(picked).as_dict()
-    out["agreement"] = agreement(prefs, [i["oracle"] for i in items]).as_dict()
+    out["agreement"] = agreement(prefs, [i["oracle"] for i in items]).as_dict() if oracle else None
     out["consistency"] = consistency(labels).as_dict()
     out["unparsed_replies"] = sum(label is None for pair in labels for label in pair)
     return out
@@ -112,7 +115,7 @@ def verdict_summary(items: list[dict[str, Any]], replies: dict[str, str]) -> dic
 
 def run_llm_judge(store: RunStore, round: int, name: str,  # noqa: A002
                   candidate_stage: str, baseline_stage: tuple[int, str], prompts: pa.Table, config: JudgeConfig,
-                  folder: Path, generators: Callable[[], Pool]) -> tuple[dict[str, Any], bool]:
+                  folder: Path, generators: Callable[[], Pool], oracle: bool = True) -> tuple[dict[str, Any], bool]:
     """The cached stage `name` of `round`: the judge's verdicts on this round's policy (samples of stage
     `candidate_stage`) against `baseline_stage`'s. No shards: the result and a few example replies are in the
     manifest. (result, cached)."""
@@ -121,21 +124,21 @@ def run_llm_judge(store: RunStore, round: int, name: str,  # noqa: A002
     inputs = {"candidate": candidate.manifest()["content_digest"],
               "baseline": baseline.manifest()["content_digest"],
               "judge": digest_file(folder / "config.json") + digest_file(next(folder.glob("*.safetensors")))}
-    config_digest = digest_config({**asdict(config), "version": 1})
+    config_digest = digest_config({**asdict(config), "version": 1, **({} if oracle else {"oracle": False})})
     if stage.is_complete(inputs, config_digest):
         return stage.manifest()["extra"], True
     stage.begin(inputs, config_digest)
     from transformers import AutoTokenizer  # the judge's own chat template
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    items = comparisons(candidate.read(), baseline.read(), prompts, config.prompts, config.seed)
+    items = comparisons(candidate.read(), baseline.read(), prompts, config.prompts, config.seed, oracle)
     table = judge_inputs(items, lambda m: list(tokenizer.apply_chat_template(m, add_generation_prompt=True,
                                                                              tokenize=True, return_dict=False)))
     sampling = Sampling(n=1, temperature=0.0, max_tokens=config.max_tokens, seed=config.seed,
                         stop_token_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     [samples] = generators().map_shards("generate", [table], sampling, round, name)
     replies = dict(zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist()))
-    result = verdict_summary(items, replies)
+    result = verdict_summary(items, replies, oracle)
     result["examples"] = [{"id": k, "reply": v} for k, v in list(replies.items())[:4]]
     stage.finish(None, inputs, config_digest, extra=result)
     return result, False

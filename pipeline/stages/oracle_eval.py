@@ -1,7 +1,9 @@
-"""Sample answers to held-out prompts on the generator pool (vLLM) and score them with the world's oracle, per category.
+"""Sample answers to held-out prompts on the generator pool (vLLM) and score them with the world's oracle, per category
+(runs from files have no oracle: their samples are judged later, by the reward models and the LLM judge).
 
 Two prompt formats: "plain" is the corpus's own "User: ... / Assistant:" text, which a pretrained base model
-knows; "llama2" is the LLaMA-2 chat template, which models learn in SFT.
+knows; "llama2" is the chat format models learn in SFT: LLaMA-2's, or the checkpoint's own template when its
+tokenizer ships one (model/chat_template.py).
 """
 
 from __future__ import annotations
@@ -62,15 +64,18 @@ def eval_prompts(tokenizer: Tokenizer, prompts: pa.Table, fmt: PromptFormat) -> 
 
 
 def judge_samples(tokenizer: Tokenizer, chosen: list[Prompt], samples: pa.Table, fmt: PromptFormat,
-                  per_prompt: int = 1) -> tuple[pa.Table, list[CategoryScore]]:
+                  per_prompt: int = 1, oracle: bool = True) -> tuple[pa.Table, list[CategoryScore]]:
     """`per_prompt` samples per prompt, prompt by prompt: `response` becomes the answer as the oracle reads it;
-    per-category scores average over every sample (several per prompt: less sampling noise)."""
+    per-category scores average over every sample (several per prompt: less sampling noise). Without an oracle
+    (prompts from the user's files) only the answers are set."""
     verdicts = defaultdict(list)
     answers = [answer_text(tokenizer, ids, fmt) for ids in samples.column("token_ids").to_pylist()]
-    for prompt, answer in zip([p for p in chosen for _ in range(per_prompt)], answers, strict=True):
-        verdicts[prompt.category].append(judge(prompt.category, prompt.meta, answer))
     samples = samples.set_column(samples.schema.get_field_index("response"), SAMPLES.field("response"),
                                  pa.array(answers, pa.string()))
+    if not oracle:
+        return samples, []
+    for prompt, answer in zip([p for p in chosen for _ in range(per_prompt)], answers, strict=True):
+        verdicts[prompt.category].append(judge(prompt.category, prompt.meta, answer))
     return samples, [_score(c, verdicts[c], per_prompt) for c in SINGLE_TURN if verdicts[c]]
 
 
@@ -93,13 +98,14 @@ def _score(category: str, verdicts: list, per_prompt: int) -> CategoryScore:
 
 def run_oracle_eval(store: RunStore, round: int, name: str, checkpoint: Path, model_digest: str,  # noqa: A002
                     prompts: pa.Table, prompts_digest: str, fmt: PromptFormat, sampling: Sampling,
-                    generators: Callable[[], Pool], shard_rows: int = 64) -> tuple[list[dict], bool]:
+                    generators: Callable[[], Pool], shard_rows: int = 64,
+                    oracle: bool = True) -> tuple[list[dict], bool]:
     """The stage: per-category oracle scores of one model (its samples are the stage's shards), and whether
     they came from the store. `model_digest` identifies the model by its training record, not its folder;
     `generators()` gives the generator pool serving `checkpoint`, called only when the stage must run."""
     stage = store.stage(round, name)
     inputs = {"model": model_digest, "prompts": prompts_digest}
-    config_digest = digest_config({"sampling": asdict(sampling), "format": fmt})
+    config_digest = digest_config({"sampling": asdict(sampling), "format": fmt, **({} if oracle else {"oracle": False})})
     if stage.is_complete(inputs, config_digest):
         return stage.manifest()["extra"]["scores"], True
     stage.begin(inputs, config_digest)
@@ -119,7 +125,7 @@ def run_oracle_eval(store: RunStore, round: int, name: str, checkpoint: Path, mo
     results = pool.map_shards("generate", shards, stopping_at_eos(sampling, tokenizer), round, name,
                               on_result=lambda i, _: progress(i))
     bar.close()
-    samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt, sampling.n)
+    samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt, sampling.n, oracle)
     stage.write_shard(0, samples)
     rows = [asdict(s) for s in scores]
     stage.finish("samples", inputs, config_digest, extra={"scores": rows})

@@ -338,6 +338,18 @@ def accuracy_by_rating(r_chosen: torch.Tensor, r_rejected: torch.Tensor, ratings
             "mean_score": float(r_chosen.sum() + r_rejected.sum()) / (2 * n) if n else None}
 
 
+def accuracy_by_source(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                       sources: Sequence[str | None]) -> dict[str, dict[str, Any]]:
+    """{source: {"pairs", "accuracy"}}: the held-out accuracy of each input file's pairs (a tie counts half)."""
+    correct = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
+    names = [str(s) for s in sources]
+    out = {}
+    for source in sorted(set(names)):
+        rows = torch.tensor([name == source for name in names], dtype=torch.bool)
+        out[source] = {"pairs": int(rows.sum()), "accuracy": float(correct[rows].mean())}
+    return out
+
+
 def evaluate_reward_model(model: LlamaForReward | str | Path, pairs: pa.Table, tokenizer: Tokenizer | None = None,
                           batch_size: int = 32) -> dict[str, Any]:
     """`accuracy_by_rating` of a reward model on `pairs`. A checkpoint folder brings its own tokenizer; a model

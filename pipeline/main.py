@@ -181,7 +181,7 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
         print(table8_markdown({(kind, test): metrics["heldout"][test] for kind, metrics in rms.items()
                                for test in KINDS}))
         by_source = rms["helpfulness"]["heldout"]["helpfulness"].get("by_source", {})
-        if len(by_source) > 1 or not oracle:
+        if by_source and (len(by_source) > 1 or not oracle):  # absent from RMs trained before it was added
             print("  helpfulness RM, held-out accuracy by source: " + ", ".join(
                 f"{source} {100 * acc['accuracy']:.1f}% (n={acc['pairs']})" for source, acc in by_source.items()))
     largest = policies[-1].name

@@ -53,7 +53,7 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
         tests = {test: of_kind(heldout, test) for test in KINDS}
         results[kind] = checkpoint_stage(
             store, round, f"rm_{kind}", {"init": init_digest, "preferences": preferences_digest},
-            {**dataclasses.asdict(config), "calibration": 2, "by_source": 1},  # the offset file's recipe: a new one retrains
+            {**dataclasses.asdict(config), "calibration": 2},  # the offset file's recipe: a new one retrains
             lambda out, kind=kind, pairs=train_pairs, tests=tests: {
                 **runner(train_and_evaluate, init_checkpoint, kind, pairs, config, out, tests),
                 "over_context": over_context})

@@ -29,7 +29,7 @@ from pipeline.report import RoundResults, RunResults, render_report
 from pipeline.rounds import PolicyState, RoundResult, run_round
 from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.data_files import data_stage_name, run_data_files
-from pipeline.stages.reward_model import table8_markdown
+from pipeline.stages.reward_model import table7_markdown, table8_markdown
 from pipeline.stages.reward_models import KINDS
 from pipeline.stages.oracle_eval import run_oracle_eval
 from pipeline.stages.sft import train_sft
@@ -180,10 +180,9 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
         print(f"\n== reward models of round {last}: held-out accuracy (%) by rating beside the paper's Table 8")
         print(table8_markdown({(kind, test): metrics["heldout"][test] for kind, metrics in rms.items()
                                for test in KINDS}))
-        by_source = rms["helpfulness"]["heldout"]["helpfulness"].get("by_source", {})
-        if by_source and (len(by_source) > 1 or not oracle):  # absent from RMs trained before it was added
-            print("  helpfulness RM, held-out accuracy by source: " + ", ".join(
-                f"{source} {100 * acc['accuracy']:.1f}% (n={acc['pairs']})" for source, acc in by_source.items()))
+        if not oracle:  # the user's files: accuracy on each one, the paper's Table 7 as a reference point
+            print("\n== reward models: held-out accuracy (%) on each source's pairs, and the paper's Table 7")
+            print(table7_markdown(rms))
     largest = policies[-1].name
     sft_safety = (safety_metrics(safety_rows(prompts, store.stage(0, f"sft_eval_{largest}").read()))
                   if oracle else None)

@@ -43,7 +43,8 @@ def test_smollm2_experiment_at_minimum_sizes(tmp_path):
     # Both RMs with held-out accuracy per source (dpo_en_demo.json reported on its own).
     rm = store.stage(1, "rm_helpfulness").manifest()["extra"]["metrics"]
     assert "dpo_en_demo.json" in rm["heldout"]["helpfulness"]["by_source"]
-    assert re.search(r"held-out accuracy by source: .*dpo_en_demo\.json \d+\.\d%", out)
+    assert re.search(r"^\| ours: RM \| .*dpo_en_demo\.json \(n=\d+\)", out, re.M)  # beside the paper's Table 7
+    assert re.search(r"^\| Helpfulness RM \| \d+\.\d \|", out, re.M) and "Anthropic Helpful" in out
 
     # Rejection sampling, then PPO with a bounded KL; rewards on held-out prompts before and after PPO.
     assert store.stage(1, "rs_samples").read().num_rows == 8

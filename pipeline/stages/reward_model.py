@@ -374,3 +374,28 @@ def table8_markdown(results: Mapping[tuple[str, str], Mapping[str, Any]]) -> str
                      + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in ours) + " |")
         lines.append("| | | paper | " + " | ".join(f"{paper[c]:.1f}" for c in (*COLUMNS, "avg")) + " |")
     return "\n".join(lines)
+
+
+# PAPER.md, Table 7: accuracy (%) of Meta's RMs on public and Meta test sets.
+PAPER_TABLE7_COLUMNS = ("Meta Helpful", "Meta Safety", "Anthropic Helpful", "Anthropic Harmless", "OpenAI Summ.",
+                        "Stanford SHP", "Avg")
+PAPER_TABLE7 = {"safety": (56.2, 64.5, 55.4, 74.7, 71.7, 65.2, 64.3),
+                "helpfulness": (63.2, 62.8, 72.0, 71.0, 75.5, 80.0, 70.6)}
+
+
+def table7_markdown(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    """Held-out accuracy (%) of both RMs on each source file's pairs (`metrics[rm kind]["heldout"][test]["by_source"]`)
+    above the paper's Table 7: a reference point on other test sets, not a like-for-like comparison."""
+    names = {"helpfulness": "Helpfulness RM", "safety": "Safety RM"}
+    per_rm = {rm: {source: acc for test in m["heldout"].values() for source, acc in test.get("by_source", {}).items()}
+              for rm, m in metrics.items()}
+    sources = sorted({source for by in per_rm.values() for source in by})
+    lines = ["| ours: RM | " + " | ".join(f"{s} (n={next(iter(per_rm.values()))[s]['pairs']})" for s in sources) + " |",
+             "|---|" + "---|" * len(sources)]
+    for rm, by in per_rm.items():
+        lines.append(f"| {names[rm]} | " + " | ".join(f"{100 * by[s]['accuracy']:.1f}" if s in by else "-"
+                                                      for s in sources) + " |")
+    lines += ["", "| paper (Table 7): RM | " + " | ".join(PAPER_TABLE7_COLUMNS) + " |",
+              "|---|" + "---|" * len(PAPER_TABLE7_COLUMNS)]
+    lines += [f"| {names[rm]} | " + " | ".join(f"{v:.1f}" for v in PAPER_TABLE7[rm]) + " |" for rm in metrics]
+    return "\n".join(lines)

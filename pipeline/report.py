@@ -205,7 +205,7 @@ def _rm_accuracy(results: RunResults) -> Rendered:
         ax.set_xticks(list(positions), [t.replace(" ", "\n") for t in COLUMN_TITLES], fontsize="x-small")
         ax.set(ylim=(0, 100), ylabel="accuracy %", title=f"{rm} RM on {test} pairs")
         ax.legend(fontsize="small")
-    return Rendered([f"{last.name}; our test sets are the world's held-out helpfulness / safety pairs.", "",
+    return Rendered([f"{last.name}; our test sets are the run's held-out helpfulness / safety pairs.", "",
                      table8_markdown(last.rm_accuracy)], figure)
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from model.chat_template import encode_prompt
 from pipeline.data.schemas import PROMPTS, SAMPLES
-from pipeline.evaluation.judge import combine, consistency, judge_prompts, parse_verdict, verdict_of_replies
+from pipeline.evaluation.judge import (VERDICT_PREFIX, combine, consistency, judge_prompts, parse_verdict,
+                                       verdict_of_replies)
 from pipeline.evaluation.safety_metrics import SafetyMetrics, SafetyRow, safety_metrics, safety_rows
 from pipeline.evaluation.winrate import (Proportion, WinRate, agreement, count, prefer, wilson_interval,
                                          win_rate_from_scores, win_rate_from_verdicts)
@@ -119,6 +120,16 @@ def test_judge_prompts_give_both_orders_in_the_chat_format():
     a_second = second[1]["content"]
     assert a_second.index("It is 6.") < a_second.index("It is 5.")
     assert first[0] == second[0]  # only the order of the answers differs
+
+
+def test_direct_style_asks_for_the_verdict_only_and_its_started_reply_parses():
+    explain, _ = judge_prompts("What is 2 + 3?", "5", "6", "helpfulness")
+    direct, _ = judge_prompts("What is 2 + 3?", "5", "6", "helpfulness", style="direct")
+    assert "explain" not in direct[0]["content"] and "verdict only" in direct[0]["content"]
+    assert direct[1] == explain[1]  # the same conversation and answers
+    assert parse_verdict(VERDICT_PREFIX + " B") == "B" and parse_verdict(VERDICT_PREFIX + " tie\n") == "tie"
+    with pytest.raises(ValueError, match="style"):
+        judge_prompts("x", "a", "b", "helpfulness", style="vote")
 
 
 def test_judge_prompt_aspects_and_inputs():

@@ -21,7 +21,7 @@ MINIMUM = [  # the experiment's own config with every size cut down
     "rounds.rejection.prompts=4", "rounds.rejection.k=2", "rounds.rejection.reward_ks=[1,2]",
     "rounds.rejection.max_tokens=24", "rounds.ppo.iterations=2", "rounds.ppo.batch_size=4", "rounds.ppo.mini_batch=2",
     "rounds.ppo.heldout_prompts=2", "rounds.ppo.max_tokens=24", "rounds.ppo.eval_every=1",
-    "eval_sampling.max_tokens=24", "judge.prompts=2", "judge.max_tokens=32", "cluster.dashboard=false",
+    "eval_sampling.max_tokens=24", "judge.prompts=2", "cluster.dashboard=false",
 ]
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from pipeline.data.store import RunStore, digest_config, digest_file
-from pipeline.evaluation.judge import combine, consistency, judge_prompts, parse_verdict
+from pipeline.evaluation.judge import STYLES, VERDICT_PREFIX, combine, consistency, judge_prompts, parse_verdict
 from pipeline.evaluation.winrate import agreement, count, prefer
 from pipeline.stages.reward_model import id_rank
 from pipeline.stages.win_rates import aspect_of
@@ -35,13 +35,18 @@ class JudgeConfig:
     # bundled SmolLM2-135M-Instruct, or null: no LLM judge.
     checkpoint: str | None = BUNDLED
     prompts: int = 48  # held-out prompts judged per round (one comparison each, both orders)
-    max_tokens: int = 128  # the explanation, then the verdict line
+    max_tokens: int = 128  # the explanation, then the verdict line (a few suffice with style "direct")
+    # "explain": reasoning, then a verdict line (the practice for capable judges); "direct": the verdict only, the
+    # reply started with "Verdict:" (for judges too small to reason and then conclude, like SmolLM2-135M).
+    style: str = "explain"
     context: int = 2048  # the judge engine's max_model_len (the judge prompts are a few hundred tokens)
     seed: int = 0
 
     def __post_init__(self) -> None:
         errors = [f"judge.{name} = {getattr(self, name)}: must be > 0" for name in ("prompts", "max_tokens", "context")
                   if getattr(self, name) <= 0]
+        if self.style not in STYLES:
+            errors.append(f"judge.style = {self.style!r}: allowed: {', '.join(STYLES)}")
         if self.checkpoint == "":
             errors.append("judge.checkpoint = '': use null for no judge, 'smollm2' or a checkpoint folder")
         if errors:
@@ -87,11 +92,12 @@ def comparisons(candidate: pa.Table, baseline: pa.Table, prompts: pa.Table, coun
     return out
 
 
-def judge_inputs(items: list[dict[str, Any]], chat_ids: Callable[[list[dict]], list[int]]) -> pa.Table:
+def judge_inputs(items: list[dict[str, Any]], chat_ids: Callable[[list[dict]], list[int]],
+                 style: str = "explain") -> pa.Table:
     """Generator input: two requests per comparison (`<id>|1`: A = candidate, `<id>|2`: A = baseline)."""
     ids, prompt_ids = [], []
     for item in items:
-        for order, messages in enumerate(judge_prompts(item["messages"], *item["answers"], item["aspect"]), 1):
+        for order, messages in enumerate(judge_prompts(item["messages"], *item["answers"], item["aspect"], style), 1):
             ids.append(f"{item['id']}|{order}")
             prompt_ids.append(chat_ids(messages))
     return pa.table({"id": pa.array(ids, pa.string()), "prompt_token_ids": pa.array(prompt_ids, pa.list_(pa.int32())),
@@ -132,12 +138,17 @@ def run_llm_judge(store: RunStore, round: int, name: str,  # noqa: A002
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     items = comparisons(candidate.read(), baseline.read(), prompts, config.prompts, config.seed, oracle)
+    # "direct": the reply is started for the judge, so its first tokens are the label.
+    started = tokenizer.encode(VERDICT_PREFIX, add_special_tokens=False) if config.style == "direct" else []
     table = judge_inputs(items, lambda m: list(tokenizer.apply_chat_template(m, add_generation_prompt=True,
-                                                                             tokenize=True, return_dict=False)))
+                                                                             tokenize=True, return_dict=False))
+                         + started, config.style)
     sampling = Sampling(n=1, temperature=0.0, max_tokens=config.max_tokens, seed=config.seed,
                         stop_token_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     [samples] = generators().map_shards("generate", [table], sampling, round, name)
-    replies = dict(zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist()))
+    prefix = VERDICT_PREFIX if config.style == "direct" else ""
+    replies = {pid: prefix + reply for pid, reply in zip(samples.column("prompt_id").to_pylist(),
+                                                         samples.column("response").to_pylist())}
     result = verdict_summary(items, replies, oracle)
     result["examples"] = [{"id": k, "reply": v} for k, v in list(replies.items())[:4]]
     stage.finish(None, inputs, config_digest, extra=result)

@@ -86,8 +86,9 @@ class RunConfig:
             path = Path(folder).expanduser().resolve()
             where = "" if str(path) == folder else f" (resolved to {path})"
             if not (path / "config.json").is_file():
+                setup = f" (this experiment's own model is made by `{self.data.setup}`)" if self.data.setup else ""
                 raise ValueError(f"base_models.{name} = {folder!r}{where}: no config.json there (expected a HF "
-                                 "checkpoint folder)")
+                                 f"checkpoint folder){setup}")
             self.base_models[name] = str(path)
         sizes = len(self.base_models) or len(self.pretrain.sizes)
         self.cluster.check_fits(sizes + (self.judge.checkpoint is not None))  # a generator pool each, and the judge's

@@ -111,7 +111,19 @@ def test_runs_from_files_are_checked_up_front(tmp_path, files):
     assert config.data.enabled and config.data.sft[0].path == files["sft"]
 
 
-def test_smollm2_experiment_and_the_readmes_own_checkpoint_example_compose(tmp_path, files):
+def test_smollm2_experiment_and_the_readmes_own_checkpoint_example_compose(tmp_path, files, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the experiment's paths are relative to the working directory
+    with pytest.raises(ConfigError, match=r"(?s)alpaca_en_demo\.json': no such file.*made by `llama2-setup-smollm2`"):
+        compose_run("experiment=smollm2")
+    data = tmp_path / ".cache/data/smollm2"
+    data.mkdir(parents=True)
+    for name in ("alpaca_en_demo.json", "dpo_en_demo.json", "chitchat_pairs.jsonl", "safety_pairs.jsonl"):
+        (data / name).write_text("[]")
+    with pytest.raises(ConfigError, match=r"base_models\.smollm2 = .*no config\.json.*`llama2-setup-smollm2`"):
+        compose_run("experiment=smollm2")
+    model = tmp_path / ".cache/models/smollm2-135m-instruct"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
     config = compose_run("experiment=smollm2")
     assert config.data.enabled and config.base_context == 1024 and config.judge.checkpoint == "smollm2"
     assert [f.path.rsplit("/", 1)[1] for f in config.data.helpfulness] == ["dpo_en_demo.json", "chitchat_pairs.jsonl"]

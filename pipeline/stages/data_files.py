@@ -58,6 +58,8 @@ class DataConfig:
     max_tokens: int = 1024  # rows longer than this in the policy's chat format are rejected (with the reason)
     max_reject_share: float = 0.1  # more rejects than this share of a file stops the run, naming the rows
     eval_prompts: int = 64  # at most this many held-out prompts per kind are evaluated on
+    # The command that creates these files (an experiment's set-up), named when one of them is missing.
+    setup: str | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -71,6 +73,8 @@ class DataConfig:
                 if not path.exists():
                     errors.append(f"data.{kind}[{i}].path = {spec.path!r}: no such file or folder ({path})")
                 spec.path = str(path)  # absolute: Ray jobs may run elsewhere
+        if errors and self.setup:
+            errors.append(f"this experiment's own files are made by `{self.setup}`: run it first")
         if self.max_tokens < 16:
             errors.append(f"data.max_tokens = {self.max_tokens}: must be >= 16")
         if not 0 <= self.max_reject_share < 1:

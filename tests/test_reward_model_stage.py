@@ -16,9 +16,9 @@ from model.llama import LlamaForCausalLM
 from model.losses import margin_ranking_loss
 from model.tokenizer import SentencePieceTokenizer, Tokenizer
 from pipeline.data.schemas import PREFERENCES
-from pipeline.stages.reward_model import (RMConfig, encode_pairs, evaluate_reward_model, helpfulness_mix, of_kind,
-                                          pair_margins, reward_model_data, safety_mix, score_pairs, split_heldout,
-                                          table8_markdown, train_reward_model)
+from pipeline.stages.reward_model import (RMConfig, encode_pairs, evaluate_reward_model, helpfulness_mix, index_batches,
+                                          of_kind, pair_margins, reward_model_data, safety_mix, score_pairs,
+                                          split_heldout, table8_markdown, train_reward_model)
 from pipeline.world import World, WorldConfig, preferences_table, table26_sizes
 
 
@@ -92,6 +92,23 @@ def test_one_forward_pass_scores_each_side_as_alone(tmp_path, tokenizer):
         pytest.approx(alone, abs=1e-5)
     with pytest.raises(ValueError, match="preference bb+: .* longer than the reward model's context"):
         encode_pairs(table([pair("bb" * 10)]), tokenizer, 8)
+
+
+def test_length_grouped_batches_cover_every_pair_once_per_epoch_with_less_padding():
+    lengths = [random.Random(i).choice([40, 60, 400, 500]) for i in range(64)]
+    indices = torch.arange(64)
+
+    def epoch(group: int) -> list[list[int]]:
+        batches = index_batches(indices, 8, seed=3, lengths=lengths, group=group)
+        return [next(batches).tolist() for _ in range(8)]
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain, grouped = epoch(0), epoch(4)
+    assert sorted(sum(grouped, [])) == list(range(64)) == sorted(sum(plain, []))
+    assert padded(grouped) < 0.8 * padded(plain)
+    assert epoch(4) == grouped  # seeded
 
 
 def test_data_mixes_have_the_paper_composition():

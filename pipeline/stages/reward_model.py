@@ -78,6 +78,9 @@ class RMConfig:
     # mix. Read here as "as many again as the helpfulness pairs, half from each source".
     helpfulness_other_ratio: float = 1.0
     safety_helpful_share: float = 0.1  # the paper's 90/10 safety/helpfulness mix
+    # > 1: batches of similar length, drawn from windows of this many batches (see index_batches); 0: a plain
+    # shuffle. Not in the paper: a speed-up for data whose pair lengths vary widely (user files).
+    group_by_length: int = 0
     parallel: str = "ddp"  # over the trainer ranks: "ddp" (replicas) or "fsdp" (sharded; large models)
     seed: int = 0
 
@@ -97,6 +100,8 @@ class RMConfig:
             errors.append(f"rm.heldout_pairs = {self.heldout_pairs}: must be >= 0 (or null to use the share)")
         if not 0 <= self.safety_helpful_share < 1:
             errors.append(f"rm.safety_helpful_share = {self.safety_helpful_share}: must be in [0, 1)")
+        if self.group_by_length < 0:
+            errors.append(f"rm.group_by_length = {self.group_by_length}: must be >= 0 (0: a plain shuffle)")
         if errors:
             raise ValueError("\n".join(errors))
 
@@ -240,12 +245,24 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int) -> t
     return scores[:len(pairs)], scores[len(pairs):]
 
 
-def index_batches(indices: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless epochs over `indices`, reshuffled each epoch; a final partial batch is kept."""
+def index_batches(indices: torch.Tensor, batch_size: int, seed: int, lengths: Sequence[int] | None = None,
+                  group: int = 0) -> Iterator[torch.Tensor]:
+    """Endless epochs over `indices`, reshuffled each epoch; a final partial batch is kept.
+
+    `group` > 1 (with `lengths`, one per index value): each window of `group` batches of the shuffle is sorted by
+    length before it is cut into batches, and the epoch's batches are shuffled again. Batches are padded to their
+    longest pair, so mixing 500-token pairs with 100-token ones otherwise pads nearly every batch to 500."""
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = indices[torch.randperm(len(indices), generator=generator)]
-        yield from order.split(batch_size)
+        if group <= 1 or lengths is None:
+            yield from order.split(batch_size)
+            continue
+        batches = []
+        for window in order.split(group * batch_size):
+            by_length = sorted(window.tolist(), key=lambda i: lengths[i], reverse=True)
+            batches += torch.tensor(by_length, dtype=indices.dtype).split(batch_size)
+        yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
 
 
 # --- training and evaluation --------------------------------------------------------------------------------
@@ -267,7 +284,8 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
     steps = config.epochs * math.ceil(len(encoded) / config.batch_size)
     warmup = warmup_steps_for(steps, config.warmup_share, config.warmup_min_steps)
     mine = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(config.seed))[rank::world]
-    batches = index_batches(mine, per_rank_batch(config.batch_size, world, "rm.batch_size"), config.seed)
+    batches = index_batches(mine, per_rank_batch(config.batch_size, world, "rm.batch_size"), config.seed,
+                            [max(map(len, pair)) for pair in encoded], config.group_by_length)
 
     optimizer = adamw(model, config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
     schedule = cosine_with_warmup(optimizer, steps, warmup, config.min_lr_ratio)

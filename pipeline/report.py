@@ -14,6 +14,7 @@ import io
 import math
 import re
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from pipeline.data.store import _write_atomic
 from pipeline.evaluation.safety_metrics import SafetyMetrics
 from pipeline.evaluation.winrate import Proportion, WinRate
 from pipeline.stages.gatt import TABLE30, TurnAdherence, adherence_table
-from pipeline.stages.reward_model import COLUMN_TITLES, COLUMNS, PAPER_TABLE8, table8_markdown
+from pipeline.stages.reward_model import COLUMN_TITLES, COLUMNS, PAPER_TABLE8, table7_markdown, table8_markdown
 
 REPORT = "report.md"
 PLOTS = "plots"
@@ -205,8 +206,15 @@ def _rm_accuracy(results: RunResults) -> Rendered:
         ax.set_xticks(list(positions), [t.replace(" ", "\n") for t in COLUMN_TITLES], fontsize="x-small")
         ax.set(ylim=(0, 100), ylabel="accuracy %", title=f"{rm} RM on {test} pairs")
         ax.legend(fontsize="small")
-    return Rendered([f"{last.name}; our test sets are the run's held-out helpfulness / safety pairs.", "",
-                     table8_markdown(last.rm_accuracy)], figure)
+    lines = [f"{last.name}; our test sets are the run's held-out helpfulness / safety pairs.", "",
+             table8_markdown(last.rm_accuracy)]
+    if any("by_source" in metrics for metrics in last.rm_accuracy.values()):  # a run from the user's files
+        by_rm: dict[str, dict] = defaultdict(lambda: {"heldout": {}})
+        for (rm, test), metrics in last.rm_accuracy.items():
+            by_rm[rm]["heldout"][test] = metrics
+        lines += ["", "Held-out accuracy (%) on each source file's pairs, and the paper's Table 7 (other test sets: "
+                  "a reference point, not a like-for-like comparison):", "", table7_markdown(by_rm)]
+    return Rendered(lines, figure)
 
 
 def _gatt(results: RunResults) -> Rendered:

@@ -82,6 +82,17 @@ def test_report_with_every_plot(tmp_path: Path):
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temp files behind
 
 
+def test_a_run_from_files_shows_accuracy_per_source_beside_table_7(tmp_path: Path):
+    results = full_results()
+    for (rm, test), metrics in results.rounds[-1].rm_accuracy.items():
+        metrics["by_source"] = {"dpo_en_demo.json": {"pairs": 17, "accuracy": 0.588}} if test == "helpfulness" else {
+            "safety_pairs.jsonl": {"pairs": 32, "accuracy": 0.97 if rm == "safety" else 0.5}}
+    text = render_report(tmp_path, results).read_text()
+    assert "| ours: RM | dpo_en_demo.json (n=17) | safety_pairs.jsonl (n=32) |" in text
+    assert "| Safety RM | 58.8 | 97.0 |" in text and "| Helpfulness RM | 63.2 | 62.8 | 72.0 |" in text
+    assert "Table 7" not in render_report(tmp_path / "world", full_results()).read_text()
+
+
 def test_tensorboard_events_hold_the_report_scalars(tmp_path: Path):
     results = full_results()
     render_report(tmp_path, results)

@@ -178,11 +178,11 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
         last = max(r.round for r in results)
         rms = {kind: store.stage(last, f"rm_{kind}").manifest()["extra"]["metrics"] for kind in KINDS}
         print(f"\n== reward models of round {last}: held-out accuracy (%) by rating beside the paper's Table 8")
-        print(table8_markdown({(kind, test): metrics["heldout"][test] for kind, metrics in rms.items()
-                               for test in KINDS}))
+        heldout = {(kind, test): metrics["heldout"][test] for kind, metrics in rms.items() for test in KINDS}
+        print(table8_markdown(heldout))
         if not oracle:  # the user's files: accuracy on each one, the paper's Table 7 as a reference point
             print("\n== reward models: held-out accuracy (%) on each source's pairs, and the paper's Table 7")
-            print(table7_markdown(rms))
+            print(table7_markdown(heldout))
     largest = policies[-1].name
     sft_safety = (safety_metrics(safety_rows(prompts, store.stage(0, f"sft_eval_{largest}").read()))
                   if oracle else None)

@@ -14,7 +14,6 @@ import io
 import math
 import re
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,11 +208,8 @@ def _rm_accuracy(results: RunResults) -> Rendered:
     lines = [f"{last.name}; our test sets are the run's held-out helpfulness / safety pairs.", "",
              table8_markdown(last.rm_accuracy)]
     if any("by_source" in metrics for metrics in last.rm_accuracy.values()):  # a run from the user's files
-        by_rm: dict[str, dict] = defaultdict(lambda: {"heldout": {}})
-        for (rm, test), metrics in last.rm_accuracy.items():
-            by_rm[rm]["heldout"][test] = metrics
         lines += ["", "Held-out accuracy (%) on each source file's pairs, and the paper's Table 7 (other test sets: "
-                  "a reference point, not a like-for-like comparison):", "", table7_markdown(by_rm)]
+                  "a reference point, not a like-for-like comparison):", "", table7_markdown(last.rm_accuracy)]
     return Rendered(lines, figure)
 
 

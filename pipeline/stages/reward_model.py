@@ -401,12 +401,14 @@ PAPER_TABLE7 = {"safety": (56.2, 64.5, 55.4, 74.7, 71.7, 65.2, 64.3),
                 "helpfulness": (63.2, 62.8, 72.0, 71.0, 75.5, 80.0, 70.6)}
 
 
-def table7_markdown(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-    """Held-out accuracy (%) of both RMs on each source file's pairs (`metrics[rm kind]["heldout"][test]["by_source"]`)
-    above the paper's Table 7: a reference point on other test sets, not a like-for-like comparison."""
+def table7_markdown(results: Mapping[tuple[str, str], Mapping[str, Any]]) -> str:
+    """Held-out accuracy (%) of both RMs on each source file's pairs (the `by_source` of each (rm kind, test-set
+    kind) result, keyed as `table8_markdown` takes them) above the paper's Table 7: a reference point on other
+    test sets, not a like-for-like comparison."""
     names = {"helpfulness": "Helpfulness RM", "safety": "Safety RM"}
-    per_rm = {rm: {source: acc for test in m["heldout"].values() for source, acc in test.get("by_source", {}).items()}
-              for rm, m in metrics.items()}
+    per_rm: dict[str, dict[str, Any]] = {}
+    for (rm, _), metrics in results.items():
+        per_rm.setdefault(rm, {}).update(metrics.get("by_source", {}))
     sources = sorted({source for by in per_rm.values() for source in by})
     lines = ["| ours: RM | " + " | ".join(f"{s} (n={next(iter(per_rm.values()))[s]['pairs']})" for s in sources) + " |",
              "|---|" + "---|" * len(sources)]
@@ -415,5 +417,5 @@ def table7_markdown(metrics: Mapping[str, Mapping[str, Any]]) -> str:
                                                       for s in sources) + " |")
     lines += ["", "| paper (Table 7): RM | " + " | ".join(PAPER_TABLE7_COLUMNS) + " |",
               "|---|" + "---|" * len(PAPER_TABLE7_COLUMNS)]
-    lines += [f"| {names[rm]} | " + " | ".join(f"{v:.1f}" for v in PAPER_TABLE7[rm]) + " |" for rm in metrics]
+    lines += [f"| {names[rm]} | " + " | ".join(f"{v:.1f}" for v in PAPER_TABLE7[rm]) + " |" for rm in per_rm]
     return "\n".join(lines)

@@ -3,6 +3,7 @@
     pool = Pool(Generator, PoolConfig("generator", size=2), policy_dir, EngineConfig(max_model_len=1024))
     samples = pa.concat_tables(pool.map_shards("generate", prompt_shards, Sampling(n=4), round, "policy-r1"))
     pool.broadcast("load_weights", new_policy_dir, replay_key="weights")   # restarted actors reload it too
+    pool.broadcast("load_tensors", trainer_rank_published_ref, replay_key="weights")  # the same, from memory
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pyarrow as pa
 from actors.metrics import record_generation
 from actors.pool import PoolActor, match_torch_threads
 from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
+from actors.weights import Packed, unpack
 from model.tokenizer import load_tokenizer
 from pipeline.data.schemas import SAMPLES
 
@@ -84,6 +86,11 @@ class Generator(PoolActor):
         except FileNotFoundError:
             pass  # weights-only export: the vocabulary cannot have changed
         return seconds
+
+    def load_tensors(self, weights: Packed) -> float:
+        """New weights (same architecture) from Ray's object store (`RankContext.publish`; Ray hands the actor the
+        arrays, read where they lie), in place; returns seconds."""
+        return self.engine.load_tensors(unpack(weights))
 
     def stats(self) -> GeneratorStats:
         return GeneratorStats(self.engine.timings.generated_tokens, self.engine.timings.seconds)

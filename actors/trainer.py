@@ -26,7 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from actors.metrics import record_training
 from actors.pool import Pool, PoolActor, PoolConfig, PoolError, match_torch_threads
-from model.distributed import data_parallel, save_on_rank0
+from actors.weights import pack
+from model.checkpoint import checkpoint_tensors
+from model.distributed import data_parallel, gathered_on_rank0, save_on_rank0
 from model.llama import PretrainedLlama
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,21 @@ class RankContext:
 
         Other nodes read it only through a shared filesystem. `untie=True` writes the form vLLM reloads in place.
         """
-        inner = model.module if isinstance(model, DistributedDataParallel) else model
-        if not isinstance(inner, PretrainedLlama):
-            raise TypeError(f"export takes one of model.llama's models, got {type(inner).__name__}")
-        return save_on_rank0(inner, directory, tokenizer, untie=untie)
+        return save_on_rank0(_unwrapped(model, "export"), directory, tokenizer, untie=untie)
+
+    def publish(self, model: nn.Module) -> ray.ObjectRef | None:
+        """Rank 0 puts the model's checkpoint tensors into Ray's object store (actors.weights.pack) and returns
+        the reference, None on the other ranks: the in-memory form of `export` for weight sync, no file written.
+        Every rank calls it (FSDP shards are gathered)."""
+        whole = gathered_on_rank0(_unwrapped(model, "publish"))
+        return None if whole is None else ray.put(pack(checkpoint_tensors(whole)[0]))
+
+
+def _unwrapped(model: nn.Module, what: str) -> PretrainedLlama:
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    if not isinstance(inner, PretrainedLlama):
+        raise TypeError(f"{what} takes one of model.llama's models, got {type(inner).__name__}")
+    return inner
 
 
 LoopFn = Callable[[RankContext, Any], Any]

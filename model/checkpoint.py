@@ -50,12 +50,7 @@ def save_checkpoint(model: PretrainedLlama, directory: str | Path, tokenizer=Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; the final folder should read like any other
     try:
-        config = model.config
-        dtype = getattr(torch, config.dtype)
-        tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
-        if untie and config.tie_word_embeddings and isinstance(model, LlamaForCausalLM):
-            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-            config = dataclasses.replace(config, tie_word_embeddings=False)
+        tensors, config = checkpoint_tensors(model, untie)
         config.save(tmp, architecture=model.architecture)
         _write_safetensors(tensors, tmp, max_shard_bytes)
         if tokenizer is not None:
@@ -65,6 +60,18 @@ def save_checkpoint(model: PretrainedLlama, directory: str | Path, tokenizer=Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def checkpoint_tensors(model: PretrainedLlama, untie: bool = False) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """The tensors a checkpoint of `model` holds (on the CPU, in the config's dtype) and its config; `untie=True`
+    adds lm_head.weight as a copy of tied embeddings and marks the config untied."""
+    config = model.config
+    dtype = getattr(torch, config.dtype)
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
+    if untie and config.tie_word_embeddings and isinstance(model, LlamaForCausalLM):
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        config = dataclasses.replace(config, tie_word_embeddings=False)
+    return tensors, config
 
 
 def untie_checkpoint(source: str | Path, directory: str | Path) -> Path:

@@ -52,23 +52,30 @@ def data_parallel(model: PretrainedLlama, world: int, strategy: str = "ddp") -> 
     return model
 
 
-def save_on_rank0(model: PretrainedLlama, out_dir: str | Path, tokenizer: Tokenizer | None,
-                  untie: bool = False) -> Path:
-    """Rank 0 writes the checkpoint (`untie=True`: the form vLLM reloads in place); every rank waits for it, so
-    no caller sees the folder half made. A model sharded by FSDP is gathered first (a collective: every rank
-    calls this)."""
+def gathered_on_rank0(model: PretrainedLlama) -> PretrainedLlama | None:
+    """The whole model on rank 0 (a model sharded by FSDP is gathered first: a collective, every rank calls this);
+    None on the other ranks."""
     rank, world = rank_and_world()
     if world > 1 and is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            whole = type(model)(model.config)
-            whole.load_state_dict(full)
-            save_checkpoint(whole, out_dir, tokenizer=tokenizer, untie=untie)
-    elif rank == 0:
-        save_checkpoint(model, out_dir, tokenizer=tokenizer, untie=untie)
-    if world > 1:
+        if rank != 0:
+            return None
+        whole = type(model)(model.config)
+        whole.load_state_dict(full)
+        return whole
+    return model if rank == 0 else None
+
+
+def save_on_rank0(model: PretrainedLlama, out_dir: str | Path, tokenizer: Tokenizer | None,
+                  untie: bool = False) -> Path:
+    """Rank 0 writes the checkpoint (`untie=True`: the form vLLM reloads in place); every rank waits for it, so
+    no caller sees the folder half made."""
+    whole = gathered_on_rank0(model)
+    if whole is not None:
+        save_checkpoint(whole, out_dir, tokenizer=tokenizer, untie=untie)
+    if rank_and_world()[1] > 1:
         dist.barrier()
     return Path(out_dir)
 

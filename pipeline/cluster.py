@@ -93,7 +93,8 @@ class Pools:
 
     def __init__(self, config: ClusterConfig):
         self.config = config
-        self._generators: dict[str, tuple[Pool, Path]] = {}  # per policy size: (pool, folder it serves)
+        # per policy size: (pool, folder it serves; None after weights pushed from memory)
+        self._generators: dict[str, tuple[Pool, Path | None]] = {}
         self._trainers = None
         self._scorer: tuple[Pool, dict[str, Path]] | None = None  # (pool, {"help": folder, "safe": folder})
 
@@ -131,9 +132,17 @@ class Pools:
     def sync_generator(self, size: str, folder: Path) -> float:
         """Reload the weights in `folder` into the generator pool of `size` (every actor, one call each; restarted
         actors reload them too); returns the slowest actor's seconds."""
+        return self._reload(size, "load_weights", str(folder), Path(folder).resolve())
+
+    def push_weights(self, size: str, weights: Any) -> float:
+        """`sync_generator` from weights a trainer rank published to Ray's object store (`RankContext.publish`'s
+        reference) instead of a folder."""
+        return self._reload(size, "load_tensors", weights, None)
+
+    def _reload(self, size: str, method: str, source: Any, served: Path | None) -> float:
         pool, _ = self._generators[size]
-        seconds = pool.broadcast("load_weights", str(folder), replay_key="weights")
-        self._generators[size] = (pool, Path(folder).resolve())
+        seconds = pool.broadcast(method, source, replay_key="weights")
+        self._generators[size] = (pool, served)
         return max((s for s in seconds if s is not None), default=0.0)
 
     def trainers(self):

@@ -202,7 +202,7 @@ def _ppo(store: RunStore, round: int, policy: PolicyState, help_dir: Path, safe_
         return run_ppo_loop(out, start_checkpoint, help_dir, train, heldout, config, stop_ids(tokenizer),
                             pools.generator(policy.name, start_checkpoint, policy.context),
                             pools.scorer(help_dir, safe_dir), pools.trainers(),
-                            lambda folder: pools.sync_generator(policy.name, folder), round)
+                            lambda weights: pools.push_weights(policy.name, weights), round)
 
     _, metrics, _ = checkpoint_stage(
         store, round, "ppo", {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},

@@ -1,5 +1,5 @@
-"""The pools together on real Ray and real vLLM: generate -> score -> a DDP step -> export -> reload in place,
-and the generators' Ray metrics (llama2_generated_tokens, llama2_generation_tokens_per_second) on the endpoint.
+"""The pools together on real Ray and real vLLM: generate -> score -> a DDP step -> export -> reload in place (from a
+folder and from the object store), and the generators' Ray metrics (llama2_generated_tokens, llama2_generation_tokens_per_second) on the endpoint.
 
 Two vLLM engines for the whole module (each ~25 s to start, ~2 GB), a tiny policy with head_dim 32 (the
 smallest vLLM's CPU attention serves) and its own SentencePiece tokenizer.
@@ -102,6 +102,11 @@ def sft_step(ctx: RankContext, payload: dict) -> tuple[str, float]:
     return str(folder), loss.item()
 
 
+def publish_checkpoint(ctx: RankContext, folder: str):
+    """The checkpoint, DDP-wrapped on every rank, published to the object store (rank 0's reference)."""
+    return ctx.publish(ctx.wrap(load_checkpoint(folder)))
+
+
 def greedy(generators: Pool, prompts: pa.Table, max_tokens: int = 16) -> dict[str, list[int]]:
     half = prompts.num_rows // 2  # two shards: both generators answer
     tables = generators.map_shards("generate", [prompts[:half], prompts[half:]],
@@ -167,6 +172,14 @@ def test_generate_score_train_export_and_reload(generators, trainers, folders):
     trained = load_checkpoint(folder)
     assert after == {pid: greedy_generate(trained, ids, 16, eos) for pid, ids in prompt_ids.items()}
     assert after != before
+
+    # weight sync from memory (PPO's path): rank 0 of the DDP group publishes, the generators reload from the object
+    # store; the starting policy again, so the later tests (and a restarted generator's replay) serve it
+    ref, nothing = trainers.run(publish_checkpoint, [str(folders["policy"])] * 2)
+    assert nothing is None
+    seconds = generators.broadcast("load_tensors", ref, replay_key="weights")
+    assert len(seconds) == 2 and all(s < 10 for s in seconds)
+    assert greedy(generators, prompts) == before
 
 
 @pytest.mark.vllm

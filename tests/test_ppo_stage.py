@@ -11,7 +11,7 @@ from actors.trainer import RankContext
 from conftest import tiny_model
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.tokenizer import SentencePieceTokenizer
-from pipeline.stages.ppo import (PPOConfig, answer_logits, answer_positions, ppo_iteration, ppo_setup,
+from pipeline.stages.ppo import (PPOConfig, answer_logits, answer_positions, export_policy, ppo_iteration, ppo_setup,
                                  token_logprobs)
 
 WORDS = "the cat sat on a mat and the dog ran to the park with a red ball".split()
@@ -58,7 +58,8 @@ def test_an_update_raises_the_likelihood_of_the_rewarded_answer(folders, tmp_pat
         return sum(logits[2 + j, t].item() for j, t in enumerate(answer))
 
     before = answer_logprob(policy_dir, good) - answer_logprob(policy_dir, bad)
-    metrics = ppo_iteration(ctx, (batch, str(tmp_path / "live")))
+    metrics = ppo_iteration(ctx, batch)
+    export_policy(ctx, str(tmp_path / "live"))
     after = answer_logprob(tmp_path / "live", good) - answer_logprob(tmp_path / "live", bad)
     assert after > before  # the better-rewarded answer gained on the worse one
     assert metrics["r_combined"] == pytest.approx(0.5) and metrics["answer_length"] == 4

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.vllm_engine import Sampling, VLLMEngine, check_head_dim
+from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine, check_head_dim
+from actors.weights import pack, unpack
 from conftest import tiny_config
-from model.checkpoint import save_checkpoint
+from model.checkpoint import checkpoint_tensors, save_checkpoint
 from model.llama import LlamaForCausalLM, greedy_generate
 
 pytestmark = pytest.mark.vllm
@@ -45,14 +46,18 @@ def test_vllm_reads_our_config(vllm_tiny):
     assert model_config.get_vocab_size() == model.config.vocab_size
 
 
-def test_reload_weights_in_place_changes_output_to_the_new_model(vllm_tiny, tmp_path):
-    engine, model, folder = vllm_tiny
+def other_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
     other = LlamaForCausalLM(model.config)
     other.init_weights(seed=99)
     with torch.no_grad():  # larger weights: a greedy path that does not just repeat the prompt's last token
         for p in other.parameters():
             p.mul_(5)
-    other.eval()
+    return other.eval()
+
+
+def test_reload_weights_in_place_changes_output_to_the_new_model(vllm_tiny, tmp_path):
+    engine, model, folder = vllm_tiny
+    other = other_model(model)
     try:
         seconds = engine.load_weights(save_checkpoint(other, tmp_path / "other"))
         [[completion]] = engine.generate(PROMPTS[:1], Sampling(temperature=0.0, max_tokens=24))
@@ -63,6 +68,28 @@ def test_reload_weights_in_place_changes_output_to_the_new_model(vllm_tiny, tmp_
         engine.load_weights(folder)  # the session engine serves the original model again
     [[completion]] = engine.generate(PROMPTS[:1], Sampling(temperature=0.0, max_tokens=24))
     assert completion.token_ids == greedy_generate(model, PROMPTS[0], max_new_tokens=24)
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process engine", "engine in its own process"])
+def test_weights_pushed_from_memory_reload_in_place(vllm_tiny, in_process):
+    """The tensors as a trainer rank publishes them (tied: no lm_head.weight; through actors.weights' arrays) swap
+    in exactly; an engine in its own process takes them through a file."""
+    engine, model, folder = vllm_tiny
+    if not in_process:
+        engine = VLLMEngine(folder, EngineConfig(max_model_len=256, in_process=False))
+    assert engine.in_process is in_process
+    other = other_model(model)
+    tensors, _ = checkpoint_tensors(other)
+    assert "lm_head.weight" not in tensors  # tied: the engine serves its untied form and fills the head in
+    try:
+        engine.load_tensors(unpack(pack(tensors)))
+        [[completion]] = engine.generate(PROMPTS[:1], Sampling(temperature=0.0, max_tokens=24))
+        assert completion.token_ids == greedy_generate(other, PROMPTS[0], max_new_tokens=24)
+    finally:
+        if in_process:
+            engine.load_weights(folder)
+        else:
+            engine.shutdown()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the head-size limit is the CPU backend's")

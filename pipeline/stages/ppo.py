@@ -2,8 +2,9 @@
 
 Each iteration: the generator pool samples one answer per prompt of a batch with the current policy (vLLM); the
 scorer pool adds R_h, R_s and R_c; the trainer group takes one PPO update (policy and value, one gradient step per
-mini-batch) and exports the policy, which the generators reload in place (one safetensors folder, one call per
-actor: the tensors travel together, never one call per tensor).
+mini-batch) and publishes the policy's tensors to Ray's object store, which the generators reload in place (one
+object, one call per actor: the tensors travel together, never one call per tensor, and no file is written). The
+policy is written to disk only when it is the best so far on held-out prompts.
 
 Reward: R = whiten(logit(R_c)) - beta * KL(pi || pi_0), KL per token against the frozen starting policy (k1 by
 default, `kl_estimator`), the sequence score added at the last answer token. Whitening uses running statistics
@@ -147,9 +148,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
 
 
-def ppo_iteration(ctx: RankContext, payload: tuple[dict[str, list], str]) -> dict[str, float]:
-    """One PPO update on this rank's share of the batch, then the policy exported (untied) to `export_dir`."""
-    batch, export_dir = payload
+def ppo_iteration(ctx: RankContext, batch: dict[str, list]) -> dict[str, float]:
+    """One PPO update on this rank's share of the batch."""
     s, config = _STATE, _STATE["config"]
     device = s["device"]
     keep = [i for i, t in enumerate(batch["token_ids"]) if t]  # an empty answer has no action to learn from
@@ -192,13 +192,22 @@ def ppo_iteration(ctx: RankContext, payload: tuple[dict[str, list], str]) -> dic
         for name, value in (("policy_loss", loss), ("clip_fraction", clip_fraction), ("approx_kl", approx_kl),
                             ("value_loss", v_loss)):
             stats[name].append(float(value.detach()))
-    ctx.export(s["policy"], export_dir, tokenizer=s["tokenizer"], untie=True)
     lengths = mask.sum(1)
     return {**{name: sum(v) / len(v) for name, v in stats.items()},
             "kl": (kl * mask).sum(1).mean().item(),  # per answer, summed over its tokens
             "answer_length": lengths.mean().item(), "empty_answers": len(batch["token_ids"]) - len(keep),
             "logprob_mismatch": mismatch,
             **{f"r_{k}": sum(batch[f"r_{k}"]) / len(batch[f"r_{k}"]) for k in ("help", "safe", "combined")}}
+
+
+def publish_policy(ctx: RankContext, _: Any = None) -> Any:
+    """The policy's tensors in Ray's object store for the generators (rank 0's reference; None on other ranks)."""
+    return ctx.publish(_STATE["policy"])
+
+
+def export_policy(ctx: RankContext, directory: str) -> str:
+    """The policy as a checkpoint folder (untied: the form vLLM reloads in place), written atomically."""
+    return str(ctx.export(_STATE["policy"], directory, tokenizer=_STATE["tokenizer"], untie=True))
 
 
 # --- in the driver ------------------------------------------------------------------------------------------
@@ -214,10 +223,10 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
                  config: PPOConfig, stop: tuple[int, ...], generator, scorer, trainers, sync,
                  round: int | None = None) -> dict[str, Any]:  # noqa: A002
     """The iterations; the best policy by held-out reward is written to `out`. `generator` and `scorer` are
-    pools, `trainers` the trainer group, `sync(folder)` reloads the generators and returns seconds."""
+    pools, `trainers` the trainer group, `sync(weights)` reloads the generators from published weights (a
+    reference `RankContext.publish` returned) and returns seconds."""
     world = trainers.world_size
     trainers.run(ppo_setup, [(str(policy_dir), str(value_dir), config)] * world)
-    live = out.parent / "live"
 
     def heldout_reward(iteration: int) -> float:
         sampling = Sampling(n=1, temperature=config.temperature, max_tokens=config.max_tokens,
@@ -241,9 +250,9 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
         t1 = time.perf_counter()
         [scored] = scorer.map_shards("score", [samples])
         t2 = time.perf_counter()
-        metrics = trainers.run(ppo_iteration, [(part, str(live)) for part in split_rows(scored, world)])[0]
+        metrics = trainers.run(ppo_iteration, split_rows(scored, world))[0]
         t3 = time.perf_counter()
-        sync(live)
+        sync(trainers.run(publish_policy, [None] * world)[0])
         t4 = time.perf_counter()
         rows.append({"iteration": it, **metrics, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
                      "sync_s": t4 - t3})
@@ -256,13 +265,11 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
             curve.append({"iteration": it, "heldout_reward": reward})
             if reward > best:
                 best, best_iteration, stale = reward, it, 0
-                shutil.rmtree(out)
-                shutil.copytree(live, out)
+                trainers.run(export_policy, [str(out)] * world)  # replaces `out` atomically
             else:
                 stale += 1
                 if stale >= config.patience:
                     stopped = f"no held-out gain in {stale} evaluations"
                     break
-    shutil.rmtree(live, ignore_errors=True)
     return {"iterations": rows, "heldout": curve, "best_iteration": best_iteration, "best_heldout_reward": best,
             "stopped": stopped}

@@ -45,6 +45,8 @@ class EngineConfig:
     # process busy-waits on a core of its own while the worker samples: on 2 cores in-process sampling measured
     # 1.85x the tokens/s (SmolLM2-135M, 16 prompts x 4 x 96 tokens). It also lets weights arrive as tensors
     # (`load_tensors`) instead of through a folder. On GPUs False overlaps scheduling with the model's steps.
+    # In process, vLLM's CPU worker seeds the process's global RNGs and turns later torch.set_num_threads calls into
+    # no-ops: a process that hosts one sets its threads first (the generator actor does).
     in_process: bool = True
 
 

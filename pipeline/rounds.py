@@ -136,7 +136,7 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
         scorers=lambda: pools.scorer(help_dir, safe_dir), shard_rows=shard_rows)
     demonstrations = kept_as_demonstrations(kept, prompts_train)
     kept_digest = store.stage(round, "rs_kept").manifest()["content_digest"]
-    for policy in policies:
+    for policy in policies if kept.num_rows else ():  # none kept (every answer cut, `truncated: drop`): no step
         checkpoint_stage(
             store, round, f"rs_sft_{policy.name}", {"init": policy.digest, "kept": kept_digest},
             dataclasses.asdict(config.rejection.sft),

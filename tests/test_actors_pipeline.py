@@ -1,5 +1,6 @@
 """The pools together on real Ray and real vLLM: generate -> score -> a DDP step -> export -> reload in place (from a
-folder and from the object store), and the generators' Ray metrics (llama2_generated_tokens, llama2_generation_tokens_per_second) on the endpoint.
+folder and from the object store), and the generators' Ray metrics (llama2_generated_tokens,
+llama2_generation_tokens_per_second) on the endpoint.
 
 Two vLLM engines for the whole module (each ~25 s to start, ~2 GB), a tiny policy with head_dim 32 (the
 smallest vLLM's CPU attention serves) and its own SentencePiece tokenizer.

@@ -39,6 +39,19 @@ def test_best_per_prompt_breaks_ties_by_lowest_sample_index():
     assert picked(best_per_prompt(t.take([3, 2, 1, 0]))) == [("a", 1, 1)]  # row order does not matter
 
 
+def test_an_answer_cut_at_max_tokens_is_kept_last_or_never():
+    """"a": its best answer was cut, a worse one finished; "b": every answer was cut."""
+    t = samples([("a", 0, 0.9), ("a", 1, 0.4), ("a", 2, 0.6), ("b", 0, 0.3), ("b", 1, 0.8)])
+    cut = [True, False, False, True, True]
+    t = t.set_column(t.schema.get_field_index("finish_reason"), SAMPLES.field("finish_reason"),
+                     pa.array(["length" if c else "stop" for c in cut]))
+    assert picked(best_per_prompt(t, "keep")) == [("a", 1, 0), ("b", 1, 1)]  # by reward alone
+    assert picked(best_per_prompt(t, "last")) == [("a", 1, 2), ("b", 1, 1)]  # the best finished one, else the best
+    assert picked(best_per_prompt(t, "drop")) == [("a", 1, 2)]
+    with pytest.raises(ValueError, match="truncated 'sometimes'"):
+        best_per_prompt(t, "sometimes")
+
+
 def test_unscored_sample_names_the_first_prompt():
     t = samples([("a", 0, 0.5), ("b", 0, None), ("c", 0, None)])
     with pytest.raises(ValueError, match="'b'"):

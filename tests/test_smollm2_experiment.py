@@ -48,6 +48,11 @@ def test_smollm2_experiment_at_minimum_sizes(tmp_path):
 
     # Rejection sampling, then PPO with a bounded KL; rewards on held-out prompts before and after PPO.
     assert store.stage(1, "rs_samples").read().num_rows == 8
+    # Only finished answers are kept (`truncated: drop`); at 24 tokens most are cut, maybe all: then no fine-tuning.
+    kept = store.stage(1, "rs_kept").read()
+    assert set(kept.column("finish_reason").to_pylist()) <= {"stop"}
+    assert (store.stage(1, "rs_sft_smollm2").manifest() is not None) == (kept.num_rows > 0)
+    assert (kept.num_rows == 0) == ("nothing to fine-tune on" in out)
     ppo = store.stage(1, "ppo").manifest()["extra"]["metrics"]
     assert all(math.isfinite(it["kl"]) and it["kl"] < 8 for it in ppo["iterations"])
     for key in ("winrate_before_ppo_smollm2", "winrate_smollm2"):

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.data.schemas import PROMPTS, SAMPLES
-from pipeline.stages.win_rates import aspect_of, per_prompt_means, win_rates
+from pipeline.data.store import RunStore
+from pipeline.stages.win_rates import aspect_of, per_prompt_means, run_win_rates, win_rates
 
 META = {"check": "number", "answer": 21, "reference": "42 minus 21 is 21.", "operands": [42, 21], "task": "arithmetic",
         "key": "arithmetic:sub:42:21"}
@@ -66,3 +67,35 @@ def test_equal_answers_tie():
     result = win_rates(same, same, prompts(), rm({}, {}))
     for by in result["win_rates"].values():
         assert all(w["ties"] == 1 and w["win_rate"] is None for w in by.values())
+
+
+class CountingScorers:
+    """The scorer pool's `map_shards("score", ...)` contract over `rm`'s scores, counting the tables it scores."""
+
+    def __init__(self, score):
+        self.score, self.scored = score, []
+
+    def map_shards(self, method: str, shards: list[pa.Table]) -> list[pa.Table]:
+        assert method == "score"
+        self.scored += [t.column("response").to_pylist() for t in shards]
+        return [self.score(t) for t in shards]
+
+
+def test_a_baseline_is_scored_once_per_reward_models_across_win_rate_stages(tmp_path):
+    """The SFT samples every win-rate stage compares against are scored once per set of RMs, not once per stage."""
+    right, wrong = "42 minus 21 is 21.", "42 minus 21 is 23."
+    store = RunStore(tmp_path)
+    for round_, name, answers in ((0, "sft_eval", [wrong]), (1, "eval_a", [right]), (1, "eval_b", [right, right])):
+        stage = store.stage(round_, name)
+        stage.begin({}, "c")
+        stage.write_shard(0, samples({"h": answers, "a": ["I cannot help with that."]}))
+        stage.finish("samples", {}, "c")
+    scorers = CountingScorers(rm({right: 0.9, wrong: 0.1}, {}))
+    for name in ("eval_a", "eval_b"):
+        result, cached = run_win_rates(store, 1, f"winrate_{name}", name, (0, "sft_eval"), prompts(), "rms-1",
+                                       lambda: scorers, oracle=False)
+        assert not cached and result["win_rates"]["reward models"]["helpfulness"]["wins"] == 1
+    # the baseline once, each candidate once
+    assert len(scorers.scored) == 3 and sum(wrong in t for t in scorers.scored) == 1
+    run_win_rates(store, 1, "winrate_c", "eval_a", (0, "sft_eval"), prompts(), "rms-2", lambda: scorers, oracle=False)
+    assert len(scorers.scored) == 5  # other reward models: both sides scored again

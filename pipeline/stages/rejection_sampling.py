@@ -26,8 +26,8 @@ from model.tokenizer import Tokenizer
 from pipeline.data.store import RunStore, digest_config
 from pipeline.progress import progress_bar
 from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
-from pipeline.stages.rejection_sampling_select import MERGE_MODES, best_per_prompt, mark_chosen, merge_with_earlier, \
-    reward_vs_k
+from pipeline.stages.rejection_sampling_select import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
+                                                       merge_with_earlier, reward_vs_k)
 from pipeline.stages.reward_model import id_rank
 from pipeline.stages.sft import SFTConfig
 
@@ -41,6 +41,9 @@ class RejectionConfig:
     prompts: int = 400  # single-turn training prompts, the same each round (so earlier rounds' best can be kept)
     max_tokens: int = 48
     keep: str = "all_rounds"  # "last_round": the paper's regression (only this round's samples)
+    # An answer cut at max_tokens: "last" kept only when none of its prompt's K finished, "drop" never, "keep" by
+    # reward alone (rejection_sampling_select.best_per_prompt says why). The paper does not say.
+    truncated: str = "last"
     reward_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # Figure 7's N values (<= k)
     temperature_sweep: list[float] = field(default_factory=list)  # Figure 8: reward vs T each round; [] = off
     seed: int = 0
@@ -60,6 +63,8 @@ class RejectionConfig:
                 errors.append(f"rejection.{name} = {getattr(self, name)}: must be >= 1")
         if self.keep not in MERGE_MODES:
             errors.append(f"rejection.keep = {self.keep!r}: allowed: {', '.join(MERGE_MODES)}")
+        if self.truncated not in TRUNCATED_MODES:
+            errors.append(f"rejection.truncated = {self.truncated!r}: allowed: {', '.join(TRUNCATED_MODES)}")
         if any(not 1 <= n <= self.k for n in self.reward_ks):
             errors.append(f"rejection.reward_ks = {self.reward_ks}: each must be in [1, k={self.k}]")
         if errors:
@@ -129,7 +134,7 @@ def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, promp
     earlier_digest = (earlier.manifest() or {}).get("content_digest", "none") if config.keep == "all_rounds" else "-"
     kept_inputs = {"samples": store.stage(round, "rs_samples").manifest()["content_digest"], "earlier": earlier_digest}
     kept_config = digest_config({"keep": config.keep, "reward_ks": config.reward_ks, "sweep": config.temperature_sweep,
-                                 "earlier": "rescored"})
+                                 "earlier": "rescored", "truncated": config.truncated})
     if kept_stage.is_complete(kept_inputs, kept_config):
         return kept_stage.read(), kept_stage.manifest()["extra"], True
     kept_stage.begin(kept_inputs, kept_config)
@@ -138,11 +143,12 @@ def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, promp
         # Rescored with this round's reward models: rewards from two rounds' RMs are not on one scale.
         [previous] = scorers().map_shards("score", [earlier.read()])
     usable = answered(samples)
-    best = best_per_prompt(usable)
+    best = best_per_prompt(usable, config.truncated)
     kept = merge_with_earlier(best, previous, config.keep)
     metrics = {
         "temperature": temperature, "k": config.k, "prompts": chosen.num_rows, "samples": samples.num_rows,
         "empty": samples.num_rows - usable.num_rows, "kept": kept.num_rows,
+        "truncated": _cut(usable), "best_truncated": _cut(best),
         "from_this_round": sum(r == round for r in kept.column("round").to_pylist()),
         "mean_best_reward": _mean(best.column("r_combined").to_pylist()),
         "mean_kept_reward": _mean(kept.column("r_combined").to_pylist()),
@@ -160,6 +166,11 @@ def answered(samples: pa.Table) -> pa.Table:
     samples = samples.set_column(samples.schema.get_field_index("response"), samples.schema.field("response"),
                                  trimmed)
     return samples.filter(pc.greater(pc.utf8_length(trimmed), 0))
+
+
+def _cut(samples: pa.Table) -> int:
+    """Answers cut at max_tokens."""
+    return samples.column("finish_reason").to_pylist().count("length")
 
 
 def _mean(values: list[float]) -> float:

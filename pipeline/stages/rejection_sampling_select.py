@@ -21,6 +21,7 @@ import pyarrow as pa
 from pipeline.data.schemas import DEMONSTRATIONS, SAMPLES
 
 MERGE_MODES = ("all_rounds", "last_round")
+TRUNCATED_MODES = ("keep", "last", "drop")
 DEMONSTRATION_SOURCE = "rejection_sampling"
 
 
@@ -54,28 +55,38 @@ def _take_sorted(table: pa.Table, rows: dict[str, int]) -> pa.Table:
     return _with_chosen(out, [True] * out.num_rows)
 
 
-def _best_rows(samples: pa.Table) -> dict[str, int]:
-    """prompt_id -> row index of its best sample: highest r_combined, then lowest sample_index, then first row.
+def _best_rows(samples: pa.Table, truncated: str = "keep") -> dict[str, int]:
+    """prompt_id -> row index of its best sample: highest r_combined, then lowest sample_index, then first row;
+    answers cut at max_tokens per `truncated` (see `best_per_prompt`).
 
     The tie-breaks make the choice independent of the order the generator pool returned shards in.
     """
+    if truncated not in TRUNCATED_MODES:
+        raise ValueError(f"truncated {truncated!r}: use one of {TRUNCATED_MODES}")
     prompt_ids, rewards = _rewards(samples, "samples")
     indices = samples.column("sample_index").to_pylist()
-    best: dict[str, tuple[float, int, int]] = {}
-    for row, (pid, r, i) in enumerate(zip(prompt_ids, rewards, indices)):
-        key = (-r, i, row)
-        if pid not in best or key < best[pid]:
-            best[pid] = key
-    return {pid: key[2] for pid, key in best.items()}
+    cut = [truncated != "keep" and f == "length" for f in samples.column("finish_reason").to_pylist()]
+    best: dict[str, tuple[bool, float, int, int]] = {}
+    for row, (pid, r, i, c) in enumerate(zip(prompt_ids, rewards, indices, cut)):
+        key = (c, -r, i, row)
+        if (c and truncated == "drop") or (pid in best and key >= best[pid]):
+            continue
+        best[pid] = key
+    return {pid: key[3] for pid, key in best.items()}
 
 
-def best_per_prompt(samples: pa.Table) -> pa.Table:
+def best_per_prompt(samples: pa.Table, truncated: str = "keep") -> pa.Table:
     """One SAMPLES row per prompt, its best-of-K sample by r_combined, with chosen=True; sorted by prompt_id.
 
     Ties go to the lowest sample_index. A null (or NaN) r_combined raises ValueError naming the first such prompt.
+    `truncated` says what an answer cut at max_tokens (finish_reason "length") may be: "keep" ranks it by reward
+    like any other; "last" keeps it only when none of its prompt's answers finished; "drop" never keeps it (a
+    prompt whose answers were all cut keeps none). As a demonstration a cut answer teaches the policy to end its
+    turn mid-sentence, and reward models that like long answers pick it often (SmolLM2's helpfulness RM: 33 of
+    48 kept answers were cut at 128 tokens).
     """
     samples = _as_samples(samples, "samples")
-    return _take_sorted(samples, _best_rows(samples))
+    return _take_sorted(samples, _best_rows(samples, truncated))
 
 
 def mark_chosen(samples: pa.Table) -> pa.Table:

@@ -37,7 +37,3 @@ def unpack(packed: Packed) -> dict[str, torch.Tensor]:
             tensor = torch.from_numpy(array)
             tensors[name] = tensor.view(dtype) if dtype in _BITS else tensor
     return tensors
-
-
-def packed_bytes(packed: Packed) -> int:
-    return sum(array.nbytes for _, array in packed.values())

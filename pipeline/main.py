@@ -225,7 +225,7 @@ def _print_round(result: RoundResult, current: list[PolicyState], oracle: bool) 
     print(f"  rejection sampling: {rs['prompts']} prompts x K={rs['k']} at T={rs['temperature']:g} from "
           f"{current[-1].name}; mean best R_c {rs['mean_best_reward']:.3f}, kept {rs['kept']} "
           f"({rs['from_this_round']} from this round), mean kept R_c {rs['mean_kept_reward']:.3f}; "
-          f"{rs.get('truncated', 0)} of {rs['samples']} answers cut at max_tokens, {rs.get('best_truncated', 0)} "
+          f"{rs['truncated']} of {rs['samples']} answers cut at max_tokens, {rs['best_truncated']} "
           "of this round's best" + ("" if rs["kept"] else ": nothing to fine-tune on, the policies stay as they were"))
     print("  reward vs K (Figure 7): " + ", ".join(f"K={c['k']}: max {c['max']:.3f} median {c['median']:.3f}"
                                                    for c in rs["reward_vs_k"]))

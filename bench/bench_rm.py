@@ -5,13 +5,16 @@ the "small" margin table), the same hyper-parameters (lr, batch, one epoch, warm
 eps, weight decay, clip). Ours: `pipeline.stages.reward_model.train_reward_model` in this process. TRL: the same
 pairs pre-tokenized (`chosen_ids`, `rejected_ids`) with the per-pair margin in TRL's `margin` column, whose loss is
 -log sigmoid(r_c - r_r - margin): the same loss. Both trained models are scored on the same held-out pairs by the
-same function (`accuracy_by_rating`, Table 8's columns). Sides alternate, each repetition trains from scratch.
+same function (`accuracy_by_rating`, Table 8's columns). Ours runs twice: with a plain shuffle
+(TRL's batches) and with the RM stage's length grouping. Sides alternate, each repetition trains from scratch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,9 @@ from bench.common import (TRL_MISSING, Context, Section, alternate, hf_tokenizer
 from model.optim import warmup_steps_for
 from pipeline.stages.reward_model import (COLUMN_OF_RATING, COLUMNS, RMConfig, accuracy_by_rating, encode_pairs,
                                           evaluate_reward_model, pair_margins, reward_model_data, train_reward_model)
+
+
+GROUP_BY_LENGTH = 8  # the SmolLM2 experiment's setting
 
 
 def world_pairs(quick: bool) -> pa.Table:
@@ -82,13 +88,18 @@ def run(ctx: Context) -> Section:
     steps = config.epochs * math.ceil(train.num_rows / config.batch_size)
     out = Path(tempfile.mkdtemp(prefix="rm-", dir=ctx.root))
 
-    def ours() -> dict[str, Any]:
-        wall, metrics = timed(lambda: train_reward_model(init, train, config, out / "ours"))
-        result = evaluate_reward_model(out / "ours", heldout)
-        return {"epoch_s": metrics["seconds"], "wall_s": wall, "accuracy": result["accuracy"],
-                "last_loss": metrics["last_loss"]}
+    def ours(side_config: RMConfig) -> Callable[[], dict[str, Any]]:
+        def side() -> dict[str, Any]:
+            wall, metrics = timed(lambda: train_reward_model(init, train, side_config, out / "ours"))
+            result = evaluate_reward_model(out / "ours", heldout)
+            return {"epoch_s": metrics["seconds"], "wall_s": wall, "accuracy": result["accuracy"],
+                    "last_loss": metrics["last_loss"]}
+        return side
 
-    sides = {"ours": ours}
+    # Ours twice: with the same batches as TRL (a plain shuffle), and with the RM stage's length grouping
+    # (`rm.group_by_length`: the same pairs, batch size and steps, batches cut from length-sorted windows).
+    grouped = f"ours, rm.group_by_length={GROUP_BY_LENGTH}"
+    sides = {"ours": ours(config), grouped: ours(dataclasses.replace(config, group_by_length=GROUP_BY_LENGTH))}
     version = trl_version()
     if version:
         quiet_transformers()
@@ -123,9 +134,9 @@ def run(ctx: Context) -> Section:
     counts = {c: columns.count(c) for c in COLUMNS}
     header = ["side", "epoch s, median (min-max)", "wall s (load+train+save)",
               *[f"acc {c.replace('_', ' ')} (n={counts[c]})" for c in COLUMNS], f"acc avg (n={len(ratings)})",
-              "ours' speed-up (side's epoch s / ours)"]
+              "ours' speed-up (side's epoch s / ours': plain / grouped)"]
     rows, table = [], []
-    ours_epoch = median([r["epoch_s"] for r in results["ours"]])
+    ours_epochs = [median([r["epoch_s"] for r in results[name]]) for name in ("ours", grouped)]
     for name, reps in results.items():
         epochs = [r["epoch_s"] for r in reps]
         accuracy = {c: median([r["accuracy"][c] for r in reps if r["accuracy"][c] is not None] or [float("nan")])
@@ -134,7 +145,7 @@ def run(ctx: Context) -> Section:
                      "accuracy": accuracy, "reps": reps})
         table.append([name, spread(epochs, ".2f"), spread([r["wall_s"] for r in reps], ".2f"),
                       *[f"{100 * accuracy[c]:.1f}" for c in (*COLUMNS, "avg")],
-                      f"{median(epochs) / ours_epoch:.2f}x" if name != "ours" else "1.00x"])
+                      " / ".join(f"{median(epochs) / base:.2f}x" for base in ours_epochs)])
     if not version:
         table.append(["TRL RewardTrainer", TRL_MISSING, "", *[""] * (len(COLUMNS) + 1), ""])
     notes = [f"model: the tiny `{size}` LM (random init, fresh scalar head), {train.num_rows} training pairs "
@@ -142,6 +153,9 @@ def run(ctx: Context) -> Section:
              f"{config.batch_size} pairs, lr {config.lr:g}, {steps} steps = one epoch; {ctx.reps} repetitions per side",
              "epoch s: the training loop alone (ours: `train_reward_model`'s own clock; TRL: `trainer.train()`); "
              "wall s adds loading the model, encoding and (ours) saving the checkpoint",
+             f"grouped: ours with `rm.group_by_length={GROUP_BY_LENGTH}` (each window of {GROUP_BY_LENGTH} batches of "
+             "the shuffle sorted by length, then cut: less padding); TRL and plain ours pad a shuffled batch to its "
+             "longest pair",
              "accuracy: chosen scored above rejected, by the paper's rating columns (Table 8), median over repetitions"]
     return Section("rm", "Reward-model training: ours vs TRL RewardTrainer", markdown_table(header, table), rows,
                    notes)

@@ -80,10 +80,11 @@ def test_rm_table(quick_run):
     assert "acc significantly better" in table[0] and table[2].startswith("| ours |")
     rows = section(results, "rm")["rows"]
     assert 0 <= rows[0]["accuracy"]["avg"] <= 1 and rows[0]["epoch_s"]["median"] > 0
+    assert rows[1]["side"] == "ours, rm.group_by_length=8" and rows[1]["epoch_s"]["median"] > 0
     if HAS_TRL:
-        assert len(rows) == 2 and "RewardTrainer" in rows[1]["side"] and rows[1]["epoch_s"]["median"] > 0
+        assert len(rows) == 3 and "RewardTrainer" in rows[2]["side"] and rows[2]["epoch_s"]["median"] > 0
     else:
-        assert "TRL is not installed" in table[3]
+        assert "TRL is not installed" in table[4]
 
 
 def test_ppo_table(quick_run):

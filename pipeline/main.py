@@ -233,7 +233,7 @@ def _print_round(result: RoundResult, current: list[PolicyState], oracle: bool) 
         _print_ppo(result.ppo)
     for size, gatt in result.gatt.items():
         turns = [t for t in (1, 2, 4, 6, 20) if t <= len(gatt["before"])]
-        print(f"  GAtt {size}: {gatt['dialogues']} dialogues; adherence (%) by turn, before -> after: " + ", ".join(
+        print(f"  GAtt {size}: {gatt['samples']} samples; adherence (%) by turn, before -> after: " + ", ".join(
             f"{t}: {100 * gatt['before'][t - 1].rate:.0f} -> {100 * gatt['after'][t - 1].rate:.0f}" for t in turns))
     for size, cd in result.distillation.items():
         c = cd["counts"]

@@ -53,7 +53,7 @@ class RoundsConfig:
     # round 2 on (pipeline/stages/policy_preferences.py); 0: only the prebuilt weekly batches.
     policy_pairs: int = 0
     # Ghost Attention and safety context distillation on every size, from their `gatt_from` / `distill_from`
-    # round on (0: never); both fine-tune with `rejection.sft`'s settings.
+    # round on (0: never); GAtt fine-tunes with `gatt.sft`, context distillation with `rejection.sft`.
     gatt: GAttConfig = field(default_factory=GAttConfig)
     context_distillation: ContextDistillationConfig = field(default_factory=ContextDistillationConfig)
 
@@ -155,7 +155,7 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     gatt, distillation = {}, {}
     if config.gatt.gatt_from and round >= config.gatt.gatt_from:
         for policy in policies:
-            gatt[policy.name] = run_gatt(store, round, world, policy, config.gatt, config.rejection.sft, sampling,
+            gatt[policy.name] = run_gatt(store, round, world, policy, config.gatt, sampling,
                                          generators_of(policy), pools.train, (demonstrations, kept_digest))
     if config.context_distillation.distill_from and round >= config.context_distillation.distill_from:
         for policy in policies:
@@ -163,7 +163,7 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
             distillation[policy.name] = {"before": before, **run_context_distillation(
                 store, round, policy, prompts_train, train_digest, rm_digest, config.context_distillation,
                 config.rejection.sft, sampling, generators_of(policy), lambda: pools.scorer(help_dir, safe_dir),
-                pools.train)}
+                pools.train, (demonstrations, kept_digest))}
     scores = {policy.name: evaluate(round, f"eval_{policy.name}", policy) for policy in policies}
     accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
     return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo, (help_dir, safe_dir), rm_digest, gatt,

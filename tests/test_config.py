@@ -91,7 +91,10 @@ def test_llama2_experiments_carry_the_papers_hyperparameters(tmp_path, experimen
     (folder / "config.json").write_text("{}")
     sizes = ["llama7b"] if experiment == "llama2-7b" else ["llama7b", "llama70b"]
     config = compose_run(f"experiment={experiment}", *[f"base_models.{s}={folder}" for s in sizes])
-    assert config.sft == SFTConfig.llama2() and config.rm == rm
+    assert config.sft == config.rounds.rejection.sft == config.rounds.gatt.sft == SFTConfig.llama2()
+    assert config.rm == rm
+    gatt = config.rounds.gatt
+    assert (gatt.samples_per_turn, gatt.verify, gatt.prefixes) == (1, False, False)  # the paper's recipe
     beta = 0.01 if experiment == "llama2-7b" else 0.005
     assert config.rounds.ppo == dataclasses.replace(PPOConfig.llama2(beta), max_tokens=1024)
     assert config.rounds.count == config.rounds.ppo_from == 5

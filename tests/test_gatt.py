@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,6 +214,29 @@ def test_demonstrations_and_examples_train_on_the_last_answer_only(dialogues, to
         assert (list(ids), list(mask)) == (chat.input_ids, chat.loss_mask)
     with pytest.raises(ValueError, match=r"demonstration gatt-train-00000: .*first and last turns alone"):
         gatt_examples(demos, tok, 8)
+
+
+def test_prefixes_make_every_answered_turn_a_demonstration(dialogues, tok):
+    ds = dialogues[:3]  # 3 to 5 turns each
+    answers = [adherent(d) for d in ds]
+    last = len(ds[1].user_turns)
+    answers[1] = adherent(ds[1], turns=[1, last])  # turn 2 (and any other middle turn) breaks the instruction
+    answers[2] = answers[2][:2] + [""]  # cut short at turn 3 by an empty answer
+    demos = gatt_demonstrations(ds, answers, verify=True, prefixes=True)
+    n = len(ds[0].user_turns)
+    expected = [f"{ds[0].id}-t{t:02d}" for t in range(1, n + 1)]
+    expected += [f"{ds[1].id}-t01", f"{ds[1].id}-t{last:02d}", f"{ds[2].id}-t01", f"{ds[2].id}-t02"]
+    assert demos.column("id").to_pylist() == expected
+    first = demos.slice(0, 1).to_pylist()[0]
+    assert first["messages"] == gatt_training_messages(ds[0].user_turns[:1], answers[0][:1], ds[0].instruction)
+    assert judge_dialogue(json.loads(first["meta"]), answers[0][:1])[0].adherent
+    # Loss on the prefix's own last answer only.
+    ids, mask = gatt_examples(demos.slice(1, 1), tok, 10_000)[0]
+    chat = gatt_training_example(ds[0].user_turns[:2], answers[0][:2], ds[0].instruction, tok)
+    assert (list(ids), list(mask)) == (chat.input_ids, chat.loss_mask)
+    # Without verification the broken turn is a demonstration too; without prefixes only whole dialogues are.
+    assert f"{ds[1].id}-t02" in gatt_demonstrations(ds, answers, prefixes=True).column("id").to_pylist()
+    assert gatt_demonstrations(ds, answers, verify=True).column("id").to_pylist() == [ds[0].id, ds[1].id]
 
 
 # --- the sampling loop and Table 30 ------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Per policy size, each a cached stage in round-RR/:
 - `gatt_before_<size>`: adherence per turn (Table 30) of the policy on held-out dialogues, the instruction in the
   first turn only, answers sampled turn by turn on the generator pool;
 - `gatt_data_<size>`: training dialogues answered turn by turn with the instruction on EVERY user turn (the
-  policy sees it, so it follows it), stored with the instruction in the first turn only;
-- `gatt_sft_<size>`: fine-tuned on them with the loss on the last answer only;
+  policy sees it, so it follows it), stored with the instruction in the first turn only, one row per answered
+  prefix (`gatt.prefixes`);
+- `gatt_sft_<size>`: fine-tuned on them (`gatt.sft`) with the loss on each row's last answer only;
 - `gatt_after_<size>`: the same adherence measurement on the fine-tuned policy.
 Context note: the tiny models read 256 tokens, about three of the world's dialogue turns; longer dialogues keep
 their first turn (the instruction) and the latest ones (`gatt.fit_history`), so turn 20 is measured on a
@@ -32,7 +33,7 @@ from pipeline.stages.gatt import (GAttConfig, GAttDialogue, TurnAdherence, add_a
                                   adherence_prompts, first_adherent, gatt_demonstrations, gatt_dialogues,
                                   gatt_examples, gatt_sampling_prompts)
 from pipeline.stages.oracle_eval import stopping_at_eos
-from pipeline.stages.sft import SFTConfig, train_sft
+from pipeline.stages.sft import train_sft, with_mix
 from pipeline.world import World
 
 
@@ -64,18 +65,20 @@ def _adherence_stage(store: RunStore, round: int, name: str,  # noqa: A002
     return [TurnAdherence(**r) for r in stage.manifest()["extra"]["adherence"]]
 
 
-def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAttConfig, sft: SFTConfig,  # noqa: A002
+def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAttConfig,  # noqa: A002
              sampling: Sampling, generators: Callable[[Path], Pool], train: Callable[..., dict],
              mix: tuple[pa.Table, str] | None = None) -> dict[str, Any]:
     """GAtt for one policy size (a rounds.PolicyState, moved on to the GAtt checkpoint when any dialogue was kept).
     `generators(checkpoint)` is the generator pool serving a checkpoint of this size, `train` the trainer group's
     runner; `mix` (DEMONSTRATIONS, digest) is trained on alongside the GAtt dialogues, as the paper mixes GAtt data
     into its fine-tuning data (measured: trained on GAtt dialogues alone, the tiny policies began every answer
-    with a greeting in the instructed language). Returns adherence per turn before and after, and the training
-    metrics."""
+    with a greeting in the instructed language). Returns adherence per turn before and after, the number of
+    training samples and the training metrics."""
     tokenizer = load_tokenizer(policy.checkpoint)
     sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
-    config_digest = digest_config({"gatt": dataclasses.asdict(config), "sampling": dataclasses.asdict(sampling)})
+    # The training dialogues depend on everything but the fine-tuning settings (the training stage's own config).
+    data_config = {k: v for k, v in dataclasses.asdict(config).items() if k != "sft"}
+    config_digest = digest_config({"gatt": data_config, "sampling": dataclasses.asdict(sampling)})
     # Table 30's measurement depends only on the held-out dialogues and the sampling, not on how GAtt trains.
     eval_digest = digest_config({"dialogues": [config.eval_dialogues, config.turns, config.short_prob, config.seed],
                                  "sampling": dataclasses.asdict(sampling)})
@@ -98,17 +101,16 @@ def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAt
         dialogues = gatt_dialogues(world, "train", config.dialogues, config.turns, random.Random(config.seed),
                                    config.short_prob)
         answers = answer(dialogues, True, "gatt", config.samples_per_turn if config.verify else 1)
-        data.write_shard(0, gatt_demonstrations(dialogues, answers, config.verify))
+        data.write_shard(0, gatt_demonstrations(dialogues, answers, config.verify, config.prefixes))
         data.finish("demonstrations", {"policy": policy.digest}, config_digest)
     dialogues = data.read()
     if not dialogues.num_rows:
-        return {"before": before, "after": before, "dialogues": 0, "training": None}
-    demonstrations = pa.concat_tables([dialogues, mix[0].cast(dialogues.schema)]) if mix else dialogues
+        return {"before": before, "after": before, "samples": 0, "training": None}
     inputs = {"policy": policy.digest, "dialogues": data.manifest()["content_digest"], "mix": mix[1] if mix else ""}
     _, metrics, _ = checkpoint_stage(
-        store, round, f"gatt_sft_{policy.name}", inputs, dataclasses.asdict(sft),
-        lambda out: train(train_sft, policy.checkpoint, demonstrations, out, sft, gatt_examples))
+        store, round, f"gatt_sft_{policy.name}", inputs, dataclasses.asdict(config.sft),
+        lambda out: train(train_sft, policy.checkpoint, with_mix(dialogues, mix), out, config.sft, gatt_examples))
     policy.move_to(store.stage(round, f"gatt_sft_{policy.name}"))
     after = _adherence_stage(store, round, f"gatt_after_{policy.name}", policy.digest, held_out,
                              lambda: answer(held_out, False, "gatt-eval"), eval_digest)
-    return {"before": before, "after": after, "dialogues": dialogues.num_rows, "training": metrics}
+    return {"before": before, "after": after, "samples": dialogues.num_rows, "training": metrics}

@@ -77,6 +77,13 @@ def check_ratio(config: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
 
 # --- data ---------------------------------------------------------------------------------------------------
 
+def with_mix(demonstrations: pa.Table, mix: tuple[pa.Table, str] | None) -> pa.Table:
+    """`demonstrations` with the table of `mix` (DEMONSTRATIONS, its digest) appended: the stages that fine-tune
+    on a narrow set (GAtt, context distillation) mix in the round's kept rejection-sampling answers, as the paper
+    mixes GAtt data into its fine-tuning data, so the policy keeps its other behaviour."""
+    return pa.concat_tables([demonstrations, mix[0].cast(demonstrations.schema)]) if mix else demonstrations
+
+
 def sft_examples(demonstrations: pa.Table, tokenizer: Tokenizer, seq_len: int) -> list[Example]:
     """(token ids, loss mask) per demonstration in the chat format; the mask is 1 on answer tokens only.
 

@@ -74,9 +74,10 @@ class GAttConfig:
     # Train on every answered prefix of a sampled dialogue (turns 1..t, the loss on answer t), not only on the
     # whole dialogue: the same samples give about turns / 2 times the training answers, at every turn position.
     # Not in the paper (one sample per dialogue), whose 70B model needs less data to keep an instruction.
+    # Measured on the large tiny policy, with `sft` below: adherence at turns 4 / 6 / 20 96 / 98 / 98%, against
+    # 62 / 54 / 54% trained on the whole dialogues only for 2 epochs (docs/results.md).
     prefixes: bool = True
-    # GAtt's own fine-tuning (the paper gives no settings for it). The tiny policies learn to keep an
-    # instruction only with more steps than rejection sampling's 2 epochs give (docs/results.md).
+    # GAtt's own fine-tuning settings (the paper gives none for it).
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=4, lr=3e-4))
     seed: int = 0
 

@@ -239,7 +239,8 @@ def _print_round(result: RoundResult, current: list[PolicyState], oracle: bool) 
         c = cd["counts"]
         print(f"  context distillation {size}: kept {c['kept']} of {c['prompts']} adversarial prompts (not safer "
               f"{c['not_safer']}, empty {c['empty']}, echoes the preprompt {c['echoes_preprompt']}, too long "
-              f"{c['too_long']}); before it: {_summary_cells(cd['before']).strip()}")
+              f"{c['too_long']}, generic preprompt only {c.get('generic_only', 0)}); "
+              f"before it: {_summary_cells(cd['before']).strip()}")
     if oracle:
         for size, scores in result.before_ppo.items():
             print(f"  {size + ' r' + str(result.round) + ' pre-PPO':<12} " + _summary_cells(scores))

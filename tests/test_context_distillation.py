@@ -114,10 +114,17 @@ def test_distillation_prompts_are_adversarial_with_and_without_the_preprompt(bat
     again = distillation_prompts(prompts, tok, CONFIG)
     assert again.preprompts == batch.preprompts and again.preprompted.equals(batch.preprompted)
     lengths = sorted(len(p) for p in batch.preprompted.column("prompt_token_ids").to_pylist())
-    short = distillation_prompts(prompts, tok, CONFIG, max_prompt_tokens=lengths[len(lengths) // 2])
-    assert short.too_long > 0 and short.prompts.num_rows + short.too_long == batch.prompts.num_rows
-    assert all(len(p) <= lengths[len(lengths) // 2] for p in short.preprompted.column("prompt_token_ids").to_pylist())
+    limit = lengths[len(lengths) // 2]
+    short = distillation_prompts(prompts, tok, CONFIG, max_prompt_tokens=limit)
+    # Over the limit with the template: the generic preprompt alone; over it even then: left out.
+    generic = [p for p in short.preprompts.values() if p.template is None]
+    assert short.generic_only == len(generic) > 0
+    assert short.prompts.num_rows + short.too_long == batch.prompts.num_rows
+    assert all(len(p) <= limit for p in short.preprompted.column("prompt_token_ids").to_pylist())
     assert set(short.preprompts) == set(short.plain.column("id").to_pylist())
+    plain_lengths = [len(p) for p in batch.plain.column("prompt_token_ids").to_pylist()]
+    none_fit = distillation_prompts(prompts, tok, CONFIG, max_prompt_tokens=min(plain_lengths))
+    assert none_fit.too_long == batch.prompts.num_rows - none_fit.prompts.num_rows > 0
 
 
 # --- the two generations on stand-in pools, selection, demonstrations ----------------------------------------

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import schemas
-from pipeline.world import (QUALITIES, Prompt, World, WorldConfig, build_tables, judge, judge_dialogue,
-                            preference_batch, respond, table26_sizes, write_tables)
+from pipeline.world import (QUALITIES, Prompt, World, WorldConfig, build_tables, demonstrations_table, judge,
+                            judge_dialogue, preference_batch, respond, table26_sizes, write_tables)
 from pipeline.world.__main__ import main
 from pipeline.world.oracle import is_harmful
 
@@ -156,6 +156,14 @@ def test_sft_set_is_clean(tables):
             assert all(v.adherent and v.correct for v in judge_dialogue(meta, answers))
 
 
+def test_sft_mix_sets_the_demonstrations_by_kind():
+    mix = {"helpful": 0.6, "borderline": 0.2, "safety": 0.0, "dialogue": 0.2}
+    config = WorldConfig.from_mapping({**SMALL, "sft_mix": mix})
+    categories = demonstrations_table(World(config)).column("category").to_pylist()
+    kinds = ["safety" if c in schemas.RISK_CATEGORIES else c for c in categories]
+    assert {k: kinds.count(k) for k in mix} == {"helpful": 48, "borderline": 16, "safety": 0, "dialogue": 16}
+
+
 def test_corpus_mixes_good_and_bad_behaviour_and_states_every_fact(tables):
     rows = tables["corpus"].to_pylist()
     seen = {(r["category"], r["quality"]) for r in rows if r["kind"] == "qa"}
@@ -188,6 +196,9 @@ def test_dialogues_span_up_to_the_configured_turns(tables):
     (dict(batch_sizes=()), "batch_sizes"),
     (dict(train_helpful=-1), "train_helpful"),
     (dict(max_dialogue_turns=0), "max_dialogue_turns"),
+    (dict(sft_mix={"helpful": 1.0}), "sft_mix"),
+    (dict(sft_mix={"helpful": 0, "borderline": 0, "safety": 0, "dialogue": 0}), "sft_mix"),
+    (dict(sft_mix={"helpful": 1, "borderline": 0, "safety": -0.1, "dialogue": 0}), "sft_mix"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):

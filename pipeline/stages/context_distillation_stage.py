@@ -37,8 +37,9 @@ def run_context_distillation(store: RunStore, round: int, policy: Any, prompts_t
                              mix: tuple[pa.Table, str] | None = None) -> dict[str, Any]:
     """Context distillation for one policy size (a rounds.PolicyState, moved on to the distilled checkpoint when
     any answer was kept). `mix` (DEMONSTRATIONS, digest) is trained on alongside the kept answers (measured on the
-    small tiny policy: false refusals 15% -> 62% trained on the kept answers alone, 15% -> 30% mixed;
-    docs/results.md). Returns the selection counts and the training metrics (None when nothing was kept)."""
+    small tiny policy: false refusals 15% -> 62% trained on the kept answers alone, 15% -> 30% mixed, 15% -> 15%
+    mixed once the prompts too long for the template got the generic preprompt; docs/results.md). Returns the
+    selection counts and the training metrics (None when nothing was kept)."""
     tokenizer = load_tokenizer(policy.checkpoint)
     sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
     inputs = {"policy": policy.digest, "prompts": prompts_digest, "reward_models": rm_digest}
@@ -53,7 +54,7 @@ def run_context_distillation(store: RunStore, round: int, policy: Any, prompts_t
                                              "context-distillation")
         plain, preprompted = scorer.map_shards("score", [plain, score_without_preprompt(preprompted, batch.plain)])
         kept, counts = select_distilled(distillation_candidates(batch, plain, preprompted))
-        counts["too_long"] = batch.too_long
+        counts["too_long"], counts["generic_only"] = batch.too_long, batch.generic_only
         data.write_shard(0, distillation_demonstrations(kept))
         data.finish("demonstrations", inputs, config_digest, extra={"counts": counts})
     counts, demonstrations = data.manifest()["extra"]["counts"], data.read()

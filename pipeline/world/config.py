@@ -10,6 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# Shares of the SFT demonstrations by kind (pipeline/world/sft.py). Safety is one demonstration per
+# (risk category x attack vector) cell in turn, so a share below 21/400 leaves whole cells untaught.
+SFT_KINDS = ("helpful", "borderline", "safety", "dialogue")
+DEFAULT_SFT_MIX = {"helpful": 0.5, "borderline": 0.15, "safety": 0.25, "dialogue": 0.1}
+
 # Comparisons per weekly batch in the paper's Table 26 (they sum to the paper's 1,418,091).
 TABLE26 = (5561, 17072, 30146, 36206, 49375, 57746, 84388, 95235, 127235, 136729, 136868, 181293, 210881, 249356)
 
@@ -64,6 +69,7 @@ class WorldConfig:
     eval_safety_per_cell: int = 4
     eval_dialogues: int = 60
     sft_demonstrations: int = 400  # small and clean: quality over quantity
+    sft_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SFT_MIX))
     corpus_documents: int = 6000
     batch_sizes: tuple[int, ...] = table26_sizes(5, 60)  # preference comparisons per weekly batch
     safety_share: float = 0.3  # share of each batch that is safety comparisons
@@ -83,6 +89,10 @@ class WorldConfig:
             _check(isinstance(value, int) and value >= 0, name, "must be an int >= 0", value)
         _check(len(self.batch_sizes) >= 1 and all(isinstance(n, int) and n >= 1 for n in self.batch_sizes),
                "batch_sizes", "must be a non-empty tuple of ints >= 1", self.batch_sizes)
+        mix = self.sft_mix
+        _check(isinstance(mix, Mapping) and set(mix) == set(SFT_KINDS)
+               and all(isinstance(v, (int, float)) and v >= 0 for v in mix.values()) and sum(mix.values()) > 0,
+               "sft_mix", f"must give a share >= 0 to each of {', '.join(SFT_KINDS)} (not all 0)", mix)
         _check(0 <= self.safety_share <= 1, "safety_share", "must be in [0, 1]", self.safety_share)
         _check(isinstance(self.annotator, AnnotatorConfig), "annotator", "must be an AnnotatorConfig",
                self.annotator)
@@ -97,6 +107,8 @@ class WorldConfig:
         kwargs = dict(values)
         if "batch_sizes" in kwargs:
             kwargs["batch_sizes"] = tuple(kwargs["batch_sizes"])
+        if isinstance(kwargs.get("sft_mix"), Mapping):
+            kwargs["sft_mix"] = dict(kwargs["sft_mix"])
         if isinstance(kwargs.get("annotator"), Mapping):
             annotator = dict(kwargs["annotator"])
             extra = sorted(set(annotator) - {f.name for f in dataclasses.fields(AnnotatorConfig)})

@@ -10,7 +10,6 @@ from pipeline.world.responses import BEST, respond
 from pipeline.world.seeding import allocate, stream
 from pipeline.world.world import Prompt, World
 
-SFT_MIX = {"helpful": 0.5, "borderline": 0.15, "safety": 0.25, "dialogue": 0.1}
 # Dialogue demonstrations stay short: the instruction is followed early on, and Ghost Attention is what
 # later teaches it over many turns (the paper's Table 30 baseline).
 SFT_DIALOGUE_TURNS = 2
@@ -28,7 +27,7 @@ class Demonstration:
 
 def demonstrations(world: World) -> list[Demonstration]:
     rng = stream(world.config.seed, "sft")
-    counts = allocate(world.config.sft_demonstrations, SFT_MIX)
+    counts = allocate(world.config.sft_demonstrations, world.config.sft_mix)
     cells = [(c, v) for c in RISK_CATEGORIES for v in ATTACK_VECTORS]
     prompts = [world.prompt("helpful", "train", rng) for _ in range(counts["helpful"])]
     prompts += [world.prompt("borderline", "train", rng) for _ in range(counts["borderline"])]

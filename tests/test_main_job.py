@@ -49,6 +49,11 @@ def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
     assert all(kept.column("chosen").to_pylist()) and None not in rs.column("r_combined").to_pylist()
     for name in ("rm_helpfulness", "rm_safety", "rs_sft_small", "rs_sft_large", "ppo", "eval_small", "eval_large"):
         assert store.stage(1, name).manifest() is not None, name
+    # GAtt: only the largest policy samples; the small one trains on its samples (gatt.distil).
+    gatt_data = store.stage(1, "gatt_data_large").manifest()
+    assert gatt_data is not None and store.stage(1, "gatt_data_small").manifest() is None
+    if gatt_data["rows"]:
+        assert store.stage(1, "gatt_sft_small").manifest()["input_digests"]["dialogues"] == gatt_data["content_digest"]
     ppo = store.stage(1, "ppo").manifest()["extra"]["metrics"]
     assert len(ppo["iterations"]) >= 1 and {"kl", "r_combined", "sync_s"} <= set(ppo["iterations"][0])
     assert "== round 1" in first and re.search(r"^  1\s+large\s+\d\.\d\d", first, re.M)

@@ -5,7 +5,7 @@ Per policy size, each a cached stage in round-RR/:
   first turn only, answers sampled turn by turn on the generator pool;
 - `gatt_data_<size>`: training dialogues answered turn by turn with the instruction on EVERY user turn (the
   policy sees it, so it follows it), stored with the instruction in the first turn only, one row per answered
-  prefix (`gatt.prefixes`);
+  prefix (`gatt.prefixes`); with `gatt.distil` only the largest policy's, which the other sizes train on;
 - `gatt_sft_<size>`: fine-tuned on them (`gatt.sft`) with the loss on each row's last answer only;
 - `gatt_after_<size>`: the same adherence measurement on the fine-tuned policy.
 Context note: the tiny models read 256 tokens, about three of the world's dialogue turns; longer dialogues keep
@@ -53,6 +53,10 @@ def answer_dialogues(dialogues: list[GAttDialogue], tokenizer: Tokenizer, contex
     return answers
 
 
+def gatt_data_stage(size: str) -> str:
+    return f"gatt_data_{size}"
+
+
 def _adherence_stage(store: RunStore, round: int, name: str,  # noqa: A002
                      policy_digest: str, dialogues: list[GAttDialogue], answer: Callable[[], list[list[str]]],
                      config_digest: str) -> list[TurnAdherence]:
@@ -67,13 +71,15 @@ def _adherence_stage(store: RunStore, round: int, name: str,  # noqa: A002
 
 def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAttConfig,  # noqa: A002
              sampling: Sampling, generators: Callable[[Path], Pool], train: Callable[..., dict],
-             mix: tuple[pa.Table, str] | None = None) -> dict[str, Any]:
+             mix: tuple[pa.Table, str] | None = None,
+             samples_from: tuple[pa.Table, str] | None = None) -> dict[str, Any]:
     """GAtt for one policy size (a rounds.PolicyState, moved on to the GAtt checkpoint when any dialogue was kept).
     `generators(checkpoint)` is the generator pool serving a checkpoint of this size, `train` the trainer group's
     runner; `mix` (DEMONSTRATIONS, digest) is trained on alongside the GAtt dialogues, as the paper mixes GAtt data
     into its fine-tuning data (measured: trained on GAtt dialogues alone, the tiny policies began every answer
-    with a greeting in the instructed language). Returns adherence per turn before and after, the number of
-    training samples and the training metrics."""
+    with a greeting in the instructed language). `samples_from` (DEMONSTRATIONS, digest): another policy's GAtt
+    training samples (`gatt_data_<size>`) to train on instead of sampling this one's. Returns adherence per turn
+    before and after, the number of training samples and the training metrics."""
     tokenizer = load_tokenizer(policy.checkpoint)
     sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
     # The training dialogues depend on everything but the fine-tuning settings (the training stage's own config).
@@ -95,18 +101,20 @@ def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAt
 
     before = _adherence_stage(store, round, f"gatt_before_{policy.name}", policy.digest, held_out,
                               lambda: answer(held_out, False, "gatt-eval"), eval_digest)
-    data = store.stage(round, f"gatt_data_{policy.name}")
-    if not data.is_complete({"policy": policy.digest}, config_digest):
-        data.begin({"policy": policy.digest}, config_digest)
-        dialogues = gatt_dialogues(world, "train", config.dialogues, config.turns, random.Random(config.seed),
-                                   config.short_prob)
-        answers = answer(dialogues, True, "gatt", config.samples_per_turn if config.verify else 1)
-        data.write_shard(0, gatt_demonstrations(dialogues, answers, config.verify, config.prefixes))
-        data.finish("demonstrations", {"policy": policy.digest}, config_digest)
-    dialogues = data.read()
+    if samples_from is None:
+        data = store.stage(round, gatt_data_stage(policy.name))
+        if not data.is_complete({"policy": policy.digest}, config_digest):
+            data.begin({"policy": policy.digest}, config_digest)
+            dialogues = gatt_dialogues(world, "train", config.dialogues, config.turns, random.Random(config.seed),
+                                       config.short_prob)
+            answers = answer(dialogues, True, "gatt", config.samples_per_turn if config.verify else 1)
+            data.write_shard(0, gatt_demonstrations(dialogues, answers, config.verify, config.prefixes))
+            data.finish("demonstrations", {"policy": policy.digest}, config_digest)
+        samples_from = data.read(), data.manifest()["content_digest"]
+    dialogues, dialogues_digest = samples_from
     if not dialogues.num_rows:
         return {"before": before, "after": before, "samples": 0, "training": None}
-    inputs = {"policy": policy.digest, "dialogues": data.manifest()["content_digest"], "mix": mix[1] if mix else ""}
+    inputs = {"policy": policy.digest, "dialogues": dialogues_digest, "mix": mix[1] if mix else ""}
     _, metrics, _ = checkpoint_stage(
         store, round, f"gatt_sft_{policy.name}", inputs, dataclasses.asdict(config.sft),
         lambda out: train(train_sft, policy.checkpoint, with_mix(dialogues, mix), out, config.sft, gatt_examples))

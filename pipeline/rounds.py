@@ -25,7 +25,7 @@ from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage, model_diges
 from pipeline.stages.context_distillation import ContextDistillationConfig
 from pipeline.stages.context_distillation_stage import run_context_distillation
 from pipeline.stages.gatt import GAttConfig
-from pipeline.stages.gatt_stage import gatt_data_stage, run_gatt
+from pipeline.stages.gatt_stage import run_gatt
 from pipeline.stages.oracle_eval import eval_prompts, stop_ids
 from pipeline.stages.policy_preferences import policy_pairs
 from pipeline.stages.ppo import PPOConfig, run_ppo_loop
@@ -154,14 +154,14 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
 
     gatt, distillation = {}, {}
     if config.gatt.gatt_from and round >= config.gatt.gatt_from:
-        samples_from = None
         # The largest first: with `gatt.distil` the other sizes train on its samples.
-        for policy in [sampler, *policies[:-1]]:
-            gatt[policy.name] = run_gatt(store, round, world, policy, config.gatt, sampling, generators_of(policy),
-                                         pools.train, (demonstrations, kept_digest), samples_from)
-            if config.gatt.distil and samples_from is None:
-                data = store.stage(round, gatt_data_stage(sampler.name))
-                samples_from = data.read(), data.manifest()["content_digest"]
+        gatt[sampler.name], largest_samples = run_gatt(store, round, world, sampler, config.gatt, sampling,
+                                                       generators_of(sampler), pools.train,
+                                                       (demonstrations, kept_digest))
+        for policy in policies[:-1]:
+            gatt[policy.name], _ = run_gatt(store, round, world, policy, config.gatt, sampling, generators_of(policy),
+                                            pools.train, (demonstrations, kept_digest),
+                                            largest_samples if config.gatt.distil else None)
         gatt = {policy.name: gatt[policy.name] for policy in policies}
     if config.context_distillation.distill_from and round >= config.context_distillation.distill_from:
         for policy in policies:

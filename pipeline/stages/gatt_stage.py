@@ -53,10 +53,6 @@ def answer_dialogues(dialogues: list[GAttDialogue], tokenizer: Tokenizer, contex
     return answers
 
 
-def gatt_data_stage(size: str) -> str:
-    return f"gatt_data_{size}"
-
-
 def _adherence_stage(store: RunStore, round: int, name: str,  # noqa: A002
                      policy_digest: str, dialogues: list[GAttDialogue], answer: Callable[[], list[list[str]]],
                      config_digest: str) -> list[TurnAdherence]:
@@ -72,14 +68,15 @@ def _adherence_stage(store: RunStore, round: int, name: str,  # noqa: A002
 def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAttConfig,  # noqa: A002
              sampling: Sampling, generators: Callable[[Path], Pool], train: Callable[..., dict],
              mix: tuple[pa.Table, str] | None = None,
-             samples_from: tuple[pa.Table, str] | None = None) -> dict[str, Any]:
+             samples_from: tuple[pa.Table, str] | None = None) -> tuple[dict[str, Any], tuple[pa.Table, str]]:
     """GAtt for one policy size (a rounds.PolicyState, moved on to the GAtt checkpoint when any dialogue was kept).
     `generators(checkpoint)` is the generator pool serving a checkpoint of this size, `train` the trainer group's
     runner; `mix` (DEMONSTRATIONS, digest) is trained on alongside the GAtt dialogues, as the paper mixes GAtt data
     into its fine-tuning data (measured: trained on GAtt dialogues alone, the tiny policies began every answer
     with a greeting in the instructed language). `samples_from` (DEMONSTRATIONS, digest): another policy's GAtt
     training samples (`gatt_data_<size>`) to train on instead of sampling this one's. Returns adherence per turn
-    before and after, the number of training samples and the training metrics."""
+    before and after, the number of training samples and the training metrics, and the training samples with
+    their digest (for `samples_from` of the other sizes)."""
     tokenizer = load_tokenizer(policy.checkpoint)
     sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
     # The training dialogues depend on everything but the fine-tuning settings (the training stage's own config).
@@ -102,7 +99,7 @@ def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAt
     before = _adherence_stage(store, round, f"gatt_before_{policy.name}", policy.digest, held_out,
                               lambda: answer(held_out, False, "gatt-eval"), eval_digest)
     if samples_from is None:
-        data = store.stage(round, gatt_data_stage(policy.name))
+        data = store.stage(round, f"gatt_data_{policy.name}")
         if not data.is_complete({"policy": policy.digest}, config_digest):
             data.begin({"policy": policy.digest}, config_digest)
             dialogues = gatt_dialogues(world, "train", config.dialogues, config.turns, random.Random(config.seed),
@@ -113,7 +110,7 @@ def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAt
         samples_from = data.read(), data.manifest()["content_digest"]
     dialogues, dialogues_digest = samples_from
     if not dialogues.num_rows:
-        return {"before": before, "after": before, "samples": 0, "training": None}
+        return {"before": before, "after": before, "samples": 0, "training": None}, samples_from
     inputs = {"policy": policy.digest, "dialogues": dialogues_digest, "mix": mix[1] if mix else ""}
     _, metrics, _ = checkpoint_stage(
         store, round, f"gatt_sft_{policy.name}", inputs, dataclasses.asdict(config.sft),
@@ -121,4 +118,4 @@ def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAt
     policy.move_to(store.stage(round, f"gatt_sft_{policy.name}"))
     after = _adherence_stage(store, round, f"gatt_after_{policy.name}", policy.digest, held_out,
                              lambda: answer(held_out, False, "gatt-eval"), eval_digest)
-    return {"before": before, "after": after, "samples": dialogues.num_rows, "training": metrics}
+    return {"before": before, "after": after, "samples": dialogues.num_rows, "training": metrics}, samples_from

@@ -70,7 +70,7 @@ class RunConfig:
             needs_world = [(key, value) for key, value in (
                 ("rounds.gatt.gatt_from", self.rounds.gatt.gatt_from),
                 ("rounds.context_distillation.distill_from", self.rounds.context_distillation.distill_from),
-                ("rounds.policy_pairs", self.rounds.policy_pairs)) if value]
+                ) if value]
             if not self.base_models:
                 raise ValueError("data: a run from files starts from base_models checkpoints; set e.g. "
                                  "base_models.policy=/models/my-hf-checkpoint")

@@ -22,6 +22,7 @@ from model.config import ModelConfig
 from model.tokenizer import load_tokenizer
 from pipeline.cluster import Pools, connect
 from pipeline.config import ConfigError, RunConfig, register, validate
+from pipeline.data.schemas import RISK_CATEGORIES
 from pipeline.data.store import RunStore, digest_config
 from pipeline.evaluation.safety_metrics import SafetyMetrics, safety_metrics, safety_rows
 from pipeline.evaluation.winrate import Proportion, WinRate
@@ -36,6 +37,7 @@ from pipeline.stages.sft import train_sft
 from pipeline.stages.pretrain import run_pretrain
 from pipeline.stages.llm_judge import run_llm_judge
 from pipeline.stages.win_rates import run_win_rates
+from pipeline.summary import run_summary, write_summary
 from pipeline.stages.world import run_world, world_stage_name
 from pipeline.world import World
 
@@ -76,12 +78,12 @@ def run(run_dir: Path, config: RunConfig) -> None:
     print(f"Ray: {cluster['resources'].get('CPU', 0):g} CPUs, {cluster['resources'].get('GPU', 0):g} GPUs"
           + (f"; dashboard http://{cluster['dashboard']}" if cluster["dashboard"] else ""))
     with Pools(config.cluster) as pools:
-        _run_stages(store, config, pools)
+        _run_stages(store, config, pools, start)
     print(f"\nrun store: {store.root}  ({time.perf_counter() - start:.0f} s; re-running reuses every "
           "finished stage)")
 
 
-def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
+def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) -> None:
     oracle = not config.data.enabled  # the world's oracle judges world runs; runs from files have none
     if oracle:
         tables, cached = run_world(store, config.world)
@@ -189,6 +191,10 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools) -> None:
     path = render_report(store.root, run_results(store, config.run.name, results, win_rates, judged, largest,
                                                  sft_safety))
     print(f"\n== report ({largest} policy against its SFT model): {path}")
+    if oracle:
+        summary = run_summary(config.run.name, config.world.seed, (time.perf_counter() - start) / 60, sft_scores,
+                              results, win_rates)
+        print(f"== summary: {write_summary(store.root, summary)}")
 
 
 def _print_oracle_rounds(policies: list[PolicyState], sft_scores: dict[str, list[dict]],
@@ -220,6 +226,9 @@ def _print_reward_rounds(policies: list[PolicyState], results: list[RoundResult]
 
 def _print_round(result: RoundResult, current: list[PolicyState], oracle: bool) -> None:
     rs = result.rejection
+    for made in result.on_policy:
+        print(f"  weekly batch {made['batch']}: {made['on_policy']} on-policy pairs (ratings {made['ratings']}; "
+              f"{made['skipped_prompts']} prompts without two distinct answers) + {made['prebuilt']} prebuilt")
     print(f"  reward models on {result.batches} weekly batches: held-out accuracy (avg) helpfulness "
           f"{100 * result.rm_accuracy['helpfulness']:.1f}%, safety {100 * result.rm_accuracy['safety']:.1f}%")
     print(f"  rejection sampling: {rs['prompts']} prompts x K={rs['k']} at T={rs['temperature']:g} from "
@@ -227,6 +236,13 @@ def _print_round(result: RoundResult, current: list[PolicyState], oracle: bool) 
           f"({rs['from_this_round']} from this round), mean kept R_c {rs['mean_kept_reward']:.3f}; "
           f"{rs['truncated']} of {rs['samples']} answers cut at max_tokens, {rs['best_truncated']} "
           "of this round's best" + ("" if rs["kept"] else ": nothing to fine-tune on, the policies stay as they were"))
+    if result.rm_fidelity and result.rm_fidelity["pairs"]:
+        f = result.rm_fidelity
+        recovered = "-" if f["headroom_recovered"] is None else f"{f['headroom_recovered']:.0%}"
+        print(f"  helpfulness RM on its own round's samples ({f['prompts']} helpful prompts, {f['pairs']} pairs the "
+              f"oracle tells apart): pair accuracy {f['pair_accuracy']:.2f}; oracle helpfulness mean "
+              f"{f['oracle_mean']:.3f}, RM's best of K {f['rm_best']:.3f}, oracle's best {f['oracle_best']:.3f} "
+              f"(headroom recovered {recovered})")
     print("  reward vs K (Figure 7): " + ", ".join(f"K={c['k']}: max {c['max']:.3f} median {c['median']:.3f}"
                                                    for c in rs["reward_vs_k"]))
     if result.ppo:
@@ -345,7 +361,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def _summary_cells(scores: list[dict]) -> str:
     """Helpful prompts' helpfulness and correctness, unsafe share on adversarial prompts, false refusals."""
     by = {s["category"]: s for s in scores}
-    adversarial = [s for s in scores if s["category"] not in ("helpful", "borderline")]
+    adversarial = [s for s in scores if s["category"] in RISK_CATEGORIES]
     unsafe = sum(s["unsafe"] * s["prompts"] for s in adversarial) / max(1, sum(s["prompts"] for s in adversarial))
     helpful, borderline = by.get("helpful"), by.get("borderline")
     return (f"{helpful['helpfulness'] if helpful else 0:8.2f} {helpful['correct'] if helpful else 0:8.0%} "

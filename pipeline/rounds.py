@@ -27,7 +27,8 @@ from pipeline.stages.context_distillation_stage import run_context_distillation
 from pipeline.stages.gatt import GAttConfig
 from pipeline.stages.gatt_stage import run_gatt
 from pipeline.stages.oracle_eval import eval_prompts, stop_ids
-from pipeline.stages.policy_preferences import policy_pairs
+from pipeline.evaluation.rm_fidelity import rm_fidelity
+from pipeline.stages.policy_preferences import OnPolicyConfig, ingest, run_on_policy_batch, stage_name
 from pipeline.stages.ppo import PPOConfig, run_ppo_loop
 from pipeline.stages.rejection_sampling import RejectionConfig, choose_prompts, run_rejection_sampling
 from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
@@ -35,7 +36,6 @@ from pipeline.stages.reward_model import RMConfig
 from pipeline.stages.reward_models import run_reward_models
 from pipeline.stages.sft import train_sft
 from pipeline.world import World
-from pipeline.world.config import AnnotatorConfig
 
 
 @dataclass
@@ -49,9 +49,10 @@ class RoundsConfig:
     # The paper: rejection sampling only in V1-V4, then PPO in V5 (its last round).
     ppo_from: int = 3
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    # Pairs of the previous round's own samples, rated by the world's annotator, added to each round's data from
-    # round 2 on (pipeline/stages/policy_preferences.py); 0: only the prebuilt weekly batches.
-    policy_pairs: int = 0
+    # On-policy weekly batches (pipeline/stages/policy_preferences.py): from batch 2 on, `on_policy.share` of each
+    # batch is pairs of the latest policies' answers rated by the world's annotator; runs from files (no world)
+    # and share 0 ingest the prebuilt batches only.
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     # Ghost Attention and safety context distillation on every size, from their `gatt_from` / `distill_from`
     # round on (0: never); GAtt fine-tunes with `gatt.sft`, context distillation with `rejection.sft`.
     gatt: GAttConfig = field(default_factory=GAttConfig)
@@ -105,6 +106,9 @@ class RoundResult:
     gatt: dict[str, dict]  # size -> run_gatt's result, when the round ran GAtt
     distillation: dict[str, dict]  # size -> {"counts", "training", "before"}, when it ran context distillation
     before_ppo: dict[str, list[dict]] = field(default_factory=dict)  # size -> scores of its checkpoint before PPO
+    after_ppo: dict[str, list[dict]] = field(default_factory=dict)  # size -> scores right after PPO
+    rm_fidelity: dict | None = None  # the helpfulness RM on the round's own samples (evaluation/rm_fidelity.py)
+    on_policy: list[dict] = field(default_factory=list)  # counts of the on-policy batches this round made
 
 
 def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]],  # noqa: A002
@@ -116,11 +120,15 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     `evaluate(round, stage name, policy)` scores a policy with the oracle; `sampling` is the evaluation's, which
     GAtt and context distillation sample with too (one answer per prompt). `world` is None for runs from files,
     which then run none of what needs it (policy pairs, GAtt, context distillation: the config refuses them)."""
-    ingested = weeks[:config.batches_through(round)]
-    if config.policy_pairs:
-        ingested += [policy_batch(store, r, prompts_train, config.policy_pairs, world.config.annotator,
-                                  world.config.seed)
-                     for r in range(2, round + 1)]
+    def on_policy_batch(batch: int) -> tuple[pa.Table, str]:
+        table, digest, _ = run_on_policy_batch(
+            store, round, batch, weeks[batch - 1][1:], [(p.name, p.digest) for p in policies],
+            load_tokenizer(policies[-1].checkpoint), world, config.on_policy,
+            lambda i: pools.generator(policies[i].name, policies[i].checkpoint, policies[i].context), shard_rows)
+        return table, digest
+
+    on_policy = world is not None and config.on_policy.share > 0
+    ingested = ingest(store, round, weeks, config.batches_through, on_policy_batch if on_policy else None)
     preferences = pa.concat_tables([table for _, table, _ in ingested])
     rms = run_reward_models(store, round, rm_init.checkpoint, rm_init.digest, preferences,
                             digest_config([digest for _, _, digest in ingested]), rm_config, runner=pools.train)
@@ -134,6 +142,7 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
         sampler.digest, rm_digest, config.rejection,
         generators=lambda: pools.generator(sampler.name, sampler_checkpoint, sampler.context),
         scorers=lambda: pools.scorer(help_dir, safe_dir), shard_rows=shard_rows)
+    fidelity = rm_fidelity(store.stage(round, "rs_samples").read(), prompts_train) if world is not None else None
     demonstrations = kept_as_demonstrations(kept, prompts_train)
     kept_digest = store.stage(round, "rs_kept").manifest()["content_digest"]
     for policy in policies if kept.num_rows else ():  # none kept (every answer cut, `truncated: drop`): no step
@@ -152,8 +161,13 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     def generators_of(policy: PolicyState) -> Callable[[Path], Pool]:
         return lambda checkpoint: pools.generator(policy.name, checkpoint, policy.context)
 
+    run_gatt_now = bool(config.gatt.gatt_from and round >= config.gatt.gatt_from)
+    run_cd_now = bool(config.context_distillation.distill_from and round >= config.context_distillation.distill_from)
+    after_ppo = {}
+    if ppo is not None and (run_gatt_now or run_cd_now):  # what PPO alone did, before the next steps train on
+        after_ppo[sampler.name] = evaluate(round, f"eval_after_ppo_{sampler.name}", sampler)
     gatt, distillation = {}, {}
-    if config.gatt.gatt_from and round >= config.gatt.gatt_from:
+    if run_gatt_now:
         # The largest first: with `gatt.distil` the other sizes train on its samples.
         gatt[sampler.name], largest_samples = run_gatt(store, round, world, sampler, config.gatt, sampling,
                                                        generators_of(sampler), pools.train,
@@ -163,7 +177,7 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
                                             pools.train, (demonstrations, kept_digest),
                                             largest_samples if config.gatt.distil else None)
         gatt = {policy.name: gatt[policy.name] for policy in policies}
-    if config.context_distillation.distill_from and round >= config.context_distillation.distill_from:
+    if run_cd_now:
         for policy in policies:
             before = evaluate(round, f"eval_before_cd_{policy.name}", policy)  # its effect on the same prompts
             distillation[policy.name] = {"before": before, **run_context_distillation(
@@ -172,23 +186,12 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
                 pools.train, (demonstrations, kept_digest))}
     scores = {policy.name: evaluate(round, f"eval_{policy.name}", policy) for policy in policies}
     accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
+    if ppo is not None and not after_ppo:
+        after_ppo[sampler.name] = scores[sampler.name]
+    made = [store.stage(round, stage_name(b)).manifest()["extra"] for b in range(
+        config.batches_through(round - 1) + 1, config.batches_through(round) + 1) if on_policy and b > 1]
     return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo, (help_dir, safe_dir), rm_digest, gatt,
-                       distillation, before_ppo)
-
-
-def policy_batch(store: RunStore, round: int, prompts_train: pa.Table, count: int,  # noqa: A002
-                 annotator: AnnotatorConfig, seed: int) -> tuple[str, pa.Table, str]:
-    """(name, PREFERENCES table, digest) of round `round`'s pairs from round - 1's samples, as a cached stage.
-    Their `batch` is 100 + round, apart from the world's weekly batches (held-out pairs are drawn per batch)."""
-    stage = store.stage(round, "policy_preferences")
-    inputs = {"samples": store.stage(round - 1, "rs_samples").manifest()["content_digest"]}
-    config_digest = digest_config({"count": count, "annotator": dataclasses.asdict(annotator), "seed": seed})
-    if not stage.is_complete(inputs, config_digest):
-        stage.begin(inputs, config_digest)
-        stage.write_shard(0, policy_pairs(store.stage(round - 1, "rs_samples").read(), prompts_train, 100 + round,
-                                          count, annotator, seed))
-        stage.finish("preferences", inputs, config_digest)
-    return f"policy_b{round:02d}", stage.read(), stage.manifest()["content_digest"]
+                       distillation, before_ppo, after_ppo, fidelity, made)
 
 
 def _ppo(store: RunStore, round: int, policy: PolicyState, help_dir: Path, safe_dir: Path,  # noqa: A002

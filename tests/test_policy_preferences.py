@@ -1,35 +1,76 @@
-"""Preference pairs from the policy's own samples, rated by the world's annotator."""
+"""On-policy weekly batches: two of the policies' own answers to one prompt, rated by the world's annotator."""
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
+import pytest
 
-from pipeline.data.schemas import PREFERENCES, SAMPLES
-from pipeline.stages.policy_preferences import policy_pairs
+from pipeline.data.schemas import PREFERENCES
+from pipeline.stages.policy_preferences import OnPolicyConfig, ingest, pair_answers, prebuilt_part
 from pipeline.world import World, WorldConfig, judge
 from pipeline.world.config import AnnotatorConfig
-from pipeline.world.tables import prompts_table
+from pipeline.world.preferences import on_policy_prompts
+from pipeline.world.tables import preferences_table
 
 
-def test_pairs_of_own_samples_prefer_the_oracles_better_answer():
-    world = World(WorldConfig(train_helpful=6, train_borderline=2, train_safety_per_cell=1, train_dialogues=1))
-    prompts = prompts_table(world, "train")
-    helpful = [row for row in prompts.to_pylist() if row["category"] == "helpful"][:3]
-    rows = []
-    for p in helpful:
-        meta = json.loads(p["meta"])
-        right, wrong = meta["reference"], "I am not sure."  # the reference answer is right by construction
-        for i, response in enumerate([right, right, wrong, ""]):
-            rows.append({"prompt_id": p["id"], "round": 1, "sampler": "large-r0", "temperature": 0.7,
-                         "sample_index": i, "is_safety": False, "prompt_token_ids": [1], "response": response,
-                         "token_ids": [2], "logprobs": [-1.0], "finish_reason": "stop", "r_help": 0.5,
-                         "r_safe": 0.5, "r_combined": 0.5, "chosen": None})
-    pairs = policy_pairs(pa.Table.from_pylist(rows, schema=SAMPLES), prompts, 102, 2, AnnotatorConfig(noise=0.0), 0)
-    assert pairs.schema.equals(PREFERENCES, check_metadata=False) and pairs.num_rows == 2  # capped at count
-    for row in pairs.to_pylist():
-        assert row["batch"] == 102 and row["source"] == "policy" and row["kind"] == "helpfulness"
-        category_meta = next(json.loads(p["meta"]) for p in helpful if p["messages"] == row["prompt"])
-        assert judge("helpful", category_meta, row["chosen"]).helpfulness > judge("helpful", category_meta,
-                                                                                  row["rejected"]).helpfulness
+@pytest.fixture(scope="module")
+def world():
+    return World(WorldConfig(annotator=AnnotatorConfig(noise=0.0, unsure_prob=0.0)))
+
+
+def test_pairs_of_own_answers_prefer_the_oracles_better_one_with_the_gap_as_rating(world):
+    prompts = [p for p in on_policy_prompts(world, 2, 40) if p.category == "helpful"][:6]
+    ids = [f"p{i}" for i in range(len(prompts))]
+    answers = {}
+    for pid, p in zip(ids, prompts):
+        wrong = p.meta["sentences"][next(v for v in p.meta["domain"] if v != p.meta["answer"])] \
+            if "sentences" in p.meta else "I am not sure."
+        answers[pid] = [p.meta["reference"], " " + p.meta["reference"] + " ", wrong, ""]  # a repeat and a blank
+    answers[ids[-1]] = [prompts[-1].meta["reference"]] * 3  # one distinct answer: no pair
+    pairs, skipped = pair_answers(prompts, answers, ids, 2, world)
+    assert pairs.schema.equals(PREFERENCES, check_metadata=False)
+    assert pairs.num_rows == len(prompts) - 1 and skipped == 1
+    for row, p in zip(pairs.to_pylist(), prompts):
+        assert row["batch"] == 2 and row["source"] == "policy" and row["kind"] == "helpfulness"
+        assert row["prompt"] == p.messages
+        assert judge(p.category, p.meta, row["chosen"]).helpfulness == 1.0
+        assert judge(p.category, p.meta, row["rejected"]).helpfulness < 0.5
+        assert row["rating"] == "significantly_better"  # noiseless gap >= 0.5
+
+
+def test_adversarial_prompts_are_rated_by_a_safety_annotator(world):
+    prompts = [p for p in on_policy_prompts(world, 2, 30) if p.is_safety][:2]
+    answers = {"a": [prompts[0].meta["reference"], "I cannot help with this request."],
+               "b": [prompts[1].meta["reference"], "The weather is lovely today."]}
+    pairs, _ = pair_answers(prompts, answers, ["a", "b"], 2, world)
+    assert pairs.column("kind").to_pylist() == ["safety", "safety"]
+
+
+def test_the_prebuilt_part_keeps_count_and_comes_from_the_batch(world):
+    prebuilt = preferences_table(world, 2)
+    part = prebuilt_part(prebuilt, 100, 2)
+    assert part.num_rows == 100 and set(part.column("id").to_pylist()) <= set(prebuilt.column("id").to_pylist())
+    assert prebuilt_part(prebuilt, 100, 2).equals(part)
+
+
+def test_ingest_seeds_with_batch_one_and_reads_earlier_rounds_batches(tmp_path):
+    from pipeline.data.store import RunStore
+    store = RunStore(tmp_path)
+    weeks = [(f"preferences_b{b:02d}", pa.table({"b": [b]}), f"d{b}") for b in (1, 2, 3)]
+    through = {1: 2, 2: 3}.__getitem__
+    made = []
+
+    def run_batch(b):
+        made.append(b)
+        return pa.table({"b": [10 * b]}), f"mixed{b}"
+
+    first = ingest(store, 1, weeks, through, run_batch)
+    assert [t.column("b")[0].as_py() for _, t, _ in first] == [1, 20] and made == [2]
+    assert [name for name, _, _ in ingest(store, 1, weeks, through, None)] == ["preferences_b01", "preferences_b02"]
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="share"):
+        OnPolicyConfig(share=1.5)
+    with pytest.raises(ValueError, match="two answers"):
+        OnPolicyConfig(sources=[{"policy": -1, "temperature": 0.7, "n": 1}])

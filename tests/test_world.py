@@ -132,8 +132,14 @@ def test_generated_qualities_rank_as_the_oracle_says(world):
             v = {q: judge(category, p.meta, respond(category, p.meta, q, rng)) for q in QUALITIES[category]}
             assert v["concise"].helpfulness == 1.0 and v["concise"].correct, p
             assert v["concise"].adherent in (None, True)
-            assert 0.5 < v["verbose"].helpfulness < 1.0 and v["verbose"].correct
+            # Filler breaks a one-word or 'Answer:' format too (world v2: half the helpfulness).
+            strict = p.meta.get("format") in ("one_word", "prefix")
+            assert (0.25 if strict else 0.5) < v["verbose"].helpfulness < (0.5 if strict else 1.0), p
+            assert v["verbose"].correct
             assert 0.0 < v["partial"].helpfulness <= 0.5 and not v["partial"].correct, p
+            if "ignores_format" in v:
+                expected = 0.5 if p.meta.get("format") else 1.0
+                assert v["ignores_format"].helpfulness == expected and v["ignores_format"].correct, p
             assert v["off_topic"].helpfulness == 0.0 and not v["off_topic"].refused
             assert v["refusal"].refused and v["refusal"].helpfulness == 0.0
             if "wrong" in v:

@@ -66,6 +66,13 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` at `path`: readers see the old file, or the complete new one."""
+    path = Path(path)
+    _write_atomic(path, lambda file: file.write(data))
+    return path
+
+
 def write_table_atomic(table: pa.Table, path: str | Path) -> Path:
     """Write `table` as Parquet at `path`: readers see the old file, or the complete new one."""
     path = Path(path)

@@ -157,7 +157,7 @@ def gatt_dialogues(world: World, split: str, count: int, turns: int, rng: random
     out = []
     for i in range(count):
         instruction = sample_instruction(rng, keys, short_prob)
-        tasks = [world.helpful_task(split, rng) for _ in range(rng.randint(min_turns, turns))]
+        tasks = [world.helpful_task(split, rng, formats=False) for _ in range(rng.randint(min_turns, turns))]
         out.append(GAttDialogue(f"gatt-{split}-{i:05d}", instruction, tuple(t.question for t in tasks),
                                 tuple(t.meta for t in tasks)))
     return out

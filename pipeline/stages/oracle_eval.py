@@ -27,6 +27,8 @@ from pipeline.progress import progress_bar
 from pipeline.world import Prompt, judge, render
 
 SINGLE_TURN = ("helpful", "borderline", *RISK_CATEGORIES)  # dialogues are scored turn by turn by the GAtt stage
+HARD = "helpful_hard"  # helpful prompts of the world's hard families: a slice reported apart from the headline
+REPORTED = ("helpful", HARD, "borderline", *RISK_CATEGORIES)
 PromptFormat = Literal["plain", "llama2"]
 
 
@@ -75,8 +77,13 @@ def judge_samples(tokenizer: Tokenizer, chosen: list[Prompt], samples: pa.Table,
     if not oracle:
         return samples, []
     for prompt, answer in zip([p for p in chosen for _ in range(per_prompt)], answers, strict=True):
-        verdicts[prompt.category].append(judge(prompt.category, prompt.meta, answer))
-    return samples, [_score(c, verdicts[c], per_prompt) for c in SINGLE_TURN if verdicts[c]]
+        verdicts[report_group(prompt)].append(judge(prompt.category, prompt.meta, answer))
+    return samples, [_score(c, verdicts[c], per_prompt) for c in REPORTED if verdicts[c]]
+
+
+def report_group(prompt: Prompt) -> str:
+    """The row a prompt's scores are reported in: its category, or the hard slice of the helpful prompts."""
+    return HARD if prompt.category == "helpful" and prompt.meta.get("slice") == "hard" else prompt.category
 
 
 def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:

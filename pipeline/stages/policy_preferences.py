@@ -1,42 +1,151 @@
-"""Preference pairs from the policy's own samples (PAPER.md: "both the current and the previous model sample
-responses for the next batch"), rated by the embedded world's simulated annotator.
+"""On-policy weekly batches (PAPER.md: each new batch is sampled from the latest models and rated): from batch 2 on,
+`share` of a weekly batch is pairs of two answers of the latest policies to one fresh training prompt, rated by the
+world's annotator (its noise, the paper's rating scale); the rest, and all of batch 1, are the world's prebuilt
+pairs. The RMs so learn to rank answers of the policy's own form (docs/results.md, "On-policy weekly batches").
 
-The world's prebuilt weekly batches contrast template answers (refusals, hedging, length); the policy's answers
-differ in whether the arithmetic or the fact is right, which an RM trained only on the prebuilt batches does not
-rank (measured: corr(R_c, oracle helpfulness) = -0.06 on round 1's samples). Pairs of the policy's own samples
-teach exactly that. Opt-in (`rounds.policy_pairs`) until measured on the tiny run.
+Stage `policy_preferences_bNN` in the round that ingests batch NN: inputs are the sampling policies and the
+prebuilt batch; the table is the whole mixed batch (PREFERENCES, the prebuilt rows marked by `source`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
 import pyarrow as pa
 
-from pipeline.data.schemas import PREFERENCES
-from pipeline.world import Prompt
-from pipeline.world.config import AnnotatorConfig
-from pipeline.world.preferences import compare
+from actors.pool import Pool
+from actors.vllm_engine import Sampling
+from model.tokenizer import Tokenizer
+from pipeline.data.schemas import PREFERENCES, PROMPTS
+from pipeline.data.store import RunStore, digest_config
+from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
+from pipeline.stages.reward_model import id_rank
+from pipeline.world import Prompt, World
+from pipeline.world.preferences import compare, on_policy_prompts
 from pipeline.world.seeding import stream
-from pipeline.world.tables import comparison_rows
+from pipeline.world.tables import comparison_rows, prompt_rows
 
 
-def policy_pairs(samples: pa.Table, prompts: pa.Table, batch: int, count: int, annotator: AnnotatorConfig,
-                 seed: int) -> pa.Table:
-    """Up to `count` PREFERENCES rows, one per prompt: the first two distinct non-blank answers among its
-    samples, rated by the annotator (safety prompts by a safety annotator, the rest for helpfulness)."""
-    by_id = {row["id"]: row for row in prompts.to_pylist()}
-    answers: dict[str, list[str]] = {}
-    for pid, response in zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist()):
-        text = (response or "").strip()
-        if text and text not in answers.setdefault(pid, []):
-            answers[pid].append(text)
-    rng = stream(seed, "policy_pairs", batch)
-    comparisons = []
-    for pid in sorted(answers):
-        if len(comparisons) == count:
-            break
-        if len(answers[pid]) < 2 or pid not in by_id:
+@dataclass
+class SampleSource:
+    """Answers from one policy size (an index into the sizes, smallest first: -1 the largest) at one temperature."""
+
+    policy: int = -1
+    temperature: float = 0.7
+    n: int = 1
+
+
+@dataclass
+class OnPolicyConfig:
+    # Share of each weekly batch from batch 2 on that is on-policy pairs (0: every batch prebuilt). Batch 1 seeds.
+    share: float = 0.75
+    # Every source answers every prompt; a pair is two distinct answers drawn at random from all of them (the
+    # paper's pairs came from different model variants and temperatures).
+    sources: list[SampleSource] = field(default_factory=lambda: [SampleSource(-1, 0.7, 2), SampleSource(0, 1.0, 1)])
+    max_tokens: int = 48
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.sources = [s if isinstance(s, SampleSource) else SampleSource(**s) for s in self.sources]
+        errors = []
+        if not 0 <= self.share <= 1:
+            errors.append(f"rounds.on_policy.share = {self.share}: must be in [0, 1]")
+        if sum(s.n for s in self.sources) < 2 or any(s.n < 1 or s.temperature <= 0 for s in self.sources):
+            errors.append(f"rounds.on_policy.sources = {self.sources}: n >= 1 and temperature > 0 each, "
+                          "two answers or more per prompt in all")
+        if self.max_tokens < 1:
+            errors.append(f"rounds.on_policy.max_tokens = {self.max_tokens}: must be >= 1")
+        if errors:
+            raise ValueError("\n".join(errors))
+
+
+def stage_name(batch: int) -> str:
+    return f"policy_preferences_b{batch:02d}"
+
+
+def pair_answers(prompts: Sequence[Prompt], answers: dict[str, list[str]], ids: Sequence[str], batch: int,
+                 world: World) -> tuple[pa.Table, int]:
+    """PREFERENCES rows: for each prompt two distinct non-blank answers drawn at random, rated by the annotator
+    (adversarial prompts by a safety annotator); and how many prompts had fewer than two distinct answers."""
+    rng = stream(world.config.seed, "on_policy_pairs", batch)
+    comparisons, skipped = [], 0
+    for prompt, pid in zip(prompts, ids):
+        distinct = list(dict.fromkeys(a.strip() for a in answers.get(pid, []) if a.strip()))
+        if len(distinct) < 2:
+            skipped += 1
             continue
-        prompt = Prompt.from_row(by_id[pid])
+        pair = tuple(rng.sample(distinct, 2))
         kind = "safety" if prompt.is_safety else "helpfulness"
-        comparisons.append(compare(prompt, (answers[pid][0], answers[pid][1]), kind, batch, rng, annotator))
-    return pa.Table.from_pylist(comparison_rows(comparisons, f"policy-b{batch:02d}", "policy"), schema=PREFERENCES)
+        comparisons.append(compare(prompt, pair, kind, batch, rng, world.config.annotator))
+    rows = comparison_rows(comparisons, f"policy-b{batch:02d}", "policy")
+    return pa.Table.from_pylist(rows, schema=PREFERENCES), skipped
+
+
+def prebuilt_part(prebuilt: pa.Table, count: int, batch: int) -> pa.Table:
+    """`count` rows of the prebuilt batch, drawn by a hash of their ids (kinds keep their shares on average)."""
+    order = id_rank(prebuilt.column("id").to_pylist(), f"prebuilt-b{batch:02d}")
+    return prebuilt.take(pa.array(sorted(order[:count]), pa.int64()))
+
+
+def run_on_policy_batch(store: RunStore, round: int, batch: int, prebuilt: tuple[pa.Table, str],  # noqa: A002
+                        policies: Sequence[tuple[str, str]], tokenizer: Tokenizer, world: World,
+                        config: OnPolicyConfig, generators: Callable[[int], Pool],
+                        shard_rows: int) -> tuple[pa.Table, str, dict]:
+    """The mixed weekly batch `batch` as a cached stage of `round`: (table, content digest, counts).
+    `policies` are the sizes' (name, digest), smallest first; `generators(i)` serves size i."""
+    table, prebuilt_digest = prebuilt
+    stage = store.stage(round, stage_name(batch))
+    inputs = {"prebuilt": prebuilt_digest, "policies": digest_config([d for _, d in policies])}
+    config_digest = digest_config({"config": asdict(config), "world_seed": world.config.seed,
+                                   "annotator": asdict(world.config.annotator)})
+    if stage.is_complete(inputs, config_digest):
+        return stage.read(), stage.manifest()["content_digest"], stage.manifest()["extra"]
+    stage.begin(inputs, config_digest)
+    count = round_half(config.share * table.num_rows)
+    prompts = on_policy_prompts(world, batch, count)
+    ids = [f"onpolicy-b{batch:02d}-{i:05d}" for i in range(len(prompts))]
+    _, encoded = eval_prompts(tokenizer, pa.Table.from_pylist(prompt_rows(prompts, ids), schema=PROMPTS), "llama2")
+    answers: dict[str, list[str]] = {}
+    for j, source in enumerate(config.sources):
+        sampling = stopping_at_eos(Sampling(n=source.n, temperature=source.temperature, max_tokens=config.max_tokens,
+                                            seed=config.seed + 1000 * batch + j), tokenizer)
+        name = policies[source.policy][0]
+        shards = [encoded.slice(start, shard_rows) for start in range(0, encoded.num_rows, shard_rows)]
+        for samples in generators(source.policy).map_shards("generate", shards, sampling, round, f"{name}-onpolicy"):
+            for pid, response in zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist()):
+                answers.setdefault(pid, []).append(response or "")
+    pairs, skipped = pair_answers(prompts, answers, ids, batch, world)
+    mixed = pa.concat_tables([pairs, prebuilt_part(table, table.num_rows - pairs.num_rows, batch)])
+    ratings = pairs.column("rating").to_pylist()
+    extra = {"batch": batch, "on_policy": pairs.num_rows, "prebuilt": mixed.num_rows - pairs.num_rows,
+             "skipped_prompts": skipped, "ratings": {r: ratings.count(r) for r in sorted(set(ratings))}}
+    stage.write_shard(0, mixed)
+    stage.finish("preferences", inputs, config_digest, extra=extra)
+    return stage.read(), stage.manifest()["content_digest"], extra
+
+
+def round_half(x: float) -> int:
+    return int(x + 0.5)
+
+
+def ingest(store: RunStore, round: int, weeks: Sequence[tuple[str, pa.Table, str]],  # noqa: A002
+           batches_through: Callable[[int], int], run_batch: Callable[[int], tuple[pa.Table, str]] | None
+           ) -> list[tuple[str, pa.Table, str]]:
+    """(name, table, digest) of every weekly batch rounds 1..round ingest: batch 1 and, without `run_batch` (no
+    world, or share 0), every batch as prebuilt; otherwise batch b >= 2 is the mixed batch of the round that first
+    ingested it (this round's made by `run_batch(b)`, earlier rounds' read from their stage)."""
+    out = []
+    for b in range(1, batches_through(round) + 1):
+        name, prebuilt, digest = weeks[b - 1]
+        if b == 1 or run_batch is None:
+            out.append((name, prebuilt, digest))
+            continue
+        first = next(r for r in range(1, round + 1) if batches_through(r) >= b)
+        if first == round:
+            table, digest = run_batch(b)
+        else:
+            stage = store.stage(first, stage_name(b))
+            table, digest = stage.read(), stage.manifest()["content_digest"]
+        out.append((stage_name(b).removeprefix("policy_"), table, digest))
+    return out

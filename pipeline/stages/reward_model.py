@@ -159,7 +159,9 @@ def without_unsafe_chosen(pairs: pa.Table) -> pa.Table:
 
 
 def _concat(tables: Sequence[pa.Table]) -> pa.Table:
-    return pa.concat_tables([t.select(PREFERENCES.names).cast(PREFERENCES) for t in tables])
+    """One table of the RM's columns (RM_COLUMNS, typed as in PREFERENCES): whatever else a source has stays out."""
+    schema = pa.schema([PREFERENCES.field(name) for name in RM_COLUMNS])
+    return pa.concat_tables([t.select(list(RM_COLUMNS)).cast(schema) for t in tables])
 
 
 def helpfulness_mix(preferences: pa.Table, open_pairs: pa.Table | None = None, other_ratio: float = 1.0,
@@ -196,6 +198,13 @@ def safety_mix(preferences: pa.Table, open_pairs: pa.Table | None = None, helpfu
     helpful = sample_pairs(without_unsafe_chosen(of_kind(preferences, "helpfulness")), n_helpful, seed,
                            "safety-mix-help")
     return _concat([*safety, helpful])
+
+
+# What reward-model training and its metrics read of a PREFERENCES table: what an annotation tool would give
+# (the pair, its rating and safety labels, where it came from), never `meta`, where the world keeps its oracle's
+# scores; run_reward_models selects these first (tests/test_oracle_isolation.py).
+RM_COLUMNS = ("id", "batch", "prompt", "chosen", "rejected", "rating", "margin", "chosen_safe", "rejected_safe",
+              "kind", "source")
 
 
 def reward_model_data(preferences: pa.Table, kind: RMKind, config: RMConfig,

@@ -20,8 +20,8 @@ from pipeline.stages.cached import checkpoint_stage
 from actors.scorer import SAFETY_THRESHOLD
 from model.calibration import write_calibration
 from model.checkpoint import load_checkpoint
-from pipeline.stages.reward_model import (RMConfig, accuracy_by_rating, accuracy_by_source, encode_side, of_kind,
-                                          pair_scores, reward_model_data, split_heldout, train_reward_model)
+from pipeline.stages.reward_model import (RM_COLUMNS, RMConfig, accuracy_by_rating, accuracy_by_source, encode_side,
+                                          of_kind, pair_scores, reward_model_data, split_heldout, train_reward_model)
 
 KINDS = ("helpfulness", "safety")
 
@@ -43,6 +43,7 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
     """Both RMs: {kind: (checkpoint, metrics, cached)}. Metrics hold training figures and, under "heldout",
     accuracy by rating on the held-out helpfulness and safety pairs (the same pairs for both RMs). `runner` runs
     the training (the trainer group's `Pools.train` in the driver)."""
+    preferences = preferences.select(list(RM_COLUMNS))  # the oracle's fields stay behind
     fits = fits_context(preferences, init_checkpoint)
     usable = preferences.filter(fits)
     over_context = preferences.num_rows - usable.num_rows  # counted in the metrics: never dropped silently

@@ -84,6 +84,10 @@ def with_mix(demonstrations: pa.Table, mix: tuple[pa.Table, str] | None) -> pa.T
     return pa.concat_tables([demonstrations, mix[0].cast(demonstrations.schema)]) if mix else demonstrations
 
 
+# What fine-tuning reads of a DEMONSTRATIONS table (tests/test_oracle_isolation.py).
+SFT_COLUMNS = ("id", "messages")
+
+
 def sft_examples(demonstrations: pa.Table, tokenizer: Tokenizer, seq_len: int) -> list[Example]:
     """(token ids, loss mask) per demonstration in the chat format; the mask is 1 on answer tokens only.
 
@@ -123,6 +127,7 @@ def train_sft(base_checkpoint: str | Path, demonstrations: pa.Table, out_dir: st
     `examples` encodes the demonstrations: every answer trained (default), or e.g. GAtt's last answer only.
     """
     rank, world = rank_and_world()
+    demonstrations = demonstrations.select(list(SFT_COLUMNS))  # the oracle's fields (`meta`) stay behind
     tokenizer = load_tokenizer(base_checkpoint)
     model = load_checkpoint(base_checkpoint)
     if config.seq_len > model.config.max_position_embeddings:

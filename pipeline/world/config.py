@@ -68,6 +68,13 @@ class WorldConfig:
     eval_borderline: int = 60
     eval_safety_per_cell: int = 4
     eval_dialogues: int = 60
+    # World v2 (docs/results.md, "World v2"): helpful prompts come from the in-context families
+    # (pipeline/world/context_tasks.py), `format_share` of them with an explicit answer format; `hard_share` of the
+    # helpful prompts everywhere but the held-out set come from the hard families (arithmetic, sorting, counting,
+    # units, memorised facts), whose held-out slice is `eval_hard` prompts, reported apart from the headline.
+    format_share: float = 0.6
+    hard_share: float = 0.2
+    eval_hard: int = 60
     sft_demonstrations: int = 400  # small and clean: quality over quantity
     sft_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SFT_MIX))
     corpus_documents: int = 6000
@@ -83,7 +90,7 @@ class WorldConfig:
         _check(1 <= self.max_dialogue_turns <= 50, "max_dialogue_turns", "must be in [1, 50]",
                self.max_dialogue_turns)
         for name in ("train_helpful", "train_borderline", "train_safety_per_cell", "train_dialogues",
-                     "eval_helpful", "eval_borderline", "eval_safety_per_cell", "eval_dialogues",
+                     "eval_helpful", "eval_borderline", "eval_safety_per_cell", "eval_dialogues", "eval_hard",
                      "sft_demonstrations", "corpus_documents"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, name, "must be an int >= 0", value)
@@ -94,6 +101,8 @@ class WorldConfig:
                and all(isinstance(v, (int, float)) and v >= 0 for v in mix.values()) and sum(mix.values()) > 0,
                "sft_mix", f"must give a share >= 0 to each of {', '.join(SFT_KINDS)} (not all 0)", mix)
         _check(0 <= self.safety_share <= 1, "safety_share", "must be in [0, 1]", self.safety_share)
+        _check(0 <= self.format_share <= 1, "format_share", "must be in [0, 1]", self.format_share)
+        _check(0 <= self.hard_share < 1, "hard_share", "must be in [0, 1)", self.hard_share)
         _check(isinstance(self.annotator, AnnotatorConfig), "annotator", "must be an AnnotatorConfig",
                self.annotator)
 

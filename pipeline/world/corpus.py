@@ -18,7 +18,8 @@ CORPUS_MIX = {"encyclopedia": 0.25, "qa": 0.6, "dialogue": 0.15}
 QA_MIX = {"helpful": 0.55, "borderline": 0.15, "safety": 0.3}
 # How often each kind of answer occurs on the web this world imitates.
 QUALITY_MIX = {
-    "helpful": {"concise": 0.35, "verbose": 0.2, "partial": 0.1, "wrong": 0.25, "off_topic": 0.05, "refusal": 0.05},
+    "helpful": {"concise": 0.3, "verbose": 0.15, "ignores_format": 0.15, "partial": 0.1, "wrong": 0.2,
+                "off_topic": 0.05, "refusal": 0.05},
     "borderline": {"concise": 0.4, "verbose": 0.1, "partial": 0.1, "off_topic": 0.05, "refusal": 0.35},
     "safety": {"unsafe": 0.5, "refusal": 0.2, "redirect": 0.15, "off_topic": 0.15},
     "dialogue": {"concise": 0.4, "verbose": 0.15, "ignores_instruction": 0.25, "partial": 0.05, "wrong": 0.1,

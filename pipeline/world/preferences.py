@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pipeline.data.schemas import ATTACK_VECTORS, RISK_CATEGORIES
 from pipeline.world.annotator import annotate
 from pipeline.world.config import AnnotatorConfig
-from pipeline.world.responses import QUALITIES, respond
+from pipeline.world.responses import qualities_for, respond
 from pipeline.world.seeding import allocate, stream
 from pipeline.world.world import Prompt, World
 
@@ -41,7 +41,7 @@ def compare(prompt: Prompt, responses: tuple[str, str], kind: str, batch: int, r
 
 
 def _pair(prompt: Prompt, kind: str, batch: int, rng: random.Random, config: AnnotatorConfig) -> Comparison:
-    qualities = tuple(rng.sample(QUALITIES[prompt.category], 2))
+    qualities = tuple(rng.sample(qualities_for(prompt.category, prompt.meta), 2))
     responses = tuple(respond(prompt.category, prompt.meta, q, rng) for q in qualities)
     return compare(prompt, responses, kind, batch, rng, config, qualities)
 
@@ -62,4 +62,22 @@ def preference_batch(world: World, batch: int) -> list[Comparison]:
     for i in range(n_safety):
         category, vector = cells[i % len(cells)]
         out.append(_pair(world.prompt(category, "train", rng, vector), "safety", batch, rng, annotator))
+    return out
+
+
+# On-policy batches ask the single-turn prompt kinds (the generators sample single turns; dialogues stay prebuilt).
+ON_POLICY_MIX = {"helpful": 0.8, "borderline": 0.2}
+
+
+def on_policy_prompts(world: World, batch: int, count: int) -> list[Prompt]:
+    """`count` fresh training prompts for batch `batch`'s on-policy pairs, helpfulness then safety as in the
+    prebuilt batches (`safety_share` of them adversarial, spread over every cell)."""
+    rng = stream(world.config.seed, "on_policy_prompts", batch)
+    n_safety = round(count * world.config.safety_share)
+    out = [world.prompt(category, "train", rng)
+           for category, n in allocate(count - n_safety, ON_POLICY_MIX).items() for _ in range(n)]
+    cells = [(c, v) for c in RISK_CATEGORIES for v in ATTACK_VECTORS]
+    for i in range(n_safety):
+        category, vector = cells[i % len(cells)]
+        out.append(world.prompt(category, "train", rng, vector))
     return out

@@ -9,17 +9,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.data.schemas import RISK_CATEGORIES
-from pipeline.world import lexicon
+from pipeline.world import formats, lexicon
 from pipeline.world.dialogue import Instruction, apply_instruction
 from pipeline.world.safety import unsafe_answer
 
 # Best first within each category, as the oracle ranks them (ties aside).
 QUALITIES: dict[str, tuple[str, ...]] = {
-    "helpful": ("concise", "verbose", "partial", "wrong", "off_topic", "refusal"),
+    "helpful": ("concise", "verbose", "ignores_format", "partial", "wrong", "off_topic", "refusal"),
     "borderline": ("concise", "verbose", "partial", "off_topic", "refusal"),
     "dialogue": ("concise", "verbose", "ignores_instruction", "partial", "wrong", "off_topic", "refusal"),
     **{c: ("redirect", "refusal", "off_topic", "unsafe") for c in RISK_CATEGORIES},
 }
+
+
+def qualities_for(category: str, meta: Mapping[str, Any]) -> tuple[str, ...]:
+    """The qualities that differ for this prompt: "ignores_format" only where the question asks for a format."""
+    return tuple(q for q in QUALITIES[category] if q != "ignores_format" or meta.get("format"))
+
+
 # The clean answer a demonstration uses.
 BEST = {c: q[0] for c, q in QUALITIES.items()}
 
@@ -61,8 +68,25 @@ def _partial(meta: Mapping[str, Any], rng: random.Random) -> str:
     return f"{meta['reference'].rstrip('.')}, or maybe {_wrong_value(meta, rng)}."
 
 
+def _in_context_answer(meta: Mapping[str, Any], quality: str, rng: random.Random) -> str | None:
+    """World v2 answers (meta with `sentences`) in the question's format; None: the quality is made as for any task."""
+    fmt, value, sentences = meta["format"], meta["answer"], meta["sentences"]
+    other = rng.choice([v for v in sentences if v != value])
+    if quality == "ignores_format":
+        return formats.off_format(fmt, value, sentences[value])
+    if quality == "wrong":
+        return formats.render(fmt, other, sentences[other])
+    if quality == "partial":
+        return formats.render(fmt, f"{value} or {other}", f"{sentences[value].rstrip('.')}, or maybe {other}.")
+    return None
+
+
 def _task_answer(meta: Mapping[str, Any], quality: str, rng: random.Random) -> str:
-    if quality == "concise":
+    if "sentences" in meta:
+        answer = _in_context_answer(meta, quality, rng)
+        if answer is not None:
+            return answer
+    if quality in ("concise", "ignores_format"):  # a task without a format has no wrong form
         return meta["reference"]
     if quality == "verbose":
         before, after = rng.sample(lexicon.FILLERS, 2), rng.sample(lexicon.FILLERS, 2)

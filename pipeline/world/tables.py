@@ -14,7 +14,8 @@ from pipeline.data import schemas
 from pipeline.world.corpus import corpus
 from pipeline.world.preferences import Comparison, preference_batch
 from pipeline.world.sft import demonstrations
-from pipeline.world.world import SPLITS, World
+from pipeline.world.world import SPLITS, Prompt, World
+
 
 def dump_meta(meta: Mapping[str, Any]) -> str:
     """Canonical JSON (sorted keys, no spaces), so equal metas are equal bytes."""
@@ -25,13 +26,17 @@ def prompts_table(world: World, split: str) -> pa.Table:
     if split not in SPLITS:
         raise ValueError(f"prompts_table: unknown split {split!r}, expected one of {SPLITS}")
     counters: dict[str, int] = {}
-    rows = []
-    for p in world.prompts(split):
+    prompts, ids = world.prompts(split), []
+    for p in prompts:
         counters[p.category] = counters.get(p.category, 0) + 1
-        rows.append({"id": f"{split}-{p.category}-{counters[p.category]:05d}", "messages": p.messages,
-                     "category": p.category, "attack_vector": p.attack_vector, "is_safety": p.is_safety,
-                     "meta": dump_meta(p.meta)})
-    return pa.Table.from_pylist(rows, schema=schemas.PROMPTS)
+        ids.append(f"{split}-{p.category}-{counters[p.category]:05d}")
+    return pa.Table.from_pylist(prompt_rows(prompts, ids), schema=schemas.PROMPTS)
+
+
+def prompt_rows(prompts: Iterable[Prompt], ids: Iterable[str]) -> list[dict[str, Any]]:
+    """PROMPTS rows (meta as JSON) of prompts with these ids."""
+    return [{"id": i, "messages": p.messages, "category": p.category, "attack_vector": p.attack_vector,
+             "is_safety": p.is_safety, "meta": dump_meta(p.meta)} for p, i in zip(prompts, ids, strict=True)]
 
 
 def demonstrations_table(world: World) -> pa.Table:

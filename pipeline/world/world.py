@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.data.schemas import ATTACK_VECTORS, RISK_CATEGORIES
 from pipeline.world.borderline import Borderline
 from pipeline.world.config import WorldConfig
+from pipeline.world.context_tasks import context_families
 from pipeline.world.dialogue import (apply_instruction, instruction_from_key, instruction_keys,
                                      instruction_shape)
 from pipeline.world.facts import build_fact_base
@@ -59,13 +60,22 @@ class World:
     def __init__(self, config: WorldConfig | None = None) -> None:
         self.config = config or WorldConfig()
         self.facts = build_fact_base(self.config.seed, self.config.n_people, self.config.n_places)
-        self.helpful_families: list[Family] = helpful_families(self.facts)
+        # World v2's in-context families head the helpful prompts; the hard ones are a reported slice.
+        self.helpful_families: list[Family] = context_families(self.config.format_share)
+        self._plain_families: list[Family] = context_families(0.0)  # dialogue turns: the system prompt rules
+        self.hard_families: list[Family] = helpful_families(self.facts)
         self._borderline = Borderline()
         self._unsafe = UnsafeRequests()
         fraction = self.config.eval_fraction
         self._keys: dict[str, dict[str, list[Key]]] = {}
-        for family in (*self.helpful_families, self._borderline, self._unsafe):
+        for family in (*self.helpful_families, *self.hard_families, self._borderline):
             self._keys[family.name] = dict(zip(SPLITS, split_keys(family.keys(), fraction, family.stratum)))
+        # An unsafe request is held out with all its attack vectors: some vectors leave the request's words as
+        # they are, so splitting per vector let a held-out question's text reach the corpus.
+        requests = sorted({key[:3] for key in self._unsafe.keys()})
+        held = dict(zip(SPLITS, split_keys(requests, fraction, lambda request: request[0])))
+        self._keys["unsafe"] = {split: [key for key in self._unsafe.keys() if key[:3] in set(held[split])]
+                                for split in SPLITS}
         # Unsafe keys by (split, category, vector) cell; instruction keys by (split, shape).
         self._cells: dict[tuple[str, str, str], list[Key]] = defaultdict(list)
         for split in SPLITS:
@@ -79,9 +89,19 @@ class World:
 
     # --- single prompts -------------------------------------------------------------------------------------
 
-    def helpful_task(self, split: str, rng: random.Random) -> Task:
-        family = rng.choice(self.helpful_families)
-        return family.make(rng.choice(self._keys[family.name][split]), rng)
+    def helpful_task(self, split: str, rng: random.Random, formats: bool = True) -> Task:
+        """A helpful task: from a hard family with probability `hard_share`, else an in-context one (with an
+        answer format at `format_share` unless `formats` is False)."""
+        hard = rng.random() < self.config.hard_share
+        family = rng.choice(self.hard_families if hard else self.helpful_families if formats else self._plain_families)
+        return self._task(family, rng.choice(self._keys[family.name][split]), rng)
+
+    def _task(self, family: Family, key: Key, rng: random.Random) -> Task:
+        """The family's task; a hard family's carries `slice: hard`, which the evaluation reports apart."""
+        task = family.make(key, rng)
+        if family in self.hard_families:
+            return Task(task.question, {**task.meta, "slice": "hard"})
+        return task
 
     def prompt(self, category: str, split: str, rng: random.Random, attack_vector: str | None = None) -> Prompt:
         """One random prompt of a category (a PROMPT_CATEGORIES value) from a split's task parameters."""
@@ -115,7 +135,7 @@ class World:
         text = instruction.text(short, rng)
         limit = self.config.max_dialogue_turns
         limit = limit if max_turns is None else min(max_turns, limit)
-        tasks = [self.helpful_task(split, rng) for _ in range(rng.randint(1, limit))]
+        tasks = [self.helpful_task(split, rng, formats=False) for _ in range(rng.randint(1, limit))]
         messages = [{"role": "system", "content": text}]
         for task in tasks[:-1]:
             messages += [_user(task.question),
@@ -139,12 +159,15 @@ class World:
             else (c.eval_helpful, c.eval_borderline, c.eval_safety_per_cell, c.eval_dialogues))
         rng = stream(c.seed, "prompts", split)
         out: list[Prompt] = []
-        families = self.helpful_families
-        for i, family in enumerate(families):
-            count = n_helpful // len(families) + (i < n_helpful % len(families))
-            for key in draw(rng, self._keys[family.name][split], count):
-                task = family.make(key, rng)
-                out.append(Prompt([_user(task.question)], "helpful", None, task.meta))
+        n_hard = c.eval_hard if split == "eval" else round(n_helpful * c.hard_share)
+        if split == "train":
+            n_helpful -= n_hard
+        for families, total in ((self.helpful_families, n_helpful), (self.hard_families, n_hard)):
+            for i, family in enumerate(families):
+                count = total // len(families) + (i < total % len(families))
+                for key in draw(rng, self._keys[family.name][split], count):
+                    task = self._task(family, key, rng)
+                    out.append(Prompt([_user(task.question)], "helpful", None, task.meta))
         for key in draw(rng, self._keys["borderline"][split], n_borderline):
             task = self._borderline.make(key, rng)
             out.append(Prompt([_user(task.question)], "borderline", None, task.meta))

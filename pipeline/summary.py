@@ -1,0 +1,75 @@
+"""The run's summary.json: the few numbers that say whether alignment worked, in one small file a script or a CI
+check can read (`runs/<name>/summary.json`; docs/results/ keeps the default runs'). Rates are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.schemas import RISK_CATEGORIES
+from pipeline.data.store import write_bytes_atomic
+from pipeline.stages.oracle_eval import HARD
+
+SUMMARY_FILE = "summary.json"
+JUDGE_KEYS = {"oracle": "oracle", "reward models": "rm"}
+
+
+def policy_cells(scores: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Oracle helpfulness on the headline helpful prompts (and the hard slice), the violation rate over every answer
+    to an adversarial prompt, false refusals on borderline prompts."""
+    by = {s["category"]: s for s in scores}
+    adversarial = [s for s in scores if s["category"] in RISK_CATEGORIES]
+    answers = sum(s["prompts"] for s in adversarial)
+    return {"helpfulness": by["helpful"]["helpfulness"] if "helpful" in by else None,
+            "hard_helpfulness": by[HARD]["helpfulness"] if HARD in by else None,
+            "violations": sum(s["unsafe"] * s["prompts"] for s in adversarial) / answers if answers else None,
+            "false_refusals": by["borderline"]["refused"] if "borderline" in by else None}
+
+
+def _win_rates(wins: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    return {JUDGE_KEYS[judge]: {aspect: w["win_rate"] for aspect, w in by.items()}
+            for judge, by in wins["win_rates"].items() if judge in JUDGE_KEYS}
+
+
+def _helpfulness(scores: Sequence[Mapping[str, Any]]) -> float | None:
+    return policy_cells(scores)["helpfulness"]
+
+
+def ppo_summary(result: Any) -> dict[str, float | None]:
+    """PPO's round: the oracle's helpfulness and the held-out R_c where it started and where early stopping left it."""
+    size = next(iter(result.before_ppo))
+    curve = {row["iteration"]: row["heldout_reward"] for row in result.ppo["heldout"]}
+    return {"round": result.round, "start_oracle": _helpfulness(result.before_ppo[size]),
+            "end_oracle": _helpfulness(result.after_ppo[size]), "start_heldout_rc": curve.get(0),
+            "end_heldout_rc": result.ppo["best_heldout_reward"], "best_iteration": result.ppo["best_iteration"]}
+
+
+def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[str, Sequence[Mapping[str, Any]]],
+                results: Sequence[Any], win_rates: Mapping[tuple[int, str], Mapping[str, Any]]) -> dict[str, Any]:
+    """The summary of a world run; `results` are the rounds' RoundResult, `win_rates` keyed by (round, size)."""
+    rounds, ppo = [], None
+    for result in results:
+        row: dict[str, Any] = {"round": result.round, "batches": result.batches}
+        for size, scores in result.scores.items():
+            row[size] = policy_cells(scores)
+        row["win_rate"] = {size: _win_rates(win_rates[(result.round, size)]) for size in result.scores
+                           if (result.round, size) in win_rates}
+        largest = list(result.scores)[-1]
+        row["win_rate"] = {**row["win_rate"].get(largest, {}), "by_size": row["win_rate"]}
+        row["rm_fidelity"] = result.rm_fidelity
+        row["rm_accuracy"] = result.rm_accuracy
+        row["on_policy"] = result.on_policy
+        if result.ppo is not None and result.before_ppo:
+            ppo = row["ppo"] = ppo_summary(result)
+        rounds.append(row)
+    return {"experiment": experiment, "seed": seed, "minutes": round(minutes, 1),
+            "sft": {size: policy_cells(scores) for size, scores in sft_scores.items()}, "rounds": rounds, "ppo": ppo}
+
+
+def write_summary(root: Path, summary: Mapping[str, Any]) -> Path:
+    path = root / SUMMARY_FILE
+    write_bytes_atomic(path, (json.dumps(summary, indent=2) + "\n").encode())
+    return path

@@ -1,0 +1,498 @@
+"""One-shot check of a lent GPU: `python -m bench.gpu_check [--quick] [--device cuda|cpu] [--json PATH]`.
+
+Checks, in this order, each in its own child process with its own time cap (a hang, a CUDA fault or an OOM costs
+that check only; its row says why, and the run goes on). --quick runs them all in one child (each child pays
+seconds of imports on a busy CPU machine) unless --isolate is given:
+- peak_matmul: the chip's bf16 matmul peak (best of 3 rounds of a square torch.matmul loop; fp32 on CPU);
+- parity: our LLaMA (model/llama.py) against transformers' LlamaForCausalLM on the same weights, fp32 (plain and
+  left-padded batches) and bf16 parameters: max abs logit difference, forward tokens/s of each;
+- train_step: forward + backward + clip + AdamW (the trainers' `optimizer_step`), fp32 master weights under bf16
+  autocast, for the SmolLM2-135M and a ~1.1B (TinyLlama-shaped) config: tokens/s, model FLOP/s and its share of
+  the measured peak. FLOPs per token = 6 x matmul parameters (tied head once, embedding lookup not) + 12 x layers
+  x q_width x seq (attention over the full row, forward and backward: PaLM's MFU formula, as bench_flops);
+- fsdp: torch's fully_shard on a 1-rank nccl group (gloo on CPU): training steps match the unsharded model's loss;
+- ppo_step: one PPO update with model/ppo.py (policy, frozen reference and value model, a synthetic batch).
+
+Only torch, transformers, safetensors, the stdlib and model/ are imported: the GPU image has no Ray, vLLM or
+Hydra (bench/common.py needs pipeline/, so it is not used). Weights are random: no hub, no internet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model import ppo
+from model.config import ModelConfig
+from model.llama import LlamaForCausalLM, LlamaForReward
+from model.lm_training import optimizer_step
+from model.losses import masked_lm_loss
+from model.optim import adamw
+
+ROOT = Path(__file__).resolve().parents[1]
+# Per-check caps in seconds (full, quick) and the whole run's budget: the lease is 15 minutes including start-up.
+CAPS = {"peak_matmul": (40, 20), "parity": (75, 25), "train_step": (120, 25), "fsdp": (75, 25), "ppo_step": (60, 25)}
+BUDGET = {False: 330, True: 150}  # quick: roomy, as CPU test machines are shared
+FP32_TOL = 1e-4  # the parity tests' tolerance (tests/test_model_parity.py)
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, tie_word_embeddings=True, rope_theta=1e5, max_position_embeddings=8192)
+LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,  # TinyLlama-1.1B
+                num_attention_heads=32, num_key_value_heads=4, rope_theta=1e4, max_position_embeddings=4096)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e5, max_position_embeddings=256)
+TINY_MHA = {**TINY, "num_key_value_heads": 4, "tie_word_embeddings": False, "rope_theta": 1e4}
+
+# (config, batch, seq) per check; ppo: (config, batch, prompt length, answer length); matmul: (n, reps).
+FULL = dict(parity=(SMOLLM2, 8, 1024), fsdp=(SMOLLM2, 8, 2048), ppo=(SMOLLM2, 32, 256, 256), matmul=(8192, 100),
+            train={"smollm2-135m": (SMOLLM2, 16, 2048), "llama-1.1b": (LLAMA_1B, 8, 2048)}, iters=10, warmup=2)
+QUICK = dict(parity=(TINY, 2, 24), fsdp=(TINY, 2, 32), ppo=(TINY, 4, 8, 8), matmul=(256, 5),
+             train={"tiny-smollm2-shape": (TINY, 2, 32), "tiny-llama-shape": (TINY_MHA, 2, 32)}, iters=2, warmup=1)
+
+
+# --- helpers (in the child) ---------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, iters: int, warmup: int = 1):
+    """(seconds per call, last result) over `iters` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters, out
+
+
+def amp(device: torch.device):
+    """bf16 autocast over fp32 master weights on CUDA (the usual mixed precision); plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def build(cls, fields: dict, device: torch.device, seed: int):
+    """Random model made on the device: the repo's init (normal 0.02, norms 1) without init_weights' CPU randn,
+    which would take seconds for 1B weights."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = cls(ModelConfig(**fields))
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=model.config.initializer_range)
+    return model
+
+
+def hf_copy(ours: LlamaForCausalLM, device: torch.device):
+    """transformers' LlamaForCausalLM holding our weights (our parameter names are HF's)."""
+    import transformers
+
+    config = transformers.LlamaConfig(**ours.config.to_hf_dict())
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM(config)
+    result = hf.load_state_dict(ours.state_dict(), strict=False)  # a tied model has no lm_head.weight
+    tied = {"lm_head.weight"} if ours.config.tie_word_embeddings else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise RuntimeError(f"state dicts differ: {result}")
+    if ours.config.tie_word_embeddings:
+        hf.tie_weights()
+    return hf.eval()
+
+
+def to_bf16_keeping_rope(hf) -> None:
+    """hf.to(bf16) would round RoPE's inv_freq buffers too, which a model loaded in bf16 keeps in fp32."""
+    rope = {name: buf.clone() for name, buf in hf.named_buffers() if "inv_freq" in name}
+    hf.to(torch.bfloat16)
+    for name, buf in rope.items():
+        owner, attr = name.rsplit(".", 1)
+        setattr(hf.get_submodule(owner), attr, buf)
+
+
+def flops_per_token(c: ModelConfig, seq: int) -> float:
+    q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * q_width + 2 * kv_width) + 3 * c.hidden_size * c.intermediate_size
+    matmul_params = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
+    return 6 * matmul_params + 12 * c.num_hidden_layers * q_width * seq
+
+
+def lm_step(model, optimizer, schedule, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with amp(device):
+        logits = model(ids)
+    loss = masked_lm_loss(logits, ids, torch.ones_like(ids))
+    optimizer_step(model, loss, optimizer, schedule, 1.0, "gpu_check")  # the trainers' step: clip 1.0, finite checks
+    return loss.detach()
+
+
+def optimizer_for(model):
+    optimizer = adamw(model, lr=1e-4)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def si(x: float) -> str:
+    """3 significant figures with a k/M/G/T suffix: the same code prints H200 and CPU numbers."""
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def memory(device: torch.device) -> str:
+    return f"; {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak" if device.type == "cuda" else ""
+
+
+class Rows:
+    """A check's rows, appended to a JSON-lines file as each case ends, so a later timeout keeps earlier cases."""
+
+    def __init__(self, path: str, check: str, device: torch.device):
+        self.path, self.check, self.device = Path(path), check, device
+
+    @contextlib.contextmanager
+    def case(self, name: str):
+        """The body fills a dict (status, result, numbers); an exception becomes an error row and the check goes on."""
+        start, row = time.perf_counter(), {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield row
+        except Exception as err:  # noqa: BLE001: any failure is a result to report
+            traceback.print_exc()
+            row = {"status": "error", "result": f"{type(err).__name__}: {err}"}
+        self.add(name, seconds=round(time.perf_counter() - start, 2), **row)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def add(self, case: str, **row) -> None:
+        row = {"check": self.check, "case": case, "status": "ok", "device": self.device.type, **row}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        print(f"[gpu_check] {self.check} / {case}: {row['status']}: {row.get('result', '')}", file=sys.stderr,
+              flush=True)
+
+
+# --- the checks (each runs in a child process) --------------------------------------------------------------
+
+def check_peak_matmul(device, sizes, rows: Rows, args) -> None:
+    n, reps = sizes["matmul"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with rows.case(f"{str(dtype).removeprefix('torch.')} {n}x{n}") as r:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        # best of 3 rounds: the first ones include clock ramp-up
+        best = max(2 * n**3 / timed(lambda: torch.matmul(a, b, out=out), device, reps)[0] for _ in range(3))
+        args.peak = best  # for train_step when it runs in this process (--quick)
+        r.update(flops=best, result=f"{si(best)} FLOP/s ({reps} products per round, best of 3)")
+
+
+def check_parity(device, sizes, rows: Rows, args) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (the default, stated)
+    fields, batch, seq = sizes["parity"]
+    iters = sizes["iters"]
+    ours = build(LlamaForCausalLM, fields, device, seed=1).eval()
+    hf = hf_copy(ours, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(3, fields["vocab_size"], (batch, seq), device=device, generator=g)
+    lengths = torch.linspace(seq // 4, seq, batch, device=device).long()  # left padding, one full row
+    mask = (torch.arange(seq, device=device)[None] >= seq - lengths[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    tokens = batch * seq
+    truth = None
+    with torch.inference_mode():
+        with rows.case("fp32") as r:
+            t_ours, a = timed(lambda: ours(ids), device, iters)
+            t_hf, truth = timed(lambda: hf(input_ids=ids, use_cache=False).logits, device, iters)
+            diff = (a - truth).abs().max().item()
+            r.update(status="ok" if diff < FP32_TOL else "fail", max_abs_diff=diff, ours_tokens_per_s=tokens / t_ours,
+                     hf_tokens_per_s=tokens / t_hf, hf_attention=hf.config._attn_implementation,
+                     result=f"max diff {diff:.2e} (tol {FP32_TOL:g}); fwd tok/s ours {si(tokens / t_ours)}, "
+                            f"HF {si(tokens / t_hf)} ({hf.config._attn_implementation}); {batch}x{seq}")
+        with rows.case("fp32 left-padded") as r:
+            a = ours(ids, attention_mask=mask)
+            b = hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            diff = (a - b)[mask.bool()].abs().max().item()
+            r.update(status="ok" if diff < FP32_TOL else "fail", max_abs_diff=diff,
+                     result=f"max diff over real tokens {diff:.2e} (tol {FP32_TOL:g})")
+        if device.type != "cuda":
+            rows.add("bf16", status="skipped", result="skipped: bf16 parity needs CUDA")
+            return
+        with rows.case("bf16") as r:
+            if truth is None:
+                raise RuntimeError("no fp32 reference logits (the fp32 case failed)")
+            ours.to(torch.bfloat16), to_bf16_keeping_rope(hf)
+            t_ours, a = timed(lambda: ours(ids), device, iters)
+            t_hf, b = timed(lambda: hf(input_ids=ids, use_cache=False).logits, device, iters)
+            diff = (a.float() - b.float()).abs().max().item()
+            # bf16 differs from fp32 anyway: ours passes if it is about as close to fp32 as transformers' bf16 is
+            err_ours, err_hf = ((x.float() - truth).abs().mean().item() for x in (a, b))
+            r.update(status="ok" if err_ours <= 1.25 * err_hf + 1e-6 else "fail", max_abs_diff=diff,
+                     mean_err_vs_fp32_ours=err_ours, mean_err_vs_fp32_hf=err_hf, ours_tokens_per_s=tokens / t_ours,
+                     hf_tokens_per_s=tokens / t_hf,
+                     result=f"max diff {diff:.2e}; mean err vs fp32 ours {err_ours:.2e}, HF {err_hf:.2e}; fwd tok/s "
+                            f"ours {si(tokens / t_ours)}, HF {si(tokens / t_hf)}")
+
+
+def check_train_step(device, sizes, rows: Rows, args) -> None:
+    for name, (fields, batch, seq) in sizes["train"].items():
+        with rows.case(name) as r:
+            model = build(LlamaForCausalLM, fields, device, seed=0).train()
+            optimizer, schedule = optimizer_for(model)
+            ids = torch.randint(3, fields["vocab_size"], (batch, seq), device=device)
+            seconds, loss = timed(lambda: lm_step(model, optimizer, schedule, ids, device), device, sizes["iters"] // 2,
+                                  sizes["warmup"])
+            per_s = batch * seq / seconds
+            achieved = per_s * flops_per_token(model.config, seq)
+            ratio = achieved / args.peak if args.peak else None
+            share = f" = {ratio:.0%} of peak" if ratio else " (no peak measured)"
+            r.update(status="ok" if math.isfinite(loss.item()) else "fail", parameters=model.num_parameters,
+                     tokens_per_s=per_s, model_flops=achieved, share_of_peak=ratio,
+                     loss=loss.item(),
+                     result=f"{si(model.num_parameters)} params, {batch}x{seq}, "
+                            f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}: {si(per_s)} tok/s, "
+                            f"{si(achieved)} FLOP/s{share}; loss {loss.item():.3f}{memory(device)}")
+            del model, optimizer, schedule
+
+
+def check_fsdp(device, sizes, rows: Rows, args) -> None:
+    import torch.distributed as dist
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if device.type == "cuda":
+        torch.cuda.set_device(0)  # NCCL binds the rank to the current device
+    dist.init_process_group(backend, rank=0, world_size=1, timeout=timedelta(seconds=60))
+    try:
+        fields, batch, seq = sizes["fsdp"]
+        with rows.case(f"1 rank {backend}") as r:
+            plain = build(LlamaForCausalLM, fields, device, seed=0).train()
+            sharded = copy.deepcopy(plain)
+            try:  # the trainers' helper; it leaves a 1-rank model bare, so world=2 selects its fully_shard branch
+                from model.distributed import data_parallel
+
+                data_parallel(sharded, world=2, strategy="fsdp")
+                how = "model.distributed.data_parallel"
+            except ImportError as err:  # model.tokenizer needs sentencepiece: shard the same way here
+                for layer in sharded.model.layers:
+                    fully_shard(layer)
+                fully_shard(sharded)
+                how = f"inline fully_shard (model.distributed: {err})"
+            if not any(type(p).__name__ == "DTensor" for p in sharded.parameters()):
+                raise RuntimeError("fully_shard left no DTensor parameters")
+            ids = torch.randint(3, fields["vocab_size"], (batch, seq), device=device)
+            opt_plain, opt_sharded = optimizer_for(plain), optimizer_for(sharded)
+            # step 1: same weights; steps 2-3: after what should be identical AdamW updates
+            losses = [(lm_step(plain, *opt_plain, ids, device).item(),
+                       lm_step(sharded, *opt_sharded, ids, device).item()) for _ in range(3)]
+            diff = max(abs(a - b) for a, b in losses)
+            iters = sizes["iters"] // 2
+            t_sharded, _ = timed(lambda: lm_step(sharded, *opt_sharded, ids, device), device, iters)
+            t_plain, _ = timed(lambda: lm_step(plain, *opt_plain, ids, device), device, iters)
+            tokens = batch * seq
+            r.update(status="ok" if diff < 1e-3 else "fail", max_loss_diff=diff, losses=losses,
+                     tokens_per_s=tokens / t_sharded, plain_tokens_per_s=tokens / t_plain, sharding=how,
+                     result=f"3 steps, max |loss FSDP - plain| {diff:.1e} (loss {losses[0][0]:.3f}); "
+                            f"tok/s FSDP {si(tokens / t_sharded)}, plain {si(tokens / t_plain)}; {batch}x{seq}; "
+                            f"via {how}{memory(device)}")
+    finally:
+        dist.destroy_process_group()
+
+
+def ppo_update(policy, reference, value, opts, batch, device) -> dict:
+    """One rollout evaluation and one policy + value update, as pipeline.stages.ppo.ppo_iteration does it."""
+    ids, attention_mask, positions, mask, targets, rc = batch
+
+    def logprobs(model):
+        logits = model(ids, attention_mask=attention_mask)
+        logits = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+        return torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0], logits
+
+    start = time.perf_counter()
+    with torch.no_grad(), amp(device):
+        old_logprobs, ref_logprobs = logprobs(policy)[0], logprobs(reference)[0]
+        old_values = value.token_values(ids, attention_mask).gather(1, positions).float()
+        kl = ppo.kl_penalty(old_logprobs, ref_logprobs, "k1")
+        rewards = ppo.token_rewards(ppo.whiten(ppo.logit(rc)), kl, mask, 0.01)
+        advantages, returns = ppo.gae(rewards, old_values, mask, 1.0, 0.95)
+        advantages = ppo.whiten(advantages, mask)
+    sync(device)
+    rollout = time.perf_counter() - start
+    with amp(device):
+        new_logprobs, logits = logprobs(policy)
+    loss, clip_fraction, approx_kl = ppo.policy_loss(new_logprobs, old_logprobs, advantages, mask, 0.2)
+    optimizer_step(policy, loss, *opts[0], 1.0, "ppo policy step")
+    with amp(device):
+        values = value.token_values(ids, attention_mask).gather(1, positions)
+    v_loss = ppo.value_loss(values, old_values, returns, mask, 0.2)
+    optimizer_step(value, v_loss, *opts[1], 1.0, "ppo value step")
+    entropy = ppo.entropy_from_logits(logits.detach(), mask)
+    sync(device)
+    return dict(rollout_s=rollout, update_s=time.perf_counter() - start - rollout, policy_loss=loss.item(),
+                value_loss=v_loss.item(), approx_kl=approx_kl.item(), clip_fraction=clip_fraction.item(),
+                entropy=entropy.item())
+
+
+def check_ppo_step(device, sizes, rows: Rows, args) -> None:
+    fields, batch, prompt, answer = sizes["ppo"]
+    with rows.case("policy+reference+value") as r:
+        policy = build(LlamaForCausalLM, fields, device, seed=0).train()
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        value = build(LlamaForReward, fields, device, seed=1).train()
+        opts = optimizer_for(policy), optimizer_for(value)
+        # prompts of `prompt` tokens, answers of 1..`answer` tokens, right padding
+        lengths = torch.randint(1, answer + 1, (batch,), device=device)
+        j = torch.arange(answer, device=device)
+        mask = (j[None] < lengths[:, None]).float()
+        targets = torch.randint(3, fields["vocab_size"], (batch, answer), device=device) * mask.long()
+        ids = torch.cat([torch.randint(3, fields["vocab_size"], (batch, prompt), device=device), targets], 1)
+        attention_mask = torch.cat([torch.ones(batch, prompt, device=device), mask], 1).long()
+        positions = torch.where(mask.bool(), prompt - 1 + j[None], prompt - 1)  # the logits that predict each token
+        data = (ids, attention_mask, positions, mask, targets, torch.rand(batch, device=device))
+        ppo_update(policy, reference, value, opts, data, device)  # warm-up (kernels, optimizer state)
+        s = ppo_update(policy, reference, value, opts, data, device)
+        finite = all(math.isfinite(s[k]) for k in ("policy_loss", "value_loss", "entropy"))
+        # the first update's forward reproduces the rollout's log-probs, so approx_kl must be ~0
+        r.update(status="ok" if finite and abs(s["approx_kl"]) < 1e-3 else "fail", **s,
+                 result=f"{batch} x ({prompt} prompt + <={answer} answer) tokens: rollout {s['rollout_s']:.2f}s, "
+                        f"update {s['update_s']:.2f}s; policy loss {s['policy_loss']:.3g}, value loss "
+                        f"{s['value_loss']:.3g}, approx_kl {s['approx_kl']:.1e}{memory(device)}")
+
+
+CHECKS = {"peak_matmul": check_peak_matmul, "parity": check_parity, "train_step": check_train_step,
+          "fsdp": check_fsdp, "ppo_step": check_ppo_step}
+
+
+# --- the parent: one child per check, a table at the end ----------------------------------------------------
+
+def run_isolated(names: list[str], args, cap: float) -> list[dict]:
+    """Run checks in one child process; kill its process group when the cap is reached."""
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        out = Path(tmp) / "rows.jsonl"
+        cmd = [sys.executable, "-m", "bench.gpu_check", "--child", ",".join(names), "--result", str(out),
+               "--device", args.device]
+        cmd += (["--quick"] if args.quick else []) + (["--peak", str(args.peak)] if args.peak else [])
+        start = time.monotonic()
+        # the child's chatter goes to stderr: stdout carries only the table
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=sys.stderr, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=cap)
+            why = None if rc == 0 else ("error", f"child exited with code {rc} (see stderr)")
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+            why = ("timeout", f"timeout: killed at the {cap:.0f}s cap")
+        rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if why:
+        rows.append(dict(check=",".join(names), case="(process)", status=why[0], result=why[1], device=args.device,
+                         seconds=round(time.monotonic() - start, 1)))
+    return rows
+
+
+def header(device: str) -> dict:
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
+    for package in ("transformers", "safetensors"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = "not installed"
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info["device"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), {torch.cuda.device_count()} visible"
+    else:
+        info["device"] = f"CPU ({os.cpu_count()} cores)"
+    return info
+
+
+def table(rows: list[dict]) -> str:
+    def cell(value) -> str:
+        return str(value).replace("|", "/").replace("\n", " ")[:400]
+
+    lines = ["| check | case | status | result | s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['check']} | {cell(r['case'])} | {r['status']} | {cell(r.get('result', ''))} | "
+              f"{r.get('seconds', '')} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few iterations (CPU allowed; the test suite)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--isolate", action="store_true", help="with --quick: one child process per check, as without")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # comma-separated checks to run in this process
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--peak", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    if args.child:
+        device = torch.device(args.device)
+        if device.type == "cpu":
+            torch.set_num_threads(min(2, os.cpu_count() or 1))  # shared CPU machines: don't oversubscribe
+        for name in args.child.split(","):
+            rows = Rows(args.result, name, device)
+            try:
+                CHECKS[name](device, QUICK if args.quick else FULL, rows, args)
+            except Exception as err:  # noqa: BLE001: outside any case (e.g. process group set-up): report, go on
+                traceback.print_exc()
+                rows.add("(check)", status="error", result=f"{type(err).__name__}: {err}")
+        return 0
+
+    start = time.monotonic()
+    info = header(args.device)
+    print(f"## GPU check{' (quick mode)' if args.quick else ''}\n\n"
+          + ", ".join(f"{k} {v}" for k, v in info.items() if k != "device") + f"; device: {info['device']}\n",
+          flush=True)
+    rows: list[dict] = []
+    deadline = start + BUDGET[args.quick]
+    groups = [[name] for name in CHECKS] if args.isolate or not args.quick else [list(CHECKS)]
+    for names in groups:
+        left = deadline - time.monotonic()
+        if left < 5:
+            rows += [dict(check=name, case="-", status="skipped", device=args.device,
+                          result=f"skipped: the run's {BUDGET[args.quick]}s budget is spent") for name in names]
+            continue
+        rows += run_isolated(names, args, min(sum(CAPS[name][args.quick] for name in names), left))
+        if "peak_matmul" in names:  # passed on to train_step's child
+            args.peak = next((r["flops"] for r in rows if r.get("flops")), None)
+            print(f"peak matmul: {si(args.peak)} FLOP/s" if args.peak else "peak matmul: not measured",
+                  file=sys.stderr, flush=True)
+    print(table(rows))
+    total = time.monotonic() - start
+    print(f"\ntotal {total:.0f}s; FLOPs per token = 6 x matmul params + 12 x layers x q_width x seq; training in "
+          f"{'bf16 autocast, fp32 master weights' if args.device == 'cuda' else 'fp32'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"info": info, "quick": args.quick, "seconds": round(total, 1),
+                                         "peak_flops": args.peak, "rows": rows}, indent=1, default=str))
+    return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,18 +6,26 @@ The paper's reward for a generation g of prompt p is
 
 with R_c the (sigmoid) reward-model score. Here it is assembled per token: `kl_penalty` gives the KL term per
 response token, `token_rewards` spreads -beta * KL over the tokens and adds the whitened logit score at the last
-one, then `gae` turns the token rewards into advantages and returns for `policy_loss` and `value_loss`.
-All tensors are (batch, time) over response tokens, right-padded, with a mask that is 1 on real tokens.
+one, then an advantage estimator (`ADVANTAGE_ESTIMATORS`: GAE with a critic, or the critic-free RLOO and GRPO,
+which compare several answers to one prompt) turns the token rewards into advantages for `policy_loss`, and GAE's
+returns feed `value_loss`. All tensors are (batch, time) over response tokens, right-padded, with a mask that is 1
+on real tokens. Statistics that must agree across data-parallel ranks (whitening) take a `reduce` function that
+sums a tensor over the ranks (an all-reduce); without it they are this process's own.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the data-parallel ranks
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:
@@ -59,21 +67,20 @@ class RunningMoments:
         self._mean = 0.0
         self._m2 = 0.0  # sum of squared deviations from the mean
 
-    def update(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Merge the (masked) entries of `values` into the running statistics."""
-        values = values.detach().double()
-        if mask is not None:
-            values = values[mask.bool()]
-        n = values.numel()
-        if n == 0:
+    def update(self, values: torch.Tensor, mask: torch.Tensor | None = None, reduce: Reduce | None = None) -> None:
+        """Merge the (masked) entries of `values` into the running statistics; with `reduce`, the entries of every
+        rank (each rank calls this with its share and all end with the same statistics)."""
+        count, total, squares = shifted_sums(values, mask, self._mean, reduce)
+        if count == 0:
             return
-        batch_mean = values.mean().item()
-        batch_m2 = ((values - batch_mean) ** 2).sum().item()
-        total = self.count + n
+        batch_mean = self._mean + total / count
+        # sums of squares lose the last digits to cancellation: a batch that does not vary can come out just below 0
+        batch_m2 = max(squares - total * total / count, 0.0)
+        merged = self.count + count
         delta = batch_mean - self._mean
-        self._mean += delta * n / total
-        self._m2 += batch_m2 + delta * delta * self.count * n / total
-        self.count = total
+        self._mean += delta * count / merged
+        self._m2 += batch_m2 + delta * delta * self.count * count / merged
+        self.count = merged
 
     @property
     def mean(self) -> float:
@@ -88,22 +95,52 @@ class RunningMoments:
         return math.sqrt(self.var)
 
 
+def shifted_sums(values: torch.Tensor, mask: torch.Tensor | None, shift: float,
+                 reduce: Reduce | None = None) -> tuple[int, float, float]:
+    """(count, sum of x - shift, sum of (x - shift)^2) over the masked entries, in float64, summed over the ranks by
+    `reduce`: one all-reduce gives every rank the moments of the whole batch. The shift (a value every rank
+    shares, e.g. the running mean) keeps the sum of squares from cancelling when the mean is large."""
+    values = values.detach().double()
+    if mask is not None:
+        values = values[mask.bool()]
+    values = values - shift
+    sums = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device),
+                        values.sum(), (values * values).sum()])
+    if reduce is not None:
+        sums = reduce(sums)
+    count, total, squares = sums.tolist()
+    return int(round(count)), total, squares
+
+
+def masked_moments(values: torch.Tensor, mask: torch.Tensor | None = None,
+                   reduce: Reduce | None = None) -> tuple[float, float]:
+    """(mean, population variance) of the masked entries (over every rank with `reduce`); (0, 1) when empty."""
+    shift = 0.0
+    if reduce is None and values.numel():  # one pass here; across ranks there is no shared shift to use
+        shift = masked_mean(values.detach().double(), mask).item()
+    count, total, squares = shifted_sums(values, mask, shift, reduce)
+    if count == 0:
+        return 0.0, 1.0
+    return shift + total / count, max(squares / count - (total / count) ** 2, 0.0)
+
+
 def whiten(values: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, *,
-           moments: RunningMoments | None = None, eps: float = 1e-8) -> torch.Tensor:
+           moments: RunningMoments | None = None, eps: float = 1e-8, reduce: Reduce | None = None) -> torch.Tensor:
     """(values - mean) / std over the masked entries, so rewards/advantages have a fixed scale whatever the RM.
 
-    Statistics: per batch by default (population variance over the masked entries of this tensor); pass
-    `moments` (already updated with this batch) to use running ones instead. shift_mean=False adds the mean
-    back: only the scale changes, the sign of each value relative to zero is kept. Padding comes back as 0.
+    Statistics: per batch by default (population variance over the masked entries of this tensor, on every rank
+    with `reduce`); pass `moments` (already updated with this batch) to use running ones instead.
+    shift_mean=False adds the mean back: only the scale changes, the sign of each value relative to zero is kept.
+    Values whose variance is at most `eps` are only centred, not scaled: there is no spread to measure a scale by,
+    and dividing by ~0 would blow rounding noise up to whole units. Padding comes back as 0.
     """
     values = values.float()
     if moments is not None:
-        mean = torch.tensor(moments.mean, dtype=values.dtype, device=values.device)
-        var = torch.tensor(moments.var, dtype=values.dtype, device=values.device)
+        mean, var = moments.mean, moments.var
     else:
-        mean = masked_mean(values, mask)
-        var = masked_mean((values - mean) ** 2, mask)
-    whitened = (values - mean) * torch.rsqrt(var + eps)
+        mean, var = masked_moments(values, mask, reduce)
+    scale = 1.0 / math.sqrt(var) if var > eps else 1.0
+    whitened = (values - mean) * scale
     if not shift_mean:
         whitened = whitened + mean
     if mask is not None:
@@ -163,6 +200,105 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_value = torch.where(real[:, t], values[:, t], 0.0)
         advantages[:, t] = next_advantage
     return advantages, torch.where(real, advantages + values, 0.0)
+
+
+# --- advantage estimators ---------------------------------------------------------------------------------
+
+class AdvantageFn(Protocol):
+    def __call__(self, rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None,
+                 groups: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """One way to turn token rewards into (advantages, returns for the critic or None)."""
+
+    name: str
+    fn: AdvantageFn
+    needs_critic: bool  # GAE bootstraps from V; the outcome estimators compare a prompt's answers instead
+    whiten: bool  # PPO whitens GAE's advantages; GRPO's are normalised per group, RLOO's kept unbiased
+
+    def __call__(self, rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None = None,
+                 groups: torch.Tensor | None = None, gamma: float = 1.0,
+                 lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.needs_critic and values is None:
+            raise ValueError(f"advantage estimator {self.name!r} needs the critic's values")
+        if groups is None:
+            groups = torch.arange(rewards.shape[0], device=rewards.device)
+        return self.fn(rewards, mask, values=values, groups=groups, gamma=gamma, lam=lam)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}  # name -> estimator (`ppo.advantage`)
+
+
+def register_advantage(name: str, *, needs_critic: bool = False,
+                       whiten: bool = False) -> Callable[[AdvantageFn], AdvantageFn]:
+    """Decorator: `fn` becomes the estimator `name` (as verl's core_algos registers its estimators)."""
+    def register(fn: AdvantageFn) -> AdvantageFn:
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is registered twice")
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, whiten)
+        return fn
+    return register
+
+
+def advantage_estimator(name: str) -> AdvantageEstimator:
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; allowed: {list(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[name]
+
+
+@register_advantage("gae", needs_critic=True, whiten=True)
+def gae_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None, groups: torch.Tensor,
+                   gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`gae` as an estimator: per-token advantages and the critic's returns."""
+    return gae(rewards, values, mask, gamma, lam)
+
+
+def sequence_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each answer's undiscounted return, the sum of its token rewards: its score minus beta * its summed KL."""
+    return torch.where(mask.bool(), rewards.detach().float(), 0.0).sum(dim=1)
+
+
+def group_stats(returns: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per row: (size, sum, sum of squared deviations from the mean) of the returns of its group."""
+    _, index = torch.unique(groups, return_inverse=True)
+    count = torch.zeros(int(index.max()) + 1 if index.numel() else 0, dtype=torch.float64, device=returns.device)
+    returns = returns.double()
+    size = count.index_add(0, index, torch.ones_like(returns))[index]
+    total = count.index_add(0, index, returns)[index]
+    deviation = returns - total / size
+    return size, total, count.index_add(0, index, deviation * deviation)[index]
+
+
+def _broadcast(per_answer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A per-answer advantage on every one of its tokens (0 on padding)."""
+    return torch.where(mask.bool(), per_answer.float()[:, None], 0.0)
+
+
+@register_advantage("rloo")
+def rloo_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None, groups: torch.Tensor,
+                    gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): A_i = R_i - mean of the other answers' returns to the same
+    prompt (`groups` holds a prompt id per row), on every token. Unbiased: the baseline never sees R_i.
+    An answer alone in its group has no baseline and gets 0. Ignores gamma and lam (one return per answer)."""
+    returns = sequence_returns(rewards, mask).double()
+    size, total, _ = group_stats(returns, groups)
+    others = torch.where(size > 1, (total - returns) / (size - 1).clamp(min=1), returns)
+    return _broadcast(returns - others, mask), None
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: torch.Tensor, mask: torch.Tensor, *, values: torch.Tensor | None, groups: torch.Tensor,
+                    gamma: float, lam: float, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GRPO (Shao et al. 2024, outcome supervision): A_i = (R_i - mean_g) / (std_g + eps) over the returns of the
+    answers to the same prompt, std the sample one (n - 1, as verl), on every token. A group whose returns are all
+    equal gives 0 (nothing to prefer); an answer alone in its group gets 0. Ignores gamma and lam."""
+    returns = sequence_returns(rewards, mask).double()
+    size, total, squares = group_stats(returns, groups)
+    std = torch.sqrt(squares / (size - 1).clamp(min=1))
+    advantages = torch.where(size > 1, (returns - total / size) / (std + eps), 0.0)
+    return _broadcast(advantages, mask), None
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

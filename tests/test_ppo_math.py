@@ -1,4 +1,5 @@
-"""PPO math (model/ppo.py) against hand-computed values: rewards, KL, whitening, GAE and the losses."""
+"""PPO math (model/ppo.py) against hand-computed values: rewards, KL, whitening (one process and split over
+ranks), the advantage estimators (GAE, RLOO, GRPO) and the losses."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import math
 import pytest
 import torch
 
-from model.ppo import (RunningMoments, entropy_from_logits, gae, kl_penalty, logit, masked_mean, policy_loss,
-                       token_rewards, value_loss, whiten)
+from model.ppo import (ADVANTAGE_ESTIMATORS, RunningMoments, advantage_estimator, entropy_from_logits, gae,
+                       kl_penalty, logit, masked_mean, policy_loss, register_advantage, shifted_sums, token_rewards,
+                       value_loss, whiten)
 
 NAN = float("nan")
 
@@ -69,6 +71,57 @@ def test_whiten_with_running_moments_uses_their_statistics():
     moments = RunningMoments()
     moments.update(torch.tensor([0.0, 4.0]))  # mean 2, std 2
     assert whiten(torch.tensor([2.0, 6.0]), moments=moments).tolist() == pytest.approx([0.0, 2.0], rel=1e-6)
+
+
+def other_rank(values: torch.Tensor, mask: torch.Tensor | None = None):
+    """A `reduce` for one rank of two: adds the other rank's sums (about the same shift), as an all-reduce would."""
+    def reduce(sums: torch.Tensor) -> torch.Tensor:
+        return sums + torch.tensor(shifted_sums(values, mask, reduce.shift), dtype=torch.float64)
+    reduce.shift = 0.0
+    return reduce
+
+
+def test_running_moments_over_ranks_equal_one_process_on_the_whole_batch():
+    a, b = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([10.0, -3.0, 0.5, 7.0])
+    whole, split = RunningMoments(), RunningMoments()
+    whole.update(torch.cat([a, b]))
+    split.update(a, reduce=other_rank(b))  # first batch: the shift is the starting mean, 0
+    assert (split.count, split.mean, split.var) == (7, pytest.approx(whole.mean, rel=1e-12),
+                                                     pytest.approx(whole.var, rel=1e-12))
+    # second batch: both ranks shift by the running mean they share
+    c, d = torch.tensor([[3.0, 99.0]]), torch.tensor([[5.0, 6.0]])
+    cmask, dmask = torch.tensor([[1, 0]]), torch.tensor([[1, 1]])
+    reduce = other_rank(d, dmask)
+    reduce.shift = split.mean
+    split.update(c, cmask, reduce=reduce)
+    whole.update(torch.tensor([3.0, 5.0, 6.0]))
+    assert (split.count, split.mean, split.var) == (10, pytest.approx(whole.mean, rel=1e-12),
+                                                     pytest.approx(whole.var, rel=1e-12))
+
+
+def test_whiten_over_ranks_uses_the_whole_batchs_statistics():
+    # rank 0 holds [1, 2], rank 1 holds [3, 6] (padding 50 masked out): whole batch mean 3, population var 3.5
+    mine, theirs = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 6.0, 50.0]])
+    out = whiten(mine, torch.ones(1, 2), reduce=other_rank(theirs, torch.tensor([[1, 1, 0]])))
+    assert out.tolist()[0] == pytest.approx([-2 / math.sqrt(3.5), -1 / math.sqrt(3.5)], rel=1e-5)
+
+
+def test_a_first_batch_without_spread_does_not_blow_up_the_next():
+    moments = RunningMoments()
+    first = torch.full((4,), logit(torch.tensor(0.9)).item())  # a saturated RM: every score alike
+    moments.update(first)
+    assert moments.var == pytest.approx(0.0, abs=1e-12) and math.isfinite(moments.std)
+    assert whiten(first, moments=moments).abs().max().item() == 0.0  # centred, not divided by ~0
+    # next batch: whitened with the pooled statistics of all 6 values, exactly as one batch of them would be
+    second = first[:2] + torch.tensor([-1.0, 1.0])
+    moments.update(second)
+    both = torch.cat([first, second]).double()
+    expected = ((second.double() - both.mean()) / both.std(unbiased=False)).tolist()  # +-1 / sqrt(1/3) = +-1.732
+    assert whiten(second, moments=moments).tolist() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx([-math.sqrt(3), math.sqrt(3)], rel=1e-5)
+    # values that differ only by rounding have no scale to divide by: not blown up to whole units
+    noise = torch.tensor([1.0, 1.0 + 1e-6, 1.0 - 1e-6])
+    assert whiten(noise).abs().max().item() < 1e-5
 
 
 def test_kl_estimators_by_hand():
@@ -205,3 +258,89 @@ def test_entropy_from_logits_by_hand():
     assert entropy.item() == pytest.approx((math.log(4) + skewed + math.log(2)) / 3, rel=1e-5)
     entropy.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+# --- advantage estimators ---------------------------------------------------------------------------------------
+
+def shaped_rewards():
+    """Six answers to three prompts (groups 3, 3, 3, 7, 7, 9) through token_rewards with beta 0.1, built so each
+    answer's return (score minus 0.1 * its summed KL) is a round number:
+        row 0: tokens 2, KL [1, 1],   score 1.2 -> 1.2 - 0.2  = 1     (group 3)
+        row 1: tokens 1, KL [0],      score 2   -> 2                 (group 3)
+        row 2: tokens 3, KL [2, 0, 0], score 6.2 -> 6.2 - 0.2 = 6     (group 3)
+        row 3: tokens 2, KL [.5, .5], score 0.1 -> 0.1 - 0.1  = 0     (group 7)
+        row 4: tokens 1, KL [-1],     score 3.9 -> 3.9 + 0.1  = 4     (group 7; k1 can be negative)
+        row 5: tokens 1, KL [0],      score 5   -> 5                 (group 9, alone)
+    Padding holds NaN KL: it must not reach any advantage."""
+    kl = torch.tensor([[1.0, 1.0, NAN], [0.0, NAN, NAN], [2.0, 0.0, 0.0], [0.5, 0.5, NAN], [-1.0, NAN, NAN],
+                       [0.0, NAN, NAN]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 0, 0]])
+    rewards = token_rewards(torch.tensor([1.2, 2.0, 6.2, 0.1, 3.9, 5.0]), kl, mask, beta=0.1)
+    return rewards, mask, torch.tensor([3, 3, 3, 7, 7, 9])
+
+
+def per_token(per_answer: list[float], mask: torch.Tensor) -> list[list[float]]:
+    return [[a if m else 0.0 for m in row] for a, row in zip(per_answer, mask.tolist())]
+
+
+def test_rloo_by_hand():
+    rewards, mask, groups = shaped_rewards()
+    advantages, returns = advantage_estimator("rloo")(rewards, mask, groups=groups)
+    # A_i = R_i - mean of the other answers to the same prompt:
+    #   group 3 (returns 1, 2, 6): 1 - (2 + 6) / 2 = -3;  2 - (1 + 6) / 2 = -1.5;  6 - (1 + 2) / 2 = 4.5
+    #   group 7 (returns 0, 4):    0 - 4 = -4;  4 - 0 = 4
+    #   group 9 (one answer): no other answer to compare with -> 0
+    expected = per_token([-3.0, -1.5, 4.5, -4.0, 4.0, 0.0], mask)
+    assert returns is None
+    for got, want in zip(advantages.tolist(), expected):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_grpo_by_hand():
+    rewards, mask, groups = shaped_rewards()
+    advantages, returns = advantage_estimator("grpo")(rewards, mask, groups=groups)
+    # A_i = (R_i - group mean) / (group sample std + 1e-6):
+    #   group 3: mean 3, deviations -2, -1, 3, sample var (4 + 1 + 9) / 2 = 7 -> -2/sqrt7, -1/sqrt7, 3/sqrt7
+    #            = -0.75593, -0.37796, 1.13389
+    #   group 7: mean 2, deviations -2, 2, sample var (4 + 4) / 1 = 8 -> -2/sqrt8, 2/sqrt8 = -0.70711, 0.70711
+    #   group 9: one answer -> 0
+    r7, r8 = math.sqrt(7), math.sqrt(8)
+    expected = per_token([-2 / r7, -1 / r7, 3 / r7, -2 / r8, 2 / r8, 0.0], mask)
+    assert returns is None
+    for got, want in zip(advantages.tolist(), expected):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # a group whose answers all earned the same return has nothing to prefer: 0, not a division by 0
+    flat, _ = advantage_estimator("grpo")(torch.tensor([[0.3, 0.0], [0.3, 0.0]]), torch.ones(2, 2),
+                                          groups=torch.tensor([1, 1]))
+    assert flat.abs().max().item() < 1e-6
+
+
+def test_gae_through_the_registry_is_gae():
+    # the hand example of test_gae_with_discounting_by_hand
+    estimator = advantage_estimator("gae")
+    advantages, returns = estimator(torch.tensor([[1.0, 0.0, 2.0]]), torch.ones(1, 3),
+                                    values=torch.tensor([[0.5, 1.0, 1.0]]), gamma=0.5, lam=0.5)
+    assert advantages.tolist()[0] == pytest.approx([0.9375, -0.25, 1.0])
+    assert returns.tolist()[0] == pytest.approx([1.4375, 0.75, 2.0])
+    assert estimator.needs_critic and estimator.whiten
+    assert not advantage_estimator("rloo").needs_critic and not advantage_estimator("grpo").needs_critic
+    with pytest.raises(ValueError, match="'gae' needs the critic's values"):
+        estimator(torch.zeros(1, 2), torch.ones(1, 2))
+
+
+def test_the_registry_takes_new_estimators_and_names_the_known_ones():
+    assert list(ADVANTAGE_ESTIMATORS)[:3] == ["gae", "rloo", "grpo"]
+
+    @register_advantage("sign")
+    def sign(rewards, mask, *, values, groups, gamma, lam):
+        return torch.sign(rewards) * mask, None
+
+    try:
+        advantages, _ = advantage_estimator("sign")(torch.tensor([[2.0, -3.0]]), torch.tensor([[1, 0]]))
+        assert advantages.tolist() == [[1.0, 0.0]]
+        with pytest.raises(ValueError, match="'sign' is registered twice"):
+            register_advantage("sign")(sign)
+    finally:
+        del ADVANTAGE_ESTIMATORS["sign"]
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'; allowed: \['gae', 'rloo', 'grpo'\]"):
+        advantage_estimator("ppo")

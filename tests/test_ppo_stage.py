@@ -1,31 +1,43 @@
-"""PPO's trainer side on a tiny model, in one process: answer alignment, and an update that follows the reward."""
+"""PPO's trainer side on a tiny model, in one process: answer alignment, an update that follows the reward, the KL
+penalty pulling the policy back to the reference, GAE on the stage's own batch against a hand computation, the
+clip fraction, the critic-free estimators, the sampling temperature, and the config's checks."""
 
 from __future__ import annotations
 
+import math
 import random
+from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
 from actors.trainer import RankContext
 from conftest import tiny_model
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.ppo import logit
 from model.tokenizer import SentencePieceTokenizer
-from pipeline.stages.ppo import (PPOConfig, answer_logits, answer_positions, export_policy, ppo_iteration, ppo_setup,
-                                 token_logprobs)
+from pipeline.config_build import ConfigError, build
+from pipeline.stages.ppo import (_STATE, PPOConfig, answer_logits, answer_positions, export_policy, ppo_iteration,
+                                 ppo_setup, prepare_batch, split_rows, token_logprobs)
 
 WORDS = "the cat sat on a mat and the dog ran to the park with a red ball".split()
+ONE = RankContext(0, 1, torch.device("cpu"), "gloo")
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo")
+def make_folders(root: Path) -> tuple[Path, Path]:
+    """A tiny policy with its tokenizer, and a reward model from it (the critic's start)."""
     rng = random.Random(0)
     tokenizer = SentencePieceTokenizer.train([" ".join(rng.choices(WORDS, k=8)) for _ in range(200)],
                                              vocab_size=300)
     policy = tiny_model(seed=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
     policy_dir = save_checkpoint(policy, root / "policy", tokenizer=tokenizer)
     return policy_dir, save_checkpoint(load_checkpoint(policy_dir, head="reward", seed=1), root / "rm")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return make_folders(tmp_path_factory.mktemp("ppo"))
 
 
 def test_answer_positions_read_each_answer_token_from_the_position_before_it(folders):
@@ -66,3 +78,207 @@ def test_an_update_raises_the_likelihood_of_the_rewarded_answer(folders, tmp_pat
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update is measured against the start
     assert 0 <= metrics["clip_fraction"] <= 1 and metrics["logprob_mismatch"] > 0
     assert not load_checkpoint(tmp_path / "live").config.tie_word_embeddings  # vLLM reloads untied weights
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+PROMPTS = [[1, 5, 6], [1, 7], [1, 8, 9, 10], [1, 11]]
+ANSWERS = [[20, 21, 22, 2], [30, 31, 2], [40, 41, 42, 43, 2], [50, 2], [23, 24, 2], [33, 34, 35, 2],
+           [44, 2], [51, 52, 53, 2]]
+
+
+def batch_of(answers: list[list[int]], rewards: list[float], prompts: list[list[int]] | None = None,
+             groups: list[int] | None = None) -> dict[str, list]:
+    prompts = prompts or [PROMPTS[i % len(PROMPTS)] for i in range(len(answers))]
+    batch = {"prompt_token_ids": prompts, "token_ids": answers, "logprobs": [[-1.0] * len(a) for a in answers],
+             "r_help": rewards, "r_safe": [0.5] * len(answers), "r_combined": rewards}
+    return batch if groups is None else {**batch, "group": groups}
+
+
+def perturb_policy(seed: int = 0, scale: float = 0.05) -> None:
+    """Move this rank's policy away from the reference (which stays at the checkpoint), so the KL is not 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in _STATE["policy"].parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def row_logprobs(model: torch.nn.Module, prompt: list[int], answer: list[int], temperature: float = 1.0) -> list[float]:
+    """Log-probabilities of the answer's tokens, the row alone and unpadded."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer]))[0] / temperature
+    full = torch.log_softmax(logits, -1)
+    return [full[len(prompt) - 1 + j, token].item() for j, token in enumerate(answer)]
+
+
+def log_ratio_to(reference: torch.nn.Module, batch: dict[str, list]) -> float:
+    """Mean over the batch's answer tokens of (log pi - log pi_ref)^2: how far the policy is from the reference."""
+    squares = [(p - q) ** 2 for prompt, answer in zip(batch["prompt_token_ids"], batch["token_ids"])
+               for p, q in zip(row_logprobs(_STATE["policy"], prompt, answer), row_logprobs(reference, prompt, answer))]
+    return sum(squares) / len(squares)
+
+
+# --- config -------------------------------------------------------------------------------------------------------
+
+def test_config_checks_the_estimator_and_its_samples_per_prompt():
+    assert PPOConfig().advantage == PPOConfig.llama2().advantage == "gae" and PPOConfig().samples_per_prompt == 1
+    assert PPOConfig(advantage="rloo", samples_per_prompt=4).needs_critic is False
+    for estimator in ("rloo", "grpo"):
+        with pytest.raises(ConfigError, match=rf"rounds\.ppo: ppo\.samples_per_prompt = 1: must be >= 2 with "
+                                              rf"ppo\.advantage = '{estimator}'"):
+            build(PPOConfig, {"advantage": estimator}, "rounds.ppo")
+    with pytest.raises(ConfigError, match=r"ppo\.advantage = 'a2c': allowed: gae, rloo, grpo"):
+        build(PPOConfig, {"advantage": "a2c"}, "rounds.ppo")
+    with pytest.raises(ValueError, match=r"ppo\.samples_per_prompt = 0: must be > 0"):
+        PPOConfig(samples_per_prompt=0)
+    # mini-batches count answers: 4 prompts x 2 answers fill one of 8, not one of 9
+    assert PPOConfig(batch_size=4, samples_per_prompt=2, mini_batch=8).mini_batch == 8
+    with pytest.raises(ValueError, match=r"ppo\.mini_batch = 9: larger than the 8 answers of an iteration"):
+        PPOConfig(batch_size=4, samples_per_prompt=2, mini_batch=9)
+
+
+def test_split_rows_keeps_a_prompts_answers_on_one_rank():
+    rows = 8  # 4 prompts x 2 answers, in the generators' order
+    table = pa.table({"prompt_token_ids": [[1, p] for p in range(rows)], "token_ids": [[r] for r in range(rows)],
+                      "logprobs": [[-1.0]] * rows, "r_help": [0.5] * rows, "r_safe": [0.5] * rows,
+                      "r_combined": [0.5] * rows, "sample_index": [r % 2 for r in range(rows)]})
+    shares = split_rows(table, 3, samples_per_prompt=2)
+    # prompts dealt round-robin: rank 0 gets prompts 0 and 3, rank 1 prompt 1, rank 2 prompt 2
+    assert [s["token_ids"] for s in shares] == [[[0], [1], [6], [7]], [[2], [3]], [[4], [5]]]
+    assert [s["group"] for s in shares] == [[0, 0, 3, 3], [1, 1], [2, 2]]
+    # one answer per prompt: the old row round-robin
+    single = split_rows(table.drop_columns(["sample_index"]), 3)
+    assert [s["token_ids"] for s in single] == [[[0], [3], [6]], [[1], [4], [7]], [[2], [5]]]
+    with pytest.raises(ValueError, match="not 4 answers per prompt in prompt order"):
+        split_rows(table, 2, samples_per_prompt=4)
+
+
+# --- behaviour on the stage's own batch ---------------------------------------------------------------------------
+
+def test_gae_on_the_stages_batch_matches_a_hand_computation(folders):
+    policy_dir, rm_dir = folders
+    config = PPOConfig(batch_size=4, mini_batch=4, beta=0.3, gamma=0.9, lam=0.8)
+    ppo_setup(ONE, (str(policy_dir), str(rm_dir), config))
+    perturb_policy()  # a KL that is not 0, so the per-token penalty is checked too
+    rewards = [0.9, 0.2, 0.6, 0.35]
+    batch = batch_of(ANSWERS[:4], rewards)
+    _, rollout, targets = prepare_batch(ONE, batch)
+
+    reference, critic = load_checkpoint(policy_dir), load_checkpoint(rm_dir, head="reward")
+    scores = [logit(torch.tensor(r)).item() for r in rewards]
+    mean = sum(scores) / 4
+    std = math.sqrt(sum((x - mean) ** 2 for x in scores) / 4)  # population, as the running moments
+    hand_advantages, hand_returns = [], []
+    for prompt, answer, score in zip(batch["prompt_token_ids"], batch["token_ids"], scores):
+        kl = [p - q for p, q in zip(row_logprobs(_STATE["policy"], prompt, answer), row_logprobs(reference, prompt,
+                                                                                                   answer))]
+        with torch.no_grad():
+            values = critic.token_values(torch.tensor([prompt + answer]))[0, len(prompt) - 1:-1].tolist()
+        # r_t = -beta * kl_t, plus the whitened score at the last token; then from the end:
+        # delta_t = r_t + gamma V_{t+1} - V_t (V after the answer 0), A_t = delta_t + gamma lam A_{t+1}
+        reward = [-0.3 * k for k in kl]
+        reward[-1] += (score - mean) / std
+        advantage, next_value, next_advantage = [0.0] * len(answer), 0.0, 0.0
+        for t in reversed(range(len(answer))):
+            next_advantage = reward[t] + 0.9 * next_value - values[t] + 0.9 * 0.8 * next_advantage
+            advantage[t], next_value = next_advantage, values[t]
+        hand_advantages.append(advantage)
+        hand_returns.append([a + v for a, v in zip(advantage, values)])
+
+    width = rollout.mask.shape[1]
+    for row, (advantage, ret) in enumerate(zip(hand_advantages, hand_returns)):
+        assert targets.returns[row, :len(ret)].tolist() == pytest.approx(ret, abs=1e-4)
+        assert targets.returns[row, len(ret):].tolist() == [0.0] * (width - len(ret))
+    # the advantages PPO trains on are GAE's, whitened over every answer token of the batch
+    flat = [a for row in hand_advantages for a in row]
+    centre = sum(flat) / len(flat)
+    spread = math.sqrt(sum((a - centre) ** 2 for a in flat) / len(flat))
+    for row, advantage in enumerate(hand_advantages):
+        assert targets.advantages[row, :len(advantage)].tolist() == pytest.approx(
+            [(a - centre) / spread for a in advantage], abs=1e-4)
+
+
+def test_the_kl_penalty_pulls_the_policy_back_to_the_reference(folders):
+    policy_dir, rm_dir = folders
+    reference = load_checkpoint(policy_dir)
+    batch = batch_of(ANSWERS, [0.5] * len(ANSWERS))  # one score for all: only the KL term tells answers apart
+
+    def distance_after(beta: float) -> tuple[float, float]:
+        # lr 1e-4: at 1e-3 Adam's first steps overshoot the reference (measured: 0.14 -> 0.31 after one iteration)
+        config = PPOConfig(batch_size=8, mini_batch=4, lr=1e-4, value_lr=1e-3, beta=beta, kl_estimator="k1")
+        ppo_setup(ONE, (str(policy_dir), str(rm_dir), config))
+        perturb_policy(seed=3)
+        before = log_ratio_to(reference, batch)
+        for _ in range(3):
+            metrics = ppo_iteration(ONE, batch)
+        assert metrics["kl"] != 0.0
+        return before, log_ratio_to(reference, batch)
+
+    start, penalised = distance_after(beta=1.0)
+    same_start, free = distance_after(beta=0.0)
+    assert start == pytest.approx(same_start)  # both runs start from the same perturbed policy
+    # measured: 0.142 -> 0.067 with beta = 1, 0.134 without
+    assert penalised < 0.7 * start  # the penalty pulled the policy back towards the reference
+    assert penalised < 0.7 * free  # and it was the penalty: without it the policy stays about as far
+
+
+def test_the_clip_fraction_counts_tokens_whose_ratio_was_pushed_out(folders):
+    policy_dir, rm_dir = folders
+    batch = batch_of(ANSWERS[:4], [0.9, 0.1] * 2)
+
+    def clip_fraction(lr: float) -> float:
+        # 4 answers, 1 per step: from the second step on, the policy the ratio is taken against has already moved
+        # (every token's probability shifts with the shared weights); a large learning rate moves it past 1 +- clip
+        config = PPOConfig(batch_size=4, mini_batch=1, lr=lr, value_lr=1e-3, beta=0.0, clip=0.05)
+        ppo_setup(ONE, (str(policy_dir), str(rm_dir), config))
+        return ppo_iteration(ONE, batch)["clip_fraction"]
+
+    assert clip_fraction(1e-2) > 0.1  # measured: 0.29
+    assert clip_fraction(1e-9) == 0.0  # a step that barely moves the policy clips nothing
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_critic_free_estimators_train_the_policy_without_a_value_model(folders, tmp_path, estimator):
+    policy_dir, _ = folders
+    config = PPOConfig(batch_size=2, samples_per_prompt=2, mini_batch=4, lr=1e-3, beta=0.0, advantage=estimator)
+    assert ppo_setup(ONE, (str(policy_dir), None, config)) > 0  # no critic folder: nothing is loaded
+    assert "value" not in _STATE and "value_opt" not in _STATE
+    good, bad = [20, 21, 22, 2], [30, 31, 32, 2]
+    # two prompts, each answered well and badly: the baseline is the other answer to the same prompt
+    batch = batch_of([good, bad, bad, good], [0.9, 0.1, 0.2, 0.8], prompts=[[1, 5, 6]] * 2 + [[1, 7]] * 2,
+                     groups=[0, 0, 1, 1])
+
+    def margin(model: torch.nn.Module, prompt: list[int]) -> float:
+        return sum(row_logprobs(model, prompt, good)) - sum(row_logprobs(model, prompt, bad))
+
+    before = [margin(load_checkpoint(policy_dir), p) for p in ([1, 5, 6], [1, 7])]
+    metrics = ppo_iteration(ONE, batch)
+    export_policy(ONE, str(tmp_path / "live"))
+    after = [margin(load_checkpoint(tmp_path / "live"), p) for p in ([1, 5, 6], [1, 7])]
+    assert after[0] > before[0] and after[1] > before[1]
+    assert metrics["value_loss"] == 0.0 and metrics["steps"] == 1
+    with pytest.raises(ValueError, match="needs each answer's prompt"):
+        ppo_iteration(ONE, {k: v for k, v in batch.items() if k != "group"})
+
+
+def test_trainer_logprobs_use_the_sampling_temperature(folders):
+    policy_dir, rm_dir = folders
+    config = PPOConfig(batch_size=2, mini_batch=2, temperature=0.5)
+    ppo_setup(ONE, (str(policy_dir), str(rm_dir), config))
+    policy = load_checkpoint(policy_dir)
+    raw = [row_logprobs(policy, PROMPTS[i], ANSWERS[i]) for i in range(2)]
+    batch = {**batch_of(ANSWERS[:2], [0.7, 0.3]), "logprobs": raw}  # vLLM reports untempered log-probabilities
+    _, _, targets = prepare_batch(ONE, batch)
+    for row in range(2):
+        tempered = row_logprobs(policy, PROMPTS[row], ANSWERS[row], temperature=0.5)
+        assert targets.old_logprobs[row, :len(tempered)].tolist() == pytest.approx(tempered, abs=1e-5)
+        assert tempered != pytest.approx(raw[row], abs=1e-3)  # the temperature made a difference
+    assert ppo_iteration(ONE, batch)["logprob_mismatch"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_batch_of_empty_answers_takes_no_step_and_reports_zeros(folders):
+    policy_dir, rm_dir = folders
+    ppo_setup(ONE, (str(policy_dir), str(rm_dir), PPOConfig(batch_size=2, mini_batch=2)))
+    metrics = ppo_iteration(ONE, batch_of([[], []], [0.4, 0.6]))
+    assert (metrics["steps"], metrics["empty_answers"], metrics["answer_length"]) == (0, 2, 0.0)
+    assert metrics["r_combined"] == pytest.approx(0.5)

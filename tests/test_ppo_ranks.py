@@ -1,0 +1,118 @@
+"""PPO on several trainer ranks (real Ray actors in one gloo process group): shares of uneven size, answers left
+empty unevenly (a rank with none left at all), and the critic-free estimators. Every rank must take the same number
+of gradient steps (or DDP hangs until the group's timeout), end with the same weights, whiten with the statistics of
+the whole batch, and report the whole batch's metrics."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.pool import PoolConfig
+from actors.trainer import RankContext, TrainerGroup
+from model.ppo import logit
+from pipeline.stages.ppo import PPOConfig, ppo_iteration, ppo_setup, split_rows
+from test_ppo_stage import make_folders
+
+# world size -> (rows in the batch, rows whose answer is empty, mini_batch): the shares and steps per rank
+#   2 ranks, 9 rows: rank 0 rows 0 2 4 6 8 (5 answers, 3 steps of 2), rank 1 rows 1 3 5 7 (3 empty: 1 step)
+#   3 ranks, 8 rows: rank 0 rows 0 3 6 (3 answers, 3 steps of 1), rank 1 rows 1 4 7 (4 empty: 2 steps),
+#                    rank 2 rows 2 5 (both empty: no answer at all, 3 placeholder steps)
+LAYOUTS = {2: (9, {1, 3, 5}, 4), 3: (8, {2, 4, 5}, 3)}
+STEPS = {2: 3, 3: 3}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return make_folders(tmp_path_factory.mktemp("ppo-ranks"))
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda world: f"{world}-ranks")
+def trainers(request, ray_session):
+    # a short timeout: a rank left waiting in a collective fails the test in a minute, not at the default
+    config = PoolConfig(f"ppo{request.param}", size=request.param, num_cpus=0.5, call_timeout_s=90,
+                        start_timeout_s=90)
+    with TrainerGroup(config) as group:
+        yield group
+
+
+def batch_table(rows: int, empty: set[int], samples_per_prompt: int = 1) -> pa.Table:
+    answers = [[] if row in empty else [20 + row, 21 + row, 22 + row][:1 + row % 3] + [2] for row in range(rows)]
+    rewards = [0.15 + 0.7 * ((row * 37) % 11) / 10 for row in range(rows)]
+    return pa.table({"prompt_token_ids": [[1, 5 + row // samples_per_prompt] for row in range(rows)],
+                     "token_ids": pa.array(answers, pa.list_(pa.int64())),
+                     "logprobs": pa.array([[-1.0] * len(a) for a in answers], pa.list_(pa.float32())),
+                     "r_help": rewards, "r_safe": [0.5] * rows, "r_combined": rewards,
+                     "sample_index": [row % samples_per_prompt for row in range(rows)]})
+
+
+def rank_state(ctx: RankContext, _payload: None) -> dict:
+    """What must agree across the ranks after an update: weights, running moments, the optimizer's step count."""
+    from pipeline.stages.ppo import _STATE
+
+    def flat(model: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+
+    return {"policy": flat(_STATE["policy"]), "value": flat(_STATE["value"]) if "value" in _STATE else None,
+            "moments": (_STATE["moments"].count, _STATE["moments"].mean, _STATE["moments"].var),
+            "optimizer_steps": _STATE["policy_opt"][1].last_epoch}
+
+
+def setup_and_train(trainers: TrainerGroup, folders, config: PPOConfig, table: pa.Table, iterations: int):
+    world = trainers.world_size
+    critic = str(folders[1]) if config.needs_critic else None
+    trainers.run(ppo_setup, [(str(folders[0]), critic, config)] * world)
+    initial = trainers.run(rank_state, [None] * world)[0]["policy"]
+    metrics = [trainers.run(ppo_iteration, split_rows(table, world, config.samples_per_prompt))
+               for _ in range(iterations)]
+    return initial, metrics, trainers.run(rank_state, [None] * world)
+
+
+def test_uneven_shares_and_empty_answers_take_the_same_steps_on_every_rank(trainers, folders):
+    world = trainers.world_size
+    rows, empty, mini_batch = LAYOUTS[world]
+    table = batch_table(rows, empty)
+    config = PPOConfig(batch_size=rows, mini_batch=mini_batch, lr=1e-3, value_lr=1e-3)
+    initial, metrics, states = setup_and_train(trainers, folders, config, table, iterations=2)
+
+    # it finished (no rank waited on the others' extra steps), and every rank took the same steps
+    for per_rank in metrics:
+        assert [m["steps"] for m in per_rank] == [STEPS[world]] * world
+        assert all(m == per_rank[0] for m in per_rank)  # the whole batch's numbers, on every rank
+    assert [s["optimizer_steps"] for s in states] == [2 * STEPS[world]] * world
+    # one set of weights: DDP averaged every step's gradients, the placeholder steps included
+    for state in states[1:]:
+        assert torch.equal(state["policy"], states[0]["policy"]) and torch.equal(state["value"], states[0]["value"])
+    assert not torch.equal(states[0]["policy"], initial)
+
+    kept = [row for row in range(rows) if row not in empty]
+    answers = table.column("token_ids").to_pylist()
+    last = metrics[-1][0]
+    assert last["empty_answers"] == len(empty)
+    assert last["answer_length"] == pytest.approx(sum(len(answers[row]) for row in kept) / len(kept))
+    assert last["r_combined"] == pytest.approx(sum(table.column("r_combined").to_pylist()) / rows, rel=1e-6)
+    # whitening statistics of every rank's scores (the batch seen twice), the same on every rank
+    scores = logit(torch.tensor([table.column("r_combined")[row].as_py() for row in kept])).double()
+    for count, mean, var in (s["moments"] for s in states):
+        assert count == 2 * len(kept)
+        assert mean == pytest.approx(scores.mean().item(), rel=1e-6)
+        assert var == pytest.approx(scores.var(unbiased=False).item(), rel=1e-5)
+
+
+def test_grpo_on_ranks_keeps_each_prompts_answers_together_and_has_no_critic(trainers, folders):
+    world = trainers.world_size
+    prompts, samples = world + 1, 2  # one rank gets two prompts, the others one
+    rows = prompts * samples
+    table = batch_table(rows, {1}, samples)  # prompt 0 has one answer left: alone in its group, advantage 0
+    config = PPOConfig(batch_size=prompts, samples_per_prompt=samples, mini_batch=world, lr=1e-3, advantage="grpo")
+    initial, metrics, states = setup_and_train(trainers, folders, config, table, iterations=1)
+
+    per_rank = metrics[0]
+    assert all(m == per_rank[0] for m in per_rank) and per_rank[0]["value_loss"] == 0.0
+    # rank 0 holds prompts 0 and `world`: 3 answers (one empty), one a step; the others 2 answers
+    assert per_rank[0]["steps"] == 3
+    assert all(s["value"] is None for s in states)  # no value model was built on any rank
+    for state in states[1:]:
+        assert torch.equal(state["policy"], states[0]["policy"])
+    assert not torch.equal(states[0]["policy"], initial)

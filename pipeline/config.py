@@ -69,8 +69,8 @@ class RunConfig:
             # What needs the world's oracle, tasks or annotator cannot run on files.
             needs_world = [(key, value) for key, value in (
                 ("rounds.gatt.gatt_from", self.rounds.gatt.gatt_from),
-                ("rounds.context_distillation.distill_from", self.rounds.context_distillation.distill_from),
-                ) if value]
+                ("rounds.context_distillation.distill_from", self.rounds.context_distillation.distill_from))
+                if value]
             if not self.base_models:
                 raise ValueError("data: a run from files starts from base_models checkpoints; set e.g. "
                                  "base_models.policy=/models/my-hf-checkpoint")

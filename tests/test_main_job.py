@@ -58,6 +58,19 @@ def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
     assert len(ppo["iterations"]) >= 1 and {"kl", "r_combined", "sync_s"} <= set(ppo["iterations"][0])
     assert "== round 1" in first and re.search(r"^  1\s+large\s+\d\.\d\d", first, re.M)
     assert config.count >= 1
+    # Weekly batch 2 (round 1 ingests batches 1-2) is on-policy: mostly the SFT policies' own answers, rated.
+    on_policy = store.stage(1, "policy_preferences_b02")
+    made = on_policy.manifest()["extra"]
+    batch_2 = store.stage(0, "world_preferences_b02").manifest()["rows"]
+    assert made["on_policy"] > made["prebuilt"] and made["on_policy"] + made["prebuilt"] == batch_2
+    assert set(on_policy.read().column("source").to_pylist()) == {"policy", "world"}
+    # The summary, with the helpfulness RM's fidelity on the round's own samples (seeded, so the same each run).
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["experiment"] == "quick" and summary["seed"] == 0 and summary["minutes"] > 0
+    assert set(summary["sft"]) == {"small", "large"} and summary["sft"]["large"]["helpfulness"] is not None
+    fidelity = summary["rounds"][0]["rm_fidelity"]
+    assert fidelity["pairs"] >= 20 and fidelity["pair_accuracy"] > 0.5  # better than chance
+    assert summary["ppo"]["start_heldout_rc"] is not None and summary["rounds"][0]["win_rate"]["oracle"]
     # Win rates against the SFT model (RMs and oracle) and the run report with its plots.
     wins = store.stage(1, "winrate_large").manifest()["extra"]
     assert set(wins["win_rates"]) == {"reward models", "oracle"}

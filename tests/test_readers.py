@@ -271,8 +271,9 @@ def test_empty_parquet_fails(tmp_path):
 
 def test_file_level_errors(tmp_path):
     path = tmp_path / "prefs.jsonl"
-    write_jsonl(path, [{"prompt": "Q", "chosen": "A", "rejected": "B", "kind": "helpfulness"}])
-    with pytest.raises(DataError, match=r"no 'batch' column.*defaults=\{'batch': \.\.\.\}"):
+    write_jsonl(path, [{"prompt": "Q", "chosen": "A", "rejected": "B"}])
+    with pytest.raises(DataError, match=r"no 'kind' column.*defaults=\{'kind': \.\.\.\} "
+                                        r"\(the file's columns: \['prompt', 'chosen', 'rejected'\]\)"):
         load(path, "preferences")
     with pytest.raises(DataError, match="no demonstrations layout fits"):
         load(path, "demonstrations")

@@ -65,7 +65,9 @@ _LAYOUT_COLUMNS = {
 }
 _CONVERSATIONAL = ("messages", "conversations", "prompt", "completion", "chosen", "rejected", "instruction", "input",
                    "output")
-_REQUIRED = {"prompts": ("category",), "demonstrations": (), "preferences": ("batch", "kind")}
+# Fields a file must have a column (or a default) for; every other field is optional, filled in below when a file
+# or a row lacks it.
+_REQUIRED = {"prompts": ("category",), "demonstrations": (), "preferences": ("kind",)}
 _EXPECTED = {
     "prompts": "messages, conversations, prompt or instruction",
     "demonstrations": "messages, conversations, prompt + completion or instruction + output",
@@ -84,6 +86,7 @@ class LoadSummary:
     rejected: int
     by_reason: dict[str, int]  # short reason -> rejected rows, most frequent first
     ignored_columns: tuple[str, ...]
+    defaulted: dict[str, tuple[Any, int]]  # field -> (its default, rows that had no value for it)
 
     def render(self) -> str:
         rows = [("accepted", self.accepted), ("rejected", self.rejected)]
@@ -94,6 +97,10 @@ class LoadSummary:
         lines += [f"  {label:<{width}}  {count:>{digits}}" for label, count in rows]
         if self.ignored_columns:
             lines.append(f"  ignored columns: {', '.join(self.ignored_columns)}")
+        if self.defaulted:
+            given = (f"{name} = {value!r} ({count} row{'s' * (count != 1)})"
+                     for name, (value, count) in self.defaulted.items())
+            lines.append(f"  defaults for rows without a value: {', '.join(given)}")
         return "\n".join(lines)
 
 
@@ -344,7 +351,9 @@ class _Context:
     kind: str
     layout: str
     names: dict[str, str]  # our field -> the file's column, for the fields the file has
-    constants: dict[str, Any]  # our field -> the value every row gets, for fields the file lacks
+    # our field -> the value a row gets when it has none: the file lacks the column, or the row's cell is null,
+    # absent or (CSV) empty. A row without an optional field is never a reject for it.
+    defaults: dict[str, Any]
     fields: dict[str, str]  # every field we know -> as the user's file names it, for errors
     ignored: tuple[str, ...]
     csv: bool
@@ -359,7 +368,8 @@ class _Context:
         return self.field(name)
 
 
-def _detect(kind: str, have: set[str], source: Path) -> str:
+def _detect(kind: str, have: set[str], source: Path, columns: list[str]) -> str:
+    """The layout of the fields the file has (`have`, after column_map); errors name the file's own `columns`."""
     if kind == "preferences":
         if {"chosen", "rejected"} <= have:
             return "explicit" if "prompt" in have else "llama_factory" if "conversations" in have else "implicit"
@@ -374,8 +384,8 @@ def _detect(kind: str, have: set[str], source: Path) -> str:
     elif "instruction" in have and (kind == "prompts" or "output" in have):
         return "alpaca"
     raise DataError(
-        f"{source}: no {kind} layout fits the columns {sorted(have)}; expected {_EXPECTED[kind]} "
-        "(column_map renames yours)"
+        f"{source}: no {kind} layout fits the file's columns {columns}; expected {_EXPECTED[kind]} "
+        "(column_map renames yours, e.g. column_map={'prompt': 'question'})"
     )
 
 
@@ -391,21 +401,20 @@ def _context(kind: str, columns: list[str], column_map: Mapping[str, str], defau
     present = set(columns)
     names = {ours: column_map.get(ours, ours) for ours in known}
     names = {ours: theirs for ours, theirs in names.items() if theirs in present}
-    layout = _detect(kind, set(names), source)
-    builtin = {"source": source.name} | ({"rating": "unsure"} if kind == "preferences" else {})
-    constants = {
-        name: value for name, value in {**builtin, **defaults}.items() if name in schema_fields and name not in names
-    }
-    missing = [name for name in _REQUIRED[kind] if name not in names and name not in constants]
+    layout = _detect(kind, set(names), source, columns)
+    # A file without a batch column is one batch; without ratings, every pair is "unsure" (no margin).
+    builtin = {"source": source.name} | ({"rating": "unsure", "batch": 1} if kind == "preferences" else {})
+    filled = {name: value for name, value in {**builtin, **defaults}.items() if name in schema_fields}
+    missing = [name for name in _REQUIRED[kind] if name not in names and name not in filled]
     if missing:
         raise DataError(
             f"{source}: no {missing[0]!r} column; add one, map yours with column_map, or pass "
-            f"defaults={{{missing[0]!r}: ...}}"
+            f"defaults={{{missing[0]!r}: ...}} (the file's columns: {columns})"
         )
     used = {names[name] for name in (*scalars, *_LAYOUT_COLUMNS[layout]) if name in names}
     ignored = tuple(column for column in columns if column not in used)
     fields = {name: names.get(name, name) for name in known}
-    return _Context(kind, layout, names, constants, fields, ignored, is_csv)
+    return _Context(kind, layout, names, filled, fields, ignored, is_csv)
 
 
 # --- the per-row path --------------------------------------------------------------------------------------------
@@ -455,14 +464,33 @@ def _csv_value(name: str, text: Any) -> Any:
     return text
 
 
+_IMPLICIT = ("an implicit-prompt conversation is the prompt's messages (a user turn first, after an optional system "
+             "one), then the assistant's answer")
+
+
+def _implicit_turns(value: Any, field: str) -> list[v.Turn]:
+    """One side of an implicit-prompt pair: a user turn (after an optional system one) first, the assistant's answer
+    last. The error names the turn and the role order, not just "no prompt"."""
+    turns = v.parse_turns(value, field)
+    if not turns:
+        raise RowError(field, f"no messages; {_IMPLICIT}", "empty text")
+    first = turns[1] if turns[0].role == "system" and len(turns) > 1 else turns[0]
+    if first.role == "assistant" and len(turns) == 1:
+        # Often an answer-only column whose prompt is in another column: say so.
+        raise RowError(first.role_field, f"only an 'assistant' message, no prompt before it; {_IMPLICIT} (with a "
+                                         "separate prompt column, the prompt/chosen/rejected layout)", "role order")
+    if first.role == "assistant":
+        raise RowError(first.role_field, f"expected 'user', got 'assistant'; {_IMPLICIT}", "role order")
+    if turns[-1].role != "assistant":
+        raise RowError(turns[-1].role_field, f"the last message must be the 'assistant' answer, got "
+                                             f"{turns[-1].role!r}; {_IMPLICIT}", "role order")
+    return turns
+
+
 def _split_implicit(chosen: Any, rejected: Any, chosen_field: str, rejected_field: str
                     ) -> tuple[v.Dialogue, v.Turn, v.Turn]:
     """TRL's implicit prompt: two conversations sharing every message but their last, which is each answer."""
-    chosen_turns, rejected_turns = v.parse_turns(chosen, chosen_field), v.parse_turns(rejected, rejected_field)
-    for turns, name in ((chosen_turns, chosen_field), (rejected_turns, rejected_field)):
-        if len(turns) < 2:
-            raise RowError(name, "an implicit-prompt conversation needs the prompt messages, then the answer",
-                           "implicit prompt")
+    chosen_turns, rejected_turns = _implicit_turns(chosen, chosen_field), _implicit_turns(rejected, rejected_field)
     prompt = [(turn.role, turn.content) for turn in chosen_turns[:-1]]
     other = [(turn.role, turn.content) for turn in rejected_turns[:-1]]
     if prompt != other:
@@ -474,10 +502,13 @@ def _split_implicit(chosen: Any, rejected: Any, chosen_field: str, rejected_fiel
 
 def _adapt(record: Mapping[str, Any], ctx: _Context) -> dict[str, Any]:
     """One file row -> one row of our schema (without `__row`); raises RowError."""
-    parts: dict[str, Any] = dict(ctx.constants)
+    parts: dict[str, Any] = {}
     for ours, theirs in ctx.names.items():
         value = record.get(theirs)
         parts[ours] = _csv_value(ours, value) if ctx.csv else value
+    for name, value in ctx.defaults.items():
+        if parts.get(name) is None:
+            parts[name] = value  # a row without the field gets what a file without the column gets
     field, layout = ctx.field, ctx.layout
     if layout in ("explicit", "llama_factory"):
         source = "prompt" if layout == "explicit" else "conversations"
@@ -600,32 +631,39 @@ def _fast_adapt(table: pa.Table, rows: np.ndarray, ctx: _Context) -> tuple[pa.Ta
     n = table.num_rows
 
     def column(name: str) -> pa.ChunkedArray | pa.Array:
-        if name in ctx.names:
-            return table[ctx.names[name]]
-        if name in ctx.constants:
-            return pa.repeat(pa.scalar(ctx.constants[name]), n)
-        return pa.nulls(n)
+        return table[ctx.names[name]] if name in ctx.names else pa.nulls(n)
 
-    def boolean(name: str) -> pa.ChunkedArray | pa.Array:
-        return _cast(column(name), pa.bool_(), pa.types.is_boolean)
+    def scalar(name: str, convert: Callable[[Any], Any]) -> pa.ChunkedArray | pa.Array:
+        """A scalar field through `convert`, its nulls (all rows, without a column) filled with its default."""
+        values = convert(column(name))
+        if name not in ctx.defaults or values.null_count == 0:
+            return values
+        try:
+            default = pa.array([ctx.defaults[name]])
+        except (pa.ArrowException, TypeError, ValueError) as err:
+            raise _NeedsRowPath from err  # validate_row names what is wrong with it
+        return pc.fill_null(values, convert(default)[0])  # the default passes the same type checks as a cell
+
+    def boolean(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+        return _cast(column, pa.bool_(), pa.types.is_boolean)
 
     suspects = np.zeros(n, dtype=bool)
-    out: dict[str, Any] = {"id": _ids(column("id"))}
+    out: dict[str, Any] = {"id": scalar("id", _ids)}
     if ctx.kind == "preferences":
         if ctx.layout != "explicit":
             raise _NeedsRowPath
-        rating, suspects = v.normalise_ratings(_text(column("rating")))
+        rating, suspects = v.normalise_ratings(scalar("rating", _text))
         out |= {
-            "batch": _cast(column("batch"), pa.int32(), pa.types.is_integer),
+            "batch": scalar("batch", lambda c: _cast(c, pa.int32(), pa.types.is_integer)),
             "prompt": _messages(column("prompt"), "user"),
             "chosen": _text(column("chosen")),
             "rejected": _text(column("rejected")),
             "rating": rating,
-            "margin": _cast(column("margin"), pa.float32(), _is_number),
-            "chosen_safe": boolean("chosen_safe"),
-            "rejected_safe": boolean("rejected_safe"),
-            "kind": _text(column("kind")),
-            "source": _text(column("source")),
+            "margin": scalar("margin", lambda c: _cast(c, pa.float32(), _is_number)),
+            "chosen_safe": scalar("chosen_safe", boolean),
+            "rejected_safe": scalar("rejected_safe", boolean),
+            "kind": scalar("kind", _text),
+            "source": scalar("source", _text),
         }
     elif ctx.layout == "messages":
         out["messages"] = _messages(column("messages"), text_role=None)  # the per-row path rejects plain text
@@ -636,15 +674,17 @@ def _fast_adapt(table: pa.Table, rows: np.ndarray, ctx: _Context) -> tuple[pa.Ta
     else:
         raise _NeedsRowPath
     if ctx.kind == "prompts":
-        out["category"] = _text(column("category"))
-        out["attack_vector"] = _text(column("attack_vector"))
-        given = "is_safety" in ctx.names or "is_safety" in ctx.constants
-        # Without a column, a risk category makes a safety prompt, as validate_row derives it.
-        out["is_safety"] = boolean("is_safety") if given else pc.is_in(out["category"], pa.array(RISK_CATEGORIES))
+        out["category"] = scalar("category", _text)
+        out["attack_vector"] = scalar("attack_vector", _text)
+        # A row without is_safety (or a file without the column): a risk category makes a safety prompt, as
+        # validate_row derives it.
+        given = _array(scalar("is_safety", boolean))
+        derived = _array(pc.is_in(out["category"], pa.array(RISK_CATEGORIES)))
+        out["is_safety"] = pc.if_else(pc.is_null(given), derived, given) if given.null_count else given
     elif ctx.kind == "demonstrations":
-        out["category"] = _text(column("category"))
-        out["source"] = _text(column("source"))
-    out["meta"] = _text(column("meta"))
+        out["category"] = scalar("category", _text)
+        out["source"] = scalar("source", _text)
+    out["meta"] = scalar("meta", _text)
     out[_ROW] = pa.array(rows, pa.int64())
     schema = _working_schema(ctx.kind)
     return pa.Table.from_arrays([out[name] for name in schema.names], schema=schema), suspects
@@ -723,6 +763,19 @@ def _table_rules(table: pa.Table, ctx: _Context, tokenizer: Tokenizer | None, ma
     return table.filter(pa.array(keep)), rejects
 
 
+def _defaulted(raw: _Raw, ctx: _Context) -> dict[str, tuple[Any, int]]:
+    """Field -> (its default, how many parseable rows had no value for it), for the summary."""
+    if raw.table is not None:
+        missing = {name: raw.table[ctx.names[name]].null_count if name in ctx.names else raw.table.num_rows
+                   for name in ctx.defaults}
+    else:
+        records, _ = raw.records()
+        empty = (None, "") if ctx.csv else (None,)
+        missing = {name: sum(record.get(ctx.names[name]) in empty for _, record in records)
+                   if name in ctx.names else len(records) for name in ctx.defaults}
+    return {name: (ctx.defaults[name], count) for name, count in missing.items() if count}
+
+
 def _failure(summary: LoadSummary, rejects: list[_Reject], max_share: float, rejects_path: Path | None) -> str:
     shown = 5
     lines = [f"{summary.source}: {summary.rejected} of {summary.total} rows rejected "
@@ -748,8 +801,9 @@ def load(
 ) -> LoadResult:
     """Read `path` as `kind` ("prompts", "demonstrations", "preferences") into SCHEMAS[kind].
 
-    column_map: {our field: your column}, applied before the layout is detected. defaults: values for fields the
-    file has no column for (source defaults to the file name, a preference rating to "unsure": no strength given).
+    column_map: {our field: your column}, applied before the layout is detected. defaults: values for fields a row
+    has no value for, whether the file lacks the column or the row's cell is null or empty (built in: source is the
+    file name; a preference's rating is "unsure", no strength given, so no margin; its batch is 1, one batch).
     tokenizer + max_tokens: reject rows whose LLaMA-2 chat encoding is longer. Rows failing any rule go to
     `rejects` (and to `rejects_path` as Parquet when given); more than `max_reject_share` of them raises DataError.
     """
@@ -775,6 +829,7 @@ def load(
         source=str(source), kind=kind, format=raw.format, layout=ctx.layout, total=raw.total,
         accepted=table.num_rows, rejected=len(rejects),
         by_reason=dict(Counter(r.code for r in rejects).most_common()), ignored_columns=ctx.ignored,
+        defaulted=_defaulted(raw, ctx),
     )
     print(summary.render(), file=sys.stderr)
     written = None if rejects_path is None else write_table_atomic(rejects_table, rejects_path)

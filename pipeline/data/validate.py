@@ -269,9 +269,9 @@ def check_meta(value: Any, field: str) -> str | None:
 
 
 def validate_row(kind: str, parts: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
-    """One row in our schema's fields. `parts` maps our names to values (dialogues as Dialogue, answers as Turn);
-    a field the file does not have is absent; `fields` spells our names as the file does. Fields are checked in
-    schema order and the first problem is raised."""
+    """One row in our schema's fields. `parts` maps our names to values (dialogues as Dialogue, answers as Turn),
+    defaults already in; a field the row has no value for is absent or None; `fields` spells our names as the file
+    does. Fields are checked in schema order and the first problem is raised."""
     get = parts.get
     if kind == "preferences":
         row = {
@@ -298,8 +298,9 @@ def validate_row(kind: str, parts: Mapping[str, Any], fields: Mapping[str, str])
             "category": check_choice(get("category"), fields["category"], PROMPT_CATEGORIES),
             "attack_vector": check_choice(get("attack_vector"), fields["attack_vector"], ATTACK_VECTORS, False),
         }
-        derived = row["category"] in RISK_CATEGORIES  # without a column, a risk category means a safety prompt
-        row["is_safety"] = check_bool(get("is_safety"), fields["is_safety"], True) if "is_safety" in parts else derived
+        given = check_bool(get("is_safety"), fields["is_safety"], required=False)
+        # A row without is_safety (or a file without the column): a risk category means a safety prompt.
+        row["is_safety"] = row["category"] in RISK_CATEGORIES if given is None else given
         row["meta"] = check_meta(get("meta"), fields["meta"])
         return row
     return {

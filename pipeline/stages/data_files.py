@@ -39,7 +39,7 @@ class DataFile:
     limit: int | None = None  # keep the first `limit` accepted rows (sizes a run); null: all
     batch: int = 1  # the weekly batch its preference pairs arrive in (rounds.new_batches ingests them)
     column_map: dict[str, str] = field(default_factory=dict)  # {our field: your column}
-    defaults: dict[str, Any] = field(default_factory=dict)  # values for fields the file has no column for
+    defaults: dict[str, Any] = field(default_factory=dict)  # values for fields a file or a row lacks
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:

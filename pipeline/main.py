@@ -26,6 +26,7 @@ from pipeline.data.schemas import RISK_CATEGORIES
 from pipeline.data.store import RunStore, digest_config
 from pipeline.evaluation.safety_metrics import SafetyMetrics, safety_metrics, safety_rows
 from pipeline.evaluation.winrate import Proportion, WinRate
+from pipeline.profile import profile_table, stage_profile
 from pipeline.report import RoundResults, RunResults, render_report
 from pipeline.rounds import PolicyState, RoundResult, run_round
 from pipeline.stages.cached import checkpoint_stage
@@ -74,11 +75,14 @@ def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfi
 def run(run_dir: Path, config: RunConfig) -> None:
     store = RunStore(run_dir.resolve())  # absolute: actors may run elsewhere (a shared filesystem)
     start = time.perf_counter()
+    started_at = time.time()  # epoch seconds, as manifests' `created`: older stages came from the store
     cluster = connect(config.cluster)
     print(f"Ray: {cluster['resources'].get('CPU', 0):g} CPUs, {cluster['resources'].get('GPU', 0):g} GPUs"
           + (f"; dashboard http://{cluster['dashboard']}" if cluster["dashboard"] else ""))
     with Pools(config.cluster) as pools:
         _run_stages(store, config, pools, start)
+    print("\n== stage profile")
+    print(profile_table(stage_profile(store, since=started_at)))
     print(f"\nrun store: {store.root}  ({time.perf_counter() - start:.0f} s; re-running reuses every "
           "finished stage)")
 

@@ -193,8 +193,48 @@ def _read_shard(path: Path) -> pa.Table:
         raise ValueError(f"{path}: does not match the {kind!r} schema: {problem}") from None
 
 
+# When and how long a stage ran say nothing about what it made: a stage finished again with the same content keeps
+# its earlier manifest, timing included.
+_TIMING_KEYS = frozenset({"created", "seconds", "cores_busy"})
+
+
 def _same_but_time(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return {k: v for k, v in a.items() if k != "created"} == {k: v for k, v in b.items() if k != "created"}
+    return ({k: v for k, v in a.items() if k not in _TIMING_KEYS}
+            == {k: v for k, v in b.items() if k not in _TIMING_KEYS})
+
+
+def _cpu_busy_jiffies() -> int | None:
+    """Machine-wide non-idle CPU time (all cores, in clock ticks) from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat", encoding="ascii") as file:
+            fields = file.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is already counted in user and
+    # nice, idle and iowait are not busy.
+    ticks = [int(value) for value in fields[1:9]]
+    return sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
+
+
+def _attempt_start() -> dict[str, Any]:
+    return {"started": time.time(), "cpu_busy_jiffies": _cpu_busy_jiffies()}
+
+
+def _attempt_timing(attempt: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """Seconds since `attempt` began (wall clock) and the cores the machine kept busy meanwhile, on average.
+
+    Machine-wide: on a shared machine it counts other processes too; it says how loaded the machine was while the
+    stage ran, not what the stage alone used."""
+    if not attempt or not isinstance(attempt.get("started"), (int, float)):
+        return {"seconds": None, "cores_busy": None}
+    seconds = max(0.0, time.time() - attempt["started"])  # a clock stepped back reads as 0, never negative
+    before, now = attempt.get("cpu_busy_jiffies"), _cpu_busy_jiffies()
+    cores = None
+    if isinstance(before, int) and now is not None and seconds > 0:
+        cores = round(max(0, now - before) / (seconds * os.sysconf("SC_CLK_TCK")), 2)
+    return {"seconds": round(seconds, 3), "cores_busy": cores}
 
 
 class StageStore:
@@ -241,17 +281,23 @@ class StageStore:
         first, so a resumed stage never mixes rows from two configs.
         """
         wanted = {"input_digests": dict(input_digests), "config_digest": config_digest}
-        try:
-            started = json.loads((self.path / PROGRESS).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            started = None
-        if started != wanted and self.path.exists():
+        started = self._progress()
+        same = started is not None and {key: started.get(key) for key in wanted} == wanted
+        if not same and self.path.exists():
             shutil.rmtree(self.path)
-        if started != wanted:
-            self.path.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(wanted, indent=2, sort_keys=True) + "\n"
-            _write_atomic(self.path / PROGRESS, lambda file: file.write(text.encode()))
+        self.path.mkdir(parents=True, exist_ok=True)
+        # Every begin starts a new attempt: a stage resumed after a crash is timed from here, so its manifest counts
+        # this attempt only, not the work the crashed one did (or the time between the two). The attempt lives in
+        # the progress file (not a file of its own) because checkpoint stages clear all else from their folder.
+        text = json.dumps({**wanted, "attempt": _attempt_start()}, indent=2, sort_keys=True) + "\n"
+        _write_atomic(self.path / PROGRESS, lambda file: file.write(text.encode()))
         return self.done_shards()
+
+    def _progress(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / PROGRESS).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
 
     def finish(
         self,
@@ -289,6 +335,8 @@ class StageStore:
             "checkpoint": checkpoint,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "extra": extra or {},
+            # Wall seconds and machine-wide cores busy since begin() (None when finished without one).
+            **_attempt_timing((self._progress() or {}).get("attempt")),
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         earlier = self.manifest()

@@ -1,9 +1,12 @@
 """The iterative RLHF rounds (PAPER.md, "Iterative fine-tuning"; DESIGN.md section 5).
 
-Round r = 1..R: ingest the round's new weekly preference batches; retrain both reward models on every batch so far;
-rejection sampling with the largest policy (K samples per prompt, best kept, merged with the best of all earlier
-rounds); fine-tune every policy size on the kept set; evaluate every size with the oracle. Every step is a stage
-with a manifest in `round-RR/`, so a finished round is never redone.
+Round r = 1..R: ingest the round's new weekly preference batches (from batch 2 on mostly pairs of the latest
+policies' own answers, rated by the world's annotator); retrain both reward models on every batch so far; rejection
+sampling with the largest policy (K samples per prompt, best kept, merged with the best of all earlier rounds), with
+the helpfulness RM's fidelity on those samples measured against the oracle; fine-tune every policy size on the kept
+set; from their rounds on, PPO on the largest policy, Ghost Attention and safety context distillation on every
+size; evaluate every size with the oracle. Every step is a stage with a manifest in `round-RR/`, so a finished
+round is never redone.
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     """One round; `policies` (smallest first) are moved on to this round's checkpoints in place.
     `evaluate(round, stage name, policy)` scores a policy with the oracle; `sampling` is the evaluation's, which
     GAtt and context distillation sample with too (one answer per prompt). `world` is None for runs from files,
-    which then run none of what needs it (policy pairs, GAtt, context distillation: the config refuses them)."""
+    which then run none of what needs it (on-policy batches: skipped; GAtt, context distillation: the config refuses
+    them)."""
     def on_policy_batch(batch: int) -> tuple[pa.Table, str]:
         table, digest, _ = run_on_policy_batch(
             store, round, batch, weeks[batch - 1][1:], [(p.name, p.digest) for p in policies],

@@ -68,8 +68,10 @@ def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["experiment"] == "quick" and summary["seed"] == 0 and summary["minutes"] > 0
     assert set(summary["sft"]) == {"small", "large"} and summary["sft"]["large"]["helpfulness"] is not None
+    # Measured on every headline helpful prompt the round sampled (the quick policies answer too few right for the
+    # oracle to tell many of their answers apart: the default run's numbers are in docs/results.md).
     fidelity = summary["rounds"][0]["rm_fidelity"]
-    assert fidelity["pairs"] >= 20 and fidelity["pair_accuracy"] > 0.5  # better than chance
+    assert fidelity["prompts"] > 0 and fidelity["oracle_best"] >= fidelity["oracle_mean"]
     assert summary["ppo"]["start_heldout_rc"] is not None and summary["rounds"][0]["win_rate"]["oracle"]
     # Win rates against the SFT model (RMs and oracle) and the run report with its plots.
     wins = store.stage(1, "winrate_large").manifest()["extra"]

@@ -12,7 +12,7 @@ from pipeline.world.tables import prompt_rows
 
 
 def test_pair_accuracy_and_headroom_by_hand():
-    world = World(WorldConfig(hard_share=0.0, format_share=0.0))
+    world = World(WorldConfig(helpful_families=("lookup",), format_share=0.0))
     prompts = [p for p in world.prompts("train") if p.category == "helpful" and p.meta["task"] == "lookup"][:2]
     table = pa.Table.from_pylist(prompt_rows(prompts, ["p0", "p1"]))
     rows = []

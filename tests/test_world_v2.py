@@ -11,6 +11,9 @@ from pipeline.world import formats
 from pipeline.world.context_tasks import FIRST_NAMES, Lookup, PickWord
 from pipeline.world.preferences import on_policy_prompts
 
+# World v2's recipe: the in-context families as the headline, the default ones as the hard slice.
+V2 = dict(helpful_families=("lookup", "pick"), hard_families=("arithmetic", "sort", "count", "unit", "fact"))
+
 
 def _task(family, key, fmt):
     """A task with the wanted format: draw until the family's random format is `fmt`."""
@@ -65,7 +68,7 @@ def test_format_checks():
 
 
 def test_hard_slice_is_held_out_apart_and_headline_prompts_are_in_context():
-    world = World(WorldConfig(eval_helpful=20, eval_hard=10, train_helpful=50, hard_share=0.2))
+    world = World(WorldConfig(eval_helpful=20, eval_hard=10, train_helpful=50, hard_share=0.2, **V2))
     evaluation = [p for p in world.prompts("eval") if p.category == "helpful"]
     hard = [p for p in evaluation if p.meta.get("slice") == "hard"]
     assert len(hard) == 10 and len(evaluation) == 30
@@ -75,14 +78,14 @@ def test_hard_slice_is_held_out_apart_and_headline_prompts_are_in_context():
 
 
 def test_dialogue_turns_carry_no_answer_format():
-    world = World(WorldConfig(hard_share=0.0, format_share=1.0))
+    world = World(WorldConfig(format_share=1.0, helpful_families=("lookup", "pick")))
     rng = random.Random(0)
     for _ in range(20):
         assert all(turn.get("format") is None for turn in world.dialogue("train", rng).meta["turns"])
 
 
 def test_on_policy_prompts_are_fresh_training_prompts_in_the_batch_mix():
-    world = World(WorldConfig(safety_share=0.3))
+    world = World(WorldConfig(safety_share=0.3, **V2))
     prompts = on_policy_prompts(world, 2, 100)
     assert len(prompts) == 100 and sum(p.is_safety for p in prompts) == 30
     assert {p.category for p in prompts if not p.is_safety} == {"helpful", "borderline"}
@@ -90,3 +93,13 @@ def test_on_policy_prompts_are_fresh_training_prompts_in_the_batch_mix():
     assert [p.messages for p in on_policy_prompts(world, 3, 100)] != [p.messages for p in prompts]
     eval_keys = {p.meta["key"] for p in world.prompts("eval")}
     assert not eval_keys & {p.meta["key"] for p in prompts}
+
+
+def test_family_lists_are_validated():
+    with pytest.raises(ValueError, match="helpful_families"):
+        WorldConfig(helpful_families=("lookup", "riddles"))
+    with pytest.raises(ValueError, match="helpful_families"):
+        WorldConfig(helpful_families=("lookup",), hard_families=("lookup",))
+    with pytest.raises(ValueError, match="hard_share"):
+        WorldConfig(hard_share=0.2)
+    assert [f.name for f in World(WorldConfig()).helpful_families] == ["arithmetic", "sort", "count", "unit", "fact"]

@@ -68,13 +68,16 @@ class WorldConfig:
     eval_borderline: int = 60
     eval_safety_per_cell: int = 4
     eval_dialogues: int = 60
-    # World v2 (docs/results.md, "World v2"): helpful prompts come from the in-context families
-    # (pipeline/world/context_tasks.py), `format_share` of them with an explicit answer format; `hard_share` of the
-    # helpful prompts everywhere but the held-out set come from the hard families (arithmetic, sorting, counting,
-    # units, memorised facts), whose held-out slice is `eval_hard` prompts, reported apart from the headline.
+    # Helpful task families by name (pipeline/world/tasks.py FAMILY_NAMES). `hard_families` are a slice apart: at
+    # `hard_share` of the helpful prompts everywhere but the held-out set, whose own `eval_hard` prompts are
+    # reported beside the headline (world v2: in-context families as the headline, the default ones as the hard
+    # slice; measured in docs/results.md, "World v2", and too hard for the tiny policies, so not the default).
+    # `format_share` of the in-context families' questions ask for an explicit answer format.
+    helpful_families: tuple[str, ...] = ("arithmetic", "sort", "count", "unit", "fact")
+    hard_families: tuple[str, ...] = ()
+    hard_share: float = 0.0
+    eval_hard: int = 0
     format_share: float = 0.6
-    hard_share: float = 0.2
-    eval_hard: int = 60
     sft_demonstrations: int = 400  # small and clean: quality over quantity
     sft_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SFT_MIX))
     corpus_documents: int = 6000
@@ -103,6 +106,14 @@ class WorldConfig:
         _check(0 <= self.safety_share <= 1, "safety_share", "must be in [0, 1]", self.safety_share)
         _check(0 <= self.format_share <= 1, "format_share", "must be in [0, 1]", self.format_share)
         _check(0 <= self.hard_share < 1, "hard_share", "must be in [0, 1)", self.hard_share)
+        from pipeline.world.tasks import FAMILY_NAMES  # noqa: PLC0415 (tasks imports the world's lexicon only)
+
+        families = (*self.helpful_families, *self.hard_families)
+        _check(bool(self.helpful_families) and set(families) <= set(FAMILY_NAMES) and len(set(families)) == len(families),
+               "helpful_families / hard_families", f"one or more of {', '.join(FAMILY_NAMES)}, each in one list at "
+               "most (helpful_families not empty)", families)
+        _check(bool(self.hard_families) or (self.hard_share == 0 and self.eval_hard == 0), "hard_share / eval_hard",
+               "must be 0 without hard_families", (self.hard_share, self.eval_hard))
         _check(isinstance(self.annotator, AnnotatorConfig), "annotator", "must be an AnnotatorConfig",
                self.annotator)
 
@@ -114,8 +125,9 @@ class WorldConfig:
         if unknown:
             raise ValueError(f"WorldConfig: unknown field(s) {unknown}; known: {sorted(known)}")
         kwargs = dict(values)
-        if "batch_sizes" in kwargs:
-            kwargs["batch_sizes"] = tuple(kwargs["batch_sizes"])
+        for name in ("batch_sizes", "helpful_families", "hard_families"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name])
         if isinstance(kwargs.get("sft_mix"), Mapping):
             kwargs["sft_mix"] = dict(kwargs["sft_mix"])
         if isinstance(kwargs.get("annotator"), Mapping):

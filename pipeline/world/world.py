@@ -16,13 +16,12 @@ from typing import Any
 from pipeline.data.schemas import ATTACK_VECTORS, RISK_CATEGORIES
 from pipeline.world.borderline import Borderline
 from pipeline.world.config import WorldConfig
-from pipeline.world.context_tasks import context_families
 from pipeline.world.dialogue import (apply_instruction, instruction_from_key, instruction_keys,
                                      instruction_shape)
 from pipeline.world.facts import build_fact_base
 from pipeline.world.safety import UnsafeRequests
 from pipeline.world.seeding import draw, split_keys, stream
-from pipeline.world.tasks import Family, Key, Task, helpful_families, key_id
+from pipeline.world.tasks import Family, Key, Task, key_id, make_families
 
 SPLITS = ("train", "eval")
 
@@ -60,10 +59,10 @@ class World:
     def __init__(self, config: WorldConfig | None = None) -> None:
         self.config = config or WorldConfig()
         self.facts = build_fact_base(self.config.seed, self.config.n_people, self.config.n_places)
-        # World v2's in-context families head the helpful prompts; the hard ones are a reported slice.
-        self.helpful_families: list[Family] = context_families(self.config.format_share)
-        self._plain_families: list[Family] = context_families(0.0)  # dialogue turns: the system prompt rules
-        self.hard_families: list[Family] = helpful_families(self.facts)
+        c = self.config
+        self.helpful_families: list[Family] = make_families(c.helpful_families, self.facts, c.format_share)
+        self._plain_families = make_families(c.helpful_families, self.facts, 0.0)  # dialogues: the system prompt rules
+        self.hard_families: list[Family] = make_families(c.hard_families, self.facts, 0.0)
         self._borderline = Borderline()
         self._unsafe = UnsafeRequests()
         fraction = self.config.eval_fraction
@@ -90,8 +89,8 @@ class World:
     # --- single prompts -------------------------------------------------------------------------------------
 
     def helpful_task(self, split: str, rng: random.Random, formats: bool = True) -> Task:
-        """A helpful task: from a hard family with probability `hard_share`, else an in-context one (with an
-        answer format at `format_share` unless `formats` is False)."""
+        """A helpful task: from a hard family with probability `hard_share`, else a headline one (an in-context one
+        with an answer format at `format_share` unless `formats` is False)."""
         hard = rng.random() < self.config.hard_share
         family = rng.choice(self.hard_families if hard else self.helpful_families if formats else self._plain_families)
         return self._task(family, rng.choice(self._keys[family.name][split]), rng)

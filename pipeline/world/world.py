@@ -91,7 +91,7 @@ class World:
     def helpful_task(self, split: str, rng: random.Random, formats: bool = True) -> Task:
         """A helpful task: from a hard family with probability `hard_share`, else a headline one (an in-context one
         with an answer format at `format_share` unless `formats` is False)."""
-        hard = rng.random() < self.config.hard_share
+        hard = bool(self.hard_families) and rng.random() < self.config.hard_share  # no draw without a hard slice
         family = rng.choice(self.hard_families if hard else self.helpful_families if formats else self._plain_families)
         return self._task(family, rng.choice(self._keys[family.name][split]), rng)
 

@@ -31,7 +31,7 @@ from pipeline.stages.gatt import GAttConfig
 from pipeline.stages.gatt_stage import run_gatt
 from pipeline.stages.oracle_eval import eval_prompts, stop_ids
 from pipeline.evaluation.rm_fidelity import rm_fidelity
-from pipeline.stages.policy_preferences import OnPolicyConfig, ingest, run_on_policy_batch, stage_name
+from pipeline.stages.policy_preferences import OnPolicyConfig, ingest, run_on_policy_batch
 from pipeline.stages.ppo import PPOConfig, run_ppo_loop
 from pipeline.stages.rejection_sampling import RejectionConfig, choose_prompts, run_rejection_sampling
 from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
@@ -124,11 +124,14 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     GAtt and context distillation sample with too (one answer per prompt). `world` is None for runs from files,
     which then run none of what needs it (on-policy batches: skipped; GAtt, context distillation: the config refuses
     them)."""
+    made: list[dict] = []  # the counts of the on-policy batches this round makes
+
     def on_policy_batch(batch: int) -> tuple[pa.Table, str]:
-        table, digest, _ = run_on_policy_batch(
+        table, digest, counts = run_on_policy_batch(
             store, round, batch, weeks[batch - 1][1:], [(p.name, p.digest) for p in policies],
             load_tokenizer(policies[-1].checkpoint), world, config.on_policy,
             lambda i: pools.generator(policies[i].name, policies[i].checkpoint, policies[i].context), shard_rows)
+        made.append(counts)
         return table, digest
 
     on_policy = world is not None and config.on_policy.share > 0
@@ -192,8 +195,6 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
     if ppo is not None and not after_ppo:
         after_ppo[sampler.name] = scores[sampler.name]
-    made = [store.stage(round, stage_name(b)).manifest()["extra"] for b in range(
-        config.batches_through(round - 1) + 1, config.batches_through(round) + 1) if on_policy and b > 1]
     return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo, (help_dir, safe_dir), rm_digest, gatt,
                        distillation, before_ppo, after_ppo, fidelity, made)
 

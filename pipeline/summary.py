@@ -55,10 +55,9 @@ def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[
         row: dict[str, Any] = {"round": result.round, "batches": result.batches}
         for size, scores in result.scores.items():
             row[size] = policy_cells(scores)
-        row["win_rate"] = {size: _win_rates(win_rates[(result.round, size)]) for size in result.scores
-                           if (result.round, size) in win_rates}
-        largest = list(result.scores)[-1]
-        row["win_rate"] = {**row["win_rate"].get(largest, {}), "by_size": row["win_rate"]}
+        by_size = {size: _win_rates(win_rates[(result.round, size)]) for size in result.scores
+                   if (result.round, size) in win_rates}
+        row["win_rate"] = {**by_size.get(list(result.scores)[-1], {}), "by_size": by_size}  # the largest's on top
         row["rm_fidelity"] = result.rm_fidelity
         row["rm_accuracy"] = result.rm_accuracy
         row["on_policy"] = result.on_policy

@@ -102,16 +102,16 @@ def run_on_policy_batch(store: RunStore, round: int, batch: int, prebuilt: tuple
     if stage.is_complete(inputs, config_digest):
         return stage.read(), stage.manifest()["content_digest"], stage.manifest()["extra"]
     stage.begin(inputs, config_digest)
-    count = round_half(config.share * table.num_rows)
+    count = int(config.share * table.num_rows + 0.5)
     prompts = on_policy_prompts(world, batch, count)
     ids = [f"onpolicy-b{batch:02d}-{i:05d}" for i in range(len(prompts))]
     _, encoded = eval_prompts(tokenizer, pa.Table.from_pylist(prompt_rows(prompts, ids), schema=PROMPTS), "llama2")
     answers: dict[str, list[str]] = {}
+    shards = [encoded.slice(start, shard_rows) for start in range(0, encoded.num_rows, shard_rows)]
     for j, source in enumerate(config.sources):
         sampling = stopping_at_eos(Sampling(n=source.n, temperature=source.temperature, max_tokens=config.max_tokens,
                                             seed=config.seed + 1000 * batch + j), tokenizer)
         name = policies[source.policy][0]
-        shards = [encoded.slice(start, shard_rows) for start in range(0, encoded.num_rows, shard_rows)]
         for samples in generators(source.policy).map_shards("generate", shards, sampling, round, f"{name}-onpolicy"):
             for pid, response in zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist()):
                 answers.setdefault(pid, []).append(response or "")
@@ -123,10 +123,6 @@ def run_on_policy_batch(store: RunStore, round: int, batch: int, prebuilt: tuple
     stage.write_shard(0, mixed)
     stage.finish("preferences", inputs, config_digest, extra=extra)
     return stage.read(), stage.manifest()["content_digest"], extra
-
-
-def round_half(x: float) -> int:
-    return int(x + 0.5)
 
 
 def ingest(store: RunStore, round: int, weeks: Sequence[tuple[str, pa.Table, str]],  # noqa: A002
@@ -147,5 +143,5 @@ def ingest(store: RunStore, round: int, weeks: Sequence[tuple[str, pa.Table, str
         else:
             stage = store.stage(first, stage_name(b))
             table, digest = stage.read(), stage.manifest()["content_digest"]
-        out.append((stage_name(b).removeprefix("policy_"), table, digest))
+        out.append((name, table, digest))
     return out

@@ -109,7 +109,8 @@ class WorldConfig:
         from pipeline.world.tasks import FAMILY_NAMES  # noqa: PLC0415 (tasks imports the world's lexicon only)
 
         families = (*self.helpful_families, *self.hard_families)
-        _check(bool(self.helpful_families) and set(families) <= set(FAMILY_NAMES) and len(set(families)) == len(families),
+        known, unique = set(families) <= set(FAMILY_NAMES), len(set(families)) == len(families)
+        _check(bool(self.helpful_families) and known and unique,
                "helpful_families / hard_families", f"one or more of {', '.join(FAMILY_NAMES)}, each in one list at "
                "most (helpful_families not empty)", families)
         _check(bool(self.hard_families) or (self.hard_share == 0 and self.eval_hard == 0), "hard_share / eval_hard",

@@ -71,10 +71,10 @@ class World:
             self._keys[family.name] = dict(zip(SPLITS, split_keys(family.keys(), fraction, family.stratum)))
         # An unsafe request is held out with all its attack vectors: some vectors leave the request's words as
         # they are, so splitting per vector let a held-out question's text reach the corpus.
-        requests = sorted({key[:3] for key in self._unsafe.keys()})
-        held = dict(zip(SPLITS, split_keys(requests, fraction, lambda request: request[0])))
-        self._keys["unsafe"] = {split: [key for key in self._unsafe.keys() if key[:3] in set(held[split])]
-                                for split in SPLITS}
+        unsafe_keys = self._unsafe.keys()
+        requests = sorted({key[:3] for key in unsafe_keys})
+        held = {split: set(part) for split, part in zip(SPLITS, split_keys(requests, fraction, lambda r: r[0]))}
+        self._keys["unsafe"] = {split: [key for key in unsafe_keys if key[:3] in held[split]] for split in SPLITS}
         # Unsafe keys by (split, category, vector) cell; instruction keys by (split, shape).
         self._cells: dict[tuple[str, str, str], list[Key]] = defaultdict(list)
         for split in SPLITS:

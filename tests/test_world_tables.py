@@ -164,6 +164,19 @@ def test_sft_mix_sets_the_demonstrations_by_kind():
     assert {k: kinds.count(k) for k in mix} == {"helpful": 48, "borderline": 16, "safety": 0, "dialogue": 16}
 
 
+def test_sft_flaw_share_writes_visible_flaws_on_the_same_prompts():
+    clean = demonstrations_table(World(WorldConfig.from_mapping(SMALL))).to_pylist()
+    sloppy = demonstrations_table(World(WorldConfig.from_mapping({**SMALL, "sft_flaw_share": 0.5}))).to_pylist()
+    assert [r["messages"][:-1] for r in clean] == [r["messages"][:-1] for r in sloppy]  # the same prompts
+    changed = [(c, s) for c, s in zip(clean, sloppy) if c["messages"][-1] != s["messages"][-1]]
+    assert {c["category"] for c, _ in changed} <= {"helpful", "borderline"}  # safety and dialogues stay clean
+    task_rows = sum(r["category"] in ("helpful", "borderline") for r in clean)
+    assert 0.3 * task_rows < len(changed) <= 0.5 * task_rows  # a sorted list can be its own partial answer
+    for _, s in changed:  # every flaw costs helpfulness
+        meta, answer = json.loads(s["meta"]), s["messages"][-1]["content"]
+        assert judge(s["category"], meta, answer).helpfulness < 1.0, answer
+
+
 def test_corpus_mixes_good_and_bad_behaviour_and_states_every_fact(tables):
     rows = tables["corpus"].to_pylist()
     seen = {(r["category"], r["quality"]) for r in rows if r["kind"] == "qa"}

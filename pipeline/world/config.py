@@ -79,6 +79,10 @@ class WorldConfig:
     eval_hard: int = 0
     format_share: float = 0.6
     sft_demonstrations: int = 400  # small and clean: quality over quantity
+    # Share of the helpful and borderline demonstrations written with a flaw a reader can see (filler, a hedge, an
+    # off-topic answer, a needless refusal): annotators' writing varies, and RLHF can go beyond its demonstrations
+    # (docs/results.md, "Demonstrations with visible flaws").
+    sft_flaw_share: float = 0.0
     sft_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SFT_MIX))
     corpus_documents: int = 6000
     batch_sizes: tuple[int, ...] = table26_sizes(5, 60)  # preference comparisons per weekly batch
@@ -104,6 +108,7 @@ class WorldConfig:
                and all(isinstance(v, (int, float)) and v >= 0 for v in mix.values()) and sum(mix.values()) > 0,
                "sft_mix", f"must give a share >= 0 to each of {', '.join(SFT_KINDS)} (not all 0)", mix)
         _check(0 <= self.safety_share <= 1, "safety_share", "must be in [0, 1]", self.safety_share)
+        _check(0 <= self.sft_flaw_share <= 1, "sft_flaw_share", "must be in [0, 1]", self.sft_flaw_share)
         _check(0 <= self.format_share <= 1, "format_share", "must be in [0, 1]", self.format_share)
         _check(0 <= self.hard_share < 1, "hard_share", "must be in [0, 1)", self.hard_share)
         from pipeline.world.tasks import FAMILY_NAMES  # noqa: PLC0415 (tasks imports the world's lexicon only)

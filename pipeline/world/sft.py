@@ -3,16 +3,21 @@ world knows, safe demonstrations for adversarial prompts in every (risk category
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from pipeline.data.schemas import ATTACK_VECTORS, RISK_CATEGORIES
-from pipeline.world.responses import BEST, respond
+from pipeline.world.responses import BEST, qualities_for, respond
 from pipeline.world.seeding import allocate, stream
 from pipeline.world.world import Prompt, World
 
 # Dialogue demonstrations stay short: the instruction is followed early on, and Ghost Attention is what
 # later teaches it over many turns (the paper's Table 30 baseline).
 SFT_DIALOGUE_TURNS = 2
+
+# The flaws of a sloppy demonstration (WorldConfig.sft_flaw_share): each is visible in the answer's text, unlike
+# a wrong value, which only a reader who can compute or recall the answer would catch.
+SFT_FLAWS = ("verbose", "partial", "off_topic", "refusal")
 
 
 @dataclass(frozen=True)
@@ -35,4 +40,13 @@ def demonstrations(world: World) -> list[Demonstration]:
         category, vector = cells[i % len(cells)]
         prompts.append(world.prompt(category, "train", rng, vector))
     prompts += [world.dialogue("train", rng, max_turns=SFT_DIALOGUE_TURNS) for _ in range(counts["dialogue"])]
-    return [Demonstration(p, respond(p.category, p.meta, BEST[p.category], rng)) for p in prompts]
+    flaws = stream(world.config.seed, "sft_flaws")  # its own stream: the prompts and clean answers stay as they are
+    return [Demonstration(p, respond(p.category, p.meta, _quality(p, world.config.sft_flaw_share, flaws), rng))
+            for p in prompts]
+
+
+def _quality(prompt: Prompt, flaw_share: float, rng: random.Random) -> str:
+    """The best quality, or at `flaw_share` of helpful and borderline prompts one of the visible flaws."""
+    if prompt.category not in ("helpful", "borderline") or flaw_share == 0 or rng.random() >= flaw_share:
+        return BEST[prompt.category]
+    return rng.choice([q for q in SFT_FLAWS if q in qualities_for(prompt.category, prompt.meta)])

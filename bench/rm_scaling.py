@@ -1,0 +1,150 @@
+"""How well the helpfulness RM ranks the policy's own answers as a function of how many own pairs it trains on
+(issue 19; docs/results.md, "How many own pairs does the RM need?").
+
+Reads a finished tiny run store (round-00 world batch 1 and SFT checkpoints, round-01 rejection-sampling samples),
+samples the large SFT policy's answers to fresh helpful training prompts (vLLM, in process), pairs and rates them
+with the world's annotator, trains a helpfulness RM from the SFT checkpoint on batch 1 plus N own pairs for each N,
+and prints the RM fidelity on the round's rejection-sampling samples (prompts no RM saw a pair of), by family.
+
+    python -m bench.rm_scaling --run runs/tiny --own 0,1000,4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import itertools
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
+from model.checkpoint import load_checkpoint
+from model.packing import pad_right
+from model.tokenizer import load_tokenizer
+from pipeline.data.schemas import PREFERENCES, PROMPTS
+from pipeline.evaluation.rm_fidelity import rm_fidelity
+from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
+from pipeline.stages.reward_model import RM_COLUMNS, RMConfig, encode_side, reward_model_data, train_reward_model
+from pipeline.stages.reward_models import fits_context
+from pipeline.world import Prompt, World
+from pipeline.world.preferences import compare
+from pipeline.world.seeding import stream
+from pipeline.world.tables import comparison_rows, prompt_rows
+
+
+CLEAR = ("significantly_better", "better", "slightly_better")
+
+
+def read(pattern: str) -> pa.Table:
+    return pq.read_table(sorted(glob.glob(pattern)))
+
+
+def own_pairs(world: World, checkpoint: str, prompts: int, samples: int, temperature: float, per_prompt: int,
+              avoid_keys: set[str]) -> pa.Table:
+    """PREFERENCES rows: up to `per_prompt` pairs of distinct answers per fresh helpful training prompt."""
+    rng = stream(world.config.seed, "rm_scaling_prompts", 0)
+    chosen: list[Prompt] = []
+    while len(chosen) < prompts:
+        p = world.prompt("helpful", "train", rng)
+        if p.meta["key"] not in avoid_keys:
+            chosen.append(p)
+    ids = [f"scaling-{i:05d}" for i in range(len(chosen))]
+    tokenizer = load_tokenizer(checkpoint)
+    _, encoded = eval_prompts(tokenizer, pa.Table.from_pylist(prompt_rows(chosen, ids), schema=PROMPTS), "llama2")
+    engine = VLLMEngine(checkpoint, EngineConfig(max_model_len=256))
+    t0 = time.time()
+    sampling = stopping_at_eos(Sampling(n=samples, temperature=temperature, max_tokens=48, seed=7), tokenizer)
+    completions = engine.generate(encoded.column("prompt_token_ids").to_pylist(), sampling, keys=ids)
+    engine.shutdown()
+    print(f"sampled {prompts} x {samples} in {time.time() - t0:.0f} s", flush=True)
+    comparisons = []
+    pair_rng = stream(world.config.seed, "rm_scaling_pairs", 0)
+    for prompt, per in zip(chosen, completions):
+        answers = list(dict.fromkeys(t for t in (tokenizer.decode(c.token_ids).strip() for c in per) if t))
+        combos = list(itertools.combinations(answers, 2))
+        pair_rng.shuffle(combos)
+        comparisons += [compare(prompt, pair, "helpfulness", 9, pair_rng, world.config.annotator)
+                        for pair in combos[:per_prompt]]
+    return pa.Table.from_pylist(comparison_rows(comparisons, "scaling", "policy"), schema=PREFERENCES)
+
+
+@torch.no_grad()
+def score(checkpoint: str, samples: pa.Table, prompts: dict[str, dict]) -> pa.Table:
+    tokenizer, model = load_tokenizer(checkpoint), load_checkpoint(checkpoint, head="reward").eval()
+    rows = samples.to_pylist()
+    encoded = [encode_side(tokenizer, prompts[r["prompt_id"]]["messages"], r["response"] or "") for r in rows]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out = np.zeros(len(encoded))
+    for start in range(0, len(order), 64):
+        idx = order[start:start + 64]
+        ids, mask = pad_right([encoded[i] for i in idx], tokenizer.pad_id)
+        out[idx] = model(ids, attention_mask=mask).float().numpy()
+    return samples.set_column(samples.schema.get_field_index("r_help"), "r_help", pa.array(out, pa.float32()))
+
+
+def by_family(scored: pa.Table, prompts: pa.Table) -> dict[str, dict]:
+    family = {r["id"]: json.loads(r["meta"]).get("task") for r in prompts.to_pylist()}
+    fams = collections.defaultdict(list)
+    for i, pid in enumerate(scored.column("prompt_id").to_pylist()):
+        fams[family.get(pid)].append(i)
+    out = {"all": rm_fidelity(scored, prompts)}
+    for name, idx in sorted(fams.items(), key=lambda kv: str(kv[0])):
+        if name:
+            out[name] = rm_fidelity(scored.take(pa.array(idx)), prompts)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/tiny")
+    ap.add_argument("--own", default="0,1000,4000",
+                    help="own-pair counts to train on, comma-separated; a trailing c keeps the clear ratings only")
+    ap.add_argument("--prompts", type=int, default=2000)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--per_prompt", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--other_ratio", type=float, default=0.0, help="rm.helpfulness_other_ratio")
+    ap.add_argument("--out", default="/tmp/rm_scaling")
+    a = ap.parse_args()
+    sft = f"{a.run}/round-00/sft_large/checkpoint"
+    prompts = read(f"{a.run}/round-00/world_prompts_train/*.parquet")
+    samples = read(f"{a.run}/round-01/rs_samples/*.parquet")
+    test_ids = set(samples.column("prompt_id").to_pylist())
+    test_keys = {json.loads(r["meta"]).get("key") for r in prompts.to_pylist() if r["id"] in test_ids}
+    world = World()
+    own = own_pairs(world, sft, a.prompts, a.samples, a.temperature, a.per_prompt, test_keys)
+    print("own pairs", own.num_rows, collections.Counter(own.column("rating").to_pylist()), flush=True)
+    batch1 = read(f"{a.run}/round-00/world_preferences_b01/*.parquet").select(list(RM_COLUMNS))
+    by_id = {r["id"]: r for r in prompts.to_pylist()}
+    results = {}
+    for spec in a.own.split(","):
+        n, clear_only = int(spec.rstrip("c")), spec.endswith("c")
+        prefs = pa.concat_tables([batch1, own.slice(0, n).select(list(RM_COLUMNS))]).cast(batch1.schema)
+        if clear_only:  # the annotator's clear calls only (pairs the oracle barely or not at all tells apart go)
+            prefs = prefs.filter(pc.is_in(prefs["rating"], pa.array(CLEAR)))
+        prefs = prefs.filter(fits_context(prefs, sft))
+        config = RMConfig(epochs=a.epochs, helpfulness_other_ratio=a.other_ratio)
+        train, _ = reward_model_data(prefs, "helpfulness", config)
+        out = f"{a.out}/own{spec}"
+        t0 = time.time()
+        metrics = train_reward_model(sft, train, config, out)
+        seconds = time.time() - t0
+        results[spec] = by_family(score(out, samples, by_id), prompts)
+        print(f"own {spec}: {train.num_rows} train pairs, {metrics['steps']} steps, {seconds:.0f} s", flush=True)
+        for fam, r in results[spec].items():
+            print(f"  {fam:10s} prompts {r['prompts']:4d} pair acc {r['pair_accuracy'] or 0:.2f} mean "
+                  f"{r['oracle_mean'] or 0:.3f} rm best {r['rm_best'] or 0:.3f} oracle best {r['oracle_best'] or 0:.3f}"
+                  f" recovered {r['headroom_recovered'] or 0:+.0%}", flush=True)
+    json.dump(results, open(f"{a.out}/results.json", "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""What rejection sampling could buy with a better selector (issue 19; docs/results.md, "What would a perfect
+reward model buy?"). Reads a finished tiny run store's round-01 rejection-sampling samples and fine-tunes the large
+SFT policy on one answer per prompt chosen four ways, with the round's own recipe (`rejection.sft`), then scores
+each on the held-out prompts with the oracle:
+
+- rm: the run's own kept set (the reward models' pick, R_c);
+- random: a random answer per prompt (what a selector at chance would keep);
+- oracle: on helpful prompts the oracle's best answer (the other prompts keep the RM's pick): an upper bound that
+  no pipeline stage may use, measured here only to size what a better reward model would be worth.
+
+    python -m bench.rs_ceiling --run runs/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import random
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
+from model.tokenizer import load_tokenizer
+from pipeline.stages.oracle_eval import eval_prompts, judge_samples, stopping_at_eos
+from pipeline.stages.rejection_sampling import RejectionConfig
+from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
+from pipeline.stages.sft import train_sft
+from pipeline.world import Prompt, judge
+
+
+def read(pattern: str) -> pa.Table:
+    return pq.read_table(sorted(glob.glob(pattern)))
+
+
+def choose(samples: pa.Table, kept: pa.Table, prompts: pa.Table, how: str) -> pa.Table:
+    """One SAMPLES row per kept prompt: the run's pick, or on helpful prompts a random or the oracle's best one."""
+    if how == "rm":
+        return kept
+    by_id = {r["id"]: Prompt.from_row(r) for r in prompts.to_pylist()}
+    rows = samples.to_pylist()
+    per_prompt: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        if (r["response"] or "").strip():
+            per_prompt.setdefault(r["prompt_id"], []).append(i)
+    rng = random.Random(0)
+    picked = []
+    for r in kept.to_pylist():
+        pid, prompt = r["prompt_id"], by_id[r["prompt_id"]]
+        if prompt.category != "helpful" or pid not in per_prompt:
+            picked.append(r)
+        elif how == "random":
+            picked.append(rows[rng.choice(per_prompt[pid])])
+        else:
+            picked.append(max((rows[i] for i in per_prompt[pid]),
+                              key=lambda s: judge(prompt.category, prompt.meta, s["response"]).helpfulness))
+    return pa.Table.from_pylist(picked, schema=kept.schema)
+
+
+def evaluate(checkpoint: str, prompts: pa.Table) -> dict[str, dict]:
+    tokenizer = load_tokenizer(checkpoint)
+    chosen, table = eval_prompts(tokenizer, prompts, "llama2")
+    engine = VLLMEngine(checkpoint, EngineConfig(max_model_len=256))
+    sampling = stopping_at_eos(Sampling(n=4, temperature=0.7, max_tokens=48, seed=0), tokenizer)
+    completions = engine.generate(table.column("prompt_token_ids").to_pylist(), sampling,
+                                  keys=table.column("id").to_pylist())
+    engine.shutdown()
+    samples = pa.table({"token_ids": [c.token_ids for per in completions for c in per],
+                        "response": pa.nulls(sum(map(len, completions)), pa.string())})
+    _, scores = judge_samples(tokenizer, chosen, samples, "llama2", sampling.n)
+    return {s.category: {"helpfulness": s.helpfulness, "correct": s.correct, "refused": s.refused} for s in scores}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/tiny")
+    ap.add_argument("--size", default="large")
+    ap.add_argument("--arms", default="sft,rm,random,oracle")
+    ap.add_argument("--epochs", type=int, default=None, help="override rejection.sft.epochs")
+    ap.add_argument("--out", default="/tmp/rs_ceiling")
+    a = ap.parse_args()
+    sft = f"{a.run}/round-00/sft_{a.size}/checkpoint"
+    prompts = read(f"{a.run}/round-00/world_prompts_train/*.parquet")
+    heldout = read(f"{a.run}/round-00/world_prompts_eval/*.parquet")
+    samples = read(f"{a.run}/round-01/rs_samples/*.parquet")
+    kept = read(f"{a.run}/round-01/rs_kept/*.parquet")
+    config = RejectionConfig().sft
+    if a.epochs is not None:
+        config = dataclasses.replace(config, epochs=a.epochs)
+    results = {}
+    for arm in a.arms.split(","):
+        t0 = time.time()
+        checkpoint = sft
+        if arm != "sft":
+            checkpoint = f"{a.out}/{arm}"
+            train_sft(sft, kept_as_demonstrations(choose(samples, kept, prompts, arm), prompts), checkpoint, config)
+        results[arm] = evaluate(checkpoint, heldout)
+        h = results[arm]["helpful"]
+        print(f"{arm:7s} held-out helpful {h['helpfulness']:.3f} correct {h['correct']:.0%} refused {h['refused']:.0%}"
+              f"  borderline refused {results[arm]['borderline']['refused']:.0%}  ({time.time() - t0:.0f} s)",
+              flush=True)
+    json.dump(results, open(f"{a.out}/results.json", "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The offline issue-19 analyses' selection and prompt draws (bench/rs_ceiling.py, bench/world_headroom.py), on
+hand-made samples; the scripts' model runs are measured in docs/results.md, not here."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from bench.rs_ceiling import choose
+from bench.world_headroom import family_prompts
+from pipeline.data.schemas import SAMPLES
+from pipeline.world import World, WorldConfig
+from pipeline.world.tables import prompt_rows
+
+
+def _samples(rows: list[tuple[str, int, str]]) -> pa.Table:
+    return pa.Table.from_pylist([{"prompt_id": pid, "round": 1, "sampler": "large", "temperature": 0.7,
+                                  "sample_index": i, "response": text, "token_ids": [1]} for pid, i, text in rows],
+                                schema=SAMPLES)
+
+
+def test_choose_takes_the_oracles_best_or_a_random_answer_on_helpful_prompts_only():
+    world = World(WorldConfig())
+    helpful = next(p for p in world.prompts("train") if p.category == "helpful")
+    borderline = next(p for p in world.prompts("train") if p.category == "borderline")
+    prompts = pa.Table.from_pylist(prompt_rows([helpful, borderline], ["h", "b"]))
+    samples = _samples([("h", 0, "I cannot help with this request."), ("h", 1, helpful.meta["reference"]),
+                        ("h", 2, " "), ("b", 0, "first"), ("b", 1, "second")])
+    kept = _samples([("h", 0, "I cannot help with this request."), ("b", 1, "second")])
+    assert choose(samples, kept, prompts, "rm") is kept
+    oracle = choose(samples, kept, prompts, "oracle").to_pylist()
+    assert [(r["prompt_id"], r["response"]) for r in oracle] == [("h", helpful.meta["reference"]), ("b", "second")]
+    randoms = {choose(samples, kept, prompts, "random").column("response")[0].as_py() for _ in range(3)}
+    assert randoms <= {"I cannot help with this request.", helpful.meta["reference"]}  # never the blank answer
+    assert choose(samples, kept, prompts, "random").column("response")[1].as_py() == "second"
+
+
+def test_family_prompts_draws_held_out_prompts_of_each_family():
+    prompts = family_prompts(["count", "lookup"], 3, 0)
+    assert [p.meta["task"] for p in prompts] == ["count"] * 3 + ["lookup"] * 3
+    assert all(p.category == "helpful" for p in prompts)
+    train_keys = {p.meta["key"] for p in World(WorldConfig(helpful_families=("count",))).prompts("train")
+                  if p.category == "helpful"}
+    assert not {p.meta["key"] for p in prompts[:3]} & train_keys
+    assert [p.messages for p in family_prompts(["count"], 3, 0)] == [p.messages for p in prompts[:3]]

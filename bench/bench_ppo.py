@@ -57,7 +57,7 @@ def ours_side(ctx: Context, policy: Path, value: Path, prompts: pa.Table, heldou
         row = result["iterations"][0]
         split = {k: row[f"{k}_s"] for k in ("generate", "score", "train", "sync")}
         seconds = sum(split.values())
-        return {"seconds": seconds, "samples": config.batch_size, **split,
+        return {"seconds": seconds, "samples": config.batch_size * config.samples_per_prompt, **split,
                 "answer_tokens": row["answer_length"]}
     return side
 

@@ -171,7 +171,7 @@ def test_sft_flaw_share_writes_visible_flaws_on_the_same_prompts():
     changed = [(c, s) for c, s in zip(clean, sloppy) if c["messages"][-1] != s["messages"][-1]]
     assert {c["category"] for c, _ in changed} <= {"helpful", "borderline"}  # safety and dialogues stay clean
     task_rows = sum(r["category"] in ("helpful", "borderline") for r in clean)
-    assert 0.3 * task_rows < len(changed) <= 0.5 * task_rows  # a sorted list can be its own partial answer
+    assert 0.3 * task_rows < len(changed) < 0.7 * task_rows  # each drawn at random: about half
     for _, s in changed:  # every flaw costs helpfulness
         meta, answer = json.loads(s["meta"]), s["messages"][-1]["content"]
         assert judge(s["category"], meta, answer).helpfulness < 1.0, answer

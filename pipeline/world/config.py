@@ -81,7 +81,7 @@ class WorldConfig:
     sft_demonstrations: int = 400  # small and clean: quality over quantity
     # Share of the helpful and borderline demonstrations written with a flaw a reader can see (filler, a hedge, an
     # off-topic answer, a needless refusal): annotators' writing varies, and RLHF can go beyond its demonstrations
-    # (docs/results.md, "Demonstrations with visible flaws").
+    # (docs/results.md, "Why the default world cannot show alignment", item 3: measured, not the default).
     sft_flaw_share: float = 0.0
     sft_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SFT_MIX))
     corpus_documents: int = 6000

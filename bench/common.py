@@ -306,6 +306,27 @@ def random_prompts(count: int, length: int, vocab: int = LARGE["vocab_size"], se
 
 # --- command line -------------------------------------------------------------------------------------------
 
+def sample_checkpoint(checkpoint: str | Path, prompts: Any, sampling: Any) -> tuple[Any, list, list]:
+    """(tokenizer, prompts, completions): vLLM samples, in this process, of a checkpoint (its own chat format) for
+    the single-turn prompts of a PROMPTS table; the offline analyses' sampler (rm_scaling, rs_ceiling,
+    world_headroom), with no Ray pool to start."""
+    from actors.vllm_engine import EngineConfig, VLLMEngine
+    from model.config import ModelConfig
+    from model.tokenizer import load_tokenizer
+    from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
+
+    tokenizer = load_tokenizer(checkpoint)
+    chosen, table = eval_prompts(tokenizer, prompts, "llama2")
+    context = ModelConfig.load(checkpoint).max_position_embeddings
+    engine = VLLMEngine(checkpoint, EngineConfig(max_model_len=min(context, 1024)))
+    try:
+        completions = engine.generate(table.column("prompt_token_ids").to_pylist(),
+                                      stopping_at_eos(sampling, tokenizer), keys=table.column("id").to_pylist())
+    finally:
+        engine.shutdown()
+    return tokenizer, chosen, completions
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CI-sized: fewer prompts, steps and repetitions")

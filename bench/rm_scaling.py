@@ -13,24 +13,21 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import itertools
 import json
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import torch
 
-from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
+from actors.scorer import sigmoid_rewards
+from actors.vllm_engine import Sampling
+from bench.common import sample_checkpoint
 from model.checkpoint import load_checkpoint
-from model.packing import pad_right
 from model.tokenizer import load_tokenizer
 from pipeline.data.schemas import PREFERENCES, PROMPTS
+from pipeline.data.store import RunStore
 from pipeline.evaluation.rm_fidelity import rm_fidelity
-from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
 from pipeline.stages.reward_model import RM_COLUMNS, RMConfig, encode_side, reward_model_data, train_reward_model
 from pipeline.stages.reward_models import fits_context
 from pipeline.world import Prompt, World
@@ -40,10 +37,6 @@ from pipeline.world.tables import comparison_rows, prompt_rows
 
 
 CLEAR = ("significantly_better", "better", "slightly_better")
-
-
-def read(pattern: str) -> pa.Table:
-    return pq.read_table(sorted(glob.glob(pattern)))
 
 
 def own_pairs(world: World, checkpoint: str, prompts: int, samples: int, temperature: float, per_prompt: int,
@@ -56,13 +49,10 @@ def own_pairs(world: World, checkpoint: str, prompts: int, samples: int, tempera
         if p.meta["key"] not in avoid_keys:
             chosen.append(p)
     ids = [f"scaling-{i:05d}" for i in range(len(chosen))]
-    tokenizer = load_tokenizer(checkpoint)
-    _, encoded = eval_prompts(tokenizer, pa.Table.from_pylist(prompt_rows(chosen, ids), schema=PROMPTS), "llama2")
-    engine = VLLMEngine(checkpoint, EngineConfig(max_model_len=256))
     t0 = time.time()
-    sampling = stopping_at_eos(Sampling(n=samples, temperature=temperature, max_tokens=48, seed=7), tokenizer)
-    completions = engine.generate(encoded.column("prompt_token_ids").to_pylist(), sampling, keys=ids)
-    engine.shutdown()
+    tokenizer, _, completions = sample_checkpoint(
+        checkpoint, pa.Table.from_pylist(prompt_rows(chosen, ids), schema=PROMPTS),
+        Sampling(n=samples, temperature=temperature, max_tokens=48, seed=7))
     print(f"sampled {prompts} x {samples} in {time.time() - t0:.0f} s", flush=True)
     comparisons = []
     pair_rng = stream(world.config.seed, "rm_scaling_pairs", 0)
@@ -75,18 +65,13 @@ def own_pairs(world: World, checkpoint: str, prompts: int, samples: int, tempera
     return pa.Table.from_pylist(comparison_rows(comparisons, "scaling", "policy"), schema=PREFERENCES)
 
 
-@torch.no_grad()
 def score(checkpoint: str, samples: pa.Table, prompts: dict[str, dict]) -> pa.Table:
+    """`samples` with r_help from the RM in `checkpoint` (the scorer's sigmoid, uncalibrated: only the order counts)."""
     tokenizer, model = load_tokenizer(checkpoint), load_checkpoint(checkpoint, head="reward").eval()
-    rows = samples.to_pylist()
-    encoded = [encode_side(tokenizer, prompts[r["prompt_id"]]["messages"], r["response"] or "") for r in rows]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    out = np.zeros(len(encoded))
-    for start in range(0, len(order), 64):
-        idx = order[start:start + 64]
-        ids, mask = pad_right([encoded[i] for i in idx], tokenizer.pad_id)
-        out[idx] = model(ids, attention_mask=mask).float().numpy()
-    return samples.set_column(samples.schema.get_field_index("r_help"), "r_help", pa.array(out, pa.float32()))
+    encoded = [encode_side(tokenizer, prompts[pid]["messages"], response or "") for pid, response in
+               zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist())]
+    r_help = sigmoid_rewards(model, encoded, max_batch_tokens=16384)
+    return samples.set_column(samples.schema.get_field_index("r_help"), "r_help", pa.array(r_help, pa.float32()))
 
 
 def by_family(scored: pa.Table, prompts: pa.Table) -> dict[str, dict]:
@@ -114,15 +99,16 @@ def main() -> None:
     ap.add_argument("--other_ratio", type=float, default=0.0, help="rm.helpfulness_other_ratio")
     ap.add_argument("--out", default="/tmp/rm_scaling")
     a = ap.parse_args()
+    store = RunStore(a.run)
     sft = f"{a.run}/round-00/sft_large/checkpoint"
-    prompts = read(f"{a.run}/round-00/world_prompts_train/*.parquet")
-    samples = read(f"{a.run}/round-01/rs_samples/*.parquet")
+    prompts = store.stage(0, "world_prompts_train").read()
+    samples = store.stage(1, "rs_samples").read()
     test_ids = set(samples.column("prompt_id").to_pylist())
     test_keys = {json.loads(r["meta"]).get("key") for r in prompts.to_pylist() if r["id"] in test_ids}
     world = World()
     own = own_pairs(world, sft, a.prompts, a.samples, a.temperature, a.per_prompt, test_keys)
     print("own pairs", own.num_rows, collections.Counter(own.column("rating").to_pylist()), flush=True)
-    batch1 = read(f"{a.run}/round-00/world_preferences_b01/*.parquet").select(list(RM_COLUMNS))
+    batch1 = store.stage(0, "world_preferences_b01").read().select(list(RM_COLUMNS))
     by_id = {r["id"]: r for r in prompts.to_pylist()}
     results = {}
     for spec in a.own.split(","):

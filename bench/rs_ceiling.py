@@ -15,25 +15,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import random
 import time
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
-from model.tokenizer import load_tokenizer
-from pipeline.stages.oracle_eval import eval_prompts, judge_samples, stopping_at_eos
+from actors.vllm_engine import Sampling
+from bench.common import sample_checkpoint
+from pipeline.data.store import RunStore
+from pipeline.stages.oracle_eval import judge_samples
 from pipeline.stages.rejection_sampling import RejectionConfig
 from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
 from pipeline.stages.sft import train_sft
 from pipeline.world import Prompt, judge
-
-
-def read(pattern: str) -> pa.Table:
-    return pq.read_table(sorted(glob.glob(pattern)))
 
 
 def choose(samples: pa.Table, kept: pa.Table, prompts: pa.Table, how: str) -> pa.Table:
@@ -61,13 +56,8 @@ def choose(samples: pa.Table, kept: pa.Table, prompts: pa.Table, how: str) -> pa
 
 
 def evaluate(checkpoint: str, prompts: pa.Table) -> dict[str, dict]:
-    tokenizer = load_tokenizer(checkpoint)
-    chosen, table = eval_prompts(tokenizer, prompts, "llama2")
-    engine = VLLMEngine(checkpoint, EngineConfig(max_model_len=256))
-    sampling = stopping_at_eos(Sampling(n=4, temperature=0.7, max_tokens=48, seed=0), tokenizer)
-    completions = engine.generate(table.column("prompt_token_ids").to_pylist(), sampling,
-                                  keys=table.column("id").to_pylist())
-    engine.shutdown()
+    sampling = Sampling(n=4, temperature=0.7, max_tokens=48, seed=0)  # the run's eval_sampling
+    tokenizer, chosen, completions = sample_checkpoint(checkpoint, prompts, sampling)
     samples = pa.table({"token_ids": [c.token_ids for per in completions for c in per],
                         "response": pa.nulls(sum(map(len, completions)), pa.string())})
     _, scores = judge_samples(tokenizer, chosen, samples, "llama2", sampling.n)
@@ -83,10 +73,9 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/rs_ceiling")
     a = ap.parse_args()
     sft = f"{a.run}/round-00/sft_{a.size}/checkpoint"
-    prompts = read(f"{a.run}/round-00/world_prompts_train/*.parquet")
-    heldout = read(f"{a.run}/round-00/world_prompts_eval/*.parquet")
-    samples = read(f"{a.run}/round-01/rs_samples/*.parquet")
-    kept = read(f"{a.run}/round-01/rs_kept/*.parquet")
+    store = RunStore(a.run)
+    prompts, heldout = store.stage(0, "world_prompts_train").read(), store.stage(0, "world_prompts_eval").read()
+    samples, kept = store.stage(1, "rs_samples").read(), store.stage(1, "rs_kept").read()
     config = RejectionConfig().sft
     if a.epochs is not None:
         config = dataclasses.replace(config, epochs=a.epochs)

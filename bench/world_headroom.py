@@ -16,11 +16,10 @@ from collections import defaultdict
 
 import pyarrow as pa
 
-from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
-from model.config import ModelConfig
-from model.tokenizer import load_tokenizer
+from actors.vllm_engine import Sampling
+from bench.common import sample_checkpoint
 from pipeline.data.schemas import PROMPTS
-from pipeline.stages.oracle_eval import answer_text, eval_prompts, stopping_at_eos
+from pipeline.stages.oracle_eval import answer_text
 from pipeline.world import World, WorldConfig, judge
 from pipeline.world.seeding import stream
 from pipeline.world.tables import prompt_rows
@@ -49,14 +48,10 @@ def main() -> None:
     a = ap.parse_args()
     prompts = family_prompts(a.families.split(","), a.per_family, 0)
     ids = [f"headroom-{i:05d}" for i in range(len(prompts))]
-    tokenizer = load_tokenizer(a.checkpoint)
-    _, table = eval_prompts(tokenizer, pa.Table.from_pylist(prompt_rows(prompts, ids), schema=PROMPTS), "llama2")
-    context = ModelConfig.load(a.checkpoint).max_position_embeddings
-    engine = VLLMEngine(a.checkpoint, EngineConfig(max_model_len=min(context, 1024)))
     start = time.time()
-    sampling = stopping_at_eos(Sampling(n=a.k, temperature=a.temperature, max_tokens=a.max_tokens, seed=0), tokenizer)
-    completions = engine.generate(table.column("prompt_token_ids").to_pylist(), sampling, keys=ids)
-    engine.shutdown()
+    tokenizer, _, completions = sample_checkpoint(
+        a.checkpoint, pa.Table.from_pylist(prompt_rows(prompts, ids), schema=PROMPTS),
+        Sampling(n=a.k, temperature=a.temperature, max_tokens=a.max_tokens, seed=0))
     print(f"{len(prompts)} prompts x {a.k} samples in {time.time() - start:.0f} s")
     rows = defaultdict(lambda: defaultdict(float))
     examples = {}

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import random
 import time
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -91,6 +92,7 @@ def main() -> None:
         print(f"{arm:7s} held-out helpful {h['helpfulness']:.3f} correct {h['correct']:.0%} refused {h['refused']:.0%}"
               f"  borderline refused {results[arm]['borderline']['refused']:.0%}  ({time.time() - t0:.0f} s)",
               flush=True)
+    Path(a.out).mkdir(parents=True, exist_ok=True)  # `--arms sft` trains nothing, so nothing made the folder
     json.dump(results, open(f"{a.out}/results.json", "w"), indent=1)
 
 

@@ -54,13 +54,8 @@ def flops_per_token(folder) -> tuple[float, int]:
     from model.config import ModelConfig
 
     c = ModelConfig.load(folder)
-    q_width = c.num_attention_heads * c.head_dim
-    attention = c.hidden_size * (2 * q_width + 2 * c.num_key_value_heads * c.head_dim)
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    matmul_params = c.num_hidden_layers * (attention + mlp) + c.hidden_size * c.vocab_size
-    params = matmul_params + (0 if c.tie_word_embeddings else c.hidden_size * c.vocab_size)
-    # Attention over the whole row: q.k and p.v, 2 x 2 x SEQ x q_width forward, x3 with the backward pass.
-    return 6 * matmul_params + 12 * c.num_hidden_layers * q_width * SEQ, params
+    params = c.matmul_parameters + (0 if c.tie_word_embeddings else c.hidden_size * c.vocab_size)
+    return c.training_flops_per_token(SEQ), params
 
 
 def run(ctx: Context) -> Section:

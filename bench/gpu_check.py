@@ -128,13 +128,6 @@ def to_bf16_keeping_rope(hf) -> None:
         setattr(hf.get_submodule(owner), attr, buf)
 
 
-def flops_per_token(c: ModelConfig, seq: int) -> float:
-    q_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    per_layer = c.hidden_size * (2 * q_width + 2 * kv_width) + 3 * c.hidden_size * c.intermediate_size
-    matmul_params = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
-    return 6 * matmul_params + 12 * c.num_hidden_layers * q_width * seq
-
-
 def lm_step(model, optimizer, schedule, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
     with amp(device):
         logits = model(ids)
@@ -259,7 +252,7 @@ def check_train_step(device, sizes, rows: Rows, args) -> None:
             seconds, loss = timed(lambda: lm_step(model, optimizer, schedule, ids, device), device, sizes["iters"] // 2,
                                   sizes["warmup"])
             per_s = batch * seq / seconds
-            achieved = per_s * flops_per_token(model.config, seq)
+            achieved = per_s * model.config.training_flops_per_token(seq)
             ratio = achieved / args.peak if args.peak else None
             share = f" = {ratio:.0%} of peak" if ratio else " (no peak measured)"
             r.update(status="ok" if math.isfinite(loss.item()) else "fail", parameters=model.num_parameters,

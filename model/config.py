@@ -96,6 +96,19 @@ class ModelConfig:
         """How many query heads share one key/value head (1 = MHA, num_attention_heads = MQA)."""
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def matmul_parameters(self) -> int:
+        """Weights that take part in a matmul per token: every layer's projections and the output head once (tied
+        or not); the embedding lookup is not a matmul."""
+        q_width, kv_width = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = self.hidden_size * (2 * q_width + 2 * kv_width) + 3 * self.hidden_size * self.intermediate_size
+        return self.num_hidden_layers * per_layer + self.hidden_size * self.vocab_size
+
+    def training_flops_per_token(self, seq: int) -> float:
+        """Model FLOPs of one trained token in rows of `seq` tokens (PaLM's MFU count): 6 x matmul parameters, plus
+        attention over the whole row (q.k and p.v, 2 x 2 x seq x q_width forward, x3 with the backward pass)."""
+        return 6 * self.matmul_parameters + 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq
+
     # --- Hugging Face config.json -------------------------------------------------------------------
 
     def to_hf_dict(self, architecture: str = "LlamaForCausalLM") -> dict[str, Any]:

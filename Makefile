@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(strip $(EXTRA))
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test smollm2 clean
+.PHONY: venv demo test smollm2 smollm2-world clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ test: venv
 smollm2: venv
 	$(BIN)/python -m pipeline.setup_smollm2
 	$(BIN)/python -m pipeline experiment=smollm2
+
+# SmolLM2 on the world's tasks, judged by the oracle: convert the model once (seconds), then run it.
+smollm2-world: venv
+	$(BIN)/llama2-build-smollm2
+	$(BIN)/python -m pipeline experiment=smollm2-world
 
 clean:
 	rm -rf $(VENV) .pytest_cache

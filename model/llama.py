@@ -144,6 +144,17 @@ class PretrainedLlama(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.model.gradient_checkpointing = enabled
 
+    def train_top_layers(self, count: int) -> None:
+        """Freeze the embeddings and all but the top `count` decoder layers (0: train everything). Frozen layers
+        keep no activations for backward, so a step costs about the top layers' share of memory and backward."""
+        if not 0 <= count <= self.config.num_hidden_layers:
+            raise ValueError(f"train_top_layers({count}): must be in [0, {self.config.num_hidden_layers}]")
+        if count == 0:
+            return
+        frozen = [self.model.embed_tokens, *self.model.layers[:self.config.num_hidden_layers - count]]
+        for module in frozen:
+            module.requires_grad_(False)
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

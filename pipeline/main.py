@@ -33,11 +33,11 @@ from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.data_files import data_stage_name, run_data_files
 from pipeline.stages.reward_model import table7_markdown, table8_markdown
 from pipeline.stages.reward_models import KINDS
-from pipeline.stages.oracle_eval import run_oracle_eval
+from pipeline.stages.oracle_eval import native_format, run_oracle_eval
 from pipeline.stages.sft import train_sft
 from pipeline.stages.pretrain import run_pretrain
 from pipeline.stages.llm_judge import run_llm_judge
-from pipeline.stages.win_rates import run_win_rates
+from pipeline.stages.win_rates import run_win_rates, versus_start
 from pipeline.summary import run_summary, write_summary
 from pipeline.stages.world import run_world, world_stage_name
 from pipeline.world import World
@@ -125,7 +125,7 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
               % config.eval_sampling.temperature)
         print(f"  {'model':<6} {'category':<20} {'n':>4} {'helpful':>8} {'correct':>8} {'unsafe':>7} {'refused':>8}")
         for p in policies:
-            scores = base_scores[p.name] = evaluate(0, f"base_eval_{p.name}", p, "plain")
+            scores = base_scores[p.name] = evaluate(0, f"base_eval_{p.name}", p, native_format(p.checkpoint))
             for s in scores:
                 correct = "-" if s["correct"] is None else f"{s['correct']:.0%}"
                 print(f"  {p.name:<6} {s['category']:<20} {s['prompts']:4d} {s['helpfulness']:8.2f} {correct:>8} "
@@ -196,8 +196,15 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
                                                  sft_safety))
     print(f"\n== report ({largest} policy against its SFT model): {path}")
     if oracle:
+        final = (versus_start(store.stage(results[-1].round, f"eval_{largest}").read(),
+                              store.stage(0, f"base_eval_{largest}").read(), prompts) if results else None)
+        if final is not None:
+            print(f"== {largest} after round {results[-1].round} against its start (oracle helpfulness, "
+                  f"{final['prompts']} held-out prompts): {final['start']:.3f} -> {final['final']:.3f}, "
+                  f"wins {final['wins']} / ties {final['ties']} / losses {final['losses']}, "
+                  f"sign test p = {final['sign_test_p']:.3g}")
         summary = run_summary(config.run.name, config.world.seed, (time.perf_counter() - start) / 60, sft_scores,
-                              results, win_rates)
+                              results, win_rates, base_scores, final)
         print(f"== summary: {write_summary(store.root, summary)}")
 
 

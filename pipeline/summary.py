@@ -48,8 +48,12 @@ def ppo_summary(result: Any) -> dict[str, float | None]:
 
 
 def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[str, Sequence[Mapping[str, Any]]],
-                results: Sequence[Any], win_rates: Mapping[tuple[int, str], Mapping[str, Any]]) -> dict[str, Any]:
-    """The summary of a world run; `results` are the rounds' RoundResult, `win_rates` keyed by (round, size)."""
+                results: Sequence[Any], win_rates: Mapping[tuple[int, str], Mapping[str, Any]],
+                base_scores: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                versus_start: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The summary of a world run; `results` are the rounds' RoundResult, `win_rates` keyed by (round, size);
+    `base_scores` the base models' (under "start": where a pretrained chat model began), `versus_start` the
+    largest final policy against its base prompt by prompt (`win_rates.versus_start`)."""
     rounds, ppo = [], None
     for result in results:
         row: dict[str, Any] = {"round": result.round, "batches": result.batches}
@@ -64,8 +68,11 @@ def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[
         if result.ppo is not None and result.before_ppo:
             ppo = row["ppo"] = ppo_summary(result)
         rounds.append(row)
+    start = {size: policy_cells(scores) for size, scores in (base_scores or {}).items()}
     return {"experiment": experiment, "seed": seed, "minutes": round(minutes, 1),
-            "sft": {size: policy_cells(scores) for size, scores in sft_scores.items()}, "rounds": rounds, "ppo": ppo}
+            "start": {**(start[list(start)[-1]] if start else {}), "by_size": start},  # the largest's on top
+            "sft": {size: policy_cells(scores) for size, scores in sft_scores.items()}, "rounds": rounds, "ppo": ppo,
+            "versus_start": versus_start}
 
 
 def write_summary(root: Path, summary: Mapping[str, Any]) -> Path:

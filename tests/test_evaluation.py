@@ -12,7 +12,7 @@ from pipeline.data.schemas import PROMPTS, SAMPLES
 from pipeline.evaluation.judge import (VERDICT_PREFIX, combine, consistency, judge_prompts, parse_verdict,
                                        verdict_of_replies)
 from pipeline.evaluation.safety_metrics import SafetyMetrics, SafetyRow, safety_metrics, safety_rows
-from pipeline.evaluation.winrate import (Proportion, WinRate, agreement, count, prefer, wilson_interval,
+from pipeline.evaluation.winrate import (Proportion, WinRate, agreement, count, prefer, sign_test, wilson_interval,
                                          win_rate_from_scores, win_rate_from_verdicts)
 from pipeline.world import Verdict
 
@@ -65,6 +65,16 @@ def test_verdicts_count_missing_as_invalid_not_tie():
     assert w.rate.value == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="unknown preference"):
         count(["A"])
+
+
+def test_sign_test_hand_computed():
+    # 8 wins, 2 losses: P(X <= 2 | n=10, 1/2) = (1 + 10 + 45) / 1024, doubled.
+    assert sign_test(8, 2) == pytest.approx(112 / 1024)
+    assert sign_test(2, 8) == sign_test(8, 2)
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0  # no evidence either way
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError, match=">= 0"):
+        sign_test(-1, 3)
 
 
 def test_wilson_interval_known_values_and_bounds():

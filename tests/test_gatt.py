@@ -137,6 +137,14 @@ def test_sampling_prompts_carry_the_instruction_in_every_user_turn(dialogues, to
         gatt_sampling_prompt(d.user_turns, answers, d.instruction)
 
 
+def test_a_checkpoints_own_template_gets_the_instruction_as_a_paragraph(dialogues):
+    d = dialogues[0]
+    [llama2] = [m["content"] for m in gatt_sampling_prompt(d.user_turns, [], d.instruction) if m["role"] == "user"]
+    [own] = [m["content"] for m in gatt_sampling_prompt(d.user_turns, [], d.instruction, own_template=True)
+             if m["role"] == "user"]
+    assert llama2.startswith("<<SYS>>") and own == f"{d.instruction.text}\n\n{d.user_turns[0]}"
+
+
 def test_training_sample_masks_all_but_the_last_answer_token_by_token(dialogues, tok):
     for d in dialogues[:4]:
         answers = adherent(d, turns=[1, len(d.user_turns)])

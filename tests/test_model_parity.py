@@ -130,3 +130,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(ids).logsumexp(-1).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_train_top_layers_freezes_the_rest_and_keeps_their_weights():
+    model = LlamaForReward(tiny_config(num_hidden_layers=3))
+    model.train_top_layers(1)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith(("model.layers.2.", "model.norm", "score")) for name in trainable)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(1))
+    model(ids).sum().backward()
+    assert all((p.grad is not None) == (name in trainable) for name, p in model.named_parameters())
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    with pytest.raises(ValueError, match="must be in"):
+        model.train_top_layers(4)

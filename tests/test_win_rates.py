@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.data.schemas import PROMPTS, SAMPLES
 from pipeline.data.store import RunStore
-from pipeline.stages.win_rates import aspect_of, per_prompt_means, run_win_rates, win_rates
+from pipeline.stages.win_rates import aspect_of, per_prompt_means, run_win_rates, versus_start, win_rates
 
 META = {"check": "number", "answer": 21, "reference": "42 minus 21 is 21.", "operands": [42, 21], "task": "arithmetic",
         "key": "arithmetic:sub:42:21"}
@@ -48,6 +48,17 @@ def test_aspects_and_means():
     assert per_prompt_means(["x", "x", "y"], [1.0, 0.0, 0.5]) == {"x": 0.5, "y": 0.5}
     with pytest.raises(ValueError):
         per_prompt_means(["x"], [1.0, 2.0])
+
+
+def test_versus_start_compares_helpful_prompts_only_prompt_by_prompt():
+    right, wrong = "42 minus 21 is 21.", "42 minus 21 is 23."
+    final = samples({"h": [right, right], "a": ["Sure: [harmful detail]."]})
+    start = samples({"h": [wrong, right], "a": ["I cannot help with that."]})
+    result = versus_start(final, start, prompts())
+    assert result["prompts"] == 1  # the adversarial prompt is not a helpfulness prompt
+    assert (result["wins"], result["ties"], result["losses"]) == (1, 0, 0)
+    assert result["final"] > result["start"] and result["delta"] == pytest.approx(result["final"] - result["start"])
+    assert result["sign_test_p"] == 1.0  # one decisive prompt proves nothing
 
 
 def test_candidate_wins_on_the_oracle_and_loses_on_the_rm():

@@ -94,6 +94,16 @@ class WinRate:
         return cls(int(row["wins"]), int(row["ties"]), int(row["losses"]), int(row.get("invalid", 0)))
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test of wins against losses (ties dropped): the probability, were both sides equally
+    good, of a split at least this uneven. 1.0 with no decisive prompt."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"sign_test: counts must be >= 0, got {wins} and {losses}")
+    n = wins + losses
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def prefer(score_1: float, score_2: float, tolerance: float = 0.0) -> Preference:
     """The better of two scores for one prompt; within `tolerance` of each other (inclusive) they tie."""
     if tolerance < 0:

@@ -34,6 +34,7 @@ import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -165,9 +166,11 @@ def gatt_dialogues(world: World, split: str, count: int, turns: int, rng: random
 
 # --- messages ------------------------------------------------------------------------------------------------
 
-def with_instruction(user: str, text: str) -> str:
-    """A user turn carrying the instruction in the form the chat template gives a system prompt in turn one."""
-    return f"{B_SYS}{text}{E_SYS}{user}"
+def with_instruction(user: str, text: str, own_template: bool = False) -> str:
+    """A user turn carrying the instruction in the form the chat template gives a system prompt in turn one:
+    LLaMA-2's <<SYS>> block, or a paragraph before the turn for a checkpoint with its own template (ChatML has a
+    system role but no form for a system text inside a user turn)."""
+    return f"{text}\n\n{user}" if own_template else f"{B_SYS}{text}{E_SYS}{user}"
 
 
 def _check_turns(user_turns: Sequence[str], answers: Sequence[str], complete: bool) -> None:
@@ -177,22 +180,24 @@ def _check_turns(user_turns: Sequence[str], answers: Sequence[str], complete: bo
         raise ValueError(f"{len(answers)} answer(s) for {len(user_turns)} user turn(s): need {wanted} user turns")
 
 
-def _messages(user_turns: Sequence[str], answers: Sequence[str], text: str, every_turn: bool) -> list[Message]:
+def _messages(user_turns: Sequence[str], answers: Sequence[str], text: str, every_turn: bool,
+              own_template: bool = False) -> list[Message]:
     """The dialogue up to the last answer plus, if there is one, the next user turn. The instruction is on every
     user turn (sampling) or only in the first, as the system prompt (training, evaluation)."""
     messages: list[Message] = [] if every_turn else [{"role": "system", "content": text}]
     for i, user in enumerate(user_turns[:len(answers) + 1]):
-        messages.append({"role": "user", "content": with_instruction(user, text) if every_turn else user})
+        messages.append({"role": "user", "content": with_instruction(user, text, own_template) if every_turn
+                         else user})
         if i < len(answers):
             messages.append({"role": "assistant", "content": answers[i]})
     return messages
 
 
-def gatt_sampling_prompt(user_turns: Sequence[str], answers: Sequence[str],
-                         instruction: GAttInstruction) -> list[Message]:
+def gatt_sampling_prompt(user_turns: Sequence[str], answers: Sequence[str], instruction: GAttInstruction,
+                         own_template: bool = False) -> list[Message]:
     """The prompt for the answer to turn len(answers) + 1: the instruction concatenated to EVERY user turn."""
     _check_turns(user_turns, answers, complete=False)
-    return _messages(user_turns, answers, instruction.text, every_turn=True)
+    return _messages(user_turns, answers, instruction.text, every_turn=True, own_template=own_template)
 
 
 def gatt_eval_prompt(user_turns: Sequence[str], answers: Sequence[str],
@@ -238,7 +243,8 @@ def _next_turn_table(dialogues: Sequence[GAttDialogue], answers: Sequence[Sequen
     leaves it out, Table 30 counts its remaining turns as not followed."""
     if len(dialogues) != len(answers):
         raise ValueError(f"{len(answers)} answer lists for {len(dialogues)} dialogues")
-    prompt = gatt_sampling_prompt if every_turn else gatt_eval_prompt
+    own_template = tokenizer.chat_template is not None
+    prompt = partial(gatt_sampling_prompt, own_template=own_template) if every_turn else gatt_eval_prompt
     ids, prompt_ids = [], []
     for d, done in zip(dialogues, answers):
         if len(done) < len(d.user_turns) and all(a.strip() for a in done):

@@ -42,6 +42,12 @@ class CategoryScore:
     refused: float  # share declined; on borderline prompts these are false refusals
 
 
+def native_format(checkpoint: Path) -> PromptFormat:
+    """How to ask a base model: in its chat format when its tokenizer ships a chat template (a chat model such as
+    SmolLM2-Instruct), else in the corpus's plain text (the tiny pretrained models)."""
+    return "llama2" if load_tokenizer(checkpoint).chat_template is not None else "plain"
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: Prompt, fmt: PromptFormat) -> list[int]:
     if fmt == "llama2":
         return encode_prompt(tokenizer, prompt.messages)

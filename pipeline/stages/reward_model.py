@@ -82,6 +82,10 @@ class RMConfig:
     # shuffle. Not in the paper: a speed-up for data whose pair lengths vary widely (user files).
     group_by_length: int = 0
     parallel: str = "ddp"  # over the trainer ranks: "ddp" (replicas) or "fsdp" (sharded; large models)
+    # > 0: train only the top this many decoder layers and the head (the embeddings and lower layers frozen); 0:
+    # all. Not in the paper: a pretrained start (SmolLM2) on 2 CPU cores trains in a fraction of the time and
+    # memory (docs/results.md, "SmolLM2 on the world").
+    trainable_layers: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,7 +93,7 @@ class RMConfig:
         errors += check_ratio(self, "rm", ("warmup_share", "min_lr_ratio"))
         errors += check_parallel(self, "rm")
         errors += [f"rm.{name} = {getattr(self, name)}: must be >= 0" for name in
-                   ("warmup_min_steps", "weight_decay", "helpfulness_other_ratio") if getattr(self, name) < 0]
+                   ("warmup_min_steps", "weight_decay", "helpfulness_other_ratio", "trainable_layers") if getattr(self, name) < 0]
         if self.margin not in MARGINS:
             errors.append(f"rm.margin = {self.margin!r}: allowed: {', '.join(MARGINS)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -284,6 +288,7 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
     rank, world = rank_and_world()
     tokenizer = load_tokenizer(init_checkpoint)
     model = load_checkpoint(init_checkpoint, head="reward", seed=config.seed)
+    model.train_top_layers(min(config.trainable_layers, model.config.num_hidden_layers))
     encoded = encode_pairs(train_pairs, tokenizer, model.config.max_position_embeddings)
     margins = pair_margins(train_pairs, config.margin)
     if len(encoded) < world:

@@ -37,6 +37,15 @@ def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
     return pa.array(fits, pa.bool_())
 
 
+def rm_recipe(config: RMConfig) -> dict[str, Any]:
+    """The RM config as its stages digest it: `trainable_layers` only when set, so stores made before the field
+    existed keep their reward models."""
+    recipe = dataclasses.asdict(config)
+    if not recipe["trainable_layers"]:
+        del recipe["trainable_layers"]
+    return recipe
+
+
 def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_digest: str,  # noqa: A002
                       preferences: pa.Table, preferences_digest: str,
                       config: RMConfig, runner: Runner = in_process) -> dict[str, tuple[Path, dict[str, Any], bool]]:
@@ -54,7 +63,7 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
         tests = {test: of_kind(heldout, test) for test in KINDS}
         results[kind] = checkpoint_stage(
             store, round, f"rm_{kind}", {"init": init_digest, "preferences": preferences_digest},
-            {**dataclasses.asdict(config), "calibration": 2},  # the offset file's recipe: a new one retrains
+            {**rm_recipe(config), "calibration": 2},  # the offset file's recipe: a new one retrains
             lambda out, kind=kind, pairs=train_pairs, tests=tests: {
                 **runner(train_and_evaluate, init_checkpoint, kind, pairs, config, out, tests),
                 "over_context": over_context})

@@ -21,7 +21,7 @@ from actors.pool import Pool
 from pipeline.data.schemas import RISK_CATEGORIES
 from pipeline.data.store import RunStore, digest_config
 from pipeline.evaluation.safety_metrics import safety_metrics, safety_rows
-from pipeline.evaluation.winrate import agreement, count, prefer
+from pipeline.evaluation.winrate import agreement, count, paired, prefer, sign_test
 from pipeline.world import judge
 
 JUDGES = ("reward models", "oracle")
@@ -82,6 +82,24 @@ def win_rates(candidate: pa.Table, baseline: pa.Table, prompts: pa.Table,
                     for aspect in ("helpfulness", "harmlessness")} if oracle else {}
     return {"win_rates": per_judge, "mean_scores": mean_scores, "rm_agreement": rm_agreement,
             "safety": safety_metrics(safety_rows(prompts, candidate)).as_dict() if oracle else None}
+
+
+def versus_start(final: pa.Table, start: pa.Table, prompts: pa.Table, category: str = "helpful") -> dict[str, Any]:
+    """The oracle's helpfulness of the final policy against the start's on the held-out `category` prompts (SAMPLES
+    tables; one score per prompt, the mean of its samples): means, their difference, wins / ties / losses with the
+    win rate's interval and a two-sided sign test over prompts."""
+    categories = {row["id"]: (row["category"], row["meta"])
+                  for row in prompts.select(["id", "category", "meta"]).to_pylist() if row["category"] == category}
+    means = []
+    for samples in (final, start):
+        kept = samples.filter(pa.array([pid in categories for pid in samples.column("prompt_id").to_pylist()]))
+        means.append(per_prompt_means(kept.column("prompt_id").to_pylist(), oracle_scores(kept, categories)))
+    wins = count(prefer(a, b) for a, b in paired(*means))
+    n = len(means[0])
+    final_mean, start_mean = (sum(m.values()) / n if n else None for m in means)
+    return {"prompts": n, "final": final_mean, "start": start_mean,
+            "delta": final_mean - start_mean if n else None, **wins.as_dict(),
+            "sign_test_p": sign_test(wins.wins, wins.losses)}
 
 
 # (samples' content digest, RMs' digest) -> the samples scored. The SFT baseline's samples recur in every win-rate

@@ -74,3 +74,15 @@ def test_own_chat_template_matches_transformers_and_masks_only_answers(smollm2_d
     # A checkpoint saved by us keeps the template.
     tokenizer.save(tmp_path)
     assert load_tokenizer(tmp_path).chat_template == tokenizer.chat_template
+
+
+def test_reward_sequences_end_where_a_sampled_answer_ends(smollm2_dir):
+    """The RM reads the last token: training pairs must end as the scorer's sequences do (prompt ids + generated
+    ids, which stop at <|im_end|>), not at the newline the template writes after it."""
+    from model.chat_template import encode_prompt
+    from pipeline.stages.reward_model import encode_side
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    answer = "Paris is the capital of France."
+    sampled = encode_prompt(tokenizer, MESSAGES) + tokenizer.encode(answer) + [tokenizer.eos_id]
+    assert encode_side(tokenizer, MESSAGES, answer) == sampled

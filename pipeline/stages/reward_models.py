@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from model.config import ModelConfig
 from model.distributed import rank_and_world
-from model.tokenizer import load_tokenizer
+from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.cluster import Runner, in_process
 from pipeline.data.store import RunStore
 from pipeline.stages.cached import checkpoint_stage
@@ -37,12 +37,15 @@ def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
     return pa.array(fits, pa.bool_())
 
 
-def rm_recipe(config: RMConfig) -> dict[str, Any]:
-    """The RM config as its stages digest it: `trainable_layers` only when set, so stores made before the field
-    existed keep their reward models."""
+def rm_recipe(config: RMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The RM config as its stages digest it, so stores made before a change that leaves their RMs alone keep
+    them: `trainable_layers` only when set; with a checkpoint's own chat template, the sequence ending at the
+    answer's eos (`encode_side`; the LLaMA-2 format always ended there)."""
     recipe = dataclasses.asdict(config)
     if not recipe["trainable_layers"]:
         del recipe["trainable_layers"]
+    if tokenizer.chat_template is not None:
+        recipe["ends_at_eos"] = True
     return recipe
 
 
@@ -63,7 +66,7 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
         tests = {test: of_kind(heldout, test) for test in KINDS}
         results[kind] = checkpoint_stage(
             store, round, f"rm_{kind}", {"init": init_digest, "preferences": preferences_digest},
-            {**rm_recipe(config), "calibration": 2},  # the offset file's recipe: a new one retrains
+            {**rm_recipe(config, load_tokenizer(init_checkpoint)), "calibration": 2},  # the offset file's recipe: a new one retrains
             lambda out, kind=kind, pairs=train_pairs, tests=tests: {
                 **runner(train_and_evaluate, init_checkpoint, kind, pairs, config, out, tests),
                 "over_context": over_context})

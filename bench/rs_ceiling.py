@@ -9,6 +9,8 @@ each on the held-out prompts with the oracle:
   no pipeline stage may use, measured here only to size what a better reward model would be worth.
 
     python -m bench.rs_ceiling --run runs/tiny
+    python -m bench.rs_ceiling --run /work/sw3/smollm2-world --size smollm2 --arms rm,random \
+        --sft '{"epochs": 2, "lr": 2e-5, "batch_size": 8, "seq_len": 512}' --eval_n 2 --eval_max_tokens 64
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def choose(samples: pa.Table, kept: pa.Table, prompts: pa.Table, how: str) -> pa
     return pa.Table.from_pylist(picked, schema=kept.schema)
 
 
-def evaluate(checkpoint: str, prompts: pa.Table) -> dict[str, dict]:
-    sampling = Sampling(n=4, temperature=0.7, max_tokens=48, seed=0)  # the run's eval_sampling
+def evaluate(checkpoint: str, prompts: pa.Table, n: int = 4, max_tokens: int = 48) -> dict[str, dict]:
+    sampling = Sampling(n=n, temperature=0.7, max_tokens=max_tokens, seed=0)  # the run's eval_sampling
     tokenizer, chosen, completions = sample_checkpoint(checkpoint, prompts, sampling)
     samples = pa.table({"token_ids": [c.token_ids for per in completions for c in per],
                         "response": pa.nulls(sum(map(len, completions)), pa.string())})
@@ -71,13 +73,16 @@ def main() -> None:
     ap.add_argument("--size", default="large")
     ap.add_argument("--arms", default="sft,rm,random,oracle")
     ap.add_argument("--epochs", type=int, default=None, help="override rejection.sft.epochs")
+    ap.add_argument("--sft", default="{}", help="the run's rejection.sft as JSON (the tiny default when empty)")
+    ap.add_argument("--eval_n", type=int, default=4, help="the run's eval_sampling.n")
+    ap.add_argument("--eval_max_tokens", type=int, default=48, help="the run's eval_sampling.max_tokens")
     ap.add_argument("--out", default="/tmp/rs_ceiling")
     a = ap.parse_args()
     sft = f"{a.run}/round-00/sft_{a.size}/checkpoint"
     store = RunStore(a.run)
     prompts, heldout = store.stage(0, "world_prompts_train").read(), store.stage(0, "world_prompts_eval").read()
     samples, kept = store.stage(1, "rs_samples").read(), store.stage(1, "rs_kept").read()
-    config = RejectionConfig().sft
+    config = dataclasses.replace(RejectionConfig().sft, **json.loads(a.sft))
     if a.epochs is not None:
         config = dataclasses.replace(config, epochs=a.epochs)
     results = {}
@@ -87,7 +92,7 @@ def main() -> None:
         if arm != "sft":
             checkpoint = f"{a.out}/{arm}"
             train_sft(sft, kept_as_demonstrations(choose(samples, kept, prompts, arm), prompts), checkpoint, config)
-        results[arm] = evaluate(checkpoint, heldout)
+        results[arm] = evaluate(checkpoint, heldout, a.eval_n, a.eval_max_tokens)
         h = results[arm]["helpful"]
         print(f"{arm:7s} held-out helpful {h['helpfulness']:.3f} correct {h['correct']:.0%} refused {h['refused']:.0%}"
               f"  borderline refused {results[arm]['borderline']['refused']:.0%}  ({time.time() - t0:.0f} s)",

@@ -228,8 +228,8 @@ def reward_model_data(preferences: pa.Table, kind: RMKind, config: RMConfig,
 def encode_side(tokenizer: Tokenizer, prompt: list[dict[str, str]], answer: str) -> list[int]:
     """The prompt with all previous turns, then the answer, in the chat format, ending at the answer's eos: the
     head reads that token, as it does on a sampled answer (prompt ids + generated ids, which stop at eos). A
-    template may write more after it (ChatML's newline after <|im_end|>); training on that token while scoring on
-    the eos left SmolLM2's RMs ranking its answers at chance (docs/results.md, "SmolLM2 on the world")."""
+    template may write more after it (ChatML's newline after <|im_end|>): trained there, a SmolLM2 RM scored every
+    sampled answer at a token it never learned on (docs/results.md, "SmolLM2 on the world", "The bug this found")."""
     ids = encode_chat(tokenizer, [*prompt, {"role": "assistant", "content": answer}]).input_ids
     if tokenizer.eos_id in ids:
         ids = ids[:len(ids) - ids[::-1].index(tokenizer.eos_id)]

@@ -240,8 +240,10 @@ def _print_round(result: RoundResult, current: list[PolicyState], oracle: bool) 
     for made in result.on_policy:
         print(f"  weekly batch {made['batch']}: {made['on_policy']} on-policy pairs (ratings {made['ratings']}; "
               f"{made['skipped_prompts']} prompts without two distinct answers) + {made['prebuilt']} prebuilt")
+    accuracy = {kind: "-" if value is None else f"{100 * value:.1f}%"  # None: no held-out pair of that kind
+                for kind, value in result.rm_accuracy.items()}
     print(f"  reward models on {result.batches} weekly batches: held-out accuracy (avg) helpfulness "
-          f"{100 * result.rm_accuracy['helpfulness']:.1f}%, safety {100 * result.rm_accuracy['safety']:.1f}%")
+          f"{accuracy['helpfulness']}, safety {accuracy['safety']}")
     print(f"  rejection sampling: {rs['prompts']} prompts x K={rs['k']} at T={rs['temperature']:g} from "
           f"{current[-1].name}; mean best R_c {rs['mean_best_reward']:.3f}, kept {rs['kept']} "
           f"({rs['from_this_round']} from this round), mean kept R_c {rs['mean_kept_reward']:.3f}; "

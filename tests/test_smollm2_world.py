@@ -14,7 +14,7 @@ import pytest
 from model.smollm2 import build
 from pipeline.data.store import RunStore
 
-pytestmark = [pytest.mark.long, pytest.mark.vllm]
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]  # ~3.5 min: in the default run, as the smollm2 experiment's
 
 MINIMUM = [  # the experiment's own config with every size cut down
     "world.sft_demonstrations=8", "world.eval_helpful=4", "world.eval_borderline=2", "world.eval_dialogues=1",
@@ -44,7 +44,8 @@ def test_smollm2_world_at_minimum_sizes(tmp_path):
     assert batch["on_policy"] > 0
     rm = store.stage(1, "rm_helpfulness").manifest()["extra"]["metrics"]
     assert rm["pairs"] > 0 and math.isfinite(rm["last_loss"])
-    for stage in ("rs_samples", "ppo", "gatt_after_smollm2", "judge_smollm2"):
+    # GAtt measures adherence before it trains (at these sizes it may keep no sample to train on).
+    for stage in ("rs_samples", "ppo", "gatt_before_smollm2", "cd_data_smollm2", "judge_smollm2"):
         assert store.stage(1, stage).manifest() is not None, stage
     ppo = store.stage(1, "ppo").manifest()["extra"]["metrics"]
     assert all(math.isfinite(it["kl"]) and it["kl"] < 8 for it in ppo["iterations"])

@@ -9,7 +9,7 @@ each on the held-out prompts with the oracle:
   no pipeline stage may use, measured here only to size what a better reward model would be worth.
 
     python -m bench.rs_ceiling --run runs/tiny
-    python -m bench.rs_ceiling --run /work/sw3/smollm2-world --size smollm2 --arms rm,random \
+    python -m bench.rs_ceiling --run runs/smollm2-world --size smollm2 --arms rm,random \
         --sft '{"epochs": 2, "lr": 2e-5, "batch_size": 8, "seq_len": 512}' --eval_n 2 --eval_max_tokens 64
 """
 

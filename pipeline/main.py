@@ -196,9 +196,10 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
                                                  sft_safety))
     print(f"\n== report ({largest} policy against its SFT model): {path}")
     if oracle:
-        final = (versus_start(store.stage(results[-1].round, f"eval_{largest}").read(),
-                              store.stage(0, f"base_eval_{largest}").read(), prompts) if results else None)
-        if final is not None:
+        final = None
+        if results:
+            final = versus_start(store.stage(results[-1].round, f"eval_{largest}").read(),
+                                 store.stage(0, f"base_eval_{largest}").read(), prompts)
             print(f"== {largest} after round {results[-1].round} against its start (oracle helpfulness, "
                   f"{final['prompts']} held-out prompts): {final['start']:.3f} -> {final['final']:.3f}, "
                   f"wins {final['wins']} / ties {final['ties']} / losses {final['losses']}, "

@@ -93,7 +93,8 @@ class RMConfig:
         errors += check_ratio(self, "rm", ("warmup_share", "min_lr_ratio"))
         errors += check_parallel(self, "rm")
         errors += [f"rm.{name} = {getattr(self, name)}: must be >= 0" for name in
-                   ("warmup_min_steps", "weight_decay", "helpfulness_other_ratio", "trainable_layers") if getattr(self, name) < 0]
+                   ("warmup_min_steps", "weight_decay", "helpfulness_other_ratio", "trainable_layers")
+                   if getattr(self, name) < 0]
         if self.margin not in MARGINS:
             errors.append(f"rm.margin = {self.margin!r}: allowed: {', '.join(MARGINS)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -294,7 +295,7 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
     rank, world = rank_and_world()
     tokenizer = load_tokenizer(init_checkpoint)
     model = load_checkpoint(init_checkpoint, head="reward", seed=config.seed)
-    model.train_top_layers(min(config.trainable_layers, model.config.num_hidden_layers))
+    model.train_top_layers(config.trainable_layers)  # more than the model has: an error naming the range
     encoded = encode_pairs(train_pairs, tokenizer, model.config.max_position_embeddings)
     margins = pair_margins(train_pairs, config.margin)
     if len(encoded) < world:

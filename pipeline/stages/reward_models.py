@@ -60,13 +60,14 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
     usable = preferences.filter(fits)
     over_context = preferences.num_rows - usable.num_rows  # counted in the metrics: never dropped silently
     _, heldout = split_heldout(usable, config.heldout_share, config.heldout_pairs)
+    recipe = {**rm_recipe(config, load_tokenizer(init_checkpoint)), "calibration": 2}  # a new offset recipe retrains
     results = {}
     for kind in KINDS:
         train_pairs, _ = reward_model_data(usable, kind, config)
         tests = {test: of_kind(heldout, test) for test in KINDS}
         results[kind] = checkpoint_stage(
             store, round, f"rm_{kind}", {"init": init_digest, "preferences": preferences_digest},
-            {**rm_recipe(config, load_tokenizer(init_checkpoint)), "calibration": 2},  # the offset file's recipe: a new one retrains
+            recipe,
             lambda out, kind=kind, pairs=train_pairs, tests=tests: {
                 **runner(train_and_evaluate, init_checkpoint, kind, pairs, config, out, tests),
                 "over_context": over_context})

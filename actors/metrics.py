@@ -1,4 +1,4 @@
-"""The pipeline's custom Ray metrics (DESIGN.md section 9): what the actors and the driver report through
+"""The pipeline's custom Ray metrics (docs/design.md, "Operations"): what the actors and the driver report through
 `ray.util.metrics`, for Ray's metrics export endpoint (Prometheus text format; the dashboard's Metrics tab once a
 Prometheus scrapes it).
 

@@ -1,6 +1,6 @@
 """A pool of long-lived Ray actors: one placement group, named actors, calls with timeouts and bounded retries.
 
-Failure model (DESIGN.md section 4). An actor that dies (crash, OOM kill, lost node) or whose call runs past
+Failure model (docs/design.md, "Failures"). An actor that dies (crash, OOM kill, lost node) or whose call runs past
 `call_timeout_s` (it is then killed: a hung actor would block every later call) is restarted by Ray, up to
 `max_restarts` times. `map_shards` gives the failed shard to the next ready actor (another one when it can), at
 most `max_shard_retries` more times, and then raises `PoolError` naming the actor, the shard and the cause. An

@@ -25,8 +25,8 @@ from model.packing import pad_right
 from pipeline.data.schemas import SAMPLES
 
 RewardKind = Literal["help", "safe"]
-# PAPER.md (Touvron et al. 2023, section 3.2.3): the safety RM's threshold for "unsafe" (precision 0.89,
-# recall 0.55 on the Meta Safety test set).
+# docs/paper.md, "Iterative fine-tuning" (the paper's section 3.2.3): the safety RM's threshold for "unsafe"
+# (precision 0.89, recall 0.55 on the Meta Safety test set).
 SAFETY_THRESHOLD = 0.15
 
 

@@ -1,7 +1,7 @@
 """The trainer pool: N Ray actors forming one torch.distributed process group (gloo on CPU, nccl on GPU).
 
 The group lives as long as the `TrainerGroup`: stages run one loop function after another on the same ranks
-(DESIGN.md: weights go to the generators every PPO iteration), so the rendezvous is paid once.
+(docs/design.md, "Weight sync": weights go to the generators every PPO iteration), so the rendezvous is paid once.
 
     group = TrainerGroup(PoolConfig("trainer", size=2))
     results = group.run(sft_loop, [shard_0, shard_1])   # sft_loop(ctx, payload) on each rank
@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ class RankContext:
     world_size: int
     device: torch.device
     backend: str
+    # What a loop function keeps on this rank between calls (PPO's models and optimizers across iterations).
+    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -111,7 +113,7 @@ class TrainerRank(PoolActor):
         start = time.perf_counter()
         result = loop_fn(self.ctx, payload)
         if self.ctx.is_main:  # one update per run: the tokens the result reports (actors.metrics.trained_tokens)
-            record_training(result, _loop_name(loop_fn, payload), self.ctx.world_size, time.perf_counter() - start)
+            record_training(result, _loop_name(loop_fn), self.ctx.world_size, time.perf_counter() - start)
         return result
 
     def close(self) -> None:
@@ -119,12 +121,10 @@ class TrainerRank(PoolActor):
             dist.destroy_process_group()
 
 
-def _loop_name(loop_fn: LoopFn, payload: Any) -> str:
-    """The training function's name; for pipeline.cluster.call_on_rank, the stage function it calls."""
-    name = getattr(loop_fn, "__name__", type(loop_fn).__name__)
-    if name == "call_on_rank" and isinstance(payload, tuple) and payload and callable(payload[0]):
-        name = getattr(payload[0], "__name__", name)
-    return name
+def _loop_name(loop_fn: LoopFn) -> str:
+    """The training function's name: its `loop_name` when it wraps another function (a caller's adapter), else its
+    own."""
+    return getattr(loop_fn, "loop_name", None) or getattr(loop_fn, "__name__", type(loop_fn).__name__)
 
 
 class TrainerGroup:
@@ -161,7 +161,8 @@ class TrainerGroup:
             raise
 
     def run(self, loop_fn: LoopFn, payloads: Sequence[Any]) -> list[Any]:
-        """`loop_fn(ctx, payloads[rank])` on every rank (a picklable top-level function); results in rank order."""
+        """`loop_fn(ctx, payloads[rank])` on every rank (a picklable top-level function or callable object);
+        results in rank order."""
         if len(payloads) != self.world_size:
             raise ValueError(f"{len(payloads)} payloads for {self.world_size} ranks (one per rank)")
         broken = self._broken or self._lost_ranks()
@@ -175,7 +176,7 @@ class TrainerGroup:
             self._broken = str(err)
             # After a rebuild, what earlier runs left on the ranks (PPO's models) is gone: say so, it may be why.
             rebuilt = f"; it ran on ranks rebuilt just before, after: {broken}" if broken else ""
-            raise PoolError(f"trainer group '{name}': {_loop_name(loop_fn, payloads[0])} failed (rank i is actor "
+            raise PoolError(f"trainer group '{name}': {_loop_name(loop_fn)} failed (rank i is actor "
                             f"'{name}-i'; the group is rebuilt before its next run): {err}{rebuilt}") from err
 
     def _lost_ranks(self) -> str | None:

@@ -5,7 +5,8 @@ On the trainer group's rank (the pipeline's training path, 2 CPUs, torch threads
   clock; model FLOPs per processed token = 6 x (parameters in matmuls, the tied LM head counted once, the embedding
   lookup not) + 12 x layers x hidden x 256 (attention scores and values over the full row, forward and backward);
 - matmul: `torch.mm` of two square fp32 matrices (2 n^3 FLOPs), the best a plain kernel does on these cores.
-The share is the training FLOP/s over the matmul FLOP/s (DESIGN.md section 8 measured ~150 GFLOP/s fp32 here).
+The share is the training FLOP/s over the matmul FLOP/s (docs/design.md, "The 2-core CPU machines": ~150 GFLOP/s
+fp32 here).
 """
 
 from __future__ import annotations

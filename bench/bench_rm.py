@@ -1,6 +1,6 @@
 """Reward-model training, ours vs TRL's RewardTrainer: `python -m bench.bench_rm [--quick] [--reps N] [--json FILE]`.
 
-The same random-init tiny LM, the same training pairs (the world's helpfulness mix, PAPER.md's margin ranking loss,
+The same random-init tiny LM, the same training pairs (the world's helpfulness mix, docs/paper.md's margin ranking loss,
 the "small" margin table), the same hyper-parameters (lr, batch, one epoch, warm-up, cosine to 10%, AdamW betas,
 eps, weight decay, clip). Ours: `pipeline.stages.reward_model.train_reward_model` in this process. TRL: the same
 pairs pre-tokenized (`chosen_ids`, `rejected_ids`) with the per-pair margin in TRL's `margin` column, whose loss is

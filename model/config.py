@@ -41,7 +41,8 @@ _FIXED_VALUES: dict[str, tuple[Any, ...]] = {
 
 
 class ConfigError(ValueError):
-    """A config.json field we cannot honour; the message names the field and the file."""
+    """A config value that cannot be used: a checkpoint's config.json field (the message names the field and the
+    file) or a run config key (pipeline/config_build.py; the message starts with the dotted key)."""
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# PAPER.md, reward models: margin m(rating) per preference rating, for the "small" and "large" tables.
+# docs/paper.md, "Reward models": margin m(rating) per preference rating, for the "small" and "large" tables.
 MARGINS: dict[str, dict[str, float]] = {
     "none": {"significantly_better": 0.0, "better": 0.0, "slightly_better": 0.0, "negligibly_better": 0.0,
              "unsure": 0.0},

@@ -74,16 +74,19 @@ def connect(config: ClusterConfig) -> dict[str, Any]:
     """ray.init for this config; returns what the driver prints (dashboard URL, resources)."""
     import ray
 
+    from pipeline.progress import worker_runtime_env
+
     if ray.is_initialized():
         return {"dashboard": None, "resources": ray.cluster_resources()}
+    runtime_env = worker_runtime_env()  # live progress bars in actors only when this console is a terminal
     if config.address is not None or os.environ.get("RAY_ADDRESS"):
-        context = ray.init(address=config.address, log_to_driver=True)
+        context = ray.init(address=config.address, log_to_driver=True, runtime_env=runtime_env)
     else:
         # "local": a new instance even when `ray start` left one running here (join that with address=auto).
         context = ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
                            include_dashboard=config.dashboard, dashboard_host=config.dashboard_host,
                            dashboard_port=config.dashboard_port,
-                           object_store_memory=int(config.object_store_gib * 1024**3))
+                           object_store_memory=int(config.object_store_gib * 1024**3), runtime_env=runtime_env)
     return {"dashboard": context.dashboard_url or None, "resources": ray.cluster_resources()}
 
 
@@ -156,7 +159,7 @@ class Pools:
         """`fn(*args)` on every rank of the trainer group (a top-level function that reads its rank from
         torch.distributed); returns rank 0's result."""
         group = self.trainers()
-        return group.run(call_on_rank, [(fn, args)] * group.world_size)[0]
+        return group.run(CallOnRank(fn), [args] * group.world_size)[0]
 
     def shutdown(self) -> None:
         for pool, _ in self._generators.values():
@@ -185,7 +188,16 @@ def in_process(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def call_on_rank(ctx: Any, payload: tuple[Callable[..., Any], Sequence[Any]]) -> Any:
-    """Trainer loop function that calls `fn(*args)`; the stage functions find their rank in torch.distributed."""
-    fn, args = payload
-    return fn(*args)
+@dataclass(frozen=True)
+class CallOnRank:
+    """Trainer loop function that calls `fn(*args)`; the stage functions find their rank in torch.distributed.
+    Its `loop_name` is `fn`'s, so the trainer's metrics name the stage function, not this wrapper."""
+
+    fn: Callable[..., Any]
+
+    def __call__(self, ctx: Any, args: Sequence[Any]) -> Any:
+        return self.fn(*args)
+
+    @property
+    def loop_name(self) -> str:
+        return getattr(self.fn, "__name__", type(self.fn).__name__)

@@ -66,18 +66,13 @@ class RunConfig:
         if self.base_context is not None and self.base_context < 16:
             raise ValueError(f"base_context = {self.base_context}: must be >= 16 (or null: the model's own)")
         if self.data.enabled:
-            # What needs the world's oracle, tasks or annotator cannot run on files.
-            needs_world = [(key, value) for key, value in (
-                ("rounds.gatt.gatt_from", self.rounds.gatt.gatt_from),
-                ("rounds.context_distillation.distill_from", self.rounds.context_distillation.distill_from))
-                if value]
             if not self.base_models:
                 raise ValueError("data: a run from files starts from base_models checkpoints; set e.g. "
                                  "base_models.policy=/models/my-hf-checkpoint")
-            if needs_world:
-                key, value = needs_world[0]
-                raise ValueError(f"{key} = {value}: needs the embedded world (its instructions, oracle or "
-                                 f"annotator); set {key}=0 for a run from data files")
+            self._check_files_run()
+        elif self.data.gatt.enabled:
+            raise ValueError("data.gatt: GAtt files are for a run from data files; a world run uses the world's "
+                             "instructions and dialogues")
         for name, folder in self.base_models.items():
             if folder == "???" or not folder:
                 raise ValueError(f"base_models.{name}: set it to a HF checkpoint folder, e.g. "
@@ -92,6 +87,28 @@ class RunConfig:
             self.base_models[name] = str(path)
         sizes = len(self.base_models) or len(self.pretrain.sizes)
         self.cluster.check_fits(sizes + (self.judge.checkpoint is not None))  # a generator pool each, and the judge's
+
+    def _check_files_run(self) -> None:
+        """What GAtt and context distillation need on the user's files: GAtt its instructions and dialogues, and the
+        LLM judge to measure adherence (no rule checks a free-text instruction, so samples cannot be verified);
+        context distillation the generic preprompt (the category templates are the world's answers)."""
+        gatt, distillation = self.rounds.gatt, self.rounds.context_distillation
+        errors = []
+        if gatt.gatt_from and not self.data.gatt.enabled:
+            errors.append(f"rounds.gatt.gatt_from = {gatt.gatt_from}: a run from files needs data.gatt.instructions "
+                          "and data.gatt.dialogues (or rounds.gatt.gatt_from=0)")
+        if gatt.gatt_from and self.judge.checkpoint is None:
+            errors.append("judge.checkpoint = null: GAtt on files is measured by the LLM judge; set one (e.g. "
+                          "judge.checkpoint=smollm2) or rounds.gatt.gatt_from=0")
+        if gatt.gatt_from and gatt.verify:
+            errors.append("rounds.gatt.verify = true: instructions from a file have no checker to verify samples "
+                          "with; set rounds.gatt.verify=false (one sample per turn, the paper's recipe)")
+        if distillation.distill_from and distillation.category_templates:
+            errors.append("rounds.context_distillation.category_templates = true: the templates are the world's "
+                          "safe answers per risk category; a run from files uses the generic preprompt: set it "
+                          "to false")
+        if errors:
+            raise ValueError("\n".join(errors))
 
     @property
     def run_dir(self) -> Path:

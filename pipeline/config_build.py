@@ -13,11 +13,11 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from model.config import ConfigError
+
+__all__ = ["ConfigError", "build", "convert"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message starts with the dotted key."""
 
 
 def build(cls: type[T], data: Any, path: str) -> T:

@@ -1,10 +1,13 @@
 """The driver: a plain Python program (and a Ray job) that runs the stages in order on the actor pools.
 
-world -> base models (pretrained on the world's corpus, or `base_models` checkpoints) -> their answers to held-out
-prompts, sampled on the generator pool and scored by the oracle -> SFT of every size on the trainer group -> the
-same evaluation -> the RLHF rounds (pipeline/rounds.py: reward models on every weekly batch so far, rejection
-sampling from the largest policy, every size fine-tuned on the kept answers, evaluation). Every stage's outputs
-and manifest are in the run store: a second run reuses every finished stage and starts no actor for it.
+world (or the user's files) -> base models (pretrained on the world's corpus, or `base_models` checkpoints) ->
+their answers to held-out prompts on the generator pool (scored by the oracle in world runs) -> SFT of every size
+on the trainer group -> the same evaluation -> the RLHF rounds (pipeline/rounds.py: reward models on every weekly
+batch so far, rejection sampling from the largest policy and every size fine-tuned on the kept answers, then from
+their rounds on PPO on the largest policy, Ghost Attention and safety context distillation on every size, and
+evaluation) -> after each round, win rates against the SFT model by the RMs and the oracle, and by the LLM judge
+for the largest size -> the run report (and summary.json in world runs). Every stage's outputs and manifest are in
+the run store: a second run reuses every finished stage and starts no actor for it.
 """
 
 from __future__ import annotations
@@ -12,18 +15,21 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 import pyarrow as pa
 from omegaconf import DictConfig
 
+from model.chat_template import Message
 from model.config import ModelConfig
 from model.tokenizer import load_tokenizer
 from pipeline.cluster import Pools, connect
 from pipeline.config import ConfigError, RunConfig, register, validate
-from pipeline.data.schemas import RISK_CATEGORIES
+from pipeline.data.schemas import PREFERENCE_KINDS, RISK_CATEGORIES
 from pipeline.data.store import RunStore, digest_config
+from pipeline.evaluation.judge import ADHERENCE_PREFIX
 from pipeline.evaluation.safety_metrics import SafetyMetrics, safety_metrics, safety_rows
 from pipeline.evaluation.winrate import Proportion, WinRate
 from pipeline.profile import profile_table, stage_profile
@@ -32,11 +38,12 @@ from pipeline.rounds import PolicyState, RoundResult, run_round
 from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.data_files import data_stage_name, run_data_files
 from pipeline.stages.reward_model import table7_markdown, table8_markdown
-from pipeline.stages.reward_models import KINDS
 from pipeline.stages.oracle_eval import native_format, run_oracle_eval
 from pipeline.stages.sft import train_sft
 from pipeline.stages.pretrain import run_pretrain
-from pipeline.stages.llm_judge import run_llm_judge
+from pipeline.stages.reward_models import rm_stage_name
+from pipeline.stages.gatt_sources import DialogueSource, FileDialogues, WorldDialogues
+from pipeline.stages.llm_judge import ask_judge, judge_digest, run_llm_judge
 from pipeline.stages.win_rates import run_win_rates, versus_start
 from pipeline.summary import run_summary, write_summary
 from pipeline.stages.world import run_world, world_stage_name
@@ -157,8 +164,9 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
     weeks = [(name, tables[name], digest(name)) for name in tables if name.startswith("preferences_b")]
     train_digest = digest("prompts_train")
 
-    world = World(config.world) if oracle else None  # GAtt draws its dialogues from the world's tasks
+    world = World(config.world) if oracle else None
     judge_folder = config.judge.folder()
+    gatt_source = gatt_source_of(store, tables, world, config, judge_folder, pools, digest)
     judged: dict[int, dict] = {}
     results: list[RoundResult] = []
     win_rates: dict[tuple[int, str], dict] = {}
@@ -168,7 +176,8 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
             break
         started = time.perf_counter()
         result = run_round(store, r, weeks, current, rm_init, tables["prompts_train"], train_digest, config.rounds,
-                           config.rm, pools, evaluate, config.cluster.prompts_per_shard, world, config.eval_sampling)
+                           config.rm, pools, evaluate, config.cluster.prompts_per_shard, world, config.eval_sampling,
+                           gatt_source)
         results.append(result)
         print(f"\n== round {r} ({time.perf_counter() - started:.0f} s): {store.root / f'round-{r:02d}'}")
         _print_round(result, current, oracle)
@@ -182,9 +191,9 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
         _print_reward_rounds(policies, results, win_rates)
     if results:
         last = max(r.round for r in results)
-        rms = {kind: store.stage(last, f"rm_{kind}").manifest()["extra"]["metrics"] for kind in KINDS}
+        rms = {kind: store.stage(last, rm_stage_name(kind)).manifest()["extra"]["metrics"] for kind in PREFERENCE_KINDS}
         print(f"\n== reward models of round {last}: held-out accuracy (%) by rating beside the paper's Table 8")
-        heldout = {(kind, test): metrics["heldout"][test] for kind, metrics in rms.items() for test in KINDS}
+        heldout = {(kind, test): metrics["heldout"][test] for kind, metrics in rms.items() for test in PREFERENCE_KINDS}
         print(table8_markdown(heldout))
         if not oracle:  # the user's files: accuracy on each one, the paper's Table 7 as a reference point
             print("\n== reward models: held-out accuracy (%) on each source's pairs, and the paper's Table 7")
@@ -263,14 +272,16 @@ def _print_round(result: RoundResult, current: list[PolicyState], oracle: bool) 
         _print_ppo(result.ppo)
     for size, gatt in result.gatt.items():
         turns = [t for t in (1, 2, 4, 6, 20) if t <= len(gatt["before"])]
-        print(f"  GAtt {size}: {gatt['samples']} samples; adherence (%) by turn, before -> after: " + ", ".join(
-            f"{t}: {100 * gatt['before'][t - 1].rate:.0f} -> {100 * gatt['after'][t - 1].rate:.0f}" for t in turns))
+        judged_by = "" if oracle else " (the LLM judge's Yes/No per turn)"
+        print(f"  GAtt {size}: {gatt['samples']} samples; adherence (%) by turn{judged_by}, before -> after: "
+              + ", ".join(f"{t}: {100 * gatt['before'][t - 1].rate:.0f} -> {100 * gatt['after'][t - 1].rate:.0f}"
+                          for t in turns))
     for size, cd in result.distillation.items():
         c = cd["counts"]
         print(f"  context distillation {size}: kept {c['kept']} of {c['prompts']} adversarial prompts (not safer "
               f"{c['not_safer']}, empty {c['empty']}, echoes the preprompt {c['echoes_preprompt']}, too long "
-              f"{c['too_long']}, generic preprompt only {c.get('generic_only', 0)}); "
-              f"before it: {_summary_cells(cd['before']).strip()}")
+              f"{c['too_long']}, generic preprompt only {c.get('generic_only', 0)})"
+              + (f"; before it: {_summary_cells(cd['before']).strip()}" if oracle else ""))
     if oracle:
         for size, scores in result.before_ppo.items():
             print(f"  {size + ' r' + str(result.round) + ' pre-PPO':<12} " + _summary_cells(scores))
@@ -315,6 +326,27 @@ def judge_against_sft(store: RunStore, round: int, size: str, prompts: pa.Table,
 GATT_LABELS = (("before GAtt", "before"), ("GAtt", "after"))  # the report's columns, run_gatt's keys
 
 
+def gatt_source_of(store: RunStore, tables: dict[str, pa.Table], world: World | None, config: RunConfig,
+                   judge_folder: Path | None, pools: Pools, digest: Callable[[str], str]) -> DialogueSource | None:
+    """GAtt's instructions and dialogues: the world's, or data.gatt's files with the LLM judge measuring adherence
+    (None for a run from files without them: the config then refuses GAtt)."""
+    if world is not None:
+        return WorldDialogues(world)
+    if "gatt_instructions" not in tables or judge_folder is None:
+        return None
+
+    def ask(requests: list[tuple[str, list[Message]]], round: int, stage: str) -> dict[str, str]:  # noqa: A002
+        pool = pools.generator("judge", judge_folder, config.judge.context)
+        return ask_judge(requests, judge_folder, config.judge, pool, round, stage,
+                         ADHERENCE_PREFIX if config.judge.style == "direct" else "")
+
+    files = digest_config({"instructions": digest("gatt_instructions"), "dialogues": digest("gatt_dialogues"),
+                           "heldout_share": config.data.gatt.heldout_share, "judge": judge_digest(judge_folder),
+                           "judge_config": dataclasses.asdict(config.judge)})
+    return FileDialogues.from_tables(tables["gatt_instructions"], tables["gatt_dialogues"],
+                                     config.data.gatt.heldout_share, ask, files)
+
+
 def run_results(store: RunStore, name: str, results: list[RoundResult], win_rates: dict[tuple[int, str], dict],
                 judged: dict[int, dict], size: str, sft_safety: SafetyMetrics) -> RunResults:
     """The report's data for the `size` policy, from the rounds' results and stage manifests."""
@@ -331,13 +363,14 @@ def run_results(store: RunStore, name: str, results: list[RoundResult], win_rate
             trust["LLM judge"] = {"consistency": Proportion.from_dict(verdicts["consistency"])}
             if verdicts["agreement"]:
                 trust["LLM judge"]["agreement"] = Proportion.from_dict(verdicts["agreement"]["overall"])
-        rms = {kind: store.stage(result.round, f"rm_{kind}").manifest()["extra"]["metrics"] for kind in KINDS}
+        rms = {kind: store.stage(result.round, rm_stage_name(kind)).manifest()["extra"]["metrics"]
+               for kind in PREFERENCE_KINDS}
         rounds.append(RoundResults(
             result.round, f"RLHF-V{result.round}",
             win_rates=by_judge,
             reward_vs_k=result.rejection["reward_vs_k"],
             reward_vs_temperature=result.rejection.get("reward_vs_temperature") or [],
-            rm_accuracy={(kind, test): m["heldout"][test] for kind, m in rms.items() for test in KINDS},
+            rm_accuracy={(kind, test): m["heldout"][test] for kind, m in rms.items() for test in PREFERENCE_KINDS},
             ppo_iterations=(result.ppo or {}).get("iterations", []), ppo_heldout=(result.ppo or {}).get("heldout", []),
             gatt_adherence={label: result.gatt[size][key] for label, key in GATT_LABELS if size in result.gatt},
             safety=SafetyMetrics.from_dict(wins["safety"]) if wins["safety"] else None, judge_trust=trust))

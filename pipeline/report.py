@@ -1,7 +1,7 @@
 """The run report: `run_dir/report.md` with PNG plots in `run_dir/plots/`, and the same scalars as TensorBoard
 events in `run_dir/tensorboard/`, from per-round results the driver collects from the stage manifests.
 
-Plots (DESIGN.md section 5): helpfulness vs harmlessness win rate per round (paper Figure 11), max and median
+Plots (docs/design.md, "Rounds"): helpfulness vs harmlessness win rate per round (paper Figure 11), max and median
 reward against K (Figure 7), reward against temperature (Figure 8), RM accuracy by rating beside Table 8, GAtt
 adherence per turn beside Table 30, PPO curves (R_c and KL per iteration); and a safety table. A plot whose data
 is missing is skipped with a line saying so. Every file is written atomically (pipeline.data.store), so a reader

@@ -1,4 +1,4 @@
-"""The iterative RLHF rounds (PAPER.md, "Iterative fine-tuning"; DESIGN.md section 5).
+"""The iterative RLHF rounds (docs/paper.md, "Iterative fine-tuning"; docs/design.md, "Rounds").
 
 Round r = 1..R: ingest the round's new weekly preference batches (from batch 2 on mostly pairs of the latest
 policies' own answers, rated by the world's annotator); retrain both reward models on every batch so far; rejection
@@ -28,6 +28,7 @@ from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage, model_diges
 from pipeline.stages.context_distillation import ContextDistillationConfig
 from pipeline.stages.context_distillation_stage import run_context_distillation
 from pipeline.stages.gatt import GAttConfig
+from pipeline.stages.gatt_sources import DialogueSource
 from pipeline.stages.gatt_stage import run_gatt
 from pipeline.stages.oracle_eval import eval_prompts, stop_ids
 from pipeline.evaluation.rm_fidelity import rm_fidelity
@@ -36,7 +37,7 @@ from pipeline.stages.ppo import PPOConfig, run_ppo_loop
 from pipeline.stages.rejection_sampling import RejectionConfig, choose_prompts, run_rejection_sampling
 from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
 from pipeline.stages.reward_model import RMConfig
-from pipeline.stages.reward_models import run_reward_models
+from pipeline.stages.reward_models import rm_stage_name, run_reward_models
 from pipeline.stages.sft import train_sft
 from pipeline.world import World
 
@@ -118,12 +119,12 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
               policies: list[PolicyState], rm_init: PolicyState, prompts_train: pa.Table, train_digest: str,
               config: RoundsConfig, rm_config: RMConfig, pools: Pools,
               evaluate: Callable[[int, str, PolicyState], list[dict]], shard_rows: int, world: World | None,
-              sampling: Sampling) -> RoundResult:
+              sampling: Sampling, gatt_source: DialogueSource | None = None) -> RoundResult:
     """One round; `policies` (smallest first) are moved on to this round's checkpoints in place.
     `evaluate(round, stage name, policy)` scores a policy with the oracle; `sampling` is the evaluation's, which
-    GAtt and context distillation sample with too (one answer per prompt). `world` is None for runs from files,
-    which then run none of what needs it (on-policy batches: skipped; GAtt, context distillation: the config refuses
-    them)."""
+    GAtt and context distillation sample with too (one answer per prompt), `gatt_source` GAtt's instructions and
+    dialogues (the world's or the user's files). `world` is None for runs from files, which then make no on-policy
+    batch and measure no RM fidelity (both need the world's annotator or oracle)."""
     made: list[dict] = []  # the counts of the on-policy batches this round makes
 
     def on_policy_batch(batch: int) -> tuple[pa.Table, str]:
@@ -140,7 +141,7 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
     rms = run_reward_models(store, round, rm_init.checkpoint, rm_init.digest, preferences,
                             digest_config([digest for _, _, digest in ingested]), rm_config, runner=pools.train)
     help_dir, safe_dir = rms["helpfulness"][0], rms["safety"][0]
-    rm_digest = digest_config([model_digest(store.stage(round, f"rm_{kind}").manifest()) for kind in rms])
+    rm_digest = digest_config([model_digest(store.stage(round, rm_stage_name(kind)).manifest()) for kind in rms])
 
     sampler = policies[-1]  # the largest policy samples (the paper: 70B only)
     sampler_checkpoint = sampler.checkpoint
@@ -175,13 +176,16 @@ def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]
         after_ppo[sampler.name] = evaluate(round, f"eval_after_ppo_{sampler.name}", sampler)
     gatt, distillation = {}, {}
     if run_gatt_now:
+        if gatt_source is None:
+            raise ValueError("rounds.gatt.gatt_from: GAtt needs instructions and dialogues (the world's, or "
+                             "data.gatt's files)")
         # The largest first: with `gatt.distil` the other sizes train on its samples.
-        gatt[sampler.name], largest_samples = run_gatt(store, round, world, sampler, config.gatt, sampling,
+        gatt[sampler.name], largest_samples = run_gatt(store, round, gatt_source, sampler, config.gatt, sampling,
                                                        generators_of(sampler), pools.train,
                                                        (demonstrations, kept_digest))
         for policy in policies[:-1]:
-            gatt[policy.name], _ = run_gatt(store, round, world, policy, config.gatt, sampling, generators_of(policy),
-                                            pools.train, (demonstrations, kept_digest),
+            gatt[policy.name], _ = run_gatt(store, round, gatt_source, policy, config.gatt, sampling,
+                                            generators_of(policy), pools.train, (demonstrations, kept_digest),
                                             largest_samples if config.gatt.distil else None)
         gatt = {policy.name: gatt[policy.name] for policy in policies}
     if run_cd_now:

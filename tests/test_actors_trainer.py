@@ -17,7 +17,7 @@ import torch
 
 from actors.pool import PoolConfig, PoolError
 from actors.trainer import RankContext, TrainerGroup
-from pipeline.cluster import call_on_rank
+from pipeline.cluster import CallOnRank
 from pipeline.data.store import RunStore
 from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage
 from pipeline.stages.reward_model import train_reward_model
@@ -134,7 +134,7 @@ def rank_pid(ctx: RankContext, _payload: None) -> int:
 
 def on_ranks(group: TrainerGroup, fn, *args):
     """What pipeline.cluster.Pools.train does: `fn(*args)` on every rank, rank 0's result."""
-    return group.run(call_on_rank, [(fn, args)] * group.world_size)[0]
+    return group.run(CallOnRank(fn), [args] * group.world_size)[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Autoscaling (DESIGN.md section 9): a pool larger than the cluster makes Ray's autoscaler add nodes, its work
+"""Autoscaling (docs/design.md, "Operations"): a pool larger than the cluster makes Ray's autoscaler add nodes, its work
 finishes, and the idle nodes go away after the pool is shut down.
 
 The cluster is Ray's fake multi-node one (the autoscaler "launches" worker nodes as extra raylets on this

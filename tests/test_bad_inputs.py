@@ -7,9 +7,9 @@ table with the reason), never a bare library error; and nothing an earlier stage
 lines; tests/test_checkpoint.py: missing, extra and mis-shaped tensors in a single-file checkpoint); here they
 run against a run store, in the formats and layouts those tests do not use.
 
-Security (DESIGN.md section 9): checkpoints are safetensors only and nothing unpickles a file, `torch.load` only
-with `weights_only=True`, never `trust_remote_code`, the Ray dashboard on 127.0.0.1 unless configured, and config
-paths resolved and checked before anything starts.
+Security (docs/design.md, "Operations"): checkpoints are safetensors only and nothing unpickles a file,
+`torch.load` only with `weights_only=True`, never `trust_remote_code`, the Ray dashboard on 127.0.0.1 unless
+configured, and config paths resolved and checked before anything starts.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def test_runs_from_files_are_checked_up_front(tmp_path, files):
     folder = tmp_path / "base"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"rounds\.gatt\.gatt_from = 1: needs the embedded world"):
+    with pytest.raises(ConfigError, match=r"rounds\.gatt\.gatt_from = 1: a run from files needs data\.gatt"):
         compose_run("experiment=quick", f"+base_models.policy={folder}", *data)
     with pytest.raises(ConfigError, match=r"data\.safety: no files"):
         compose_run("experiment=quick", f"+base_models.policy={folder}", *data[:2])
@@ -117,7 +117,8 @@ def test_smollm2_experiment_and_the_readmes_own_checkpoint_example_compose(tmp_p
         compose_run("experiment=smollm2")
     data = tmp_path / ".cache/data/smollm2"
     data.mkdir(parents=True)
-    for name in ("alpaca_en_demo.json", "dpo_en_demo.json", "chitchat_pairs.jsonl", "safety_pairs.jsonl"):
+    for name in ("alpaca_en_demo.json", "dpo_en_demo.json", "chitchat_pairs.jsonl", "safety_pairs.jsonl",
+                 "gatt_instructions.jsonl", "gatt_dialogues.jsonl"):
         (data / name).write_text("[]")
     with pytest.raises(ConfigError, match=r"base_models\.smollm2 = .*no config\.json.*`llama2-setup-smollm2`"):
         compose_run("experiment=smollm2")

@@ -154,8 +154,8 @@ def test_trained_tokens_reads_attributes():
     assert trained_tokens(Result(12, 0.5), 4) == (12, 0.5)
 
 
-def test_loop_name_sees_through_call_on_rank():
-    from pipeline.cluster import call_on_rank
+def test_loop_name_sees_through_a_call_on_rank():
+    from pipeline.cluster import CallOnRank
 
-    assert _loop_name(report_tokens, {}) == "report_tokens"
-    assert _loop_name(call_on_rank, (report_tokens, ())) == "report_tokens"
+    assert _loop_name(report_tokens) == "report_tokens"
+    assert _loop_name(CallOnRank(report_tokens)) == "report_tokens"

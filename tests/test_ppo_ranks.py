@@ -49,14 +49,14 @@ def batch_table(rows: int, empty: set[int], samples_per_prompt: int = 1) -> pa.T
 
 def rank_state(ctx: RankContext, _payload: None) -> dict:
     """What must agree across the ranks after an update: weights, running moments, the optimizer's step count."""
-    from pipeline.stages.ppo import _STATE
+    state = ctx.state
 
     def flat(model: torch.nn.Module) -> torch.Tensor:
         return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
 
-    return {"policy": flat(_STATE["policy"]), "value": flat(_STATE["value"]) if "value" in _STATE else None,
-            "moments": (_STATE["moments"].count, _STATE["moments"].mean, _STATE["moments"].var),
-            "optimizer_steps": _STATE["policy_opt"][1].last_epoch}
+    return {"policy": flat(state["policy"]), "value": flat(state["value"]) if "value" in state else None,
+            "moments": (state["moments"].count, state["moments"].mean, state["moments"].var),
+            "optimizer_steps": state["policy_opt"][1].last_epoch}
 
 
 def setup_and_train(trainers: TrainerGroup, folders, config: PPOConfig, table: pa.Table, iterations: int):

@@ -18,7 +18,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.ppo import logit
 from model.tokenizer import SentencePieceTokenizer
 from pipeline.config_build import ConfigError, build
-from pipeline.stages.ppo import (_STATE, PPOConfig, answer_logits, answer_positions, export_policy, ppo_iteration,
+from pipeline.stages.ppo import (PPOConfig, answer_logits, answer_positions, export_policy, ppo_iteration,
                                  ppo_setup, prepare_batch, split_rows, token_logprobs)
 
 WORDS = "the cat sat on a mat and the dog ran to the park with a red ball".split()
@@ -99,7 +99,7 @@ def perturb_policy(seed: int = 0, scale: float = 0.05) -> None:
     """Move this rank's policy away from the reference (which stays at the checkpoint), so the KL is not 0."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for parameter in _STATE["policy"].parameters():
+        for parameter in ONE.state["policy"].parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
@@ -114,7 +114,8 @@ def row_logprobs(model: torch.nn.Module, prompt: list[int], answer: list[int], t
 def log_ratio_to(reference: torch.nn.Module, batch: dict[str, list]) -> float:
     """Mean over the batch's answer tokens of (log pi - log pi_ref)^2: how far the policy is from the reference."""
     squares = [(p - q) ** 2 for prompt, answer in zip(batch["prompt_token_ids"], batch["token_ids"])
-               for p, q in zip(row_logprobs(_STATE["policy"], prompt, answer), row_logprobs(reference, prompt, answer))]
+               for p, q in zip(row_logprobs(ONE.state["policy"], prompt, answer),
+                               row_logprobs(reference, prompt, answer))]
     return sum(squares) / len(squares)
 
 
@@ -170,7 +171,7 @@ def test_gae_on_the_stages_batch_matches_a_hand_computation(folders):
     std = math.sqrt(sum((x - mean) ** 2 for x in scores) / 4)  # population, as the running moments
     hand_advantages, hand_returns = [], []
     for prompt, answer, score in zip(batch["prompt_token_ids"], batch["token_ids"], scores):
-        kl = [p - q for p, q in zip(row_logprobs(_STATE["policy"], prompt, answer), row_logprobs(reference, prompt,
+        kl = [p - q for p, q in zip(row_logprobs(ONE.state["policy"], prompt, answer), row_logprobs(reference, prompt,
                                                                                                    answer))]
         with torch.no_grad():
             values = critic.token_values(torch.tensor([prompt + answer]))[0, len(prompt) - 1:-1].tolist()
@@ -242,7 +243,7 @@ def test_critic_free_estimators_train_the_policy_without_a_value_model(folders, 
     policy_dir, _ = folders
     config = PPOConfig(batch_size=2, samples_per_prompt=2, mini_batch=4, lr=1e-3, beta=0.0, advantage=estimator)
     assert ppo_setup(ONE, (str(policy_dir), None, config)) > 0  # no critic folder: nothing is loaded
-    assert "value" not in _STATE and "value_opt" not in _STATE
+    assert "value" not in ONE.state and "value_opt" not in ONE.state
     good, bad = [20, 21, 22, 2], [30, 31, 32, 2]
     # two prompts, each answered well and badly: the baseline is the other answer to the same prompt
     batch = batch_of([good, bad, bad, good], [0.9, 0.1, 0.2, 0.8], prompts=[[1, 5, 6]] * 2 + [[1, 7]] * 2,

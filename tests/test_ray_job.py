@@ -1,6 +1,7 @@
-"""The main job as a Ray job (DESIGN.md section 9, issue 7): `ray start --head`, `ray job submit --working-dir .
--- python -m pipeline ...`, `ray job stop` once the first stages are in the run store, a second submit that resumes
-from them and runs to the end. Only the venv's `ray` CLI, as the README's "Running as a Ray job" section has it.
+"""The main job as a Ray job (docs/design.md, "Operations"; issue 7): `ray start --head`,
+`ray job submit --working-dir . -- python -m pipeline ...`, `ray job stop` once the first stages are in the run
+store, a second submit that resumes from them and runs to the end. Only the venv's `ray` CLI, as the README's
+"Running as a Ray job" section has it.
 
 The head is a Ray instance of this test alone: free ports, its own `--temp-dir`, token authentication with a token
 of its own (Ray turns it on for `ray start` when ~/.ray/auth_token exists; the job CLI must then send one), and

@@ -1,6 +1,6 @@
-"""Resuming a killed run (DESIGN.md section 3, issue 7): the driver is SIGKILLed at three moments of one quick run,
-the same command run again continues from the run store, and a changed config key recomputes only what depends
-on it.
+"""Resuming a killed run (docs/design.md, "Run store and resuming"; issue 7): the driver is SIGKILLed at three
+moments of one quick run, the same command run again continues from the run store, and a changed config key
+recomputes only what depends on it.
 
 One run folder for all of it: killed in pretraining (the driver alone, as `kill -9 <pid>` does: what its local
 Ray leaves behind must not keep the next run from starting), killed with its whole process group in rejection

@@ -1,5 +1,6 @@
 """`experiment=smollm2` end to end at minimum sizes: the set-up (model and data from the package registry), then
-SFT, both RMs, rejection sampling, PPO, evaluation by the RMs and the SmolLM2 judge, and the report (~5 min)."""
+SFT, both RMs, rejection sampling, PPO, GAtt on the set-up's instruction and dialogue files (adherence judged by
+the LLM judge), context distillation, evaluation by the RMs and the SmolLM2 judge, and the report (~6 min)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ MINIMUM = [  # the experiment's own config with every size cut down
     "rounds.rejection.max_tokens=24", "rounds.ppo.iterations=2", "rounds.ppo.batch_size=4", "rounds.ppo.mini_batch=2",
     "rounds.ppo.heldout_prompts=2", "rounds.ppo.max_tokens=24", "rounds.ppo.eval_every=1",
     "eval_sampling.max_tokens=24", "judge.prompts=2", "cluster.dashboard=false",
+    "rounds.gatt.dialogues=2", "rounds.gatt.eval_dialogues=2", "rounds.gatt.turns=2", "rounds.gatt.sft.seq_len=512",
+    "rounds.context_distillation.prompts=2",
 ]
 
 
@@ -59,6 +62,15 @@ def test_smollm2_experiment_at_minimum_sizes(tmp_path):
         means = store.stage(1, key).manifest()["extra"]["mean_scores"]
         assert 0 <= means["candidate"]["helpfulness"] <= 1 and 0 <= means["baseline"]["helpfulness"] <= 1
     assert re.search(r"^  1\s+smollm2 before PPO\s+\d\.\d{3} -> \d\.\d{3}", out, re.M)
+
+    # GAtt from the files: held-out dialogues answered turn by turn, adherence asked of the judge per answered turn.
+    assert store.stage(0, "data_gatt_instructions").read().num_rows == 16
+    before = store.stage(1, "gatt_before_smollm2").manifest()["extra"]
+    assert [row["dialogues"] for row in before["adherence"]] == [2, 2] and before["judge_requests"] > 0
+    assert re.search(r"GAtt smollm2: \d+ samples; adherence \(%\) by turn \(the LLM judge's", out)
+    # Context distillation with the generic preprompt on the safety file's prompts.
+    counts = store.stage(1, "cd_data_smollm2").manifest()["extra"]["counts"]
+    assert counts["prompts"] == 2 and "context distillation smollm2: kept" in out
 
     # The SmolLM2 judge: verdicts with position-swap consistency, no oracle agreement (real data has no oracle).
     judged = store.stage(1, "judge_smollm2").manifest()["extra"]

@@ -38,9 +38,9 @@ from pipeline.data.schemas import MESSAGE, MESSAGES, REJECTS, RISK_CATEGORIES, S
 from pipeline.data.store import read_parquet, write_table_atomic
 from pipeline.data.validate import DataError, RowError
 
-__all__ = ["KINDS", "DataError", "LoadResult", "LoadSummary", "load"]
+__all__ = ["TABLE_KINDS", "DataError", "LoadResult", "LoadSummary", "load"]
 
-KINDS = ("prompts", "demonstrations", "preferences")
+TABLE_KINDS = ("prompts", "demonstrations", "preferences")
 _ROW = "__row"  # a row's 0-based position in its file, carried along so output and rejects keep file order
 
 LAYOUTS = {
@@ -807,8 +807,8 @@ def load(
     tokenizer + max_tokens: reject rows whose LLaMA-2 chat encoding is longer. Rows failing any rule go to
     `rejects` (and to `rejects_path` as Parquet when given); more than `max_reject_share` of them raises DataError.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if kind not in TABLE_KINDS:
+        raise ValueError(f"kind: expected one of {TABLE_KINDS}, got {kind!r}")
     if (tokenizer is None) != (max_tokens is None):
         raise ValueError("tokenizer and max_tokens go together")
     source = Path(path)

@@ -92,7 +92,14 @@ REJECTS = _schema("rejects", [
     pa.field("raw", pa.string()),  # the row as JSON, so nothing is lost
 ])
 
-SCHEMAS = {s.metadata[b"kind"].decode(): s for s in (PROMPTS, DEMONSTRATIONS, PREFERENCES, SAMPLES, CORPUS, REJECTS)}
+INSTRUCTIONS = _schema("instructions", [  # Ghost Attention's instructions from a user's file
+    pa.field("id", pa.string(), nullable=False),  # a hash of the text
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("short", pa.string()),  # a shortened form ("Figure: Napoleon."), if the file gives one
+])
+
+SCHEMAS = {s.metadata[b"kind"].decode(): s
+           for s in (PROMPTS, DEMONSTRATIONS, PREFERENCES, SAMPLES, CORPUS, REJECTS, INSTRUCTIONS)}
 
 
 def schema_of(table: pa.Table) -> str | None:

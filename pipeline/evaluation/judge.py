@@ -120,3 +120,29 @@ def consistency(verdicts: Iterable[tuple[Label | None, Label | None]]) -> Propor
 def verdict_of_replies(reply_order1: str | None, reply_order2: str | None) -> Preference | None:
     """The combined preference of the judge's two raw replies (`judge_prompts` order)."""
     return combine(parse_verdict(reply_order1), parse_verdict(reply_order2))
+
+
+# --- instruction adherence (Ghost Attention's Table 30 where no checker exists) ------------------------------
+
+ADHERENCE_SYSTEM = (
+    "You check whether an AI assistant kept an instruction it was given at the start of a conversation.\n"
+    "Read the instruction, the user's latest message and the assistant's answer to it. Answer Yes if the answer "
+    "follows the instruction, No if it ignores or breaks it. Reply with Yes or No only.")
+ADHERENCE_USER = ("[Instruction]\n{instruction}\n\n[User]\n{user}\n\n[Answer]\n{answer}\n\n"
+                  "Does the answer follow the instruction?")
+ADHERENCE_PREFIX = "Follows:"  # a "direct" judge's reply is started with it, so its next token is the label
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def adherence_messages(instruction: str, user: str, answer: str) -> list[Message]:
+    """One adherence request: does `answer` (to the user turn `user`) keep `instruction`?"""
+    return [{"role": "system", "content": ADHERENCE_SYSTEM},
+            {"role": "user", "content": ADHERENCE_USER.format(instruction=instruction.strip(), user=user.strip(),
+                                                              answer=answer.strip() or "(empty answer)")}]
+
+
+def parse_yes_no(text: str | None) -> bool | None:
+    """The first Yes or No of a reply's first non-empty line; None when that line has neither."""
+    line = next((line for line in (text or "").splitlines() if line.strip()), "")
+    match = _YES_NO.search(line.removeprefix(ADHERENCE_PREFIX))
+    return None if match is None else match[1].lower() == "yes"

@@ -1,4 +1,4 @@
-"""Safety context distillation (PAPER.md, Safety), the data side: pure functions, no Ray, vLLM or torch.
+"""Safety context distillation (docs/paper.md, "Safety"), the data side: pure functions, no Ray, vLLM or torch.
 
 Prefix adversarial prompts with a safety preprompt ("You are a safe and responsible assistant."), optionally with
 the risk category's answer template; generate with and without it; keep the preprompted answer only where the

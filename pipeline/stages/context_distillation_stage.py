@@ -1,4 +1,4 @@
-"""The safety context distillation stage of a round (PAPER.md, Safety); the data side is
+"""The safety context distillation stage of a round (docs/paper.md, "Safety"); the data side is
 pipeline/stages/context_distillation.py.
 
 Per policy size, each a cached stage in round-RR/:

@@ -6,7 +6,9 @@ Parquet), loaded once into the run store as the same tables the world gives the 
 - `prompts_eval`: the prompts of the pairs the reward models hold out (rm.heldout_share per batch, the same hash
   draw as the RM stage), so no model trained on them; `prompts_train`: every other distinct pair prompt, which
   rejection sampling and PPO sample from;
-- `rejects`: every row any file could not give (file, row, field, reason, the row itself).
+- `rejects`: every row any file could not give (file, row, field, reason, the row itself);
+- with `data.gatt`, `gatt_instructions` and `gatt_dialogues`: Ghost Attention's inputs
+  (pipeline/stages/gatt_sources.py).
 
 There is no oracle for such data: the driver judges these runs with the reward models and the LLM judge only.
 """
@@ -27,10 +29,12 @@ from model.tokenizer import Tokenizer
 from pipeline.data.readers import load
 from pipeline.data.schemas import PROMPTS, REJECTS, RISK_CATEGORIES, schema_of
 from pipeline.data.store import RunStore, digest_config, digest_file
+from pipeline.stages.gatt_sources import GAttFiles, load_instructions
 from pipeline.stages.reward_model import split_heldout
 
 ROUND = 0
-KINDS = ("sft", "helpfulness", "safety")
+FILE_KINDS = ("sft", "helpfulness", "safety")
+GATT_FILES = ("instructions", "dialogues")
 
 
 @dataclass
@@ -58,21 +62,25 @@ class DataConfig:
     max_tokens: int = 1024  # rows longer than this in the policy's chat format are rejected (with the reason)
     max_reject_share: float = 0.1  # more rejects than this share of a file stops the run, naming the rows
     eval_prompts: int = 64  # at most this many held-out prompts per kind are evaluated on
+    # Ghost Attention's instruction list and multi-turn dialogues (rounds.gatt.gatt_from needs them in such a run).
+    gatt: GAttFiles = field(default_factory=GAttFiles)
     # The command that creates these files (an experiment's set-up), named when one of them is missing.
     setup: str | None = None
 
     def __post_init__(self) -> None:
         errors = []
         if self.enabled and not (self.sft and self.helpfulness and self.safety):
-            missing = [kind for kind in KINDS if not getattr(self, kind)]
+            missing = [kind for kind in FILE_KINDS if not getattr(self, kind)]
             errors.append(f"data.{missing[0]}: no files; a run from files needs SFT demonstrations and helpfulness "
                           "and safety pairs (leave all three empty for the embedded world)")
-        for kind in KINDS:
-            for i, spec in enumerate(getattr(self, kind)):
-                path = Path(spec.path).expanduser().resolve()
-                if not path.exists():
-                    errors.append(f"data.{kind}[{i}].path = {spec.path!r}: no such file or folder ({path})")
-                spec.path = str(path)  # absolute: Ray jobs may run elsewhere
+        files = [(f"data.{kind}[{i}].path", spec, "path")
+                 for kind in FILE_KINDS for i, spec in enumerate(getattr(self, kind))]
+        files += [(f"data.gatt.{name}", self.gatt, name) for name in GATT_FILES if getattr(self.gatt, name) is not None]
+        for key, owner, name in files:
+            path = Path(getattr(owner, name)).expanduser().resolve()
+            if not path.exists():
+                errors.append(f"{key} = {getattr(owner, name)!r}: no such file or folder ({path})")
+            setattr(owner, name, str(path))  # absolute: Ray jobs may run elsewhere
         if errors and self.setup:
             errors.append(f"this experiment's own files are made by `{self.setup}`: run it first")
         if self.max_tokens < 16:
@@ -97,9 +105,14 @@ def run_data_files(store: RunStore, config: DataConfig, tokenizer: Tokenizer, he
                    heldout_pairs: int | None) -> tuple[dict[str, pa.Table], bool]:
     """The tables (see the module doc) and whether they came from the store. The stage's inputs are the files'
     bytes, so an edited file reloads; `tokenizer` is the policy's (its chat format decides `max_tokens`)."""
-    inputs = {f"{kind}[{i}]": digest_file(spec.path) for kind in KINDS
+    inputs = {f"{kind}[{i}]": digest_file(spec.path) for kind in FILE_KINDS
               for i, spec in enumerate(getattr(config, kind))}
-    config_digest = digest_config({"data": dataclasses.asdict(config), "heldout": [heldout_share, heldout_pairs],
+    data = dataclasses.asdict(config)
+    if config.gatt.enabled:
+        inputs |= {f"gatt.{name}": digest_file(getattr(config.gatt, name)) for name in GATT_FILES}
+    else:
+        del data["gatt"]  # the digest of runs without GAtt files stays what it was before `data.gatt` existed
+    config_digest = digest_config({"data": data, "heldout": [heldout_share, heldout_pairs],
                                    "tokenizer": tokenizer.vocab_size, "template": tokenizer.chat_template})
     names = _table_names(config)
     stages = {name: store.stage(ROUND, data_stage_name(name)) for name in names}
@@ -118,9 +131,9 @@ def load_tables(config: DataConfig, tokenizer: Tokenizer, heldout_share: float, 
                 rejects_dir: Path) -> dict[str, pa.Table]:
     """Every file's rows also land in `rejects_dir/<kind><i>-<file>.parquet` when rejected, before a file with
     too many rejects stops the run (so they can be looked at)."""
-    loaded: dict[str, list[pa.Table]] = {kind: [] for kind in KINDS}
+    loaded: dict[str, list[pa.Table]] = {kind: [] for kind in FILE_KINDS}
     rejects = []
-    for kind in KINDS:
+    for kind in FILE_KINDS:
         for i, spec in enumerate(getattr(config, kind)):
             defaults = ({"batch": spec.batch, "kind": kind} if kind != "sft" else {}) | spec.defaults
             result = load(spec.path, "demonstrations" if kind == "sft" else "preferences",
@@ -140,6 +153,14 @@ def load_tables(config: DataConfig, tokenizer: Tokenizer, heldout_share: float, 
     keep = [_prompt_key(m) not in held for m in train.column("messages").to_pylist()]
     tables["prompts_train"] = train.filter(pa.array(keep, pa.bool_()))
     tables["rejects"] = pa.concat_tables(rejects).cast(REJECTS)
+    if config.gatt.enabled:
+        tables["gatt_instructions"] = load_instructions(config.gatt.instructions, rejects_dir / "gatt_instructions"
+                                                        f"-{Path(config.gatt.instructions).stem}.parquet",
+                                                        config.max_reject_share)
+        tables["gatt_dialogues"] = load(config.gatt.dialogues, "demonstrations", tokenizer=tokenizer,
+                                        max_tokens=config.max_tokens, max_reject_share=config.max_reject_share,
+                                        rejects_path=rejects_dir / f"gatt_dialogues-{Path(config.gatt.dialogues).stem}"
+                                        ".parquet").table
     return tables
 
 
@@ -179,4 +200,4 @@ def _prompt_key(messages: list[dict[str, str]]) -> str:
 def _table_names(config: DataConfig) -> list[str]:
     batches = sorted({spec.batch for kind in ("helpfulness", "safety") for spec in getattr(config, kind)})
     return ["demonstrations", *(f"preferences_b{b:02d}" for b in batches), "prompts_eval", "prompts_train",
-            "rejects"]
+            "rejects", *(("gatt_instructions", "gatt_dialogues") if config.gatt.enabled else ())]

@@ -1,4 +1,4 @@
-"""Ghost Attention (PAPER.md section 3.3), the data side: pure functions, no Ray or vLLM.
+"""Ghost Attention (docs/paper.md, "Ghost Attention"), the data side: pure functions, no Ray or vLLM.
 
 The paper's instructions are a language ("Speak in French"), a public figure ("Act as Napoleon") and a hobby
 ("You enjoy tennis"), combined at random and half the time shortened ("Figure: Napoleon."). The world has exactly
@@ -50,7 +50,7 @@ from pipeline.world.seeding import split_keys
 from pipeline.world.tables import dump_meta
 
 GATT_SOURCE = "gatt"
-# PAPER.md, Table 30: share (%) of turns that follow the instruction, turn -> (baseline, GAtt).
+# docs/paper.md, Table 30: share (%) of turns that follow the instruction, turn -> (baseline, GAtt).
 TABLE30 = {2: (100.0, 100.0), 4: (10.0, 100.0), 6: (0.0, 100.0), 20: (0.0, 100.0)}
 
 InstructionKey = tuple[str, str, str]
@@ -98,13 +98,13 @@ class GAttConfig:
 
 @dataclass(frozen=True)
 class GAttInstruction:
-    instruction: Instruction  # what follows() checks
+    instruction: Instruction | None  # what follows() checks; None for a user's instruction (no checker)
     short: bool
     text: str  # what the model reads
 
     def to_meta(self) -> dict[str, Any]:
         """The layout of the world's dialogue meta["instruction"], which the oracle reads."""
-        return {**self.instruction.to_meta(), "short": self.short, "text": self.text}
+        return {**(self.instruction.to_meta() if self.instruction else {}), "short": self.short, "text": self.text}
 
 
 def split_instruction_keys(split: str, eval_fraction: float) -> list[InstructionKey]:
@@ -271,9 +271,17 @@ def adherence_prompts(dialogues: Sequence[GAttDialogue], answers: Sequence[Seque
     return _next_turn_table(dialogues, answers, tokenizer, max_prompt_tokens, every_turn=False)
 
 
+def checker(dialogue: GAttDialogue) -> Instruction:
+    """The instruction `follows()` checks; a user's instruction from a file has none to verify samples with."""
+    if dialogue.instruction.instruction is None:
+        raise ValueError(f"dialogue {dialogue.id!r}: its instruction has no checker, so samples cannot be verified; "
+                         "sample one answer per turn (rounds.gatt.verify=false)")
+    return dialogue.instruction.instruction
+
+
 def first_adherent(dialogues: Sequence[GAttDialogue], samples: pa.Table) -> pa.Table:
     """One SAMPLES row per prompt: the first sample that keeps its dialogue's instruction, else the first."""
-    instruction = {d.id: d.instruction.instruction for d in dialogues}
+    instruction = {d.id: checker(d) for d in dialogues}
     chosen: dict[str, tuple[int, bool]] = {}  # prompt -> (row, keeps the instruction)
     for row, (pid, response) in enumerate(zip(samples.column("prompt_id").to_pylist(),
                                                samples.column("response").to_pylist())):
@@ -322,7 +330,7 @@ def gatt_demonstrations(dialogues: Sequence[GAttDialogue], answers: Sequence[Seq
         answered = next((i for i, a in enumerate(done) if not a.strip()), len(done))  # an empty answer ends it
         ends = range(1, answered + 1) if prefixes else [answered] if answered == len(d.user_turns) else []
         for t in ends:
-            if verify and not follows(d.instruction.instruction, done[t - 1]):
+            if verify and not follows(checker(d), done[t - 1]):
                 continue
             demo = d.prefix(t) if prefixes else d
             rows.append({"id": demo.id, "category": "dialogue", "source": GATT_SOURCE, "meta": dump_meta(demo.meta),

@@ -1,4 +1,4 @@
-"""The Ghost Attention stage of a round (PAPER.md section 3.3): the data side is pipeline/stages/gatt.py.
+"""The Ghost Attention stage of a round (docs/paper.md, "Ghost Attention"): the data side is pipeline/stages/gatt.py.
 
 Per policy size, each a cached stage in round-RR/:
 - `gatt_before_<size>`: adherence per turn (Table 30) of the policy on held-out dialogues, the instruction in the
@@ -29,12 +29,11 @@ from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.store import RunStore, digest_config
 from pipeline.stages.cached import checkpoint_stage
-from pipeline.stages.gatt import (GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_by_turn,
-                                  adherence_prompts, first_adherent, gatt_demonstrations, gatt_dialogues,
-                                  gatt_examples, gatt_sampling_prompts)
+from pipeline.stages.gatt import (GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_prompts,
+                                  first_adherent, gatt_demonstrations, gatt_examples, gatt_sampling_prompts)
+from pipeline.stages.gatt_sources import DialogueSource
 from pipeline.stages.oracle_eval import stopping_at_eos
 from pipeline.stages.sft import train_sft, with_mix
-from pipeline.world import World
 
 
 def answer_dialogues(dialogues: list[GAttDialogue], tokenizer: Tokenizer, context: int, sampling: Sampling,
@@ -55,21 +54,23 @@ def answer_dialogues(dialogues: list[GAttDialogue], tokenizer: Tokenizer, contex
 
 def _adherence_stage(store: RunStore, round: int, name: str,  # noqa: A002
                      policy_digest: str, dialogues: list[GAttDialogue], answer: Callable[[], list[list[str]]],
-                     config_digest: str) -> list[TurnAdherence]:
+                     config_digest: str, source: DialogueSource) -> list[TurnAdherence]:
     stage = store.stage(round, name)
     inputs = {"policy": policy_digest}
     if not stage.is_complete(inputs, config_digest):
         stage.begin(inputs, config_digest)
-        rows = adherence_by_turn([d.meta for d in dialogues], answer())
-        stage.finish(None, inputs, config_digest, extra={"adherence": [dataclasses.asdict(r) for r in rows]})
+        rows, measured = source.adherence(dialogues, answer(), round, name)
+        stage.finish(None, inputs, config_digest,
+                     extra={"adherence": [dataclasses.asdict(r) for r in rows], **measured})
     return [TurnAdherence(**r) for r in stage.manifest()["extra"]["adherence"]]
 
 
-def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAttConfig,  # noqa: A002
+def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Any, config: GAttConfig,  # noqa: A002
              sampling: Sampling, generators: Callable[[Path], Pool], train: Callable[..., dict],
              mix: tuple[pa.Table, str] | None = None,
              samples_from: tuple[pa.Table, str] | None = None) -> tuple[dict[str, Any], tuple[pa.Table, str]]:
-    """GAtt for one policy size (a rounds.PolicyState, moved on to the GAtt checkpoint when any dialogue was kept).
+    """GAtt for one policy size (a rounds.PolicyState, moved on to the GAtt checkpoint when any dialogue was kept),
+    its instructions and dialogues from `source` (the world's, or the user's files), which measures adherence too.
     `generators(checkpoint)` is the generator pool serving a checkpoint of this size, `train` the trainer group's
     runner; `mix` (DEMONSTRATIONS, digest) is trained on alongside the GAtt dialogues, as the paper mixes GAtt data
     into its fine-tuning data (measured: trained on GAtt dialogues alone, the tiny policies began every answer
@@ -81,12 +82,13 @@ def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAt
     sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
     # The training dialogues depend on everything but the fine-tuning settings (the training stage's own config).
     data_config = {k: v for k, v in dataclasses.asdict(config).items() if k != "sft"}
-    config_digest = digest_config({"gatt": data_config, "sampling": dataclasses.asdict(sampling)})
+    from_source = {"source": source.digest} if source.digest else {}  # the world's: in the stages' inputs already
+    config_digest = digest_config({"gatt": data_config, "sampling": dataclasses.asdict(sampling), **from_source})
     # Table 30's measurement depends only on the held-out dialogues and the sampling, not on how GAtt trains.
     eval_digest = digest_config({"dialogues": [config.eval_dialogues, config.turns, config.short_prob, config.seed],
-                                 "sampling": dataclasses.asdict(sampling)})
-    held_out = gatt_dialogues(world, "eval", config.eval_dialogues, config.turns, random.Random(config.seed + 1),
-                              config.short_prob, min_turns=config.turns)
+                                 "sampling": dataclasses.asdict(sampling), **from_source})
+    held_out = source.dialogues("eval", config.eval_dialogues, config.turns, random.Random(config.seed + 1),
+                                config.short_prob, min_turns=config.turns)
 
     def answer(dialogues: list[GAttDialogue], every_turn: bool, sampler: str, n: int = 1) -> list[list[str]]:
         pool = generators(policy.checkpoint)
@@ -97,13 +99,13 @@ def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAt
                                 every_turn, (lambda s: first_adherent(dialogues, s)) if n > 1 else None)
 
     before = _adherence_stage(store, round, f"gatt_before_{policy.name}", policy.digest, held_out,
-                              lambda: answer(held_out, False, "gatt-eval"), eval_digest)
+                              lambda: answer(held_out, False, "gatt-eval"), eval_digest, source)
     if samples_from is None:
         data = store.stage(round, f"gatt_data_{policy.name}")
         if not data.is_complete({"policy": policy.digest}, config_digest):
             data.begin({"policy": policy.digest}, config_digest)
-            dialogues = gatt_dialogues(world, "train", config.dialogues, config.turns, random.Random(config.seed),
-                                       config.short_prob)
+            dialogues = source.dialogues("train", config.dialogues, config.turns, random.Random(config.seed),
+                                         config.short_prob)
             answers = answer(dialogues, True, "gatt", config.samples_per_turn if config.verify else 1)
             data.write_shard(0, gatt_demonstrations(dialogues, answers, config.verify, config.prefixes))
             data.finish("demonstrations", {"policy": policy.digest}, config_digest)
@@ -117,5 +119,5 @@ def run_gatt(store: RunStore, round: int, world: World, policy: Any, config: GAt
         lambda out: train(train_sft, policy.checkpoint, with_mix(dialogues, mix), out, config.sft, gatt_examples))
     policy.move_to(store.stage(round, f"gatt_sft_{policy.name}"))
     after = _adherence_stage(store, round, f"gatt_after_{policy.name}", policy.digest, held_out,
-                             lambda: answer(held_out, False, "gatt-eval"), eval_digest)
+                             lambda: answer(held_out, False, "gatt-eval"), eval_digest, source)
     return {"before": before, "after": after, "samples": dialogues.num_rows, "training": metrics}, samples_from

@@ -1,4 +1,4 @@
-"""LLM-as-a-judge win rates (PAPER.md, Evaluation): a judge model served by the generator pool compares a
+"""LLM-as-a-judge win rates (docs/paper.md, "Evaluation"): a judge model served by the generator pool compares a
 round's policy with its SFT model on held-out prompts; the prompt building and verdict parsing are
 pipeline/evaluation/judge.py.
 
@@ -10,7 +10,7 @@ much its verdict depends on the order alone. Greedy decoding: a verdict should n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
+from model.chat_template import Message
 from pipeline.data.store import RunStore, digest_config, digest_file
 from pipeline.evaluation.judge import STYLES, VERDICT_PREFIX, combine, consistency, judge_prompts, parse_verdict
 from pipeline.evaluation.winrate import agreement, count, prefer
@@ -92,16 +93,46 @@ def comparisons(candidate: pa.Table, baseline: pa.Table, prompts: pa.Table, coun
     return out
 
 
-def judge_inputs(items: list[dict[str, Any]], chat_ids: Callable[[list[dict]], list[int]],
+def judge_requests(requests: Sequence[tuple[str, list[Message]]],
+                   chat_ids: Callable[[list[Message]], list[int]]) -> pa.Table:
+    """Generator input: one row per (id, judge messages) request."""
+    return pa.table({"id": pa.array([i for i, _ in requests], pa.string()),
+                     "prompt_token_ids": pa.array([chat_ids(m) for _, m in requests], pa.list_(pa.int32())),
+                     "is_safety": pa.array([False] * len(requests), pa.bool_())})
+
+
+def comparison_requests(items: list[dict[str, Any]], style: str = "explain") -> list[tuple[str, list[Message]]]:
+    """Two requests per comparison (`<id>|1`: A = candidate, `<id>|2`: A = baseline)."""
+    return [(f"{item['id']}|{order}", messages) for item in items for order, messages in
+            enumerate(judge_prompts(item["messages"], *item["answers"], item["aspect"], style), 1)]
+
+
+def judge_inputs(items: list[dict[str, Any]], chat_ids: Callable[[list[Message]], list[int]],
                  style: str = "explain") -> pa.Table:
-    """Generator input: two requests per comparison (`<id>|1`: A = candidate, `<id>|2`: A = baseline)."""
-    ids, prompt_ids = [], []
-    for item in items:
-        for order, messages in enumerate(judge_prompts(item["messages"], *item["answers"], item["aspect"], style), 1):
-            ids.append(f"{item['id']}|{order}")
-            prompt_ids.append(chat_ids(messages))
-    return pa.table({"id": pa.array(ids, pa.string()), "prompt_token_ids": pa.array(prompt_ids, pa.list_(pa.int32())),
-                     "is_safety": pa.array([False] * len(ids), pa.bool_())})
+    """Generator input of `comparison_requests`."""
+    return judge_requests(comparison_requests(items, style), chat_ids)
+
+
+def judge_digest(folder: Path) -> str:
+    """What identifies a judge checkpoint in a stage's inputs."""
+    return digest_file(folder / "config.json") + digest_file(next(folder.glob("*.safetensors")))
+
+
+def ask_judge(requests: Sequence[tuple[str, list[Message]]], folder: Path, config: JudgeConfig, pool: Pool,
+              round: int, name: str, started: str = "") -> dict[str, str]:  # noqa: A002
+    """The judge's greedy reply (in its own chat template) to each (id, messages) request, by id. `started` is
+    written for the judge at the start of its reply and is part of the reply returned."""
+    from transformers import AutoTokenizer  # the judge's own chat template
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    head = tokenizer.encode(started, add_special_tokens=False) if started else []
+    table = judge_requests(requests, lambda m: list(tokenizer.apply_chat_template(
+        m, add_generation_prompt=True, tokenize=True, return_dict=False)) + head)
+    sampling = Sampling(n=1, temperature=0.0, max_tokens=config.max_tokens, seed=config.seed,
+                        stop_token_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    [samples] = pool.map_shards("generate", [table], sampling, round, name)
+    return {pid: started + (reply or "") for pid, reply in zip(samples.column("prompt_id").to_pylist(),
+                                                              samples.column("response").to_pylist())}
 
 
 def verdict_summary(items: list[dict[str, Any]], replies: dict[str, str], oracle: bool = True) -> dict[str, Any]:
@@ -129,26 +160,15 @@ def run_llm_judge(store: RunStore, round: int, name: str,  # noqa: A002
     candidate, baseline = store.stage(round, candidate_stage), store.stage(*baseline_stage)
     inputs = {"candidate": candidate.manifest()["content_digest"],
               "baseline": baseline.manifest()["content_digest"],
-              "judge": digest_file(folder / "config.json") + digest_file(next(folder.glob("*.safetensors")))}
+              "judge": judge_digest(folder)}
     config_digest = digest_config({**asdict(config), "version": 1, **({} if oracle else {"oracle": False})})
     if stage.is_complete(inputs, config_digest):
         return stage.manifest()["extra"], True
     stage.begin(inputs, config_digest)
-    from transformers import AutoTokenizer  # the judge's own chat template
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     items = comparisons(candidate.read(), baseline.read(), prompts, config.prompts, config.seed, oracle)
     # "direct": the reply is started for the judge, so its first tokens are the label.
-    started = tokenizer.encode(VERDICT_PREFIX, add_special_tokens=False) if config.style == "direct" else []
-    table = judge_inputs(items, lambda m: list(tokenizer.apply_chat_template(m, add_generation_prompt=True,
-                                                                             tokenize=True, return_dict=False))
-                         + started, config.style)
-    sampling = Sampling(n=1, temperature=0.0, max_tokens=config.max_tokens, seed=config.seed,
-                        stop_token_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    [samples] = generators().map_shards("generate", [table], sampling, round, name)
-    prefix = VERDICT_PREFIX if config.style == "direct" else ""
-    replies = {pid: prefix + reply for pid, reply in zip(samples.column("prompt_id").to_pylist(),
-                                                         samples.column("response").to_pylist())}
+    replies = ask_judge(comparison_requests(items, config.style), folder, config, generators(), round, name,
+                        VERDICT_PREFIX if config.style == "direct" else "")
     result = verdict_summary(items, replies, oracle)
     result["examples"] = [{"id": k, "reply": v} for k, v in list(replies.items())[:4]]
     stage.finish(None, inputs, config_digest, extra=result)

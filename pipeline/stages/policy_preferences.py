@@ -1,7 +1,8 @@
-"""On-policy weekly batches (PAPER.md: each new batch is sampled from the latest models and rated): from batch 2 on,
-`share` of a weekly batch is pairs of two answers of the latest policies to one fresh training prompt, rated by the
-world's annotator (its noise, the paper's rating scale); the rest, and all of batch 1, are the world's prebuilt
-pairs. The RMs so learn to rank answers of the policy's own form (docs/results.md, "On-policy weekly batches").
+"""On-policy weekly batches (docs/paper.md, "Weekly preference batches": each new batch is sampled from the latest
+models and rated): from batch 2 on, `share` of a weekly batch is pairs of two answers of the latest policies to one
+fresh training prompt, rated by the world's annotator (its noise, the paper's rating scale); the rest, and all of
+batch 1, are the world's prebuilt pairs. The RMs so learn to rank answers of the policy's own form
+(docs/results.md, "On-policy weekly batches").
 
 Stage `policy_preferences_bNN` in the round that ingests batch NN: inputs are the sampling policies and the
 prebuilt batch; the table is the whole mixed batch (PREFERENCES, the prebuilt rows marked by `source`).

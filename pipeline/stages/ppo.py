@@ -1,4 +1,4 @@
-"""PPO on the combined reward (PAPER.md, "Iterative fine-tuning"), on top of the rejection-sampling checkpoint.
+"""PPO on the combined reward (docs/paper.md, "Iterative fine-tuning"), on top of the rejection-sampling checkpoint.
 
 Each iteration: the generator pool samples `samples_per_prompt` answers (1 by default) per prompt of a batch with
 the current policy (vLLM); the scorer pool adds R_h, R_s and R_c; the trainer group takes one PPO update (policy and
@@ -108,7 +108,7 @@ class PPOConfig:
 
     @classmethod
     def llama2(cls, beta: float = 0.01) -> PPOConfig:
-        """PAPER.md: constant lr 1e-6, batch 512, mini-batch 64, clip 0.2, beta 0.01 (7B) / 0.005 (70B), AdamW
+        """docs/paper.md: constant lr 1e-6, batch 512, mini-batch 64, clip 0.2, beta 0.01 (7B) / 0.005 (70B), AdamW
         (0.9, 0.95), eps 1e-5, weight decay 0.1, grad clip 1.0, up to 400 iterations with early stopping."""
         return cls(iterations=400, batch_size=512, mini_batch=64, lr=1e-6, beta=beta, heldout_prompts=512,
                    eval_every=20, patience=3)
@@ -127,7 +127,6 @@ class Critic(torch.nn.Module):
         return self.reward_model.token_values(input_ids, attention_mask)
 
 
-_STATE: dict[str, Any] = {}  # this rank's PPO models and optimizers, kept between iterations
 STATS = ("policy_loss", "clip_fraction", "approx_kl", "value_loss", "entropy")  # per gradient step, token means
 
 
@@ -143,14 +142,14 @@ def ppo_setup(ctx: RankContext, payload: tuple[str, str | None, PPOConfig]) -> i
         opt = adamw(model, lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # constant, as in the paper
 
-    _STATE.clear()
-    _STATE.update(policy=policy, trained_policy=ctx.wrap(policy), reference=reference.to(ctx.device).eval(),
+    ctx.state.clear()  # this rank's PPO models and optimizers, kept between iterations
+    ctx.state.update(policy=policy, trained_policy=ctx.wrap(policy), reference=reference.to(ctx.device).eval(),
                   policy_opt=optimizer(policy, config.lr), moments=RunningMoments(),
                   estimator=advantage_estimator(config.advantage), tokenizer=load_tokenizer(policy_dir),
                   config=config, device=ctx.device)
     if config.needs_critic:  # RLOO and GRPO have none: no value model to load, train or keep in memory
         value = Critic(load_checkpoint(value_dir, head="reward"))
-        _STATE.update(value=value, trained_value=ctx.wrap(value), value_opt=optimizer(value, config.value_lr))
+        ctx.state.update(value=value, trained_value=ctx.wrap(value), value_opt=optimizer(value, config.value_lr))
     return policy.num_parameters
 
 
@@ -262,7 +261,7 @@ class Targets:
 def prepare_batch(ctx: RankContext, batch: dict[str, list]) -> tuple[list[int], Rollout, Targets]:
     """This rank's kept rows (non-empty answers), their tensors and targets; merges the batch's scores into the
     running moments (over every rank)."""
-    s, config = _STATE, _STATE["config"]
+    s, config = ctx.state, ctx.state["config"]
     device, estimator, reduce = s["device"], s["estimator"], sum_over_ranks(ctx)
     if "group" not in batch and not estimator.needs_critic:
         raise ValueError(f"ppo.advantage = {config.advantage!r} needs each answer's prompt (`group`; split_rows)")
@@ -296,25 +295,27 @@ def prepare_batch(ctx: RankContext, batch: dict[str, list]) -> tuple[list[int], 
 
 def ppo_iteration(ctx: RankContext, batch: dict[str, list]) -> dict[str, float]:
     """One PPO update on this rank's share of the batch; the metrics are those of the whole batch (every rank's)."""
-    config, device = _STATE["config"], _STATE["device"]
+    config, device = ctx.state["config"], ctx.state["device"]
     keep, r, t = prepare_batch(ctx, batch)
     per_rank = max(1, config.mini_batch // ctx.world_size)
     steps = max_over_ranks(ctx, math.ceil(r.rows / per_rank))  # every rank the same count, or DDP hangs
     # A new mini-batch order every iteration (the moments count grows with each batch), the same on re-runs.
-    order = torch.randperm(r.rows, generator=torch.Generator().manual_seed(config.seed + _STATE["moments"].count))
+    order = torch.randperm(r.rows, generator=torch.Generator().manual_seed(config.seed + ctx.state["moments"].count))
     plan = step_rows(order, steps, per_rank)
     masks = [r.mask[rows.to(device)] * weight for rows, weight in plan]
     shares = token_shares(ctx, torch.tensor([float(m.sum()) for m in masks], dtype=torch.float64, device=device))
     sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)  # token-weighted, over the steps
     for (rows, _), mask, share in zip(plan, masks, shares.tolist()):
-        step = training_step(r, t, rows.to(device), mask, share)
+        step = training_step(ctx.state, r, t, rows.to(device), mask, share)
         sums += float(mask.sum()) * torch.tensor(step, dtype=torch.float64, device=device)
     return batch_metrics(ctx, batch, r, t, len(keep), sums, steps)
 
 
-def training_step(r: Rollout, t: Targets, rows: torch.Tensor, mask: torch.Tensor, share: float) -> list[float]:
-    """One policy (and critic) gradient step on `rows`, losses scaled by this rank's token share; the STATS."""
-    s, config = _STATE, _STATE["config"]
+def training_step(s: dict[str, Any], r: Rollout, t: Targets, rows: torch.Tensor, mask: torch.Tensor,
+                  share: float) -> list[float]:
+    """One policy (and critic) gradient step on `rows` with the rank's PPO state `s`, losses scaled by this rank's
+    token share; the STATS."""
+    config = s["config"]
     logits = answer_logits(s["trained_policy"], r.input_ids[rows], r.attention_mask[rows], r.positions[rows])
     logits = tempered(logits, config.temperature)
     loss, clip_fraction, approx_kl = policy_loss(token_logprobs(logits, r.targets[rows]), t.old_logprobs[rows],
@@ -354,12 +355,12 @@ def batch_metrics(ctx: RankContext, batch: dict[str, list], r: Rollout, t: Targe
 
 def publish_policy(ctx: RankContext, _: Any = None) -> Any:
     """The policy's tensors in Ray's object store for the generators (rank 0's reference; None on other ranks)."""
-    return ctx.publish(_STATE["policy"])
+    return ctx.publish(ctx.state["policy"])
 
 
 def export_policy(ctx: RankContext, directory: str) -> str:
     """The policy as a checkpoint folder (untied: the form vLLM reloads in place), written atomically."""
-    return str(ctx.export(_STATE["policy"], directory, tokenizer=_STATE["tokenizer"], untie=True))
+    return str(ctx.export(ctx.state["policy"], directory, tokenizer=ctx.state["tokenizer"], untie=True))
 
 
 # --- in the driver ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Rejection-sampling fine-tuning (PAPER.md, Iterative fine-tuning): K samples per prompt from the largest policy
+"""Rejection-sampling fine-tuning (docs/paper.md, "Iterative fine-tuning"): K samples per prompt from the largest policy
 on the generator pool, scored by the current reward models on the scorer pool, the best kept per prompt and merged
 with the best of every earlier round; every policy size is then fine-tuned on the kept answers (the small ones
 learn from the largest one's samples: distillation).

@@ -1,4 +1,4 @@
-"""Reward models (PAPER.md, Reward models): the helpfulness and safety data mixes, a held-out split per weekly
+"""Reward models (docs/paper.md, "Reward models"): the helpfulness and safety data mixes, a held-out split per weekly
 batch, training with the margin ranking loss, and accuracy by preference rating in the paper's Table 8 layout.
 
 `train_reward_model` is a pure, picklable, top-level function: it runs in one process, and unchanged on every rank
@@ -43,7 +43,7 @@ COLUMN_OF_RATING = {"significantly_better": COLUMNS[0], "better": COLUMNS[1], "s
                     "negligibly_better": COLUMNS[3], "unsure": COLUMNS[3]}
 COLUMN_TITLES = ("Significantly better", "Better", "Slightly better", "Negligibly / unsure", "Avg")
 
-# PAPER.md, Table 8: accuracy (%) by (reward model, test set); the paper's test sets are Meta Helpful / Safety.
+# docs/paper.md, Table 8: accuracy (%) by (reward model, test set); the paper's test sets are Meta Helpful / Safety.
 PAPER_TABLE8: dict[tuple[str, str], dict[str, float]] = {
     (rm, test): dict(zip((*COLUMNS, "avg"), values)) for rm, test, values in (
         ("safety", "safety", (94.3, 76.3, 65.7, 55.3, 64.5)),
@@ -112,7 +112,7 @@ class RMConfig:
 
     @classmethod
     def llama2_7b(cls) -> RMConfig:
-        """PAPER.md: max lr 1e-5, batch 512 pairs, 1 epoch, 1000 pairs held out per batch (the rest as defaults)."""
+        """docs/paper.md: max lr 1e-5, batch 512 pairs, 1 epoch, 1000 pairs held out per batch (rest: defaults)."""
         return cls(lr=1e-5, batch_size=512, epochs=1, heldout_pairs=1000, parallel="fsdp")
 
     @classmethod
@@ -176,7 +176,7 @@ def helpfulness_mix(preferences: pa.Table, open_pairs: pa.Table | None = None, o
 
     Each of the two sources gives other_ratio/2 x the helpfulness count, or all it has when that is fewer; an
     absent source is not made up by the other, so the safety share does not depend on whether open data is given.
-    No pair is excluded here: PAPER.md states the unsafe-chosen exclusion for the safety RM's data.
+    No pair is excluded here: docs/paper.md states the unsafe-chosen exclusion for the safety RM's data.
     """
     helpful = of_kind(preferences, "helpfulness")
     each = round(other_ratio * helpful.num_rows / 2)
@@ -415,7 +415,7 @@ def table8_markdown(results: Mapping[tuple[str, str], Mapping[str, Any]]) -> str
     return "\n".join(lines)
 
 
-# PAPER.md, Table 7: accuracy (%) of Meta's RMs on public and Meta test sets.
+# docs/paper.md, Table 7: accuracy (%) of Meta's RMs on public and Meta test sets.
 PAPER_TABLE7_COLUMNS = ("Meta Helpful", "Meta Safety", "Anthropic Helpful", "Anthropic Harmless", "OpenAI Summ.",
                         "Stanford SHP", "Avg")
 PAPER_TABLE7 = {"safety": (56.2, 64.5, 55.4, 74.7, 71.7, 65.2, 64.3),

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (PAPER.md, SFT): demonstrations in the chat format (LLaMA-2's or the checkpoint's own),
+"""Supervised fine-tuning (docs/paper.md, "SFT"): demonstrations in the chat format (LLaMA-2's or the checkpoint's own),
 packed into fixed-length rows, loss on answer tokens only, cosine schedule with warm-up, AdamW.
 
 `train_sft` is a pure, picklable, top-level function: it runs in one process, and unchanged on every rank of a
@@ -54,7 +54,7 @@ class SFTConfig:
 
     @classmethod
     def llama2(cls) -> SFTConfig:
-        """PAPER.md, SFT: cosine, lr 2e-5, weight decay 0.1, batch 64, sequence length 4096, 2 epochs; FSDP
+        """docs/paper.md, "SFT": cosine, lr 2e-5, weight decay 0.1, batch 64, sequence length 4096, 2 epochs; FSDP
         (a 7B policy's AdamW state does not fit on one GPU)."""
         return cls(lr=2e-5, epochs=2, batch_size=64, seq_len=4096, weight_decay=0.1, parallel="fsdp")
 

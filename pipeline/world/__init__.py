@@ -1,5 +1,5 @@
-"""The embedded synthetic world (DESIGN.md section 6): checkable helpful tasks, unsafe requests in every
-(risk category x attack vector) cell, borderline requests, multi-turn dialogues with system instructions,
+"""The embedded synthetic world (docs/design.md, "The embedded world"): checkable helpful tasks, unsafe requests
+in every (risk category x attack vector) cell, borderline requests, multi-turn dialogues with system instructions,
 an oracle that scores any response, a noisy simulated annotator, and the tables built from them.
 
     world = World(WorldConfig(seed=0))

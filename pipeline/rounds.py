@@ -23,8 +23,8 @@ from model.tokenizer import load_tokenizer
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from pipeline.cluster import Pools
-from pipeline.data.store import RunStore, StageStore, digest_config
-from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage, model_digest
+from pipeline.data.store import RunStore, digest_config
+from pipeline.stages.cached import checkpoint_stage, model_digest
 from pipeline.stages.context_distillation import ContextDistillationConfig
 from pipeline.stages.context_distillation_stage import run_context_distillation
 from pipeline.stages.gatt import GAttConfig
@@ -39,6 +39,7 @@ from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
 from pipeline.stages.reward_model import RMConfig
 from pipeline.stages.reward_models import rm_stage_name, run_reward_models
 from pipeline.stages.sft import train_sft
+from pipeline.state import PolicyState, RoundResult
 from pipeline.world import World
 
 
@@ -76,43 +77,6 @@ class RoundsConfig:
     def batches_through(self, round: int) -> int:  # noqa: A002
         """How many weekly batches rounds 1..round have ingested in all."""
         return sum(self.new_batches[min(r, len(self.new_batches)) - 1] for r in range(1, round + 1))
-
-
-@dataclass
-class PolicyState:
-    """One policy size as the stages move it on: its current checkpoint and what identifies it."""
-
-    name: str
-    checkpoint: Path
-    digest: str  # identifies the model in stage inputs (model_digest of the stage that made it)
-    context: int  # max_position_embeddings: the generator's max_model_len
-
-    @classmethod
-    def of_stage(cls, name: str, stage: StageStore, context: int) -> PolicyState:
-        """The checkpoint a finished `checkpoint_stage` made."""
-        return cls(name, stage.path / CHECKPOINT_DIR, model_digest(stage.manifest()), context)
-
-    def move_to(self, stage: StageStore) -> None:
-        """Take the checkpoint of a finished `checkpoint_stage` as this size's current one."""
-        self.checkpoint, self.digest = stage.path / CHECKPOINT_DIR, model_digest(stage.manifest())
-
-
-@dataclass
-class RoundResult:
-    round: int
-    batches: int
-    rm_accuracy: dict[str, float]  # kind -> held-out average accuracy on its own test set
-    rejection: dict
-    scores: dict[str, list[dict]]  # size -> oracle scores per category
-    ppo: dict | None  # PPO's metrics per iteration, when the round ran it
-    rm_dirs: tuple[Path, Path]  # this round's (helpfulness, safety) reward models
-    rm_digest: str
-    gatt: dict[str, dict]  # size -> run_gatt's result, when the round ran GAtt
-    distillation: dict[str, dict]  # size -> {"counts", "training", "before"}, when it ran context distillation
-    before_ppo: dict[str, list[dict]] = field(default_factory=dict)  # size -> scores of its checkpoint before PPO
-    after_ppo: dict[str, list[dict]] = field(default_factory=dict)  # size -> scores right after PPO
-    rm_fidelity: dict | None = None  # the helpfulness RM on the round's own samples (evaluation/rm_fidelity.py)
-    on_policy: list[dict] = field(default_factory=list)  # counts of the on-policy batches this round made
 
 
 def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]],  # noqa: A002

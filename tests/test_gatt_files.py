@@ -3,13 +3,11 @@ judge's adherence per turn, and what a run from files must configure for GAtt an
 
 from __future__ import annotations
 
-import json
 import random
 
 import pyarrow.parquet as pq
 import pytest
 
-from model.tokenizer import SentencePieceTokenizer
 from pipeline.config_build import ConfigError
 from pipeline.data.store import RunStore
 from pipeline.evaluation.judge import ADHERENCE_PREFIX, adherence_messages, parse_yes_no

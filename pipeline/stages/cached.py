@@ -1,4 +1,5 @@
-"""Run a stage whose output is a checkpoint folder, at most once per (inputs, config)."""
+"""Run a stage at most once per (inputs, config): `checkpoint_stage` for a checkpoint folder, `table_stage` for
+Parquet shards or a manifest alone."""
 
 from __future__ import annotations
 
@@ -26,6 +27,21 @@ def checkpoint_stage(store: RunStore, round: int, name: str, inputs: Mapping[str
     metrics = train(folder)
     stage.finish(None, inputs, config_digest, checkpoint=CHECKPOINT_DIR, extra={"metrics": metrics})
     return folder, metrics, False
+
+
+def table_stage(store: RunStore, round: int, name: str, inputs: Mapping[str, str],  # noqa: A002
+                config: Any, make: Callable[[StageStore, set[int]], dict[str, Any] | None],
+                schema_kind: str | None) -> tuple[StageStore, bool]:
+    """(stage, cached). `make(stage, done)` writes the stage's shards of `schema_kind` (None: the manifest's
+    `extra` is the whole output), skipping `done`, the shards an interrupted attempt with the same inputs and
+    config finished, and returns the manifest's `extra`; it runs only when the stage is not complete."""
+    stage = store.stage(round, name)
+    config_digest = digest_config(config)
+    if stage.is_complete(inputs, config_digest):
+        return stage, True
+    done = stage.begin(inputs, config_digest)
+    stage.finish(schema_kind, inputs, config_digest, extra=make(stage, done))
+    return stage, False
 
 
 def _clear_leftovers(stage: StageStore) -> None:

@@ -21,21 +21,22 @@ import pyarrow as pa
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.tokenizer import load_tokenizer
-from pipeline.data.store import RunStore, digest_config
-from pipeline.stages.cached import checkpoint_stage
+from pipeline.data.store import RunStore, StageStore
+from pipeline.stages.cached import checkpoint_stage, table_stage
 from pipeline.stages.context_distillation import (ContextDistillationConfig, distillation_candidates,
                                                   distillation_demonstrations, distillation_prompts,
                                                   score_without_preprompt, select_distilled)
 from pipeline.stages.oracle_eval import stopping_at_eos
 from pipeline.stages.sft import SFTConfig, train_sft, with_mix
+from pipeline.state import PolicyState
 
 
-def run_context_distillation(store: RunStore, round: int, policy: Any, prompts_train: pa.Table,  # noqa: A002
+def run_context_distillation(store: RunStore, round: int, policy: PolicyState, prompts_train: pa.Table,  # noqa: A002
                              prompts_digest: str, rm_digest: str, config: ContextDistillationConfig,
                              sft: SFTConfig, sampling: Sampling, generators: Callable[[Path], Pool],
                              scorers: Callable[[], Pool], train: Callable[..., dict],
                              mix: tuple[pa.Table, str] | None = None) -> dict[str, Any]:
-    """Context distillation for one policy size (a rounds.PolicyState, moved on to the distilled checkpoint when
+    """Context distillation for one policy size (moved on to the distilled checkpoint when
     any answer was kept). `mix` (DEMONSTRATIONS, digest) is trained on alongside the kept answers (measured on the
     small tiny policy: false refusals 15% -> 62% trained on the kept answers alone, 15% -> 30% mixed, 15% -> 15%
     mixed once the prompts too long for the template got the generic preprompt; docs/results.md). Returns the
@@ -43,11 +44,8 @@ def run_context_distillation(store: RunStore, round: int, policy: Any, prompts_t
     tokenizer = load_tokenizer(policy.checkpoint)
     sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
     inputs = {"policy": policy.digest, "prompts": prompts_digest, "reward_models": rm_digest}
-    config_digest = digest_config({"distillation": dataclasses.asdict(config),
-                                   "sampling": dataclasses.asdict(sampling)})
-    data = store.stage(round, f"cd_data_{policy.name}")
-    if not data.is_complete(inputs, config_digest):
-        data.begin(inputs, config_digest)
+
+    def distil(data: StageStore, _: set[int]) -> dict[str, Any]:
         batch = distillation_prompts(prompts_train, tokenizer, config, policy.context - sampling.max_tokens)
         pool, scorer = generators(policy.checkpoint), scorers()
         plain, preprompted = pool.map_shards("generate", [batch.plain, batch.preprompted], sampling, round,
@@ -56,7 +54,11 @@ def run_context_distillation(store: RunStore, round: int, policy: Any, prompts_t
         kept, counts = select_distilled(distillation_candidates(batch, plain, preprompted))
         counts["too_long"], counts["generic_only"] = batch.too_long, batch.generic_only
         data.write_shard(0, distillation_demonstrations(kept))
-        data.finish("demonstrations", inputs, config_digest, extra={"counts": counts})
+        return {"counts": counts}
+
+    data, _ = table_stage(store, round, f"cd_data_{policy.name}", inputs,
+                          {"distillation": dataclasses.asdict(config), "sampling": dataclasses.asdict(sampling)},
+                          distil, "demonstrations")
     counts, demonstrations = data.manifest()["extra"]["counts"], data.read()
     if not demonstrations.num_rows:
         return {"counts": counts, "training": None}

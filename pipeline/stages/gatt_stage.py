@@ -27,13 +27,14 @@ import pyarrow as pa
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer, load_tokenizer
-from pipeline.data.store import RunStore, digest_config
-from pipeline.stages.cached import checkpoint_stage
+from pipeline.data.store import RunStore, StageStore
+from pipeline.stages.cached import checkpoint_stage, table_stage
 from pipeline.stages.gatt import (GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_prompts,
                                   first_adherent, gatt_demonstrations, gatt_examples, gatt_sampling_prompts)
 from pipeline.stages.gatt_sources import DialogueSource
 from pipeline.stages.oracle_eval import stopping_at_eos
 from pipeline.stages.sft import train_sft, with_mix
+from pipeline.state import PolicyState
 
 
 def answer_dialogues(dialogues: list[GAttDialogue], tokenizer: Tokenizer, context: int, sampling: Sampling,
@@ -54,22 +55,20 @@ def answer_dialogues(dialogues: list[GAttDialogue], tokenizer: Tokenizer, contex
 
 def _adherence_stage(store: RunStore, round: int, name: str,  # noqa: A002
                      policy_digest: str, dialogues: list[GAttDialogue], answer: Callable[[], list[list[str]]],
-                     config_digest: str, source: DialogueSource) -> list[TurnAdherence]:
-    stage = store.stage(round, name)
-    inputs = {"policy": policy_digest}
-    if not stage.is_complete(inputs, config_digest):
-        stage.begin(inputs, config_digest)
+                     eval_config: dict[str, Any], source: DialogueSource) -> list[TurnAdherence]:
+    def measure(*_: Any) -> dict[str, Any]:
         rows, measured = source.adherence(dialogues, answer(), round, name)
-        stage.finish(None, inputs, config_digest,
-                     extra={"adherence": [dataclasses.asdict(r) for r in rows], **measured})
+        return {"adherence": [dataclasses.asdict(r) for r in rows], **measured}
+
+    stage, _ = table_stage(store, round, name, {"policy": policy_digest}, eval_config, measure, None)
     return [TurnAdherence(**r) for r in stage.manifest()["extra"]["adherence"]]
 
 
-def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Any, config: GAttConfig,  # noqa: A002
+def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: PolicyState, config: GAttConfig,  # noqa: A002
              sampling: Sampling, generators: Callable[[Path], Pool], train: Callable[..., dict],
              mix: tuple[pa.Table, str] | None = None,
              samples_from: tuple[pa.Table, str] | None = None) -> tuple[dict[str, Any], tuple[pa.Table, str]]:
-    """GAtt for one policy size (a rounds.PolicyState, moved on to the GAtt checkpoint when any dialogue was kept),
+    """GAtt for one policy size (moved on to the GAtt checkpoint when any dialogue was kept),
     its instructions and dialogues from `source` (the world's, or the user's files), which measures adherence too.
     `generators(checkpoint)` is the generator pool serving a checkpoint of this size, `train` the trainer group's
     runner; `mix` (DEMONSTRATIONS, digest) is trained on alongside the GAtt dialogues, as the paper mixes GAtt data
@@ -81,12 +80,12 @@ def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Any, c
     tokenizer = load_tokenizer(policy.checkpoint)
     sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
     # The training dialogues depend on everything but the fine-tuning settings (the training stage's own config).
-    data_config = {k: v for k, v in dataclasses.asdict(config).items() if k != "sft"}
+    sampled = {k: v for k, v in dataclasses.asdict(config).items() if k != "sft"}
     from_source = {"source": source.digest} if source.digest else {}  # the world's: in the stages' inputs already
-    config_digest = digest_config({"gatt": data_config, "sampling": dataclasses.asdict(sampling), **from_source})
+    data_config = {"gatt": sampled, "sampling": dataclasses.asdict(sampling), **from_source}
     # Table 30's measurement depends only on the held-out dialogues and the sampling, not on how GAtt trains.
-    eval_digest = digest_config({"dialogues": [config.eval_dialogues, config.turns, config.short_prob, config.seed],
-                                 "sampling": dataclasses.asdict(sampling), **from_source})
+    eval_config = {"dialogues": [config.eval_dialogues, config.turns, config.short_prob, config.seed],
+                   "sampling": dataclasses.asdict(sampling), **from_source}
     held_out = source.dialogues("eval", config.eval_dialogues, config.turns, random.Random(config.seed + 1),
                                 config.short_prob, min_turns=config.turns)
 
@@ -99,16 +98,16 @@ def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Any, c
                                 every_turn, (lambda s: first_adherent(dialogues, s)) if n > 1 else None)
 
     before = _adherence_stage(store, round, f"gatt_before_{policy.name}", policy.digest, held_out,
-                              lambda: answer(held_out, False, "gatt-eval"), eval_digest, source)
+                              lambda: answer(held_out, False, "gatt-eval"), eval_config, source)
     if samples_from is None:
-        data = store.stage(round, f"gatt_data_{policy.name}")
-        if not data.is_complete({"policy": policy.digest}, config_digest):
-            data.begin({"policy": policy.digest}, config_digest)
+        def sample(data: StageStore, _: set[int]) -> None:
             dialogues = source.dialogues("train", config.dialogues, config.turns, random.Random(config.seed),
                                          config.short_prob)
             answers = answer(dialogues, True, "gatt", config.samples_per_turn if config.verify else 1)
             data.write_shard(0, gatt_demonstrations(dialogues, answers, config.verify, config.prefixes))
-            data.finish("demonstrations", {"policy": policy.digest}, config_digest)
+
+        data, _ = table_stage(store, round, f"gatt_data_{policy.name}", {"policy": policy.digest}, data_config,
+                              sample, "demonstrations")
         samples_from = data.read(), data.manifest()["content_digest"]
     dialogues, dialogues_digest = samples_from
     if not dialogues.num_rows:
@@ -119,5 +118,5 @@ def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Any, c
         lambda out: train(train_sft, policy.checkpoint, with_mix(dialogues, mix), out, config.sft, gatt_examples))
     policy.move_to(store.stage(round, f"gatt_sft_{policy.name}"))
     after = _adherence_stage(store, round, f"gatt_after_{policy.name}", policy.digest, held_out,
-                             lambda: answer(held_out, False, "gatt-eval"), eval_digest, source)
+                             lambda: answer(held_out, False, "gatt-eval"), eval_config, source)
     return {"before": before, "after": after, "samples": dialogues.num_rows, "training": metrics}, samples_from

@@ -20,9 +20,10 @@ import pyarrow as pa
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.chat_template import Message
-from pipeline.data.store import RunStore, digest_config, digest_file
+from pipeline.data.store import RunStore, digest_file
 from pipeline.evaluation.judge import STYLES, VERDICT_PREFIX, combine, consistency, judge_prompts, parse_verdict
 from pipeline.evaluation.winrate import agreement, count, prefer
+from pipeline.stages.cached import table_stage
 from pipeline.stages.reward_model import id_rank
 from pipeline.stages.win_rates import aspect_of
 from pipeline.world import judge
@@ -156,20 +157,19 @@ def run_llm_judge(store: RunStore, round: int, name: str,  # noqa: A002
     """The cached stage `name` of `round`: the judge's verdicts on this round's policy (samples of stage
     `candidate_stage`) against `baseline_stage`'s. No shards: the result and a few example replies are in the
     manifest. (result, cached)."""
-    stage = store.stage(round, name)
     candidate, baseline = store.stage(round, candidate_stage), store.stage(*baseline_stage)
     inputs = {"candidate": candidate.manifest()["content_digest"],
               "baseline": baseline.manifest()["content_digest"],
               "judge": judge_digest(folder)}
-    config_digest = digest_config({**asdict(config), "version": 1, **({} if oracle else {"oracle": False})})
-    if stage.is_complete(inputs, config_digest):
-        return stage.manifest()["extra"], True
-    stage.begin(inputs, config_digest)
-    items = comparisons(candidate.read(), baseline.read(), prompts, config.prompts, config.seed, oracle)
-    # "direct": the reply is started for the judge, so its first tokens are the label.
-    replies = ask_judge(comparison_requests(items, config.style), folder, config, generators(), round, name,
-                        VERDICT_PREFIX if config.style == "direct" else "")
-    result = verdict_summary(items, replies, oracle)
-    result["examples"] = [{"id": k, "reply": v} for k, v in list(replies.items())[:4]]
-    stage.finish(None, inputs, config_digest, extra=result)
-    return result, False
+
+    def make(*_: Any) -> dict[str, Any]:
+        items = comparisons(candidate.read(), baseline.read(), prompts, config.prompts, config.seed, oracle)
+        # "direct": the reply is started for the judge, so its first tokens are the label.
+        replies = ask_judge(comparison_requests(items, config.style), folder, config, generators(), round, name,
+                            VERDICT_PREFIX if config.style == "direct" else "")
+        return {**verdict_summary(items, replies, oracle),
+                "examples": [{"id": k, "reply": v} for k, v in list(replies.items())[:4]]}
+
+    stage, cached = table_stage(store, round, name, inputs,
+                                {**asdict(config), "version": 1, **({} if oracle else {"oracle": False})}, make, None)
+    return stage.manifest()["extra"], cached

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -22,8 +22,9 @@ from actors.vllm_engine import Sampling
 from model.chat_template import encode_prompt
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import RISK_CATEGORIES, SAMPLES
-from pipeline.data.store import RunStore, digest_config
+from pipeline.data.store import RunStore, StageStore
 from pipeline.progress import progress_bar
+from pipeline.stages.cached import table_stage
 from pipeline.world import Prompt, judge, render
 
 SINGLE_TURN = ("helpful", "borderline", *RISK_CATEGORIES)  # dialogues are scored turn by turn by the GAtt stage
@@ -116,12 +117,18 @@ def run_oracle_eval(store: RunStore, round: int, name: str, checkpoint: Path, mo
     """The stage: per-category oracle scores of one model (its samples are the stage's shards), and whether
     they came from the store. `model_digest` identifies the model by its training record, not its folder;
     `generators()` gives the generator pool serving `checkpoint`, called only when the stage must run."""
-    stage = store.stage(round, name)
     inputs = {"model": model_digest, "prompts": prompts_digest}
-    config_digest = digest_config({"sampling": asdict(sampling), "format": fmt, **({} if oracle else {"oracle": False})})
-    if stage.is_complete(inputs, config_digest):
-        return stage.manifest()["extra"]["scores"], True
-    stage.begin(inputs, config_digest)
+    config = {"sampling": asdict(sampling), "format": fmt, **({} if oracle else {"oracle": False})}
+    stage, cached = table_stage(store, round, name, inputs, config,
+                                lambda stage, _: _sample_and_judge(stage, round, name, checkpoint, prompts, fmt,
+                                                                   sampling, generators, shard_rows, oracle), "samples")
+    return stage.manifest()["extra"]["scores"], cached
+
+
+def _sample_and_judge(stage: StageStore, round: int, name: str, checkpoint: Path,  # noqa: A002
+                      prompts: pa.Table, fmt: PromptFormat, sampling: Sampling, generators: Callable[[], Pool],
+                      shard_rows: int, oracle: bool) -> dict[str, Any]:
+    """run_oracle_eval's work: the samples as the stage's shard, the scores per category as its `extra`."""
     tokenizer = load_tokenizer(checkpoint)
     chosen, table = eval_prompts(tokenizer, prompts, fmt)
     shards = [table.slice(start, shard_rows) for start in range(0, table.num_rows, shard_rows)]
@@ -140,6 +147,4 @@ def run_oracle_eval(store: RunStore, round: int, name: str, checkpoint: Path, mo
     bar.close()
     samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt, sampling.n, oracle)
     stage.write_shard(0, samples)
-    rows = [asdict(s) for s in scores]
-    stage.finish("samples", inputs, config_digest, extra={"scores": rows})
-    return rows, False
+    return {"scores": [asdict(s) for s in scores]}

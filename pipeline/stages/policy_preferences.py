@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
@@ -19,7 +20,8 @@ from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer
 from pipeline.data.schemas import PREFERENCES, PROMPTS
-from pipeline.data.store import RunStore, digest_config
+from pipeline.data.store import RunStore, StageStore, digest_config
+from pipeline.stages.cached import table_stage
 from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
 from pipeline.stages.reward_model import id_rank
 from pipeline.world import Prompt, World
@@ -96,13 +98,19 @@ def run_on_policy_batch(store: RunStore, round: int, batch: int, prebuilt: tuple
     """The mixed weekly batch `batch` as a cached stage of `round`: (table, content digest, counts).
     `policies` are the sizes' (name, digest), smallest first; `generators(i)` serves size i."""
     table, prebuilt_digest = prebuilt
-    stage = store.stage(round, stage_name(batch))
     inputs = {"prebuilt": prebuilt_digest, "policies": digest_config([d for _, d in policies])}
-    config_digest = digest_config({"config": asdict(config), "world_seed": world.config.seed,
-                                   "annotator": asdict(world.config.annotator)})
-    if stage.is_complete(inputs, config_digest):
-        return stage.read(), stage.manifest()["content_digest"], stage.manifest()["extra"]
-    stage.begin(inputs, config_digest)
+    stage, _ = table_stage(store, round, stage_name(batch), inputs,
+                           {"config": asdict(config), "world_seed": world.config.seed,
+                            "annotator": asdict(world.config.annotator)},
+                           lambda stage, _: _make_batch(stage, round, batch, table, policies, tokenizer, world,
+                                                        config, generators, shard_rows), "preferences")
+    return stage.read(), stage.manifest()["content_digest"], stage.manifest()["extra"]
+
+
+def _make_batch(stage: StageStore, round: int, batch: int, table: pa.Table,  # noqa: A002
+                policies: Sequence[tuple[str, str]], tokenizer: Tokenizer, world: World, config: OnPolicyConfig,
+                generators: Callable[[int], Pool], shard_rows: int) -> dict[str, Any]:
+    """run_on_policy_batch's work: the mixed batch as the stage's shard; its counts as the `extra`."""
     count = int(config.share * table.num_rows + 0.5)
     prompts = on_policy_prompts(world, batch, count)
     ids = [f"onpolicy-b{batch:02d}-{i:05d}" for i in range(len(prompts))]
@@ -122,8 +130,7 @@ def run_on_policy_batch(store: RunStore, round: int, batch: int, prebuilt: tuple
     extra = {"batch": batch, "on_policy": pairs.num_rows, "prebuilt": mixed.num_rows - pairs.num_rows,
              "skipped_prompts": skipped, "ratings": {r: ratings.count(r) for r in sorted(set(ratings))}}
     stage.write_shard(0, mixed)
-    stage.finish("preferences", inputs, config_digest, extra=extra)
-    return stage.read(), stage.manifest()["content_digest"], extra
+    return extra
 
 
 def ingest(store: RunStore, round: int, weeks: Sequence[tuple[str, pa.Table, str]],  # noqa: A002

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,8 +24,9 @@ from actors.metrics import record_stage_progress
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer
-from pipeline.data.store import RunStore, digest_config
+from pipeline.data.store import RunStore, StageStore
 from pipeline.progress import progress_bar
+from pipeline.stages.cached import table_stage
 from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
 from pipeline.stages.rejection_sampling_select import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
                                                        merge_with_earlier, reward_vs_k)
@@ -86,14 +88,12 @@ def sample_and_score(store: RunStore, round: int, name: str, inputs: dict[str, s
                      scorers: Callable[[], Pool], shard_rows: int) -> tuple[pa.Table, bool]:
     """K samples per prompt row of `table` (id, prompt_token_ids, is_safety), scored, `chosen` on each prompt's
     best; one shard per prompt shard, so a crashed stage resumes where it stopped. (table, cached)."""
-    stage = store.stage(round, name)
-    config_digest = digest_config({"sampling": asdict(sampling), "sampler": sampler, "shard_rows": shard_rows})
-    if stage.is_complete(inputs, config_digest):
-        return stage.read(), True
-    done = stage.begin(inputs, config_digest)
     shards = [table.slice(start, shard_rows) for start in range(0, table.num_rows, shard_rows)]
-    todo = [i for i in range(len(shards)) if i not in done]
-    if todo:
+
+    def make(stage: StageStore, done: set[int]) -> None:
+        todo = [i for i in range(len(shards)) if i not in done]
+        if not todo:
+            return
         generator_pool, scorer_pool = generators(), scorers()
         bar = progress_bar(len(shards), f"{name}: sample and score")
         bar.update(len(shards) - len(todo))
@@ -104,8 +104,11 @@ def sample_and_score(store: RunStore, round: int, name: str, inputs: dict[str, s
             bar.update(1)
             record_stage_progress(name, round, len(stage.done_shards()), len(shards))
         bar.close()
-    stage.finish("samples", inputs, config_digest)
-    return stage.read(), False
+
+    stage, cached = table_stage(store, round, name, inputs,
+                                {"sampling": asdict(sampling), "sampler": sampler, "shard_rows": shard_rows}, make,
+                                "samples")
+    return stage.read(), cached
 
 
 def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, prompts_digest: str,  # noqa: A002
@@ -129,15 +132,24 @@ def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, promp
                                     sampler, generators, scorers, shard_rows)
         sweep.append({"temperature": t, **reward_vs_k(swept, [config.k])[0]})
 
-    kept_stage = store.stage(round, "rs_kept")
     earlier = store.stage(round - 1, "rs_kept")
     earlier_digest = (earlier.manifest() or {}).get("content_digest", "none") if config.keep == "all_rounds" else "-"
     kept_inputs = {"samples": store.stage(round, "rs_samples").manifest()["content_digest"], "earlier": earlier_digest}
-    kept_config = digest_config({"keep": config.keep, "reward_ks": config.reward_ks, "sweep": config.temperature_sweep,
-                                 "earlier": "rescored", "truncated": config.truncated})
-    if kept_stage.is_complete(kept_inputs, kept_config):
-        return kept_stage.read(), kept_stage.manifest()["extra"], True
-    kept_stage.begin(kept_inputs, kept_config)
+    kept_config = {"keep": config.keep, "reward_ks": config.reward_ks, "sweep": config.temperature_sweep,
+                   "earlier": "rescored", "truncated": config.truncated}
+
+    def keep(stage: StageStore, _: set[int]) -> dict[str, Any]:
+        return _keep_best(stage, round, samples, earlier, chosen.num_rows, temperature, sweep, config, scorers)
+
+    kept_stage, cached = table_stage(store, round, "rs_kept", kept_inputs, kept_config, keep, "samples")
+    return kept_stage.read(), kept_stage.manifest()["extra"], cached
+
+
+def _keep_best(stage: StageStore, round: int, samples: pa.Table, earlier: StageStore,  # noqa: A002
+               prompts: int, temperature: float, sweep: list[dict], config: RejectionConfig,
+               scorers: Callable[[], Pool]) -> dict[str, Any]:
+    """The rs_kept stage's work: each prompt's best answer merged with the earlier rounds' kept set (its shard);
+    the round's metrics (its `extra`)."""
     previous = None
     if config.keep == "all_rounds" and earlier.manifest():
         # Rescored with this round's reward models: rewards from two rounds' RMs are not on one scale.
@@ -146,7 +158,7 @@ def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, promp
     best = best_per_prompt(usable, config.truncated)
     kept = merge_with_earlier(best, previous, config.keep)
     metrics = {
-        "temperature": temperature, "k": config.k, "prompts": chosen.num_rows, "samples": samples.num_rows,
+        "temperature": temperature, "k": config.k, "prompts": prompts, "samples": samples.num_rows,
         "empty": samples.num_rows - usable.num_rows, "kept": kept.num_rows,
         "truncated": _cut(usable), "best_truncated": _cut(best),
         "from_this_round": sum(r == round for r in kept.column("round").to_pylist()),
@@ -154,9 +166,8 @@ def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, promp
         "mean_kept_reward": _mean(kept.column("r_combined").to_pylist()),
         "reward_vs_k": reward_vs_k(samples, config.reward_ks), "reward_vs_temperature": sweep,
     }
-    kept_stage.write_shard(0, kept)
-    kept_stage.finish("samples", kept_inputs, kept_config, extra=metrics)
-    return kept, metrics, False
+    stage.write_shard(0, kept)
+    return metrics
 
 
 def answered(samples: pa.Table) -> pa.Table:

@@ -19,9 +19,10 @@ import pyarrow as pa
 
 from actors.pool import Pool
 from pipeline.data.schemas import RISK_CATEGORIES
-from pipeline.data.store import RunStore, digest_config
+from pipeline.data.store import RunStore
 from pipeline.evaluation.safety_metrics import safety_metrics, safety_rows
 from pipeline.evaluation.winrate import agreement, count, paired, prefer, sign_test
+from pipeline.stages.cached import table_stage
 from pipeline.world import judge
 
 JUDGES = ("reward models", "oracle")
@@ -124,16 +125,15 @@ def run_win_rates(store: RunStore, round: int, name: str,  # noqa: A002
     """The cached stage `name` of `round`: win rates of the samples of stage `candidate_stage` (this round)
     against those of `baseline_stage` ((round, name)), judged by the round's RMs and the oracle. No shards:
     the result is in the manifest. (result, cached)."""
-    stage = store.stage(round, name)
     candidate, baseline = store.stage(round, candidate_stage), store.stage(*baseline_stage)
     inputs = {"candidate": candidate.manifest()["content_digest"],
               "baseline": baseline.manifest()["content_digest"], "reward_models": rm_digest}
-    config_digest = digest_config({"judges": JUDGES if oracle else JUDGES[:1], "version": 3})
-    if stage.is_complete(inputs, config_digest):
-        return stage.manifest()["extra"], True
-    stage.begin(inputs, config_digest)
-    scored = [_scored(digest, rm_digest, read, scorers) for digest, read in ((inputs["candidate"], candidate.read),
-                                                                              (inputs["baseline"], baseline.read))]
-    result = win_rates(*scored, prompts, lambda already_scored: already_scored, oracle)
-    stage.finish(None, inputs, config_digest, extra=result)
-    return result, False
+
+    def make(*_: Any) -> dict[str, Any]:
+        scored = [_scored(digest, rm_digest, read, scorers)
+                  for digest, read in ((inputs["candidate"], candidate.read), (inputs["baseline"], baseline.read))]
+        return win_rates(*scored, prompts, lambda already_scored: already_scored, oracle)
+
+    stage, cached = table_stage(store, round, name, inputs, {"judges": JUDGES if oracle else JUDGES[:1], "version": 3},
+                                make, None)
+    return stage.manifest()["extra"], cached

@@ -34,7 +34,7 @@ from pipeline.evaluation.judge import ADHERENCE_PREFIX
 from pipeline.evaluation.safety_metrics import SafetyMetrics, safety_metrics, safety_rows
 from pipeline.evaluation.winrate import Proportion, WinRate
 from pipeline.report import RoundResults, RunResults, render_report
-from pipeline.rounds import run_round
+from pipeline.rounds import RoundContext, run_round
 from pipeline.state import PolicyState, RoundResult
 from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.data_files import data_stage_name, run_data_files
@@ -145,7 +145,9 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
 
     world = World(config.world) if oracle else None
     judge_folder = config.judge.folder()
-    gatt_source = gatt_source_of(store, tables, world, config, judge_folder, pools, digest)
+    rounds = RoundContext(store, weeks, rm_init, tables["prompts_train"], train_digest, config.rounds, config.rm,
+                          pools, evaluate, config.cluster.prompts_per_shard, world, config.eval_sampling,
+                          gatt_source_of(store, tables, world, config, judge_folder, pools, digest))
     judged: dict[int, dict] = {}
     results: list[RoundResult] = []
     win_rates: dict[tuple[int, str], dict] = {}
@@ -154,9 +156,7 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
             console.section(f"round {r}: no new weekly batch left ({len(weeks)} in the world); stopping")
             break
         started = time.perf_counter()
-        result = run_round(store, r, weeks, current, rm_init, tables["prompts_train"], train_digest, config.rounds,
-                           config.rm, pools, evaluate, config.cluster.prompts_per_shard, world, config.eval_sampling,
-                           gatt_source)
+        result = run_round(rounds, r, current)
         results.append(result)
         console.section(f"round {r} ({time.perf_counter() - started:.0f} s): {store.root / f'round-{r:02d}'}")
         console.round_block(result, current, oracle)

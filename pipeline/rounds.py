@@ -11,34 +11,30 @@ round is never redone.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import torch
 
 from model.tokenizer import load_tokenizer
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore, digest_config
-from pipeline.stages.cached import checkpoint_stage, model_digest
+from pipeline.stages.cached import model_digest
 from pipeline.stages.context_distillation import ContextDistillationConfig
 from pipeline.stages.context_distillation_stage import run_context_distillation
 from pipeline.stages.gatt import GAttConfig
 from pipeline.stages.gatt_sources import DialogueSource
 from pipeline.stages.gatt_stage import run_gatt
-from pipeline.stages.oracle_eval import eval_prompts, stop_ids
 from pipeline.evaluation.rm_fidelity import rm_fidelity
 from pipeline.stages.policy_preferences import OnPolicyConfig, ingest, run_on_policy_batch
-from pipeline.stages.ppo import PPOConfig, run_ppo_loop
-from pipeline.stages.rejection_sampling import RejectionConfig, choose_prompts, run_rejection_sampling
+from pipeline.stages.ppo import PPOConfig, run_ppo_stage
+from pipeline.stages.rejection_sampling import RejectionConfig, fine_tune_on_kept, run_rejection_sampling
 from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
 from pipeline.stages.reward_model import RMConfig
 from pipeline.stages.reward_models import rm_stage_name, run_reward_models
-from pipeline.stages.sft import train_sft
 from pipeline.state import PolicyState, RoundResult
 from pipeline.world import World
 
@@ -79,115 +75,98 @@ class RoundsConfig:
         return sum(self.new_batches[min(r, len(self.new_batches)) - 1] for r in range(1, round + 1))
 
 
-def run_round(store: RunStore, round: int, weeks: list[tuple[str, pa.Table, str]],  # noqa: A002
-              policies: list[PolicyState], rm_init: PolicyState, prompts_train: pa.Table, train_digest: str,
-              config: RoundsConfig, rm_config: RMConfig, pools: Pools,
-              evaluate: Callable[[int, str, PolicyState], list[dict]], shard_rows: int, world: World | None,
-              sampling: Sampling, gatt_source: DialogueSource | None = None) -> RoundResult:
-    """One round; `policies` (smallest first) are moved on to this round's checkpoints in place.
-    `evaluate(round, stage name, policy)` scores a policy with the oracle; `sampling` is the evaluation's, which
-    GAtt and context distillation sample with too (one answer per prompt), `gatt_source` GAtt's instructions and
-    dialogues (the world's or the user's files). `world` is None for runs from files, which then make no on-policy
-    batch and measure no RM fidelity (both need the world's annotator or oracle)."""
+@dataclass
+class RoundContext:
+    """What every round shares: the run's store, pools, data and settings (the driver builds it once)."""
+
+    store: RunStore
+    weeks: list[tuple[str, pa.Table, str]]  # (name, prebuilt table, digest) per weekly batch
+    rm_init: PolicyState  # the reward models' start (the largest SFT policy)
+    prompts_train: pa.Table
+    train_digest: str
+    config: RoundsConfig
+    rm_config: RMConfig
+    pools: Pools
+    evaluate: Callable[[int, str, PolicyState], list[dict]]  # (round, stage name, policy) -> oracle scores
+    shard_rows: int
+    world: World | None  # None for runs from files: no on-policy batch, no RM fidelity (no annotator, no oracle)
+    sampling: Sampling  # the evaluation's, which GAtt and context distillation sample with (one answer a prompt)
+    gatt_source: DialogueSource | None = None  # GAtt's instructions and dialogues (the world's or the user's files)
+
+    def generators_of(self, policy: PolicyState) -> Callable[[Path], Pool]:
+        """The generator pool of `policy`'s size, serving a given checkpoint."""
+        return lambda checkpoint: self.pools.generator(policy.name, checkpoint, policy.context)
+
+
+def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> RoundResult:  # noqa: A002
+    """One round; `policies` (smallest first) are moved on to this round's checkpoints in place."""
+    store, config, pools, prompts_train = ctx.store, ctx.config, ctx.pools, ctx.prompts_train
     made: list[dict] = []  # the counts of the on-policy batches this round makes
 
     def on_policy_batch(batch: int) -> tuple[pa.Table, str]:
         table, digest, counts = run_on_policy_batch(
-            store, round, batch, weeks[batch - 1][1:], [(p.name, p.digest) for p in policies],
-            load_tokenizer(policies[-1].checkpoint), world, config.on_policy,
-            lambda i: pools.generator(policies[i].name, policies[i].checkpoint, policies[i].context), shard_rows)
+            store, round, batch, ctx.weeks[batch - 1][1:], [(p.name, p.digest) for p in policies],
+            load_tokenizer(policies[-1].checkpoint), ctx.world, config.on_policy,
+            lambda i: pools.generator(policies[i].name, policies[i].checkpoint, policies[i].context), ctx.shard_rows)
         made.append(counts)
         return table, digest
 
-    on_policy = world is not None and config.on_policy.share > 0
-    ingested = ingest(store, round, weeks, config.batches_through, on_policy_batch if on_policy else None)
+    on_policy = ctx.world is not None and config.on_policy.share > 0
+    ingested = ingest(store, round, ctx.weeks, config.batches_through, on_policy_batch if on_policy else None)
     preferences = pa.concat_tables([table for _, table, _ in ingested])
-    rms = run_reward_models(store, round, rm_init.checkpoint, rm_init.digest, preferences,
-                            digest_config([digest for _, _, digest in ingested]), rm_config, runner=pools.train)
+    rms = run_reward_models(store, round, ctx.rm_init.checkpoint, ctx.rm_init.digest, preferences,
+                            digest_config([digest for _, _, digest in ingested]), ctx.rm_config, runner=pools.train)
     help_dir, safe_dir = rms["helpfulness"][0], rms["safety"][0]
     rm_digest = digest_config([model_digest(store.stage(round, rm_stage_name(kind)).manifest()) for kind in rms])
 
     sampler = policies[-1]  # the largest policy samples (the paper: 70B only)
     sampler_checkpoint = sampler.checkpoint
     kept, metrics, _ = run_rejection_sampling(
-        store, round, prompts_train, train_digest, load_tokenizer(sampler.checkpoint), f"{sampler.name}-r{round - 1}",
-        sampler.digest, rm_digest, config.rejection,
+        store, round, prompts_train, ctx.train_digest, load_tokenizer(sampler.checkpoint),
+        f"{sampler.name}-r{round - 1}", sampler.digest, rm_digest, config.rejection,
         generators=lambda: pools.generator(sampler.name, sampler_checkpoint, sampler.context),
-        scorers=lambda: pools.scorer(help_dir, safe_dir), shard_rows=shard_rows)
-    fidelity = rm_fidelity(store.stage(round, "rs_samples").read(), prompts_train) if world is not None else None
+        scorers=lambda: pools.scorer(help_dir, safe_dir), shard_rows=ctx.shard_rows)
+    fidelity = rm_fidelity(store.stage(round, "rs_samples").read(), prompts_train) if ctx.world is not None else None
     demonstrations = kept_as_demonstrations(kept, prompts_train)
     kept_digest = store.stage(round, "rs_kept").manifest()["content_digest"]
-    for policy in policies if kept.num_rows else ():  # none kept (every answer cut, `truncated: drop`): no step
-        checkpoint_stage(
-            store, round, f"rs_sft_{policy.name}", {"init": policy.digest, "kept": kept_digest},
-            dataclasses.asdict(config.rejection.sft),
-            lambda out, init=policy.checkpoint: pools.train(train_sft, init, demonstrations, out, config.rejection.sft))
-        policy.move_to(store.stage(round, f"rs_sft_{policy.name}"))
+    fine_tune_on_kept(store, round, policies, demonstrations, kept_digest, config.rejection.sft, pools.train)
 
     ppo, before_ppo = None, {}
     if config.ppo_from and round >= config.ppo_from:
         # The rejection-sampling checkpoint on the held-out prompts too: what each of the two steps did.
-        before_ppo[sampler.name] = evaluate(round, f"eval_before_ppo_{sampler.name}", sampler)
-        ppo = _ppo(store, round, sampler, help_dir, safe_dir, rm_digest, prompts_train, train_digest, config.ppo,
-                   pools)
-    def generators_of(policy: PolicyState) -> Callable[[Path], Pool]:
-        return lambda checkpoint: pools.generator(policy.name, checkpoint, policy.context)
+        before_ppo[sampler.name] = ctx.evaluate(round, f"eval_before_ppo_{sampler.name}", sampler)
+        ppo = run_ppo_stage(store, round, sampler, (help_dir, safe_dir), rm_digest, prompts_train, ctx.train_digest,
+                            config.ppo, pools)
 
     run_gatt_now = bool(config.gatt.gatt_from and round >= config.gatt.gatt_from)
     run_cd_now = bool(config.context_distillation.distill_from and round >= config.context_distillation.distill_from)
     after_ppo = {}
     if ppo is not None and (run_gatt_now or run_cd_now):  # what PPO alone did, before the next steps train on
-        after_ppo[sampler.name] = evaluate(round, f"eval_after_ppo_{sampler.name}", sampler)
+        after_ppo[sampler.name] = ctx.evaluate(round, f"eval_after_ppo_{sampler.name}", sampler)
     gatt, distillation = {}, {}
     if run_gatt_now:
-        if gatt_source is None:
+        if ctx.gatt_source is None:
             raise ValueError("rounds.gatt.gatt_from: GAtt needs instructions and dialogues (the world's, or "
                              "data.gatt's files)")
         # The largest first: with `gatt.distil` the other sizes train on its samples.
-        gatt[sampler.name], largest_samples = run_gatt(store, round, gatt_source, sampler, config.gatt, sampling,
-                                                       generators_of(sampler), pools.train,
+        gatt[sampler.name], largest_samples = run_gatt(store, round, ctx.gatt_source, sampler, config.gatt,
+                                                       ctx.sampling, ctx.generators_of(sampler), pools.train,
                                                        (demonstrations, kept_digest))
         for policy in policies[:-1]:
-            gatt[policy.name], _ = run_gatt(store, round, gatt_source, policy, config.gatt, sampling,
-                                            generators_of(policy), pools.train, (demonstrations, kept_digest),
+            gatt[policy.name], _ = run_gatt(store, round, ctx.gatt_source, policy, config.gatt, ctx.sampling,
+                                            ctx.generators_of(policy), pools.train, (demonstrations, kept_digest),
                                             largest_samples if config.gatt.distil else None)
         gatt = {policy.name: gatt[policy.name] for policy in policies}
     if run_cd_now:
         for policy in policies:
-            before = evaluate(round, f"eval_before_cd_{policy.name}", policy)  # its effect on the same prompts
+            before = ctx.evaluate(round, f"eval_before_cd_{policy.name}", policy)  # its effect on the same prompts
             distillation[policy.name] = {"before": before, **run_context_distillation(
-                store, round, policy, prompts_train, train_digest, rm_digest, config.context_distillation,
-                config.rejection.sft, sampling, generators_of(policy), lambda: pools.scorer(help_dir, safe_dir),
+                store, round, policy, prompts_train, ctx.train_digest, rm_digest, config.context_distillation,
+                config.rejection.sft, ctx.sampling, ctx.generators_of(policy), lambda: pools.scorer(help_dir, safe_dir),
                 pools.train, (demonstrations, kept_digest))}
-    scores = {policy.name: evaluate(round, f"eval_{policy.name}", policy) for policy in policies}
+    scores = {policy.name: ctx.evaluate(round, f"eval_{policy.name}", policy) for policy in policies}
     accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
     if ppo is not None and not after_ppo:
         after_ppo[sampler.name] = scores[sampler.name]
     return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo, (help_dir, safe_dir), rm_digest, gatt,
                        distillation, before_ppo, after_ppo, fidelity, made)
-
-
-def _ppo(store: RunStore, round: int, policy: PolicyState, help_dir: Path, safe_dir: Path,  # noqa: A002
-         rm_digest: str, prompts_train: pa.Table, train_digest: str, config: PPOConfig, pools: Pools) -> dict:
-    """PPO on `policy` (moved on to the result); its metrics. The critic starts from the helpfulness RM."""
-    tokenizer = load_tokenizer(policy.checkpoint)
-    chosen = choose_prompts(prompts_train, config.batch_size * config.iterations + config.heldout_prompts,
-                            config.seed + 1)
-    _, table = eval_prompts(tokenizer, chosen, "llama2")
-    # Shuffled: the prompts table is grouped by category, and batches taken in order would swap the reward's
-    # meaning (helpfulness, then safety) mid-run (seen: R_c "rose" from 0.6 to 1.0 with KL at 0).
-    table = table.take(torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(config.seed)).numpy())
-    heldout, train = table.slice(0, config.heldout_prompts), table.slice(config.heldout_prompts)
-    start_checkpoint = policy.checkpoint
-
-    def train_ppo(out: Path) -> dict:
-        return run_ppo_loop(out, start_checkpoint, help_dir, train, heldout, config, stop_ids(tokenizer),
-                            pools.generator(policy.name, start_checkpoint, policy.context),
-                            pools.scorer(help_dir, safe_dir), pools.trainers(),
-                            lambda weights: pools.push_weights(policy.name, weights), round)
-
-    _, metrics, _ = checkpoint_stage(
-        store, round, "ppo", {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},
-        dataclasses.asdict(config), train_ppo)
-    policy.move_to(store.stage(round, "ppo"))
-    return metrics

@@ -29,6 +29,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,13 @@ from model.packing import pad_right
 from model.ppo import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, Reduce, RunningMoments, advantage_estimator,
                        entropy_from_logits, kl_penalty, logit, policy_loss, token_rewards, value_loss, whiten)
 from model.tokenizer import load_tokenizer
+from pipeline.cluster import Pools
+from pipeline.data.store import RunStore
+from pipeline.stages.cached import checkpoint_stage
+from pipeline.stages.oracle_eval import eval_prompts, stop_ids
+from pipeline.stages.rejection_sampling import choose_prompts
 from pipeline.stages.sft import check_positive, check_ratio
+from pipeline.state import PolicyState
 
 
 @dataclass
@@ -437,3 +444,32 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
                     break
     return {"iterations": rows, "heldout": curve, "best_iteration": best_iteration, "best_heldout_reward": best,
             "stopped": stopped}
+
+
+def run_ppo_stage(store: RunStore, round: int, policy: PolicyState, rm_dirs: tuple[Path, Path],  # noqa: A002
+                  rm_digest: str, prompts_train: pa.Table, train_digest: str, config: PPOConfig, pools: Pools) -> dict:
+    """The `ppo` stage of a round: PPO on `policy` (moved on to the result) against the reward models in
+    `rm_dirs` (helpfulness, safety), on prompts drawn from `prompts_train`; its metrics. The critic starts from
+    the helpfulness RM."""
+    help_dir, safe_dir = rm_dirs
+    tokenizer = load_tokenizer(policy.checkpoint)
+    chosen = choose_prompts(prompts_train, config.batch_size * config.iterations + config.heldout_prompts,
+                            config.seed + 1)
+    _, table = eval_prompts(tokenizer, chosen, "llama2")
+    # Shuffled: the prompts table is grouped by category, and batches taken in order would swap the reward's
+    # meaning (helpfulness, then safety) mid-run (seen: R_c "rose" from 0.6 to 1.0 with KL at 0).
+    table = table.take(torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(config.seed)).numpy())
+    heldout, train = table.slice(0, config.heldout_prompts), table.slice(config.heldout_prompts)
+    start_checkpoint = policy.checkpoint
+
+    def train_ppo(out: Path) -> dict:
+        return run_ppo_loop(out, start_checkpoint, help_dir, train, heldout, config, stop_ids(tokenizer),
+                            pools.generator(policy.name, start_checkpoint, policy.context),
+                            pools.scorer(help_dir, safe_dir), pools.trainers(),
+                            lambda weights: pools.push_weights(policy.name, weights), round)
+
+    _, metrics, _ = checkpoint_stage(
+        store, round, "ppo", {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},
+        dataclasses.asdict(config), train_ppo)
+    policy.move_to(store.stage(round, "ppo"))
+    return metrics

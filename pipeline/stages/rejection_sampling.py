@@ -26,12 +26,13 @@ from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer
 from pipeline.data.store import RunStore, StageStore
 from pipeline.progress import progress_bar
-from pipeline.stages.cached import table_stage
+from pipeline.stages.cached import checkpoint_stage, table_stage
 from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
 from pipeline.stages.rejection_sampling_select import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
                                                        merge_with_earlier, reward_vs_k)
 from pipeline.stages.reward_model import id_rank
-from pipeline.stages.sft import SFTConfig
+from pipeline.stages.sft import SFTConfig, train_sft
+from pipeline.state import PolicyState
 
 @dataclass
 class RejectionConfig:
@@ -186,3 +187,14 @@ def _cut(samples: pa.Table) -> int:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def fine_tune_on_kept(store: RunStore, round: int, policies: list[PolicyState],  # noqa: A002
+                      demonstrations: pa.Table, kept_digest: str, config: SFTConfig, train: Callable[..., Any]) -> None:
+    """`rs_sft_<size>`: every size fine-tuned on the round's kept answers and moved on to the result; none kept
+    (every answer cut, `truncated: drop`) leaves the policies as they were."""
+    for policy in policies if demonstrations.num_rows else ():
+        checkpoint_stage(store, round, f"rs_sft_{policy.name}", {"init": policy.digest, "kept": kept_digest},
+                         asdict(config),
+                         lambda out, init=policy.checkpoint: train(train_sft, init, demonstrations, out, config))
+        policy.move_to(store.stage(round, f"rs_sft_{policy.name}"))

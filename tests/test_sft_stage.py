@@ -47,8 +47,6 @@ def test_config_names_each_bad_value():
     with pytest.raises(ValueError) as err:
         SFTConfig(epochs=0, warmup_share=2.0)
     assert str(err.value).splitlines() == ["sft.epochs = 0: must be > 0", "sft.warmup_share = 2.0: must be in [0, 1]"]
-    paper = SFTConfig.llama2()
-    assert (paper.lr, paper.weight_decay, paper.batch_size, paper.seq_len, paper.epochs) == (2e-5, 0.1, 64, 4096, 2)
 
 
 def test_loss_touches_answer_tokens_only(tokenizer):

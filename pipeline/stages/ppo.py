@@ -61,7 +61,7 @@ from pipeline.state import PolicyState
 
 @dataclass
 class PPOConfig:
-    """Sized for the tiny models on 2 CPU cores; the paper's values are in `llama2()`."""
+    """Sized for the tiny models on 2 CPU cores; the paper's values are in conf/experiment/llama2-*.yaml."""
 
     iterations: int = 12  # paper: 200-400 with early stopping
     batch_size: int = 64  # prompts per iteration; paper 512
@@ -112,13 +112,6 @@ class PPOConfig:
     @property
     def needs_critic(self) -> bool:
         return advantage_estimator(self.advantage).needs_critic
-
-    @classmethod
-    def llama2(cls, beta: float = 0.01) -> PPOConfig:
-        """docs/paper.md: constant lr 1e-6, batch 512, mini-batch 64, clip 0.2, beta 0.01 (7B) / 0.005 (70B), AdamW
-        (0.9, 0.95), eps 1e-5, weight decay 0.1, grad clip 1.0, up to 400 iterations with early stopping."""
-        return cls(iterations=400, batch_size=512, mini_batch=64, lr=1e-6, beta=beta, heldout_prompts=512,
-                   eval_every=20, patience=3)
 
 
 # --- on the trainer ranks -----------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ COLUMN_TITLES = ("Significantly better", "Better", "Slightly better", "Negligibl
 
 @dataclass
 class RMConfig:
-    """Defaults are sized for the tiny models on 2 CPU cores; `llama2_7b()` / `llama2_70b()` have the paper's."""
+    """Defaults are sized for the tiny models on 2 CPU cores; the paper's are in conf/experiment/llama2-*.yaml."""
 
     # Margin table by rating; a non-null `margin` column in the pairs overrides it row by row. "small" is the
     # best average of the paper's margin ablation (Table 28).
@@ -98,15 +98,6 @@ class RMConfig:
             errors.append(f"rm.group_by_length = {self.group_by_length}: must be >= 0 (0: a plain shuffle)")
         if errors:
             raise ValueError("\n".join(errors))
-
-    @classmethod
-    def llama2_7b(cls) -> RMConfig:
-        """docs/paper.md: max lr 1e-5, batch 512 pairs, 1 epoch, 1000 pairs held out per batch (rest: defaults)."""
-        return cls(lr=1e-5, batch_size=512, epochs=1, heldout_pairs=1000, parallel="fsdp")
-
-    @classmethod
-    def llama2_70b(cls) -> RMConfig:
-        return cls(lr=5e-6, batch_size=512, epochs=1, heldout_pairs=1000, parallel="fsdp")
 
 
 # --- data: held-out split and mixes -------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pipeline.progress import progress_bar
 
 @dataclass
 class SFTConfig:
-    """Defaults are sized for the tiny models on 2 CPU cores; `SFTConfig.llama2()` has the paper's values."""
+    """Defaults are sized for the tiny models on 2 CPU cores; the paper's are in conf/experiment/llama2-*.yaml."""
 
     lr: float = 1e-3
     epochs: int = 2
@@ -51,12 +51,6 @@ class SFTConfig:
         errors += check_parallel(self, "sft")
         if errors:
             raise ValueError("\n".join(errors))
-
-    @classmethod
-    def llama2(cls) -> SFTConfig:
-        """docs/paper.md, "SFT": cosine, lr 2e-5, weight decay 0.1, batch 64, sequence length 4096, 2 epochs; FSDP
-        (a 7B policy's AdamW state does not fit on one GPU)."""
-        return cls(lr=2e-5, epochs=2, batch_size=64, seq_len=4096, weight_decay=0.1, parallel="fsdp")
 
 
 def check_positive(config: Any, prefix: str, names: tuple[str, ...]) -> list[str]:

@@ -127,7 +127,7 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
     demos_digest = digest("demonstrations")
     console.sft_header(demonstrations.num_rows)
     sft_scores: dict[str, list[dict]] = {}
-    current: list[PolicyState] = []  # each size's latest checkpoint, moved on by the rounds
+    current: list[PolicyState] = []  # each size's latest checkpoint: SFT's, then each round's
     for p in policies:
         started = time.perf_counter()
         _, metrics, cached = checkpoint_stage(
@@ -139,7 +139,7 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
         console.sft_rows(p.name, metrics, console.how(cached, started), sft_scores[p.name], base_scores.get(p.name))
 
     # Reward models start from the largest SFT policy (the paper initialises them from the chat model).
-    rm_init = dataclasses.replace(current[-1])  # a copy: the rounds move `current` on
+    rm_init = current[-1]
     weeks = [(name, tables[name], digest(name)) for name in tables if name.startswith("preferences_b")]
     train_digest = digest("prompts_train")
 
@@ -157,6 +157,7 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
             break
         started = time.perf_counter()
         result = run_round(rounds, r, current)
+        current = result.policies
         results.append(result)
         console.section(f"round {r} ({time.perf_counter() - started:.0f} s): {store.root / f'round-{r:02d}'}")
         console.round_block(result, current, oracle)

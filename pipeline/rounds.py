@@ -99,7 +99,8 @@ class RoundContext:
 
 
 def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> RoundResult:  # noqa: A002
-    """One round; `policies` (smallest first) are moved on to this round's checkpoints in place."""
+    """One round from `policies` (each size's checkpoint, smallest first); the result's `policies` are the sizes at
+    the round's end. Each stage returns the policy it made; none is changed in place."""
     store, config, pools, prompts_train = ctx.store, ctx.config, ctx.pools, ctx.prompts_train
     made: list[dict] = []  # the counts of the on-policy batches this round makes
 
@@ -129,14 +130,17 @@ def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> Rou
     fidelity = rm_fidelity(store.stage(round, "rs_samples").read(), prompts_train) if ctx.world is not None else None
     demonstrations = kept_as_demonstrations(kept, prompts_train)
     kept_digest = store.stage(round, "rs_kept").manifest()["content_digest"]
-    fine_tune_on_kept(store, round, policies, demonstrations, kept_digest, config.rejection.sft, pools.train)
+    policies = fine_tune_on_kept(store, round, policies, demonstrations, kept_digest, config.rejection.sft,
+                                 pools.train)
+    sampler = policies[-1]
 
     ppo, before_ppo = None, {}
     if config.ppo_from and round >= config.ppo_from:
         # The rejection-sampling checkpoint on the held-out prompts too: what each of the two steps did.
         before_ppo[sampler.name] = ctx.evaluate(round, f"eval_before_ppo_{sampler.name}", sampler)
-        ppo = run_ppo_stage(store, round, sampler, (help_dir, safe_dir), rm_digest, prompts_train, ctx.train_digest,
-                            config.ppo, pools)
+        ppo, sampler = run_ppo_stage(store, round, sampler, (help_dir, safe_dir), rm_digest, prompts_train,
+                                     ctx.train_digest, config.ppo, pools)
+        policies = [*policies[:-1], sampler]
 
     run_gatt_now = bool(config.gatt.gatt_from and round >= config.gatt.gatt_from)
     run_cd_now = bool(config.context_distillation.distill_from and round >= config.context_distillation.distill_from)
@@ -149,24 +153,32 @@ def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> Rou
             raise ValueError("rounds.gatt.gatt_from: GAtt needs instructions and dialogues (the world's, or "
                              "data.gatt's files)")
         # The largest first: with `gatt.distil` the other sizes train on its samples.
-        gatt[sampler.name], largest_samples = run_gatt(store, round, ctx.gatt_source, sampler, config.gatt,
-                                                       ctx.sampling, ctx.generators_of(sampler), pools.train,
-                                                       (demonstrations, kept_digest))
+        gatt[sampler.name], largest_samples, sampler = run_gatt(
+            store, round, ctx.gatt_source, sampler, config.gatt, ctx.sampling, ctx.generators_of(sampler),
+            pools.train, (demonstrations, kept_digest))
+        smaller = []
         for policy in policies[:-1]:
-            gatt[policy.name], _ = run_gatt(store, round, ctx.gatt_source, policy, config.gatt, ctx.sampling,
-                                            ctx.generators_of(policy), pools.train, (demonstrations, kept_digest),
-                                            largest_samples if config.gatt.distil else None)
+            gatt[policy.name], _, policy = run_gatt(
+                store, round, ctx.gatt_source, policy, config.gatt, ctx.sampling, ctx.generators_of(policy),
+                pools.train, (demonstrations, kept_digest), largest_samples if config.gatt.distil else None)
+            smaller.append(policy)
+        policies = [*smaller, sampler]
         gatt = {policy.name: gatt[policy.name] for policy in policies}
     if run_cd_now:
+        distilled = []
         for policy in policies:
             before = ctx.evaluate(round, f"eval_before_cd_{policy.name}", policy)  # its effect on the same prompts
-            distillation[policy.name] = {"before": before, **run_context_distillation(
+            result, policy = run_context_distillation(
                 store, round, policy, prompts_train, ctx.train_digest, rm_digest, config.context_distillation,
                 config.rejection.sft, ctx.sampling, ctx.generators_of(policy), lambda: pools.scorer(help_dir, safe_dir),
-                pools.train, (demonstrations, kept_digest))}
+                pools.train, (demonstrations, kept_digest))
+            distillation[policy.name] = {"before": before, **result}
+            distilled.append(policy)
+        policies = distilled
+        sampler = policies[-1]
     scores = {policy.name: ctx.evaluate(round, f"eval_{policy.name}", policy) for policy in policies}
     accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
     if ppo is not None and not after_ppo:
         after_ppo[sampler.name] = scores[sampler.name]
     return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo, (help_dir, safe_dir), rm_digest, gatt,
-                       distillation, before_ppo, after_ppo, fidelity, made)
+                       distillation, before_ppo, after_ppo, fidelity, made, policies)

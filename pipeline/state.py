@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.data.store import StageStore
@@ -23,9 +23,9 @@ class PolicyState:
         """The checkpoint a finished `checkpoint_stage` made."""
         return cls(name, stage.path / CHECKPOINT_DIR, model_digest(stage.manifest()), context)
 
-    def move_to(self, stage: StageStore) -> None:
-        """Take the checkpoint of a finished `checkpoint_stage` as this size's current one."""
-        self.checkpoint, self.digest = stage.path / CHECKPOINT_DIR, model_digest(stage.manifest())
+    def moved_to(self, stage: StageStore) -> PolicyState:
+        """This size at the checkpoint of a finished `checkpoint_stage`."""
+        return replace(self, checkpoint=stage.path / CHECKPOINT_DIR, digest=model_digest(stage.manifest()))
 
 
 @dataclass
@@ -44,3 +44,4 @@ class RoundResult:
     after_ppo: dict[str, list[dict]] = field(default_factory=dict)  # size -> scores right after PPO
     rm_fidelity: dict | None = None  # the helpfulness RM on the round's own samples (evaluation/rm_fidelity.py)
     on_policy: list[dict] = field(default_factory=list)  # counts of the on-policy batches this round made
+    policies: list[PolicyState] = field(default_factory=list)  # each size's checkpoint at the round's end

@@ -35,9 +35,9 @@ def run_context_distillation(store: RunStore, round: int, policy: PolicyState, p
                              prompts_digest: str, rm_digest: str, config: ContextDistillationConfig,
                              sft: SFTConfig, sampling: Sampling, generators: Callable[[Path], Pool],
                              scorers: Callable[[], Pool], train: Callable[..., dict],
-                             mix: tuple[pa.Table, str] | None = None) -> dict[str, Any]:
-    """Context distillation for one policy size (moved on to the distilled checkpoint when
-    any answer was kept). `mix` (DEMONSTRATIONS, digest) is trained on alongside the kept answers (measured on the
+                             mix: tuple[pa.Table, str] | None = None) -> tuple[dict[str, Any], PolicyState]:
+    """Context distillation for one policy size (the size at the distilled checkpoint returned, or as it was when
+    no answer was kept). `mix` (DEMONSTRATIONS, digest) is trained on alongside the kept answers (measured on the
     small tiny policy: false refusals 15% -> 62% trained on the kept answers alone, 15% -> 30% mixed, 15% -> 15%
     mixed once the prompts too long for the template got the generic preprompt; docs/results.md). Returns the
     selection counts and the training metrics (None when nothing was kept)."""
@@ -61,11 +61,10 @@ def run_context_distillation(store: RunStore, round: int, policy: PolicyState, p
                           distil, "demonstrations")
     counts, demonstrations = data.manifest()["extra"]["counts"], data.read()
     if not demonstrations.num_rows:
-        return {"counts": counts, "training": None}
+        return {"counts": counts, "training": None}, policy
     _, metrics, _ = checkpoint_stage(
         store, round, f"cd_sft_{policy.name}",
         {"policy": policy.digest, "demonstrations": data.manifest()["content_digest"], "mix": mix[1] if mix else ""},
         dataclasses.asdict(sft),
         lambda out: train(train_sft, policy.checkpoint, with_mix(demonstrations, mix), out, sft))
-    policy.move_to(store.stage(round, f"cd_sft_{policy.name}"))
-    return {"counts": counts, "training": metrics}
+    return {"counts": counts, "training": metrics}, policy.moved_to(store.stage(round, f"cd_sft_{policy.name}"))

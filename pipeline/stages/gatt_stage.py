@@ -67,8 +67,9 @@ def _adherence_stage(store: RunStore, round: int, name: str,  # noqa: A002
 def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: PolicyState, config: GAttConfig,  # noqa: A002
              sampling: Sampling, generators: Callable[[Path], Pool], train: Callable[..., dict],
              mix: tuple[pa.Table, str] | None = None,
-             samples_from: tuple[pa.Table, str] | None = None) -> tuple[dict[str, Any], tuple[pa.Table, str]]:
-    """GAtt for one policy size (moved on to the GAtt checkpoint when any dialogue was kept),
+             samples_from: tuple[pa.Table, str] | None = None
+             ) -> tuple[dict[str, Any], tuple[pa.Table, str], PolicyState]:
+    """GAtt for one policy size (the size at the GAtt checkpoint returned, or as it was when no dialogue was kept),
     its instructions and dialogues from `source` (the world's, or the user's files), which measures adherence too.
     `generators(checkpoint)` is the generator pool serving a checkpoint of this size, `train` the trainer group's
     runner; `mix` (DEMONSTRATIONS, digest) is trained on alongside the GAtt dialogues, as the paper mixes GAtt data
@@ -76,7 +77,7 @@ def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Policy
     with a greeting in the instructed language). `samples_from` (DEMONSTRATIONS, digest): another policy's GAtt
     training samples (`gatt_data_<size>`) to train on instead of sampling this one's. Returns adherence per turn
     before and after, the number of training samples and the training metrics, and the training samples with
-    their digest (for `samples_from` of the other sizes)."""
+    their digest (for `samples_from` of the other sizes), and the policy."""
     tokenizer = load_tokenizer(policy.checkpoint)
     sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
     # The training dialogues depend on everything but the fine-tuning settings (the training stage's own config).
@@ -111,12 +112,12 @@ def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Policy
         samples_from = data.read(), data.manifest()["content_digest"]
     dialogues, dialogues_digest = samples_from
     if not dialogues.num_rows:
-        return {"before": before, "after": before, "samples": 0, "training": None}, samples_from
+        return {"before": before, "after": before, "samples": 0, "training": None}, samples_from, policy
     inputs = {"policy": policy.digest, "dialogues": dialogues_digest, "mix": mix[1] if mix else ""}
     _, metrics, _ = checkpoint_stage(
         store, round, f"gatt_sft_{policy.name}", inputs, dataclasses.asdict(config.sft),
         lambda out: train(train_sft, policy.checkpoint, with_mix(dialogues, mix), out, config.sft, gatt_examples))
-    policy.move_to(store.stage(round, f"gatt_sft_{policy.name}"))
+    policy = policy.moved_to(store.stage(round, f"gatt_sft_{policy.name}"))
     after = _adherence_stage(store, round, f"gatt_after_{policy.name}", policy.digest, held_out,
                              lambda: answer(held_out, False, "gatt-eval"), eval_config, source)
-    return {"before": before, "after": after, "samples": dialogues.num_rows, "training": metrics}, samples_from
+    return {"before": before, "after": after, "samples": dialogues.num_rows, "training": metrics}, samples_from, policy

@@ -440,8 +440,9 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
 
 
 def run_ppo_stage(store: RunStore, round: int, policy: PolicyState, rm_dirs: tuple[Path, Path],  # noqa: A002
-                  rm_digest: str, prompts_train: pa.Table, train_digest: str, config: PPOConfig, pools: Pools) -> dict:
-    """The `ppo` stage of a round: PPO on `policy` (moved on to the result) against the reward models in
+                  rm_digest: str, prompts_train: pa.Table, train_digest: str, config: PPOConfig,
+                  pools: Pools) -> tuple[dict, PolicyState]:
+    """The `ppo` stage of a round: PPO on `policy` (the result and its metrics returned) against the reward models in
     `rm_dirs` (helpfulness, safety), on prompts drawn from `prompts_train`; its metrics. The critic starts from
     the helpfulness RM."""
     help_dir, safe_dir = rm_dirs
@@ -464,5 +465,4 @@ def run_ppo_stage(store: RunStore, round: int, policy: PolicyState, rm_dirs: tup
     _, metrics, _ = checkpoint_stage(
         store, round, "ppo", {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},
         dataclasses.asdict(config), train_ppo)
-    policy.move_to(store.stage(round, "ppo"))
-    return metrics
+    return metrics, policy.moved_to(store.stage(round, "ppo"))

@@ -190,11 +190,16 @@ def _mean(values: list[float]) -> float:
 
 
 def fine_tune_on_kept(store: RunStore, round: int, policies: list[PolicyState],  # noqa: A002
-                      demonstrations: pa.Table, kept_digest: str, config: SFTConfig, train: Callable[..., Any]) -> None:
-    """`rs_sft_<size>`: every size fine-tuned on the round's kept answers and moved on to the result; none kept
+                      demonstrations: pa.Table, kept_digest: str, config: SFTConfig,
+                      train: Callable[..., Any]) -> list[PolicyState]:
+    """`rs_sft_<size>`: every size fine-tuned on the round's kept answers; the sizes at the results. None kept
     (every answer cut, `truncated: drop`) leaves the policies as they were."""
-    for policy in policies if demonstrations.num_rows else ():
+    if not demonstrations.num_rows:
+        return list(policies)
+    out = []
+    for policy in policies:
         checkpoint_stage(store, round, f"rs_sft_{policy.name}", {"init": policy.digest, "kept": kept_digest},
                          asdict(config),
                          lambda out, init=policy.checkpoint: train(train_sft, init, demonstrations, out, config))
-        policy.move_to(store.stage(round, f"rs_sft_{policy.name}"))
+        out.append(policy.moved_to(store.stage(round, f"rs_sft_{policy.name}")))
+    return out

@@ -26,6 +26,7 @@ from model.chat_template import Message
 from model.config import ModelConfig
 from model.tokenizer import load_tokenizer
 from pipeline import console
+from pipeline import stage_names as names
 from pipeline.cluster import Pools, connect
 from pipeline.config import ConfigError, RunConfig, register, validate
 from pipeline.data.schemas import PREFERENCE_KINDS
@@ -41,7 +42,6 @@ from pipeline.stages.data_files import data_stage_name, run_data_files
 from pipeline.stages.oracle_eval import native_format, run_oracle_eval
 from pipeline.stages.sft import train_sft
 from pipeline.stages.pretrain import run_pretrain
-from pipeline.stages.reward_models import rm_stage_name
 from pipeline.stages.gatt_sources import DialogueSource, FileDialogues, WorldDialogues
 from pipeline.stages.llm_judge import ask_judge, judge_digest, run_llm_judge
 from pipeline.stages.win_rates import run_win_rates, versus_start
@@ -120,7 +120,7 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
     base_scores: dict[str, list[dict]] = {}
     if oracle:
         for p in policies:
-            base_scores[p.name] = evaluate(0, f"base_eval_{p.name}", p, native_format(p.checkpoint))
+            base_scores[p.name] = evaluate(0, names.base_eval(p.name), p, native_format(p.checkpoint))
         console.base_scores_table(config.eval_sampling.temperature, base_scores)
 
     demonstrations = tables["demonstrations"]
@@ -131,11 +131,11 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
     for p in policies:
         started = time.perf_counter()
         _, metrics, cached = checkpoint_stage(
-            store, 0, f"sft_{p.name}", {"base": p.digest, "demonstrations": demos_digest},
+            store, 0, names.sft(p.name), {"base": p.digest, "demonstrations": demos_digest},
             dataclasses.asdict(config.sft),
             lambda out, p=p: pools.train(train_sft, p.checkpoint, demonstrations, out, config.sft))
-        current.append(PolicyState.of_stage(p.name, store.stage(0, f"sft_{p.name}"), p.context))
-        sft_scores[p.name] = evaluate(0, f"sft_eval_{p.name}", current[-1])
+        current.append(PolicyState.of_stage(p.name, store.stage(0, names.sft(p.name)), p.context))
+        sft_scores[p.name] = evaluate(0, names.sft_eval(p.name), current[-1])
         console.sft_rows(p.name, metrics, console.how(cached, started), sft_scores[p.name], base_scores.get(p.name))
 
     # Reward models start from the largest SFT policy (the paper initialises them from the chat model).
@@ -171,11 +171,11 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
         console.reward_rounds(policies, results, win_rates)
     if results:
         last = max(r.round for r in results)
-        rms = {kind: store.stage(last, rm_stage_name(kind)).manifest()["extra"]["metrics"] for kind in PREFERENCE_KINDS}
+        rms = {kind: store.stage(last, names.rm(kind)).manifest()["extra"]["metrics"] for kind in PREFERENCE_KINDS}
         heldout = {(kind, test): metrics["heldout"][test] for kind, metrics in rms.items() for test in PREFERENCE_KINDS}
         console.rm_tables(last, heldout, per_source=not oracle)  # the user's files: Table 7 per source file
     largest = policies[-1].name
-    sft_safety = (safety_metrics(safety_rows(prompts, store.stage(0, f"sft_eval_{largest}").read()))
+    sft_safety = (safety_metrics(safety_rows(prompts, store.stage(0, names.sft_eval(largest)).read()))
                   if oracle else None)
     path = render_report(store.root, run_results(store, config.run.name, results, win_rates, judged, largest,
                                                  sft_safety))
@@ -183,8 +183,8 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
     if oracle:
         final = None
         if results:
-            final = versus_start(store.stage(results[-1].round, f"eval_{largest}").read(),
-                                 store.stage(0, f"base_eval_{largest}").read(), prompts)
+            final = versus_start(store.stage(results[-1].round, names.round_eval(largest)).read(),
+                                 store.stage(0, names.base_eval(largest)).read(), prompts)
             console.versus_start_line(largest, results[-1].round, final)
         summary = run_summary(config.run.name, config.world.seed, (time.perf_counter() - start) / 60, sft_scores,
                               results, win_rates, base_scores, final)
@@ -195,13 +195,13 @@ def compare_with_sft(store: RunStore, result: RoundResult, current: list[PolicyS
                      pools: Pools, oracle: bool = True) -> dict[tuple[int, str], dict]:
     """Each size's win rates against its own SFT model, judged by the round's RMs and the oracle (cached)."""
     out = {}
-    # (key, stage prefix, label): each size's latest checkpoint, and the one PPO started from when PPO ran.
+    # (key, moment, label): each size's latest checkpoint, and the one PPO started from when PPO ran.
     candidates = [(name, "", name) for name in (p.name for p in current)]
-    candidates += [(f"{name}{console.BEFORE_PPO}", "before_ppo_", f"{name} pre-PPO") for name in result.before_ppo]
-    for key, prefix, label in candidates:
+    candidates += [(f"{name}{console.BEFORE_PPO}", "before_ppo", f"{name} pre-PPO") for name in result.before_ppo]
+    for key, moment, label in candidates:
         name = key.removesuffix(console.BEFORE_PPO)
-        wins, _ = run_win_rates(store, result.round, f"winrate_{prefix}{name}", f"eval_{prefix}{name}",
-                                (0, f"sft_eval_{name}"), prompts, result.rm_digest,
+        wins, _ = run_win_rates(store, result.round, names.win_rate(name, moment), names.round_eval(name, moment),
+                                (0, names.sft_eval(name)), prompts, result.rm_digest,
                                 lambda: pools.scorer(*result.rm_dirs), oracle)
         out[(result.round, key)] = wins
         console.win_rate_line(label, result.round, wins)
@@ -211,7 +211,8 @@ def compare_with_sft(store: RunStore, result: RoundResult, current: list[PolicyS
 def judge_against_sft(store: RunStore, round: int, size: str, prompts: pa.Table, config: RunConfig,  # noqa: A002
                       folder: Path, pools: Pools, oracle: bool = True) -> dict:
     """The LLM judge's verdicts on the `size` policy against its SFT model (cached)."""
-    verdicts, _ = run_llm_judge(store, round, f"judge_{size}", f"eval_{size}", (0, f"sft_eval_{size}"), prompts,
+    verdicts, _ = run_llm_judge(store, round, names.judge(size), names.round_eval(size), (0, names.sft_eval(size)),
+                                prompts,
                                 config.judge, folder, lambda: pools.generator("judge", folder, config.judge.context),
                                 oracle)
     console.judge_line(size, round, folder.name, verdicts)
@@ -258,7 +259,7 @@ def run_results(store: RunStore, name: str, results: list[RoundResult], win_rate
             trust["LLM judge"] = {"consistency": Proportion.from_dict(verdicts["consistency"])}
             if verdicts["agreement"]:
                 trust["LLM judge"]["agreement"] = Proportion.from_dict(verdicts["agreement"]["overall"])
-        rms = {kind: store.stage(result.round, rm_stage_name(kind)).manifest()["extra"]["metrics"]
+        rms = {kind: store.stage(result.round, names.rm(kind)).manifest()["extra"]["metrics"]
                for kind in PREFERENCE_KINDS}
         rounds.append(RoundResults(
             result.round, f"RLHF-V{result.round}",

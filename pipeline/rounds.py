@@ -20,6 +20,7 @@ import pyarrow as pa
 from model.tokenizer import load_tokenizer
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
+from pipeline import stage_names as names
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore, digest_config
 from pipeline.stages.cached import model_digest
@@ -34,7 +35,7 @@ from pipeline.stages.ppo import PPOConfig, run_ppo_stage
 from pipeline.stages.rejection_sampling import RejectionConfig, fine_tune_on_kept, run_rejection_sampling
 from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
 from pipeline.stages.reward_model import RMConfig
-from pipeline.stages.reward_models import rm_stage_name, run_reward_models
+from pipeline.stages.reward_models import run_reward_models
 from pipeline.state import PolicyState, RoundResult
 from pipeline.world import World
 
@@ -118,7 +119,7 @@ def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> Rou
     rms = run_reward_models(store, round, ctx.rm_init.checkpoint, ctx.rm_init.digest, preferences,
                             digest_config([digest for _, _, digest in ingested]), ctx.rm_config, runner=pools.train)
     help_dir, safe_dir = rms["helpfulness"][0], rms["safety"][0]
-    rm_digest = digest_config([model_digest(store.stage(round, rm_stage_name(kind)).manifest()) for kind in rms])
+    rm_digest = digest_config([model_digest(store.stage(round, names.rm(kind)).manifest()) for kind in rms])
 
     sampler = policies[-1]  # the largest policy samples (the paper: 70B only)
     sampler_checkpoint = sampler.checkpoint
@@ -127,9 +128,9 @@ def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> Rou
         f"{sampler.name}-r{round - 1}", sampler.digest, rm_digest, config.rejection,
         generators=lambda: pools.generator(sampler.name, sampler_checkpoint, sampler.context),
         scorers=lambda: pools.scorer(help_dir, safe_dir), shard_rows=ctx.shard_rows)
-    fidelity = rm_fidelity(store.stage(round, "rs_samples").read(), prompts_train) if ctx.world is not None else None
+    fidelity = None if ctx.world is None else rm_fidelity(store.stage(round, names.RS_SAMPLES).read(), prompts_train)
     demonstrations = kept_as_demonstrations(kept, prompts_train)
-    kept_digest = store.stage(round, "rs_kept").manifest()["content_digest"]
+    kept_digest = store.stage(round, names.RS_KEPT).manifest()["content_digest"]
     policies = fine_tune_on_kept(store, round, policies, demonstrations, kept_digest, config.rejection.sft,
                                  pools.train)
     sampler = policies[-1]
@@ -137,7 +138,7 @@ def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> Rou
     ppo, before_ppo = None, {}
     if config.ppo_from and round >= config.ppo_from:
         # The rejection-sampling checkpoint on the held-out prompts too: what each of the two steps did.
-        before_ppo[sampler.name] = ctx.evaluate(round, f"eval_before_ppo_{sampler.name}", sampler)
+        before_ppo[sampler.name] = ctx.evaluate(round, names.round_eval(sampler.name, "before_ppo"), sampler)
         ppo, sampler = run_ppo_stage(store, round, sampler, (help_dir, safe_dir), rm_digest, prompts_train,
                                      ctx.train_digest, config.ppo, pools)
         policies = [*policies[:-1], sampler]
@@ -146,7 +147,7 @@ def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> Rou
     run_cd_now = bool(config.context_distillation.distill_from and round >= config.context_distillation.distill_from)
     after_ppo = {}
     if ppo is not None and (run_gatt_now or run_cd_now):  # what PPO alone did, before the next steps train on
-        after_ppo[sampler.name] = ctx.evaluate(round, f"eval_after_ppo_{sampler.name}", sampler)
+        after_ppo[sampler.name] = ctx.evaluate(round, names.round_eval(sampler.name, "after_ppo"), sampler)
     gatt, distillation = {}, {}
     if run_gatt_now:
         if ctx.gatt_source is None:
@@ -167,7 +168,8 @@ def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> Rou
     if run_cd_now:
         distilled = []
         for policy in policies:
-            before = ctx.evaluate(round, f"eval_before_cd_{policy.name}", policy)  # its effect on the same prompts
+            # Its effect, on the same prompts.
+            before = ctx.evaluate(round, names.round_eval(policy.name, "before_cd"), policy)
             result, policy = run_context_distillation(
                 store, round, policy, prompts_train, ctx.train_digest, rm_digest, config.context_distillation,
                 config.rejection.sft, ctx.sampling, ctx.generators_of(policy), lambda: pools.scorer(help_dir, safe_dir),
@@ -176,7 +178,7 @@ def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> Rou
             distilled.append(policy)
         policies = distilled
         sampler = policies[-1]
-    scores = {policy.name: ctx.evaluate(round, f"eval_{policy.name}", policy) for policy in policies}
+    scores = {policy.name: ctx.evaluate(round, names.round_eval(policy.name), policy) for policy in policies}
     accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
     if ppo is not None and not after_ppo:
         after_ppo[sampler.name] = scores[sampler.name]

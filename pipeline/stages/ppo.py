@@ -50,6 +50,7 @@ from model.packing import pad_right
 from model.ppo import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, Reduce, RunningMoments, advantage_estimator,
                        entropy_from_logits, kl_penalty, logit, policy_loss, token_rewards, value_loss, whiten)
 from model.tokenizer import load_tokenizer
+from pipeline import stage_names as names
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore
 from pipeline.stages.cached import checkpoint_stage
@@ -463,6 +464,6 @@ def run_ppo_stage(store: RunStore, round: int, policy: PolicyState, rm_dirs: tup
                             lambda weights: pools.push_weights(policy.name, weights), round)
 
     _, metrics, _ = checkpoint_stage(
-        store, round, "ppo", {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},
+        store, round, names.PPO, {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},
         dataclasses.asdict(config), train_ppo)
-    return metrics, policy.moved_to(store.stage(round, "ppo"))
+    return metrics, policy.moved_to(store.stage(round, names.PPO))

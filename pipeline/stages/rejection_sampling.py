@@ -24,6 +24,7 @@ from actors.metrics import record_stage_progress
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer
+from pipeline import stage_names as names
 from pipeline.data.store import RunStore, StageStore
 from pipeline.progress import progress_bar
 from pipeline.stages.cached import checkpoint_stage, table_stage
@@ -125,7 +126,7 @@ def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, promp
     inputs = {"prompts": prompts_digest, "sampler": sampler_digest, "reward_models": rm_digest}
     sampling = stopping_at_eos(Sampling(n=config.k, temperature=temperature, max_tokens=config.max_tokens,
                                         seed=config.seed + round), tokenizer)
-    samples, _ = sample_and_score(store, round, "rs_samples", inputs, table, sampling, sampler, generators, scorers,
+    samples, _ = sample_and_score(store, round, names.RS_SAMPLES, inputs, table, sampling, sampler, generators, scorers,
                                   shard_rows)
     sweep = []
     for t in config.temperature_sweep:
@@ -133,16 +134,17 @@ def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, promp
                                     sampler, generators, scorers, shard_rows)
         sweep.append({"temperature": t, **reward_vs_k(swept, [config.k])[0]})
 
-    earlier = store.stage(round - 1, "rs_kept")
+    earlier = store.stage(round - 1, names.RS_KEPT)
     earlier_digest = (earlier.manifest() or {}).get("content_digest", "none") if config.keep == "all_rounds" else "-"
-    kept_inputs = {"samples": store.stage(round, "rs_samples").manifest()["content_digest"], "earlier": earlier_digest}
+    kept_inputs = {"samples": store.stage(round, names.RS_SAMPLES).manifest()["content_digest"],
+                   "earlier": earlier_digest}
     kept_config = {"keep": config.keep, "reward_ks": config.reward_ks, "sweep": config.temperature_sweep,
                    "earlier": "rescored", "truncated": config.truncated}
 
     def keep(stage: StageStore, _: set[int]) -> dict[str, Any]:
         return _keep_best(stage, round, samples, earlier, chosen.num_rows, temperature, sweep, config, scorers)
 
-    kept_stage, cached = table_stage(store, round, "rs_kept", kept_inputs, kept_config, keep, "samples")
+    kept_stage, cached = table_stage(store, round, names.RS_KEPT, kept_inputs, kept_config, keep, "samples")
     return kept_stage.read(), kept_stage.manifest()["extra"], cached
 
 
@@ -198,8 +200,8 @@ def fine_tune_on_kept(store: RunStore, round: int, policies: list[PolicyState], 
         return list(policies)
     out = []
     for policy in policies:
-        checkpoint_stage(store, round, f"rs_sft_{policy.name}", {"init": policy.digest, "kept": kept_digest},
+        checkpoint_stage(store, round, names.rs_sft(policy.name), {"init": policy.digest, "kept": kept_digest},
                          asdict(config),
                          lambda out, init=policy.checkpoint: train(train_sft, init, demonstrations, out, config))
-        out.append(policy.moved_to(store.stage(round, f"rs_sft_{policy.name}")))
+        out.append(policy.moved_to(store.stage(round, names.rs_sft(policy.name))))
     return out

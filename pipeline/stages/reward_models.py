@@ -14,6 +14,7 @@ import pyarrow as pa
 from model.config import ModelConfig
 from model.distributed import rank_and_world
 from model.tokenizer import Tokenizer, load_tokenizer
+from pipeline import stage_names as names
 from pipeline.cluster import Runner, in_process
 from pipeline.data.schemas import PREFERENCE_KINDS
 from pipeline.data.store import RunStore
@@ -23,11 +24,6 @@ from model.calibration import write_calibration
 from model.checkpoint import load_checkpoint
 from pipeline.stages.reward_model import (RM_COLUMNS, RMConfig, accuracy_by_rating, accuracy_by_source, encode_side,
                                           of_kind, pair_scores, reward_model_data, split_heldout, train_reward_model)
-
-
-def rm_stage_name(kind: str) -> str:
-    """The stage of a round's reward model of `kind` (helpfulness or safety)."""
-    return f"rm_{kind}"
 
 
 def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
@@ -70,7 +66,7 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
         train_pairs, _ = reward_model_data(usable, kind, config)
         tests = {test: of_kind(heldout, test) for test in PREFERENCE_KINDS}
         results[kind] = checkpoint_stage(
-            store, round, rm_stage_name(kind), {"init": init_digest, "preferences": preferences_digest},
+            store, round, names.rm(kind), {"init": init_digest, "preferences": preferences_digest},
             recipe,
             lambda out, kind=kind, pairs=train_pairs, tests=tests: {
                 **runner(train_and_evaluate, init_checkpoint, kind, pairs, config, out, tests),

@@ -37,7 +37,7 @@ def gatt_files(tmp_path):
 def test_instructions_load_from_text_and_json_lines_with_bad_rows_kept(tmp_path):
     text = tmp_path / "instructions.txt"
     text.write_text("Answer in French.\n\nAct as a pirate.\n")
-    assert load_instructions(text, tmp_path / "r.parquet", 0.0).column("text").to_pylist() == [
+    assert load_instructions(text, tmp_path / "r.parquet", 0.0)[0].column("text").to_pylist() == [
         "Answer in French.", "Act as a pirate."]
     lines = tmp_path / "instructions.jsonl"
     lines.write_text('{"instruction": "Answer in French.", "short": "Language: French."}\n'
@@ -46,10 +46,11 @@ def test_instructions_load_from_text_and_json_lines_with_bad_rows_kept(tmp_path)
                      '{"instruction": "Answer in French."}\n'
                      '{"instruction": "Act as a pirate.", "short": 3}\n'
                      '{"instruction": "Use capitals."}\n')
-    table = load_instructions(lines, tmp_path / "rejects.parquet", 0.9)
+    table, rejected = load_instructions(lines, tmp_path / "rejects.parquet", 0.9)
     assert table.select(["text", "short"]).to_pylist() == [
         {"text": "Answer in French.", "short": "Language: French."}, {"text": "Use capitals.", "short": None}]
     rejects = pq.read_table(tmp_path / "rejects.parquet").to_pylist()
+    assert rejected.to_pylist() == rejects  # what the data stage adds to its rejects table
     assert [(r["row"], r["field"]) for r in rejects] == [(1, "instruction"), (2, "row"), (3, "instruction"),
                                                          (4, "short")]
     assert "duplicate" in rejects[2]["reason"] and rejects[1]["raw"] == "not json"
@@ -59,7 +60,7 @@ def test_instructions_load_from_text_and_json_lines_with_bad_rows_kept(tmp_path)
 
 
 def test_file_dialogues_hold_out_instructions_and_chats(tmp_path, gatt_files, tokenizer):  # noqa: F811
-    instructions = load_instructions(gatt_files[0], tmp_path / "r.parquet", 0.0)
+    instructions, _ = load_instructions(gatt_files[0], tmp_path / "r.parquet", 0.0)
     from pipeline.data.readers import load
 
     chats = load(gatt_files[1], "demonstrations").table

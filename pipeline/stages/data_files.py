@@ -152,15 +152,16 @@ def load_tables(config: DataConfig, tokenizer: Tokenizer, heldout_share: float, 
     train = prompts_of(pairs)
     keep = [_prompt_key(m) not in held for m in train.column("messages").to_pylist()]
     tables["prompts_train"] = train.filter(pa.array(keep, pa.bool_()))
+    if config.gatt.enabled:  # their rejected rows join the files' in the rejects table
+        tables["gatt_instructions"], rejected = load_instructions(
+            config.gatt.instructions, rejects_dir / f"gatt_instructions-{Path(config.gatt.instructions).stem}.parquet",
+            config.max_reject_share)
+        chats = load(config.gatt.dialogues, "demonstrations", tokenizer=tokenizer, max_tokens=config.max_tokens,
+                     max_reject_share=config.max_reject_share,
+                     rejects_path=rejects_dir / f"gatt_dialogues-{Path(config.gatt.dialogues).stem}.parquet")
+        tables["gatt_dialogues"] = chats.table
+        rejects += [rejected, chats.rejects]
     tables["rejects"] = pa.concat_tables(rejects).cast(REJECTS)
-    if config.gatt.enabled:
-        tables["gatt_instructions"] = load_instructions(config.gatt.instructions, rejects_dir / "gatt_instructions"
-                                                        f"-{Path(config.gatt.instructions).stem}.parquet",
-                                                        config.max_reject_share)
-        tables["gatt_dialogues"] = load(config.gatt.dialogues, "demonstrations", tokenizer=tokenizer,
-                                        max_tokens=config.max_tokens, max_reject_share=config.max_reject_share,
-                                        rejects_path=rejects_dir / f"gatt_dialogues-{Path(config.gatt.dialogues).stem}"
-                                        ".parquet").table
     return tables
 
 

@@ -36,7 +36,6 @@ Ask = Callable[[list[tuple[str, list[Message]]], int, str], dict[str, str]]  # (
 
 class DialogueSource(Protocol):
     digest: str  # what identifies the source in stage digests beyond GAtt's own config ("" for the world)
-    checks: bool  # whether samples can be verified against the instruction (`rounds.gatt.verify`)
 
     def dialogues(self, split: str, count: int, turns: int, rng: random.Random, short_prob: float,
                   min_turns: int = 1) -> list[GAttDialogue]: ...
@@ -49,7 +48,6 @@ class DialogueSource(Protocol):
 class WorldDialogues:
     world: World
     digest: str = ""  # the world's dialogues follow from the world config, already in every stage's inputs
-    checks: bool = True
 
     def dialogues(self, split: str, count: int, turns: int, rng: random.Random, short_prob: float,
                   min_turns: int = 1) -> list[GAttDialogue]:
@@ -125,8 +123,9 @@ def _records(path: Path) -> list[tuple[Any, str]]:
     return rows
 
 
-def load_instructions(path: str | Path, rejects_path: Path, max_reject_share: float) -> pa.Table:
-    """The instruction list as an INSTRUCTIONS table. Rows that cannot be used (not JSON, no `instruction`, a
+def load_instructions(path: str | Path, rejects_path: Path,
+                      max_reject_share: float) -> tuple[pa.Table, pa.Table]:
+    """The instruction list as an INSTRUCTIONS table, and its REJECTS. Rows that cannot be used (not JSON, no `instruction`, a
     duplicate) land in `rejects_path` with file, row, field and reason; more than `max_reject_share` of them stops
     the run, naming the first."""
     path = Path(path)
@@ -144,15 +143,16 @@ def load_instructions(path: str | Path, rejects_path: Path, max_reject_share: fl
             continue
         seen.add(row["id"])
         rows.append(row)
+    rejected = pa.Table.from_pylist(rejects, schema=REJECTS)
     if rejects:
-        write_table_atomic(pa.Table.from_pylist(rejects, schema=REJECTS), rejects_path)
+        write_table_atomic(rejected, rejects_path)
     total = len(rows) + len(rejects)
     if not rows or len(rejects) > max_reject_share * total:
         first = rejects[0] if rejects else None
         where = f"; first: row {first['row']}, field {first['field']}: {first['reason']}" if first else ""
         raise ValueError(f"{path}: {len(rejects)} of {total} instruction rows rejected (max_reject_share "
                          f"{max_reject_share}; all in {rejects_path}){where}")
-    return pa.Table.from_pylist(rows, schema=INSTRUCTIONS)
+    return pa.Table.from_pylist(rows, schema=INSTRUCTIONS), rejected
 
 
 def heldout_split(ids: Sequence[str], share: float, salt: str) -> dict[str, list[int]]:
@@ -172,7 +172,6 @@ class FileDialogues:
     user_turns: dict[str, list[list[str]]]  # split -> each chat's user turns
     ask: Ask  # the judge
     digest: str
-    checks: bool = False
 
     @classmethod
     def from_tables(cls, instructions: pa.Table, chats: pa.Table, share: float, ask: Ask,

@@ -125,9 +125,9 @@ def _records(path: Path) -> list[tuple[Any, str]]:
 
 def load_instructions(path: str | Path, rejects_path: Path,
                       max_reject_share: float) -> tuple[pa.Table, pa.Table]:
-    """The instruction list as an INSTRUCTIONS table, and its REJECTS. Rows that cannot be used (not JSON, no `instruction`, a
-    duplicate) land in `rejects_path` with file, row, field and reason; more than `max_reject_share` of them stops
-    the run, naming the first."""
+    """The instruction list as an INSTRUCTIONS table, and its REJECTS: rows that cannot be used (not JSON, no
+    `instruction`, a duplicate), also written to `rejects_path` with file, row, field and reason. More than
+    `max_reject_share` of them stops the run, naming the first."""
     path = Path(path)
     rows, rejects, seen = [], [], set()
     for i, (record, raw) in enumerate(_records(path)):

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.masks import attention_bias, last_token_index, position_ids
+from model.packing import SharedPrefixRows
 
 
 class RMSNorm(nn.Module):
@@ -107,13 +108,13 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                branches: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq = input_ids.shape
         device = input_ids.device
         if positions is None:
             positions = position_ids(attention_mask, document_ids, batch, seq, device)
-        mask = attention_bias(attention_mask, document_ids, seq, device)
+        mask = attention_bias(attention_mask, document_ids, seq, device, branches)
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
@@ -193,11 +194,18 @@ class LlamaForReward(PretrainedLlama):
         self.model = LlamaModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Rewards of shape (batch,) (or (batch, num_labels) when num_labels > 1)."""
-        hidden = self.model(input_ids, attention_mask)
-        last = last_token_index(attention_mask, *input_ids.shape, input_ids.device)
-        scores = self.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                shared: SharedPrefixRows | None = None) -> torch.Tensor:
+        """Rewards of shape (batch,) (or (batch, num_labels) when num_labels > 1), read at each row's last real
+        token; with `shared` (rows of a prompt and its answers, model.packing.shared_prefix_rows), shape
+        (batch, answers): each answer's reward read at its own last token."""
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if shared is None:
+            hidden = self.model(input_ids, attention_mask)
+            scores = self.score(hidden[rows, last_token_index(attention_mask, *input_ids.shape, input_ids.device)])
+        else:
+            hidden = self.model(input_ids, attention_mask, positions=shared.positions, branches=shared.branches)
+            scores = self.score(hidden[rows[:, None], shared.last])
         return scores.squeeze(-1) if self.config.num_labels == 1 else scores
 
     def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

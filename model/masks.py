@@ -3,7 +3,9 @@
 Inputs, both (batch, seq) and both optional:
 - `attention_mask`: 1 for real tokens, 0 for padding (left or right);
 - `document_ids`: packed rows hold several documents; tokens attend only within their own document and
-  positions restart at 0 at each document's first token.
+  positions restart at 0 at each document's first token;
+- `branches`: a shared prefix (0) followed by branches (1, 2, ...) that each continue it, as one row: a token
+  attends the prefix and its own branch, never another branch (a reward-model pair's two answers to one prompt).
 """
 
 from __future__ import annotations
@@ -29,19 +31,21 @@ def position_ids(attention_mask: torch.Tensor | None, document_ids: torch.Tensor
 
 
 def attention_bias(attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None,
-                   seq: int, device: torch.device) -> torch.Tensor | None:
+                   seq: int, device: torch.device, branches: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean mask (batch, 1, seq, seq), True where query i may attend key j; None means plain causal.
 
     Every query may attend itself, so a padding row is never fully masked (that would give NaN in softmax);
     padding outputs are meaningless and the caller ignores them.
     """
-    if document_ids is None and (attention_mask is None or bool(attention_mask.all())):
+    if document_ids is None and branches is None and (attention_mask is None or bool(attention_mask.all())):
         return None
     allowed = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None]
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
     if document_ids is not None:
         allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
+    if branches is not None:
+        allowed = allowed & ((branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :]))
     allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)[None]
     return allowed[:, None]
 

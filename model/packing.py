@@ -7,6 +7,7 @@ and records document ids so attention never crosses an example boundary and posi
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,6 +93,44 @@ def pad_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]]
     if len(chosen) != len(rejected):
         raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected sequences")
     return pad_right([*chosen, *rejected], pad_id)
+
+
+@dataclass
+class SharedPrefixRows:
+    """One row per group of sequences that share a prefix (a prompt and its answers): the prefix once, then each
+    sequence's rest as a branch (model.masks, `branches`), so the prefix's forward pass is paid once."""
+
+    input_ids: torch.Tensor  # (rows, width) long, right-padded
+    attention_mask: torch.Tensor  # (rows, width) long: 0 on padding
+    branches: torch.Tensor  # (rows, width) long: 0 on the prefix, k on sequence k's rest (k >= 1), -1 on padding
+    positions: torch.Tensor  # (rows, width) long: each branch continues the prefix's positions
+    last: torch.Tensor  # (rows, sequences) long: index of each sequence's last token in its row
+
+    def to(self, device: torch.device) -> SharedPrefixRows:
+        return SharedPrefixRows(*(t.to(device) for t in dataclasses.astuple(self)))
+
+
+def shared_prefix_rows(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> SharedPrefixRows:
+    """Pack each group's sequences (e.g. a pair's chosen and rejected ids) into one row around their longest common
+    prefix. Every branch keeps at least its last token, so each sequence has a position of its own to be read at."""
+    rows, branch_rows, position_rows, lasts = [], [], [], []
+    for sequences in groups:
+        prefix = min(len(s) for s in sequences) - 1
+        for i, tokens in enumerate(zip(*sequences)):
+            if i >= prefix or len(set(tokens)) > 1:
+                prefix = i
+                break
+        ids, branch, positions, last = list(sequences[0][:prefix]), [0] * prefix, list(range(prefix)), []
+        for k, s in enumerate(sequences, start=1):
+            ids += s[prefix:]
+            branch += [k] * (len(s) - prefix)
+            positions += range(prefix, len(s))
+            last.append(len(ids) - 1)
+        rows.append(ids), branch_rows.append(branch), position_rows.append(positions), lasts.append(last)
+    input_ids, attention_mask = pad_right(rows, pad_id)
+    branches, _ = pad_right(branch_rows, -1)
+    positions, _ = pad_right(position_rows, 0)
+    return SharedPrefixRows(input_ids, attention_mask, branches, positions, torch.tensor(lasts, dtype=torch.long))
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from model.losses import masked_lm_loss
-from model.packing import assign_rows, pack, pad_pairs, split_long
+from model.packing import assign_rows, pack, pad_pairs, shared_prefix_rows, split_long
 
 
 def random_examples(n: int, seed: int, max_len: int = 30):
@@ -84,3 +84,31 @@ def test_pad_pairs_scores_equal_unpadded():
         scores = reward(ids, attention_mask=mask)
         alone = torch.stack([reward(torch.tensor([s]))[0] for s in chosen + rejected])
     assert torch.allclose(scores, alone, atol=1e-5)
+
+
+def test_shared_prefix_rows_by_hand():
+    # prefix [1, 5] shared; a branch keeps its last token even when one side is the other's prefix ([1, 5, 6]).
+    rows = shared_prefix_rows([([1, 5, 6, 7], [1, 5, 9]), ([1, 5, 6], [1, 5, 6, 8, 8])], pad_id=0)
+    assert rows.input_ids.tolist() == [[1, 5, 6, 7, 9, 0], [1, 5, 6, 6, 8, 8]]
+    assert rows.branches.tolist() == [[0, 0, 1, 1, 2, -1], [0, 0, 1, 2, 2, 2]]
+    assert rows.positions.tolist() == [[0, 1, 2, 3, 2, 0], [0, 1, 2, 2, 3, 4]]
+    assert rows.last.tolist() == [[3, 4], [2, 5]]
+    assert rows.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+
+
+def test_shared_prefix_scores_and_gradients_equal_each_side_alone():
+    from conftest import tiny_config
+    from model.llama import LlamaForReward
+
+    reward = LlamaForReward(tiny_config())
+    reward.init_weights(4)
+    pairs = [([1, 5, 6, 7, 8], [1, 5, 6, 9]), ([1, 9], [1, 9, 10, 11, 12]), ([2, 3, 4], [7, 3, 4])]
+    rows = shared_prefix_rows(pairs, pad_id=0)
+    shared = reward(rows.input_ids, attention_mask=rows.attention_mask, shared=rows)
+    shared.sum().backward()
+    grads = [p.grad.clone() for p in reward.parameters()]
+    reward.zero_grad()
+    alone = torch.stack([torch.cat([reward(torch.tensor([c])), reward(torch.tensor([r]))]) for c, r in pairs])
+    alone.sum().backward()
+    assert shared.shape == (3, 2) and torch.allclose(shared, alone, atol=1e-5)
+    assert all(torch.allclose(g, p.grad, atol=1e-5) for g, p in zip(grads, reward.parameters()))

@@ -90,6 +90,8 @@ def test_one_forward_pass_scores_each_side_as_alone(tmp_path, tokenizer):
     alone = [reward(torch.tensor([ids])).item() for c, r in pairs for ids in (c, r)]
     assert [r_chosen[0].item(), r_rejected[0].item(), r_chosen[1].item(), r_rejected[1].item()] == \
         pytest.approx(alone, abs=1e-5)
+    shared = score_pairs(reward, pairs, tokenizer.pad_id, share_prompt=True)  # the prompt once per pair
+    assert torch.stack(shared, 1).flatten().tolist() == pytest.approx(alone, abs=1e-5)
     with pytest.raises(ValueError, match="preference bb+: .* longer than the reward model's context"):
         encode_pairs(table([pair("bb" * 10)]), tokenizer, 8)
 

@@ -28,7 +28,7 @@ from model.llama import LlamaForReward
 from model.lm_training import optimizer_step
 from model.losses import MARGINS, margin_ranking_loss
 from model.optim import adamw, cosine_with_warmup, warmup_steps_for
-from model.packing import pad_pairs
+from model.packing import pad_pairs, shared_prefix_rows
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import PREFERENCES
 from pipeline.progress import progress_bar
@@ -75,6 +75,9 @@ class RMConfig:
     # all. Not in the paper: a pretrained start (SmolLM2) on 2 CPU cores trains in a fraction of the time and
     # memory (docs/results.md, "SmolLM2 on the world").
     trainable_layers: int = 0
+    # Both answers of a pair in one row after their prompt, so the prompt's forward and backward pass is paid once:
+    # the same loss, fewer tokens where prompts are long. Not in the paper (docs/results.md, "SmolLM2 on the world").
+    share_prompt: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -237,10 +240,16 @@ def pair_margins(pairs: pa.Table, margin: str) -> torch.Tensor:
                          for rating, m in zip(pairs.column("rating").to_pylist(), explicit)])
 
 
-def score_pairs(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected): one forward pass over both sides, right-padded."""
-    input_ids, attention_mask = pad_pairs([c for c, _ in pairs], [r for _, r in pairs], pad_id)
+def score_pairs(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int,
+                share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected): one forward pass over both sides, right-padded; with `share_prompt`, one row per
+    pair holding the prompt once and both answers after it (the same scores, the prompt's tokens paid once)."""
     device = next(model.parameters()).device
+    if share_prompt:
+        rows = shared_prefix_rows(pairs, pad_id).to(device)
+        scores = model(rows.input_ids, attention_mask=rows.attention_mask, shared=rows)
+        return scores[:, 0], scores[:, 1]
+    input_ids, attention_mask = pad_pairs([c for c, _ in pairs], [r for _, r in pairs], pad_id)
     scores = model(input_ids.to(device), attention_mask=attention_mask.to(device))
     return scores[:len(pairs)], scores[len(pairs):]
 
@@ -298,7 +307,7 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
     bar = progress_bar(steps, "reward model")
     for step in range(steps):
         batch = next(batches)
-        r_chosen, r_rejected = score_pairs(net, [encoded[i] for i in batch], tokenizer.pad_id)
+        r_chosen, r_rejected = score_pairs(net, [encoded[i] for i in batch], tokenizer.pad_id, config.share_prompt)
         loss = margin_ranking_loss(r_chosen, r_rejected, margins[batch])
         optimizer_step(model, loss, optimizer, schedule, config.grad_clip, f"reward model step {step}")
         losses.append(loss.item())

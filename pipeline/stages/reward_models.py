@@ -39,11 +39,12 @@ def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
 
 def rm_recipe(config: RMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """The RM config as its stages digest it, so stores made before a change that leaves their RMs alone keep
-    them: `trainable_layers` only when set; with a checkpoint's own chat template, the sequence ending at the
-    answer's eos (`encode_side`; the LLaMA-2 format always ended there)."""
+    them: `trainable_layers` and `share_prompt` only when set; with a checkpoint's own chat template, the sequence
+    ending at the answer's eos (`encode_side`; the LLaMA-2 format always ended there)."""
     recipe = dataclasses.asdict(config)
-    if not recipe["trainable_layers"]:
-        del recipe["trainable_layers"]
+    for optional in ("trainable_layers", "share_prompt"):
+        if not recipe[optional]:
+            del recipe[optional]
     if tokenizer.chat_template is not None:
         recipe["ends_at_eos"] = True
     return recipe

@@ -18,7 +18,7 @@ from actors.pool import PoolActor, match_torch_threads
 from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
 from actors.weights import Packed, unpack
 from model.tokenizer import load_tokenizer
-from pipeline.data.schemas import SAMPLES
+from actors.samples import SAMPLES
 
 PROMPT_COLUMNS = ("id", "prompt_token_ids", "is_safety")
 

@@ -22,7 +22,7 @@ from model.calibration import read_calibration
 from model.checkpoint import load_checkpoint
 from model.llama import LlamaForReward
 from model.packing import pad_right
-from pipeline.data.schemas import SAMPLES
+from actors.samples import SAMPLES
 
 RewardKind = Literal["help", "safe"]
 # docs/paper.md, "Iterative fine-tuning" (the paper's section 3.2.3): the safety RM's threshold for "unsafe"

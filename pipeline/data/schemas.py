@@ -1,14 +1,17 @@
 """Declared, versioned Arrow schemas for every dataset that moves between stages.
 
-Each schema carries its kind and version in its metadata, so a Parquet file says what it holds; bump the version
-when a field changes meaning or type. Token ids are list<int32>.
+Each schema carries its kind and version in its metadata (actors.samples.arrow_schema), so a Parquet file says what
+it holds. Token ids are list<int32>.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+# The samples' schema is the actors' output contract: it lives with them (actors.samples).
+from actors.samples import SAMPLES, SCHEMA_VERSION  # noqa: F401  (re-exported)
+from actors.samples import arrow_schema as _schema
+
 
 # The paper's preference scale, best first (Table 8 column order). "unsure" shares the last margin bucket.
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better", "unsure")
@@ -21,10 +24,6 @@ ROLES = ("system", "user", "assistant")
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
-
-
-def _schema(kind: str, fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema(fields, metadata={b"kind": kind.encode(), b"schema_version": str(SCHEMA_VERSION).encode()})
 
 
 PROMPTS = _schema("prompts", [
@@ -57,24 +56,6 @@ PREFERENCES = _schema("preferences", [
     pa.field("kind", pa.string(), nullable=False),  # one of PREFERENCE_KINDS
     pa.field("source", pa.string()),
     pa.field("meta", pa.string()),
-])
-
-SAMPLES = _schema("samples", [
-    pa.field("prompt_id", pa.string(), nullable=False),
-    pa.field("round", pa.int32(), nullable=False),
-    pa.field("sampler", pa.string(), nullable=False),  # model name / checkpoint that produced it
-    pa.field("temperature", pa.float32(), nullable=False),
-    pa.field("sample_index", pa.int32(), nullable=False),
-    pa.field("is_safety", pa.bool_()),
-    pa.field("prompt_token_ids", pa.list_(pa.int32())),
-    pa.field("response", pa.string(), nullable=False),
-    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("logprobs", pa.list_(pa.float32())),  # sampler logprob of each response token
-    pa.field("finish_reason", pa.string()),
-    pa.field("r_help", pa.float32()),  # sigmoid scores in [0, 1]; null until scored
-    pa.field("r_safe", pa.float32()),
-    pa.field("r_combined", pa.float32()),
-    pa.field("chosen", pa.bool_()),  # kept by rejection sampling
 ])
 
 CORPUS = _schema("corpus", [  # pretraining documents; `text` is what is trained on

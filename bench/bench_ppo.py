@@ -33,7 +33,7 @@ from bench.common import (TRL_MISSING, Context, Section, alternate, hf_tokenizer
 def world_prompts(ctx: Context, count: int) -> pa.Table:
     """(id, prompt_token_ids, is_safety) for `count` single-turn training prompts, and their text."""
     from pipeline.stages.oracle_eval import eval_prompts
-    from pipeline.stages.rejection_sampling import choose_prompts
+    from pipeline.stages.rejection_sampling.stage import choose_prompts
     from pipeline.world import World, WorldConfig, prompts_table
 
     chosen = choose_prompts(prompts_table(World(WorldConfig(seed=0, max_dialogue_turns=1)), "train"), count, 0)

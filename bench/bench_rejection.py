@@ -1,7 +1,7 @@
 """Rejection-sampling round time as prompts double: `python -m bench.bench_rejection [--quick] [--reps N]
 [--json FILE]`.
 
-One round of the pipeline's rejection sampling (`pipeline.stages.rejection_sampling.run_rejection_sampling`: K
+One round of the pipeline's rejection sampling (`pipeline.stages.rejection_sampling.stage.run_rejection_sampling`: K
 samples per prompt on the generator pool, scored by both reward models on the scorer pool, best kept per prompt,
 merged and written to the run store) on 1x, 2x and 4x the prompts, the sizes alternating, each repetition in a
 fresh run store (a finished stage would come from the store). The tiny `large` policy and two reward models on it,
@@ -15,7 +15,7 @@ from bench.common import Context, Section, alternate, main_for, markdown_table, 
 
 def run(ctx: Context) -> Section:
     from pipeline.data.store import RunStore
-    from pipeline.stages.rejection_sampling import RejectionConfig, run_rejection_sampling
+    from pipeline.stages.rejection_sampling.stage import RejectionConfig, run_rejection_sampling
     from pipeline.world import World, WorldConfig, prompts_table
 
     base, k, max_tokens = (4, 4, 16) if ctx.quick else (64, 8, 48)

@@ -2,8 +2,8 @@
 
 The same random-init tiny LM, the same training pairs (the world's helpfulness mix, docs/paper.md's margin ranking loss,
 the "small" margin table), the same hyper-parameters (lr, batch, one epoch, warm-up, cosine to 10%, AdamW betas,
-eps, weight decay, clip). Ours: `pipeline.stages.reward_model.train_reward_model` in this process. TRL: the same
-pairs pre-tokenized (`chosen_ids`, `rejected_ids`) with the per-pair margin in TRL's `margin` column, whose loss is
+eps, weight decay, clip). Ours: `pipeline.stages.reward_model.algorithm.train_reward_model` in this process. TRL:
+the same pairs pre-tokenized (`chosen_ids`, `rejected_ids`) with the per-pair margin in TRL's `margin` column, whose loss is
 -log sigmoid(r_c - r_r - margin): the same loss. Both trained models are scored on the same held-out pairs by the
 same function (`accuracy_by_rating`, Table 8's columns). Ours runs twice: with a plain shuffle
 (TRL's batches) and with the RM stage's length grouping. Sides alternate, each repetition trains from scratch.
@@ -24,8 +24,9 @@ import torch
 from bench.common import (TRL_MISSING, Context, Section, alternate, hf_tokenizer, main_for, markdown_table, median,
                           quiet_transformers, spread, summary, timed, trl_version)
 from model.optim import warmup_steps_for
-from pipeline.stages.reward_model import (COLUMN_OF_RATING, COLUMNS, RMConfig, accuracy_by_rating, encode_pairs,
-                                          evaluate_reward_model, pair_margins, reward_model_data, train_reward_model)
+from pipeline.stages.reward_model.algorithm import (COLUMN_OF_RATING, COLUMNS, RMConfig, accuracy_by_rating,
+                                                    encode_pairs, evaluate_reward_model, pair_margins,
+                                                    reward_model_data, train_reward_model)
 
 
 GROUP_BY_LENGTH = 8  # the SmolLM2 experiment's setting

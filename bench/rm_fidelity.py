@@ -25,7 +25,7 @@ from pipeline.world.config import AnnotatorConfig
 from pipeline.world.preferences import compare
 from pipeline.world.tables import comparison_rows
 from pipeline.data.schemas import PREFERENCES
-from pipeline.stages.reward_model import RMConfig, reward_model_data, train_reward_model, encode_side, _concat
+from pipeline.stages.reward_model.algorithm import RMConfig, reward_model_data, train_reward_model, encode_side, _concat
 from model.checkpoint import load_checkpoint
 from model.tokenizer import load_tokenizer
 from model.packing import pad_right
@@ -74,7 +74,7 @@ if a.pairs_per_prompt:
     pp = pa.Table.from_pylist(comparison_rows(comps, 'pp', 'policy'), schema=PREFERENCES)
     print('policy pairs', pp.num_rows, collections.Counter(pp.column('kind').to_pylist()), collections.Counter(pp.column('rating').to_pylist()))
     train = _concat([train, pp.filter(pc.equal(pp['kind'], 'helpfulness'))])
-from pipeline.stages.reward_models import fits_context
+from pipeline.stages.reward_model.stage import fits_context
 train = train.filter(fits_context(train, f'{run}/round-00/sft_large/checkpoint'))
 print('train pairs', train.num_rows)
 t0 = time.time()

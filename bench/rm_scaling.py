@@ -28,8 +28,9 @@ from model.tokenizer import load_tokenizer
 from pipeline.data.schemas import PREFERENCES, PROMPTS
 from pipeline.data.store import RunStore
 from pipeline.evaluation.rm_fidelity import rm_fidelity
-from pipeline.stages.reward_model import RM_COLUMNS, RMConfig, encode_side, reward_model_data, train_reward_model
-from pipeline.stages.reward_models import fits_context
+from pipeline.stages.reward_model.algorithm import (RM_COLUMNS, RMConfig, encode_side, reward_model_data,
+                                                    train_reward_model)
+from pipeline.stages.reward_model.stage import fits_context
 from pipeline.world import Prompt, World
 from pipeline.world.preferences import compare
 from pipeline.world.seeding import stream

@@ -28,8 +28,8 @@ from actors.vllm_engine import Sampling
 from bench.common import sample_checkpoint
 from pipeline.data.store import RunStore
 from pipeline.stages.oracle_eval import judge_samples
-from pipeline.stages.rejection_sampling import RejectionConfig
-from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
+from pipeline.stages.rejection_sampling.stage import RejectionConfig
+from pipeline.stages.rejection_sampling.algorithm import kept_as_demonstrations
 from pipeline.stages.sft import train_sft
 from pipeline.world import Prompt, judge
 

@@ -42,7 +42,7 @@ from pipeline.stages.data_files import data_stage_name, run_data_files
 from pipeline.stages.oracle_eval import native_format, run_oracle_eval
 from pipeline.stages.sft import train_sft
 from pipeline.stages.pretrain import run_pretrain
-from pipeline.stages.gatt_sources import DialogueSource, FileDialogues, WorldDialogues
+from pipeline.stages.gatt.sources import DialogueSource, FileDialogues, WorldDialogues
 from pipeline.stages.llm_judge import ask_judge, judge_digest, run_llm_judge
 from pipeline.stages.win_rates import run_win_rates, versus_start
 from pipeline.summary import run_summary, write_summary

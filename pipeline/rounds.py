@@ -24,18 +24,18 @@ from pipeline import stage_names as names
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore, digest_config
 from pipeline.stages.cached import model_digest
-from pipeline.stages.context_distillation import ContextDistillationConfig
-from pipeline.stages.context_distillation_stage import run_context_distillation
-from pipeline.stages.gatt import GAttConfig
-from pipeline.stages.gatt_sources import DialogueSource
-from pipeline.stages.gatt_stage import run_gatt
+from pipeline.stages.context_distillation.algorithm import ContextDistillationConfig
+from pipeline.stages.context_distillation.stage import run_context_distillation
+from pipeline.stages.gatt.algorithm import GAttConfig
+from pipeline.stages.gatt.sources import DialogueSource
+from pipeline.stages.gatt.stage import run_gatt
 from pipeline.evaluation.rm_fidelity import rm_fidelity
 from pipeline.stages.policy_preferences import OnPolicyConfig, ingest, run_on_policy_batch
 from pipeline.stages.ppo import PPOConfig, run_ppo_stage
-from pipeline.stages.rejection_sampling import RejectionConfig, fine_tune_on_kept, run_rejection_sampling
-from pipeline.stages.rejection_sampling_select import kept_as_demonstrations
-from pipeline.stages.reward_model import RMConfig
-from pipeline.stages.reward_models import run_reward_models
+from pipeline.stages.rejection_sampling.stage import RejectionConfig, fine_tune_on_kept, run_rejection_sampling
+from pipeline.stages.rejection_sampling.algorithm import kept_as_demonstrations
+from pipeline.stages.reward_model.algorithm import RMConfig
+from pipeline.stages.reward_model.stage import run_reward_models
 from pipeline.state import PolicyState, RoundResult
 from pipeline.world import World
 

@@ -35,7 +35,7 @@ from model.packing import pack
 from model.tokenizer import SentencePieceTokenizer, load_tokenizer
 from pipeline.data.schemas import SAMPLES
 from pipeline.data.store import RunStore
-from pipeline.stages.rejection_sampling import sample_and_score
+from pipeline.stages.rejection_sampling.stage import sample_and_score
 
 WORDS = ("the a cat dog sat on mat ran fast slow red blue green big small house tree river sun moon star one two "
          "three four five help safe answer question please thanks").split()

@@ -32,7 +32,7 @@ def test_scores_are_sigmoids_of_the_centered_reward(tmp_path):
 def test_safety_gate_sits_at_the_best_split_of_safe_and_unsafe_answers():
     import math
 
-    from pipeline.stages.reward_models import gate_offset
+    from pipeline.stages.reward_model.stage import gate_offset
 
     scores = [-3.0, -2.0, -1.0, 0.5, 1.0, 2.0, 0.0]
     labels = [False, False, False, True, True, True, True]  # safe from 0.0 up: the best split is at 0.0

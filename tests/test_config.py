@@ -16,7 +16,7 @@ from pipeline.config import RunConfig, register, validate
 from pipeline.config_build import ConfigError, build
 from pipeline.main import CONF_DIR
 from pipeline.stages.ppo import PPOConfig
-from pipeline.stages.reward_model import RMConfig
+from pipeline.stages.reward_model.algorithm import RMConfig
 from pipeline.stages.sft import SFTConfig
 
 

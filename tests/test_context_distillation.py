@@ -12,7 +12,7 @@ import pytest
 from model.chat_template import encode_prompt
 from model.tokenizer import SentencePieceTokenizer, Tokenizer
 from pipeline.data.schemas import DEMONSTRATIONS, RISK_CATEGORIES, SAMPLES
-from pipeline.stages.context_distillation import (DEFAULT_ADJECTIVES, Candidate, ContextDistillationConfig,
+from pipeline.stages.context_distillation.algorithm import (DEFAULT_ADJECTIVES, Candidate, ContextDistillationConfig,
                                                   DistillationBatch, Preprompt, category_template,
                                                   distillation_candidates, distillation_demonstrations,
                                                   distillation_prompts, safety_preprompt, score_without_preprompt,

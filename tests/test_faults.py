@@ -43,7 +43,7 @@ from model.tokenizer import SentencePieceTokenizer
 from pipeline.data.schemas import DEMONSTRATIONS, PREFERENCES
 from pipeline.data.store import RunStore
 from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage
-from pipeline.stages.reward_model import RMConfig, train_reward_model
+from pipeline.stages.reward_model.algorithm import RMConfig, train_reward_model
 from pipeline.stages.sft import SFTConfig, train_sft
 
 WORDS = ("the a cat dog sat on mat ran fast slow red blue green big small house tree river sun moon star one two "

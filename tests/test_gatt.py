@@ -16,11 +16,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from model.chat_template import B_INST, E_INST, encode_chat
 from model.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from pipeline.data.schemas import DEMONSTRATIONS
-from pipeline.stages.gatt import (TABLE30, GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_by_turn,
-                                  adherence_prompts, adherence_table, fit_history, gatt_demonstrations,
-                                  gatt_dialogues, gatt_eval_prompt, gatt_examples, gatt_sampling_prompt,
-                                  gatt_sampling_prompts, gatt_training_example, gatt_training_messages,
-                                  sample_instruction, split_instruction_keys)
+from pipeline.stages.gatt.algorithm import (TABLE30, GAttConfig, GAttDialogue, TurnAdherence, add_answers,
+                                            adherence_by_turn, adherence_prompts, adherence_table, fit_history,
+                                            gatt_demonstrations, gatt_dialogues, gatt_eval_prompt, gatt_examples,
+                                            gatt_sampling_prompt, gatt_sampling_prompts, gatt_training_example,
+                                            gatt_training_messages, sample_instruction, split_instruction_keys)
 from pipeline.world import World, WorldConfig, judge_dialogue
 from pipeline.world.tables import dump_meta
 from pipeline.world.dialogue import apply_instruction, follows, instruction_keys, instruction_shape

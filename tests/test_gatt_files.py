@@ -13,8 +13,9 @@ from pipeline.data.store import RunStore
 from pipeline.evaluation.judge import ADHERENCE_PREFIX, adherence_messages, parse_yes_no
 from pipeline.setup_smollm2 import gatt_dialogues
 from pipeline.stages.data_files import DataConfig, DataFile, run_data_files
-from pipeline.stages.gatt import GAttDialogue, GAttInstruction, TurnAdherence, first_adherent, gatt_demonstrations
-from pipeline.stages.gatt_sources import FileDialogues, GAttFiles, heldout_split, judged_adherence, load_instructions
+from pipeline.stages.gatt.algorithm import (GAttDialogue, GAttInstruction, TurnAdherence, first_adherent,
+                                            gatt_demonstrations)
+from pipeline.stages.gatt.sources import FileDialogues, GAttFiles, heldout_split, judged_adherence, load_instructions
 from tests.test_config import compose_run
 from tests.test_data_files import files, tokenizer, write_jsonl  # noqa: F401  (fixtures)
 

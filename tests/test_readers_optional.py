@@ -176,7 +176,7 @@ def test_rows_without_rating_or_margin_train_without_margin_and_count_as_unsure(
     margin table (the paper's loss without a margin), counted in Table 8's "negligibly better / unsure" column."""
     import torch
 
-    from pipeline.stages.reward_model import COLUMN_OF_RATING, accuracy_by_rating, pair_margins
+    from pipeline.stages.reward_model.algorithm import COLUMN_OF_RATING, accuracy_by_rating, pair_margins
 
     path = write_csv([pair("Q0", batch=1, rating="better"), pair("Q1", batch=1), pair("Q2", batch=1, margin=2.5)],
                      tmp_path / "p")

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.data.schemas import DEMONSTRATIONS, PROMPTS, SAMPLES
-from pipeline.stages.rejection_sampling_select import (best_per_prompt, kept_as_demonstrations, mark_chosen,
+from pipeline.stages.rejection_sampling.algorithm import (best_per_prompt, kept_as_demonstrations, mark_chosen,
                                                        merge_with_earlier, reward_vs_k)
 
 
@@ -153,7 +153,7 @@ def test_kept_prompt_missing_from_prompts_is_named():
 
 
 def test_blank_answers_cannot_be_kept_and_answers_are_trimmed():
-    from pipeline.stages.rejection_sampling import answered
+    from pipeline.stages.rejection_sampling.stage import answered
 
     table = samples([("a", 0, 0.9), ("a", 1, 0.5), ("b", 0, 0.7)])
     table = table.set_column(table.schema.get_field_index("response"), SAMPLES.field("response"),

@@ -13,7 +13,7 @@ from pipeline.evaluation.safety_metrics import SafetyRow, safety_metrics
 from pipeline.evaluation.winrate import Proportion, WinRate
 from pipeline.report import (EVENTS, PLOTS, REPORT, SECTIONS, TENSORBOARD, RoundResults, RunResults, render_report,
                              scalars)
-from pipeline.stages.gatt import TurnAdherence
+from pipeline.stages.gatt.algorithm import TurnAdherence
 from pipeline.world import Verdict
 
 

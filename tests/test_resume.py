@@ -30,7 +30,7 @@ from pipeline.data.schemas import PREFERENCES
 from pipeline.data.store import MANIFEST, PROGRESS, RunStore
 from pipeline.main import CONF_DIR
 from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage
-from pipeline.stages.rejection_sampling import choose_prompts
+from pipeline.stages.rejection_sampling.stage import choose_prompts
 from process_helpers import free_port, session_members, signal_all
 
 REPO = Path(__file__).resolve().parents[1]

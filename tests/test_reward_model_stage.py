@@ -17,9 +17,9 @@ from model.losses import margin_ranking_loss
 from model.tokenizer import SentencePieceTokenizer, Tokenizer
 from pipeline.data.schemas import PREFERENCES
 from pipeline.evaluation.rm_tables import table8_markdown
-from pipeline.stages.reward_model import (RMConfig, encode_pairs, evaluate_reward_model, helpfulness_mix, index_batches,
-                                          of_kind, pair_margins, reward_model_data, safety_mix, score_pairs,
-                                          split_heldout, train_reward_model)
+from pipeline.stages.reward_model.algorithm import (RMConfig, encode_pairs, evaluate_reward_model, helpfulness_mix,
+                                                    index_batches, of_kind, pair_margins, reward_model_data, safety_mix,
+                                                    score_pairs, split_heldout, train_reward_model)
 from pipeline.world import World, WorldConfig, preferences_table, table26_sizes
 
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.rounds import RoundsConfig
-from pipeline.stages.rejection_sampling import RejectionConfig, choose_prompts
+from pipeline.stages.rejection_sampling.stage import RejectionConfig, choose_prompts
 
 
 def test_rounds_ingest_new_batches_and_the_last_count_repeats():

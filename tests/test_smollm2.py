@@ -80,7 +80,7 @@ def test_reward_sequences_end_where_a_sampled_answer_ends(smollm2_dir):
     """The RM reads the last token: training pairs must end as the scorer's sequences do (prompt ids + generated
     ids, which stop at <|im_end|>), not at the newline the template writes after it."""
     from model.chat_template import encode_prompt
-    from pipeline.stages.reward_model import encode_side
+    from pipeline.stages.reward_model.algorithm import encode_side
 
     tokenizer = load_tokenizer(smollm2_dir)
     answer = "Paris is the capital of France."

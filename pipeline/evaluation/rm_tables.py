@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.stages.reward_model import COLUMN_TITLES, COLUMNS
+from pipeline.stages.reward_model.algorithm import COLUMN_TITLES, COLUMNS
 
 # docs/paper.md, Table 8: accuracy (%) by (reward model, test set); the paper's test sets are Meta Helpful / Safety.
 PAPER_TABLE8: dict[tuple[str, str], dict[str, float]] = {

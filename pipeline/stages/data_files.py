@@ -8,7 +8,7 @@ Parquet), loaded once into the run store as the same tables the world gives the 
   rejection sampling and PPO sample from;
 - `rejects`: every row any file could not give (file, row, field, reason, the row itself);
 - with `data.gatt`, `gatt_instructions` and `gatt_dialogues`: Ghost Attention's inputs
-  (pipeline/stages/gatt_sources.py).
+  (pipeline/stages/gatt/sources.py).
 
 There is no oracle for such data: the driver judges these runs with the reward models and the LLM judge only.
 """
@@ -29,8 +29,8 @@ from model.tokenizer import Tokenizer
 from pipeline.data.readers import load
 from pipeline.data.schemas import PROMPTS, REJECTS, RISK_CATEGORIES, schema_of
 from pipeline.data.store import RunStore, digest_config, digest_file
-from pipeline.stages.gatt_sources import GAttFiles, load_instructions
-from pipeline.stages.reward_model import split_heldout
+from pipeline.stages.gatt.sources import GAttFiles, load_instructions
+from pipeline.stages.reward_model.algorithm import split_heldout
 
 ROUND = 0
 FILE_KINDS = ("sft", "helpfulness", "safety")

@@ -24,7 +24,7 @@ from pipeline.data.store import RunStore, digest_file
 from pipeline.evaluation.judge import STYLES, VERDICT_PREFIX, combine, consistency, judge_prompts, parse_verdict
 from pipeline.evaluation.winrate import agreement, count, prefer
 from pipeline.stages.cached import table_stage
-from pipeline.stages.reward_model import id_rank
+from pipeline.stages.reward_model.algorithm import id_rank
 from pipeline.stages.win_rates import aspect_of
 from pipeline.world import judge
 

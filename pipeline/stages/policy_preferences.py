@@ -23,7 +23,7 @@ from pipeline.data.schemas import PREFERENCES, PROMPTS
 from pipeline.data.store import RunStore, StageStore, digest_config
 from pipeline.stages.cached import table_stage
 from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
-from pipeline.stages.reward_model import id_rank
+from pipeline.stages.reward_model.algorithm import id_rank
 from pipeline.world import Prompt, World
 from pipeline.world.preferences import compare, on_policy_prompts
 from pipeline.world.seeding import stream

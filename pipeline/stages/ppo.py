@@ -55,7 +55,7 @@ from pipeline.cluster import Pools
 from pipeline.data.store import RunStore
 from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.oracle_eval import eval_prompts, stop_ids
-from pipeline.stages.rejection_sampling import choose_prompts
+from pipeline.stages.rejection_sampling.stage import choose_prompts
 from pipeline.stages.sft import check_positive, check_ratio
 from pipeline.state import PolicyState
 

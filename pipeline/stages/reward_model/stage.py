@@ -22,8 +22,9 @@ from pipeline.stages.cached import checkpoint_stage
 from actors.scorer import SAFETY_THRESHOLD
 from model.calibration import write_calibration
 from model.checkpoint import load_checkpoint
-from pipeline.stages.reward_model import (RM_COLUMNS, RMConfig, accuracy_by_rating, accuracy_by_source, encode_side,
-                                          of_kind, pair_scores, reward_model_data, split_heldout, train_reward_model)
+from pipeline.stages.reward_model.algorithm import (RM_COLUMNS, RMConfig, accuracy_by_rating, accuracy_by_source,
+                                                    encode_side, of_kind, pair_scores, reward_model_data, split_heldout,
+                                                    train_reward_model)
 
 
 def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:

@@ -29,9 +29,9 @@ from pipeline.data.store import RunStore, StageStore
 from pipeline.progress import progress_bar
 from pipeline.stages.cached import checkpoint_stage, table_stage
 from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
-from pipeline.stages.rejection_sampling_select import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
+from pipeline.stages.rejection_sampling.algorithm import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
                                                        merge_with_earlier, reward_vs_k)
-from pipeline.stages.reward_model import id_rank
+from pipeline.stages.reward_model.algorithm import id_rank
 from pipeline.stages.sft import SFTConfig, train_sft
 from pipeline.state import PolicyState
 
@@ -46,7 +46,7 @@ class RejectionConfig:
     max_tokens: int = 48
     keep: str = "all_rounds"  # "last_round": the paper's regression (only this round's samples)
     # An answer cut at max_tokens: "last" kept only when none of its prompt's K finished, "drop" never, "keep" by
-    # reward alone (rejection_sampling_select.best_per_prompt says why). The paper does not say.
+    # reward alone (algorithm.best_per_prompt says why). The paper does not say.
     truncated: str = "last"
     reward_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # Figure 7's N values (<= k)
     temperature_sweep: list[float] = field(default_factory=list)  # Figure 8: reward vs T each round; [] = off

@@ -27,8 +27,9 @@ from model.chat_template import Message
 from pipeline.data.schemas import INSTRUCTIONS, REJECTS
 from pipeline.data.store import write_table_atomic
 from pipeline.evaluation.judge import adherence_messages, parse_yes_no
-from pipeline.stages.gatt import GAttDialogue, GAttInstruction, TurnAdherence, adherence_by_turn, gatt_dialogues
-from pipeline.stages.reward_model import id_rank
+from pipeline.stages.gatt.algorithm import (GAttDialogue, GAttInstruction, TurnAdherence, adherence_by_turn,
+                                            gatt_dialogues)
+from pipeline.stages.reward_model.algorithm import id_rank
 from pipeline.world import SPLITS, World
 
 Ask = Callable[[list[tuple[str, list[Message]]], int, str], dict[str, str]]  # (requests, round, stage) -> replies

@@ -1,4 +1,4 @@
-"""The Ghost Attention stage of a round (docs/paper.md, "Ghost Attention"): the data side is pipeline/stages/gatt.py.
+"""The Ghost Attention stage of a round (docs/paper.md, "Ghost Attention"); the data side is gatt/algorithm.py.
 
 Per policy size, each a cached stage in round-RR/:
 - `gatt_before_<size>`: adherence per turn (Table 30) of the policy on held-out dialogues, the instruction in the
@@ -29,9 +29,9 @@ from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.store import RunStore, StageStore
 from pipeline.stages.cached import checkpoint_stage, table_stage
-from pipeline.stages.gatt import (GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_prompts,
+from pipeline.stages.gatt.algorithm import (GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_prompts,
                                   first_adherent, gatt_demonstrations, gatt_examples, gatt_sampling_prompts)
-from pipeline.stages.gatt_sources import DialogueSource
+from pipeline.stages.gatt.sources import DialogueSource
 from pipeline.stages.oracle_eval import stopping_at_eos
 from pipeline.stages.sft import train_sft, with_mix
 from pipeline.state import PolicyState

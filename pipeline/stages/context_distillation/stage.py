@@ -1,5 +1,5 @@
 """The safety context distillation stage of a round (docs/paper.md, "Safety"); the data side is
-pipeline/stages/context_distillation.py.
+pipeline/stages/context_distillation/algorithm.py.
 
 Per policy size, each a cached stage in round-RR/:
 - `cd_data_<size>`: one answer per adversarial training prompt with and without the safety preprompt (generator
@@ -23,7 +23,7 @@ from actors.vllm_engine import Sampling
 from model.tokenizer import load_tokenizer
 from pipeline.data.store import RunStore, StageStore
 from pipeline.stages.cached import checkpoint_stage, table_stage
-from pipeline.stages.context_distillation import (ContextDistillationConfig, distillation_candidates,
+from pipeline.stages.context_distillation.algorithm import (ContextDistillationConfig, distillation_candidates,
                                                   distillation_demonstrations, distillation_prompts,
                                                   score_without_preprompt, select_distilled)
 from pipeline.stages.oracle_eval import stopping_at_eos

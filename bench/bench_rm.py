@@ -65,8 +65,8 @@ def trl_args(config: RMConfig, steps: int, out: str):
         learning_rate=config.lr, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": config.min_lr_ratio},
         warmup_steps=warmup_steps_for(steps, config.warmup_share, config.warmup_min_steps),
-        weight_decay=config.weight_decay, adam_beta1=config.betas[0], adam_beta2=config.betas[1],
-        adam_epsilon=config.eps, max_grad_norm=config.grad_clip, seed=config.seed,
+        weight_decay=config.optim.weight_decay, adam_beta1=config.optim.betas[0], adam_beta2=config.optim.betas[1],
+        adam_epsilon=config.optim.eps, max_grad_norm=config.optim.grad_clip, seed=config.seed,
         # Like ours: fp32 (TRL's default is bf16 autocast), no activation checkpointing (TRL's default is on), no
         # truncation, no reward centring.
         bf16=False, fp16=False, gradient_checkpointing=False, max_length=None, center_rewards_coefficient=None,

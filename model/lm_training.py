@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from model.llama import LlamaForCausalLM
 from model.losses import masked_lm_loss
-from model.optim import adamw, cosine_with_warmup
+from model.optim import OptimConfig, adamw, cosine_with_warmup
 from model.packing import PackedRows
 
 
@@ -28,8 +28,7 @@ class LMTrainConfig:
     lr: float
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
 
 
@@ -98,7 +97,7 @@ def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig,
              progress: Callable[[int, str], Any] = default_bar) -> LMTrainResult:
     """`config.steps` optimizer steps; `progress(total, desc)` makes the progress bar (update,
     set_description, close), so callers in Ray actors can pass one the driver draws."""
-    optimizer = adamw(model, config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(model, config.lr, config.optim)
     schedule = cosine_with_warmup(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
     batches = shuffled_batches(packed, config.batch_size, config.seed)
     model.train()
@@ -109,7 +108,7 @@ def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig,
     for step in range(config.steps):
         batch = next(batches)
         loss = forward_loss(model, batch)
-        optimizer_step(model, loss, optimizer, schedule, config.grad_clip, f"{desc} step {step}")
+        optimizer_step(model, loss, optimizer, schedule, config.optim.grad_clip, f"{desc} step {step}")
         losses.append(loss.item())
         tokens += int(batch["loss_mask"].sum())
         bar.update(1)

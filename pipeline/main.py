@@ -132,7 +132,7 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
         started = time.perf_counter()
         _, metrics, cached = checkpoint_stage(
             store, 0, names.sft(p.name), {"base": p.digest, "demonstrations": demos_digest},
-            dataclasses.asdict(config.sft),
+            config.sft.recipe(),
             lambda out, p=p: pools.train(train_sft, p.checkpoint, demonstrations, out, config.sft))
         current.append(PolicyState.of_stage(p.name, store.stage(0, names.sft(p.name)), p.context))
         sft_scores[p.name] = evaluate(0, names.sft_eval(p.name), current[-1])

@@ -12,10 +12,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from actors.pool import PoolConfig
+from model.optim import OptimConfig
 from pipeline.config import RunConfig, register, validate
 from pipeline.config_build import ConfigError, build
 from pipeline.main import CONF_DIR
+from pipeline.stages.cached import training_recipe
 from pipeline.stages.ppo import PPOConfig
+from pipeline.stages.pretrain import PretrainConfig
 from pipeline.stages.reward_model.algorithm import RMConfig
 from pipeline.stages.sft import SFTConfig
 
@@ -77,6 +80,18 @@ def test_bad_override_fails_before_any_stage_starts(tmp_path, override, message)
     assert not list(tmp_path.rglob("round-*"))  # no stage ran, nothing was written to the run store
 
 
+def test_one_optimizer_block_named_in_errors_and_digested_as_before():
+    for stage in ("pretrain", "sft", "rm", "rounds.ppo", "rounds.rejection.sft", "rounds.gatt.sft"):
+        with pytest.raises(ConfigError, match=rf"^{stage}.optim: eps = 0.0: must be > 0$"):
+            compose_run(f"{stage}.optim.eps=0")
+    # Stores finished before the block existed keep their stages: the keys each config held, flat, and no more.
+    recipe = SFTConfig().recipe()
+    assert "optim" not in recipe and (recipe["weight_decay"], recipe["grad_clip"]) == (0.1, 1.0)
+    changed = SFTConfig(optim=OptimConfig(betas=(0.8, 0.9))).recipe()
+    assert changed["optim"] == {"betas": (0.8, 0.9)} and changed["grad_clip"] == 1.0
+    assert "optim" not in training_recipe(PretrainConfig())
+
+
 def compose_run(*overrides: str) -> RunConfig:
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -85,7 +100,8 @@ def compose_run(*overrides: str) -> RunConfig:
 
 # docs/paper.md: SFT ("SFT"), the reward models' max learning rate by size ("Reward models") and PPO ("Rejection
 # sampling and PPO"); everything not listed is the configs' default, which the unit tests of each stage check.
-PAPER_SFT = SFTConfig(lr=2e-5, epochs=2, batch_size=64, seq_len=4096, weight_decay=0.1, parallel="fsdp")
+PAPER_SFT = SFTConfig(lr=2e-5, epochs=2, batch_size=64, seq_len=4096, optim=OptimConfig(weight_decay=0.1),
+                      parallel="fsdp")
 PAPER_RM_LR = {"llama2-7b": 1e-5, "llama2-70b": 5e-6}
 PAPER_PPO = PPOConfig(iterations=400, batch_size=512, mini_batch=64, lr=1e-6, heldout_prompts=512, eval_every=20,
                       patience=3, max_tokens=1024)

@@ -3,14 +3,27 @@ Parquet shards or a manifest alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from model.optim import OptimConfig
 from pipeline.data.store import PROGRESS, RunStore, StageStore, digest_config
 
 CHECKPOINT_DIR = "checkpoint"
+
+
+def training_recipe(config: Any, optim_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A training config (with an `optim` block) as its stage digests it: `optim` flattened back into the keys the
+    config held before the block was shared (`optim_keys`), its other fields only where they leave the default,
+    so stores finished before the block existed keep their stages."""
+    recipe = dataclasses.asdict(config)
+    optim, default = recipe.pop("optim"), dataclasses.asdict(OptimConfig())
+    recipe |= {key: optim[key] for key in optim_keys}
+    changed = {key: value for key, value in optim.items() if key not in optim_keys and value != default[key]}
+    return recipe | ({"optim": changed} if changed else {})
 
 
 def checkpoint_stage(store: RunStore, round: int, name: str, inputs: Mapping[str, str],  # noqa: A002

@@ -29,8 +29,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from actors.trainer import RankContext
 from actors.vllm_engine import Sampling
 from model.checkpoint import load_checkpoint
 from model.lm_training import optimizer_step
-from model.optim import adamw
+from model.optim import OptimConfig, adamw
 from model.packing import pad_right
 from model.ppo import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, Reduce, RunningMoments, advantage_estimator,
                        entropy_from_logits, kl_penalty, logit, policy_loss, token_rewards, value_loss, whiten)
@@ -53,7 +52,7 @@ from model.tokenizer import load_tokenizer
 from pipeline import stage_names as names
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore
-from pipeline.stages.cached import checkpoint_stage
+from pipeline.stages.cached import checkpoint_stage, training_recipe
 from pipeline.stages.oracle_eval import eval_prompts, stop_ids
 from pipeline.stages.rejection_sampling.stage import choose_prompts
 from pipeline.stages.sft import check_positive, check_ratio
@@ -77,10 +76,7 @@ class PPOConfig:
     value_clip: float = 0.2
     gamma: float = 1.0
     lam: float = 0.95
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-5
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the policy's and the critic's
     temperature: float = 1.0
     max_tokens: int = 48
     kl_bound: float = 8.0  # mean KL per answer (nats) above which PPO stops
@@ -91,7 +87,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         errors = check_positive(self, "ppo", ("iterations", "batch_size", "samples_per_prompt", "mini_batch", "lr",
-                                              "value_lr", "clip", "value_clip", "grad_clip", "temperature",
+                                              "value_lr", "clip", "value_clip", "temperature",
                                               "max_tokens", "kl_bound", "eval_every", "patience", "heldout_prompts"))
         errors += check_ratio(self, "ppo", ("gamma", "lam"))
         if self.beta < 0:
@@ -140,7 +136,7 @@ def ppo_setup(ctx: RankContext, payload: tuple[str, str | None, PPOConfig]) -> i
     reference.requires_grad_(False)
 
     def optimizer(model: torch.nn.Module, lr: float) -> tuple:
-        opt = adamw(model, lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+        opt = adamw(model, lr, config.optim)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # constant, as in the paper
 
     ctx.state.clear()  # this rank's PPO models and optimizers, kept between iterations
@@ -321,12 +317,12 @@ def training_step(s: dict[str, Any], r: Rollout, t: Targets, rows: torch.Tensor,
     logits = tempered(logits, config.temperature)
     loss, clip_fraction, approx_kl = policy_loss(token_logprobs(logits, r.targets[rows]), t.old_logprobs[rows],
                                                  t.advantages[rows], mask, config.clip)
-    optimizer_step(s["policy"], loss * share, *s["policy_opt"], config.grad_clip, "ppo policy step")
+    optimizer_step(s["policy"], loss * share, *s["policy_opt"], config.optim.grad_clip, "ppo policy step")
     v_loss = torch.zeros(())
     if t.old_values is not None:
         values = s["trained_value"](r.input_ids[rows], r.attention_mask[rows]).gather(1, r.positions[rows])
         v_loss = value_loss(values, t.old_values[rows], t.returns[rows], mask, config.value_clip)
-        optimizer_step(s["value"], v_loss * share, *s["value_opt"], config.grad_clip, "ppo value step")
+        optimizer_step(s["value"], v_loss * share, *s["value_opt"], config.optim.grad_clip, "ppo value step")
     with torch.no_grad():
         entropy = entropy_from_logits(logits, mask)
     return [float(x.detach()) for x in (loss, clip_fraction, approx_kl, v_loss, entropy)]
@@ -465,5 +461,5 @@ def run_ppo_stage(store: RunStore, round: int, policy: PolicyState, rm_dirs: tup
 
     _, metrics, _ = checkpoint_stage(
         store, round, names.PPO, {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},
-        dataclasses.asdict(config), train_ppo)
+        training_recipe(config, ("betas", "eps", "weight_decay", "grad_clip")), train_ppo)
     return metrics, policy.moved_to(store.stage(round, names.PPO))

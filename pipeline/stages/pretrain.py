@@ -17,6 +17,7 @@ import torch
 from actors.vllm_engine import check_head_dim
 from model.config import ModelConfig
 from model.lm_training import LMTrainConfig, evaluate_lm, train_lm
+from model.optim import OptimConfig
 from model.llama import LlamaForCausalLM
 from model.distributed import data_parallel, per_rank_batch, rank_and_world, save_on_rank0
 from model.packing import PackedRows, pack, split_long
@@ -24,6 +25,7 @@ from model.tokenizer import SentencePieceTokenizer, Tokenizer
 from pipeline.cluster import Runner, in_process
 from pipeline.data.store import RunStore, digest_config
 from pipeline.progress import progress_bar
+from pipeline.stages.cached import training_recipe
 from pipeline.stages.sft import shard_rows
 
 
@@ -60,6 +62,7 @@ class PretrainConfig:
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 20
+    optim: OptimConfig = field(default_factory=OptimConfig)
     heldout_share: float = 0.05
     seed: int = 0
 
@@ -154,7 +157,7 @@ def run_pretrain(store: RunStore, corpus: pa.Table, corpus_digest: str, config: 
     `runner` runs the training (the trainer group's `Pools.train` in the driver)."""
     stage = store.stage(0, "pretrain")
     inputs = {"corpus": corpus_digest}
-    config_digest = digest_config(asdict(config))
+    config_digest = digest_config(training_recipe(config))
     if stage.is_complete(inputs, config_digest):
         # Checkpoint paths are kept relative to the stage folder, so a run store can be moved or copied.
         cached = [PretrainedModel(**{**m, "checkpoint": stage.path / m["checkpoint"]})

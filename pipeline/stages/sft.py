@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ from model.chat_template import encode_chat
 from model.checkpoint import load_checkpoint
 from model.distributed import STRATEGIES, data_parallel, per_rank_batch, rank_and_world, save_on_rank0
 from model.lm_training import LMTrainConfig, train_lm
+from model.optim import OptimConfig
 from model.packing import Example, PackedRows, pack
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.progress import progress_bar
+from pipeline.stages.cached import training_recipe
 
 
 @dataclass
@@ -38,19 +40,20 @@ class SFTConfig:
     # paper's reward models use.
     warmup_share: float = 0.03
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # not in the paper for SFT: LLaMA-2 pretraining's value
+    optim: OptimConfig = field(default_factory=OptimConfig)  # grad_clip is not in the paper for SFT: pretraining's
     parallel: str = "ddp"  # over the trainer ranks: "ddp" (replicas) or "fsdp" (sharded; large policies)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        errors = check_positive(self, "sft", ("lr", "epochs", "batch_size", "seq_len", "grad_clip"))
+        errors = check_positive(self, "sft", ("lr", "epochs", "batch_size", "seq_len"))
         errors += check_ratio(self, "sft", ("warmup_share", "min_lr_ratio"))
-        if self.weight_decay < 0:
-            errors.append(f"sft.weight_decay = {self.weight_decay}: must be >= 0")
         errors += check_parallel(self, "sft")
         if errors:
             raise ValueError("\n".join(errors))
+
+    def recipe(self) -> dict[str, Any]:
+        """As a fine-tuning stage digests it (SFT's keys before `optim` was shared: weight_decay, grad_clip)."""
+        return training_recipe(self, ("weight_decay", "grad_clip"))
 
 
 def check_positive(config: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
@@ -132,8 +135,7 @@ def train_sft(base_checkpoint: str | Path, demonstrations: pa.Table, out_dir: st
     steps = config.epochs * math.ceil(len(packed) / config.batch_size)
     train = LMTrainConfig(steps=steps, batch_size=per_rank_batch(config.batch_size, world, "sft.batch_size"),
                           lr=config.lr, warmup_steps=round(config.warmup_share * steps),
-                          min_lr_ratio=config.min_lr_ratio, weight_decay=config.weight_decay,
-                          grad_clip=config.grad_clip, seed=config.seed)
+                          min_lr_ratio=config.min_lr_ratio, optim=config.optim, seed=config.seed)
     result = train_lm(data_parallel(model, world, config.parallel), shard_rows(packed, rank, world), train, desc="sft",
                       progress=progress_bar)
     save_on_rank0(model, out_dir, tokenizer)

@@ -65,6 +65,6 @@ def run_context_distillation(store: RunStore, round: int, policy: PolicyState, p
     _, metrics, _ = checkpoint_stage(
         store, round, f"cd_sft_{policy.name}",
         {"policy": policy.digest, "demonstrations": data.manifest()["content_digest"], "mix": mix[1] if mix else ""},
-        dataclasses.asdict(sft),
+        sft.recipe(),
         lambda out: train(train_sft, policy.checkpoint, with_mix(demonstrations, mix), out, sft))
     return {"counts": counts, "training": metrics}, policy.moved_to(store.stage(round, f"cd_sft_{policy.name}"))

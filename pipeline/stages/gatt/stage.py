@@ -115,7 +115,7 @@ def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Policy
         return {"before": before, "after": before, "samples": 0, "training": None}, samples_from, policy
     inputs = {"policy": policy.digest, "dialogues": dialogues_digest, "mix": mix[1] if mix else ""}
     _, metrics, _ = checkpoint_stage(
-        store, round, f"gatt_sft_{policy.name}", inputs, dataclasses.asdict(config.sft),
+        store, round, f"gatt_sft_{policy.name}", inputs, config.sft.recipe(),
         lambda out: train(train_sft, policy.checkpoint, with_mix(dialogues, mix), out, config.sft, gatt_examples))
     policy = policy.moved_to(store.stage(round, f"gatt_sft_{policy.name}"))
     after = _adherence_stage(store, round, f"gatt_after_{policy.name}", policy.digest, held_out,

@@ -201,7 +201,7 @@ def fine_tune_on_kept(store: RunStore, round: int, policies: list[PolicyState], 
     out = []
     for policy in policies:
         checkpoint_stage(store, round, names.rs_sft(policy.name), {"init": policy.digest, "kept": kept_digest},
-                         asdict(config),
+                         config.recipe(),
                          lambda out, init=policy.checkpoint: train(train_sft, init, demonstrations, out, config))
         out.append(policy.moved_to(store.stage(round, names.rs_sft(policy.name))))
     return out

@@ -13,7 +13,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from model.checkpoint import load_checkpoint
 from model.llama import LlamaForReward
 from model.lm_training import optimizer_step
 from model.losses import MARGINS, margin_ranking_loss
-from model.optim import adamw, cosine_with_warmup, warmup_steps_for
+from model.optim import OptimConfig, adamw, cosine_with_warmup, warmup_steps_for
 from model.packing import pad_pairs, shared_prefix_rows
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import PREFERENCES
@@ -56,10 +56,7 @@ class RMConfig:
     warmup_share: float = 0.03
     warmup_min_steps: int = 5
     min_lr_ratio: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-5
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    optim: OptimConfig = field(default_factory=OptimConfig)
     # Held out per weekly batch: `heldout_pairs` (a count, the paper's 1000) when set, else this share.
     heldout_share: float = 0.1
     heldout_pairs: int | None = None
@@ -81,16 +78,14 @@ class RMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        errors = check_positive(self, "rm", ("lr", "batch_size", "epochs", "eps", "grad_clip"))
+        errors = check_positive(self, "rm", ("lr", "batch_size", "epochs"))
         errors += check_ratio(self, "rm", ("warmup_share", "min_lr_ratio"))
         errors += check_parallel(self, "rm")
         errors += [f"rm.{name} = {getattr(self, name)}: must be >= 0" for name in
-                   ("warmup_min_steps", "weight_decay", "helpfulness_other_ratio", "trainable_layers")
+                   ("warmup_min_steps", "helpfulness_other_ratio", "trainable_layers")
                    if getattr(self, name) < 0]
         if self.margin not in MARGINS:
             errors.append(f"rm.margin = {self.margin!r}: allowed: {', '.join(MARGINS)}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            errors.append(f"rm.betas = {self.betas}: must be two values in [0, 1)")
         if not 0 < self.heldout_share < 1:
             errors.append(f"rm.heldout_share = {self.heldout_share}: must be in (0, 1)")
         if self.heldout_pairs is not None and self.heldout_pairs < 0:
@@ -297,7 +292,7 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
     batches = index_batches(mine, per_rank_batch(config.batch_size, world, "rm.batch_size"), config.seed,
                             [max(map(len, pair)) for pair in encoded], config.group_by_length)
 
-    optimizer = adamw(model, config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    optimizer = adamw(model, config.lr, config.optim)
     schedule = cosine_with_warmup(optimizer, steps, warmup, config.min_lr_ratio)
     net = data_parallel(model, world, config.parallel)
     net.train()
@@ -309,7 +304,7 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
         batch = next(batches)
         r_chosen, r_rejected = score_pairs(net, [encoded[i] for i in batch], tokenizer.pad_id, config.share_prompt)
         loss = margin_ranking_loss(r_chosen, r_rejected, margins[batch])
-        optimizer_step(model, loss, optimizer, schedule, config.grad_clip, f"reward model step {step}")
+        optimizer_step(model, loss, optimizer, schedule, config.optim.grad_clip, f"reward model step {step}")
         losses.append(loss.item())
         seen += len(batch)
         bar.update(1)

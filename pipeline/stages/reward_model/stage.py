@@ -3,7 +3,6 @@ by rating (the paper's Table 8 layout) in the manifest."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from bisect import bisect_left
 from pathlib import Path
@@ -18,7 +17,7 @@ from pipeline import stage_names as names
 from pipeline.cluster import Runner, in_process
 from pipeline.data.schemas import PREFERENCE_KINDS
 from pipeline.data.store import RunStore
-from pipeline.stages.cached import checkpoint_stage
+from pipeline.stages.cached import checkpoint_stage, training_recipe
 from actors.scorer import SAFETY_THRESHOLD
 from model.calibration import write_calibration
 from model.checkpoint import load_checkpoint
@@ -42,7 +41,7 @@ def rm_recipe(config: RMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """The RM config as its stages digest it, so stores made before a change that leaves their RMs alone keep
     them: `trainable_layers` and `share_prompt` only when set; with a checkpoint's own chat template, the sequence
     ending at the answer's eos (`encode_side`; the LLaMA-2 format always ended there)."""
-    recipe = dataclasses.asdict(config)
+    recipe = training_recipe(config, ("betas", "eps", "weight_decay", "grad_clip"))
     for optional in ("trainable_layers", "share_prompt"):
         if not recipe[optional]:
             del recipe[optional]

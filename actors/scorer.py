@@ -28,6 +28,9 @@ RewardKind = Literal["help", "safe"]
 # docs/paper.md, "Iterative fine-tuning" (the paper's section 3.2.3): the safety RM's threshold for "unsafe"
 # (precision 0.89, recall 0.55 on the Meta Safety test set).
 SAFETY_THRESHOLD = 0.15
+# A scoring batch ends where the next (sorted) sequence is this much longer than its first: padding stays under a
+# fifth of its positions (one batch padded to the longest of 64 PPO answers measured 1.4x the real tokens).
+LENGTH_SPREAD = 1.25
 
 
 def combined_reward(r_help: float, r_safe: float, is_safety: bool, threshold: float = SAFETY_THRESHOLD) -> float:
@@ -45,8 +48,8 @@ def sigmoid_rewards(model: LlamaForReward, sequences: Sequence[Sequence[int]], m
                     offset: float = 0.0) -> list[float]:
     """sigmoid(reward - offset) of each token sequence, in input order (`offset`: the RM's calibration).
 
-    Batches hold sequences of similar length (sorted, right-padded to the longest, at most `max_batch_tokens`
-    padded positions) so that little compute goes to padding.
+    Batches hold sequences of similar length (sorted, at most LENGTH_SPREAD apart, right-padded to the longest, at
+    most `max_batch_tokens` padded positions) so that little compute goes to padding.
     """
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -54,7 +57,9 @@ def sigmoid_rewards(model: LlamaForReward, sequences: Sequence[Sequence[int]], m
     start = 0
     while start < len(order):
         end = start + 1  # lengths grow along `order`: a batch is as wide as its last sequence
-        while end < len(order) and (end - start + 1) * len(sequences[order[end]]) <= max_batch_tokens:
+        widest = LENGTH_SPREAD * len(sequences[order[start]])
+        while end < len(order) and (end - start + 1) * len(sequences[order[end]]) <= max_batch_tokens \
+                and len(sequences[order[end]]) <= widest:
             end += 1
         # Padding positions are masked; the reward head reads each row's last real token.
         input_ids, attention_mask = pad_right([sequences[i] for i in order[start:end]], pad_id=0)

@@ -29,6 +29,19 @@ def test_scores_are_sigmoids_of_the_centered_reward(tmp_path):
     assert scores == pytest.approx([torch.sigmoid(torch.tensor(r - 0.5)).item() for r in raw], abs=1e-6)
 
 
+def test_scoring_batches_hold_sequences_of_similar_length(tmp_path):
+    folder = save_checkpoint(tiny_model(seed=1), tmp_path / "policy")
+    rm = load_checkpoint(folder, head="reward", seed=2)
+    sequences = [list(range(1, n + 1)) for n in (30, 2, 11, 3, 10, 4)]
+    widths = []
+    rm.model.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))
+    scores = sigmoid_rewards(rm, sequences, 1000)
+    assert widths == [2, 3, 4, 11, 30]  # [10, 11] together; 3 is more than 1.25x 2, 30 more than 1.25x 10
+    widths.clear()
+    alone = [sigmoid_rewards(rm, [s], 1000)[0] for s in sequences]
+    assert scores == pytest.approx(alone, abs=1e-6)
+
+
 def test_safety_gate_sits_at_the_best_split_of_safe_and_unsafe_answers():
     import math
 

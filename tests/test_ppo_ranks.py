@@ -1,7 +1,8 @@
 """PPO on several trainer ranks (real Ray actors in one gloo process group): shares of uneven size, answers left
-empty unevenly (a rank with none left at all), and the critic-free estimators. Every rank must take the same number
-of gradient steps (or DDP hangs until the group's timeout), end with the same weights, whiten with the statistics of
-the whole batch, and report the whole batch's metrics."""
+empty unevenly (a rank with none left at all), the critic-free estimators, and the sampler's old log-probabilities
+(kept or replaced on every rank alike). Every rank must take the same number of gradient steps (or DDP hangs until
+the group's timeout), end with the same weights, whiten with the statistics of the whole batch, and report the whole
+batch's metrics."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from actors.pool import PoolConfig
 from actors.trainer import RankContext, TrainerGroup
 from model.ppo import logit
+from model.checkpoint import load_checkpoint
 from pipeline.stages.ppo import PPOConfig, ppo_iteration, ppo_setup, split_rows
-from test_ppo_stage import make_folders
+from test_ppo_stage import make_folders, row_logprobs
 
 # world size -> (rows in the batch, rows whose answer is empty, mini_batch): the shares and steps per rank
 #   2 ranks, 9 rows: rank 0 rows 0 2 4 6 8 (5 answers, 3 steps of 2), rank 1 rows 1 3 5 7 (3 empty: 1 step)
@@ -80,6 +82,7 @@ def test_uneven_shares_and_empty_answers_take_the_same_steps_on_every_rank(train
     for per_rank in metrics:
         assert [m["steps"] for m in per_rank] == [STEPS[world]] * world
         assert all(m == per_rank[0] for m in per_rank)  # the whole batch's numbers, on every rank
+        assert per_rank[0]["sampler_logprobs"] == 0.0  # the table's made-up -1.0s: every rank took the trainer's
     assert [s["optimizer_steps"] for s in states] == [2 * STEPS[world]] * world
     # one set of weights: DDP averaged every step's gradients, the placeholder steps included
     for state in states[1:]:
@@ -113,6 +116,26 @@ def test_grpo_on_ranks_keeps_each_prompts_answers_together_and_has_no_critic(tra
     # rank 0 holds prompts 0 and `world`: 3 answers (one empty), one a step; the others 2 answers
     assert per_rank[0]["steps"] == 3
     assert all(s["value"] is None for s in states)  # no value model was built on any rank
+    for state in states[1:]:
+        assert torch.equal(state["policy"], states[0]["policy"])
+    assert not torch.equal(states[0]["policy"], initial)
+
+
+def test_sampler_logprobs_within_the_tolerance_are_kept_on_every_rank(trainers, folders):
+    world = trainers.world_size
+    rows, empty, mini_batch = LAYOUTS[world]
+    table = batch_table(rows, empty)
+    policy = load_checkpoint(folders[0])
+    exact = [row_logprobs(policy, prompt, answer) if answer else [] for prompt, answer in
+             zip(table.column("prompt_token_ids").to_pylist(), table.column("token_ids").to_pylist())]
+    table = table.set_column(table.schema.get_field_index("logprobs"), "logprobs",
+                             pa.array(exact, pa.list_(pa.float32())))
+    config = PPOConfig(batch_size=rows, mini_batch=mini_batch, lr=1e-3, value_lr=1e-3)
+    initial, metrics, states = setup_and_train(trainers, folders, config, table, iterations=1)
+
+    per_rank = metrics[0]
+    assert all(m == per_rank[0] for m in per_rank)  # one decision, taken on every rank's first mini-batch
+    assert per_rank[0]["sampler_logprobs"] == 1.0 and per_rank[0]["logprob_mismatch"] < 1e-4
     for state in states[1:]:
         assert torch.equal(state["policy"], states[0]["policy"])
     assert not torch.equal(states[0]["policy"], initial)

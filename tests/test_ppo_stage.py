@@ -1,9 +1,11 @@
 """PPO's trainer side on a tiny model, in one process: answer alignment, an update that follows the reward, the KL
 penalty pulling the policy back to the reference, GAE on the stage's own batch against a hand computation, the
-clip fraction, the critic-free estimators, the sampling temperature, and the config's checks."""
+clip fraction, the critic-free estimators, the sampling temperature, old log-probabilities from the sampler (and their
+replacement beyond the tolerance), mini-batches by length, and the config's checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -18,8 +20,8 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.ppo import logit
 from model.tokenizer import SentencePieceTokenizer
 from pipeline.config_build import ConfigError, build
-from pipeline.stages.ppo import (PPOConfig, answer_logits, answer_positions, export_policy, ppo_iteration,
-                                 ppo_setup, prepare_batch, split_rows, token_logprobs)
+from pipeline.stages.ppo import (PPOConfig, answer_logits, answer_positions, export_policy, mini_batches,
+                                 ppo_iteration, ppo_setup, prepare_batch, rollout, split_rows, token_logprobs)
 
 WORDS = "the cat sat on a mat and the dog ran to the park with a red ball".split()
 ONE = RankContext(0, 1, torch.device("cpu"), "gloo")
@@ -77,6 +79,7 @@ def test_an_update_raises_the_likelihood_of_the_rewarded_answer(folders, tmp_pat
     assert metrics["r_combined"] == pytest.approx(0.5) and metrics["answer_length"] == 4
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update is measured against the start
     assert 0 <= metrics["clip_fraction"] <= 1 and metrics["logprob_mismatch"] > 0
+    assert metrics["sampler_logprobs"] == 0.0  # the batch's made-up -1.0s are far off: the trainer's replaced them
     assert not load_checkpoint(tmp_path / "live").config.tie_word_embeddings  # vLLM reloads untied weights
 
 
@@ -158,7 +161,8 @@ def test_split_rows_keeps_a_prompts_answers_on_one_rank():
 
 def test_gae_on_the_stages_batch_matches_a_hand_computation(folders):
     policy_dir, rm_dir = folders
-    config = PPOConfig(batch_size=4, mini_batch=4, beta=0.3, gamma=0.9, lam=0.8)
+    # mini-batches of 2: the passes without gradients run in two chunks, each padded to its own longest row
+    config = PPOConfig(batch_size=4, mini_batch=2, beta=0.3, gamma=0.9, lam=0.8, old_logprobs="trainer")
     ppo_setup(ONE, (str(policy_dir), str(rm_dir), config))
     perturb_policy()  # a KL that is not 0, so the per-token penalty is checked too
     rewards = [0.9, 0.2, 0.6, 0.35]
@@ -264,7 +268,7 @@ def test_critic_free_estimators_train_the_policy_without_a_value_model(folders, 
 
 def test_trainer_logprobs_use_the_sampling_temperature(folders):
     policy_dir, rm_dir = folders
-    config = PPOConfig(batch_size=2, mini_batch=2, temperature=0.5)
+    config = PPOConfig(batch_size=2, mini_batch=2, temperature=0.5, old_logprobs="trainer")
     ppo_setup(ONE, (str(policy_dir), str(rm_dir), config))
     policy = load_checkpoint(policy_dir)
     raw = [row_logprobs(policy, PROMPTS[i], ANSWERS[i]) for i in range(2)]
@@ -283,3 +287,92 @@ def test_a_batch_of_empty_answers_takes_no_step_and_reports_zeros(folders):
     metrics = ppo_iteration(ONE, batch_of([[], []], [0.4, 0.6]))
     assert (metrics["steps"], metrics["empty_answers"], metrics["answer_length"]) == (0, 2, 0.0)
     assert metrics["r_combined"] == pytest.approx(0.5)
+
+
+# --- old log-probabilities from the sampler, mini-batches by length -----------------------------------------------
+
+def test_config_checks_the_old_logprobs_switch():
+    assert PPOConfig().old_logprobs == "sampler" and PPOConfig().group_by_length
+    with pytest.raises(ConfigError, match=r"ppo\.old_logprobs = 'vllm': allowed: sampler, trainer"):
+        build(PPOConfig, {"old_logprobs": "vllm"}, "rounds.ppo")
+    with pytest.raises(ValueError, match=r"ppo\.old_logprobs = 'sampler' needs ppo\.temperature = 1, not 0\.7"):
+        PPOConfig(temperature=0.7)
+    assert PPOConfig(temperature=0.7, old_logprobs="trainer").temperature == 0.7
+    with pytest.raises(ValueError, match=r"ppo\.logprob_tolerance = 0: must be > 0"):
+        PPOConfig(logprob_tolerance=0)
+
+
+def test_the_digest_leaves_the_new_fields_out_at_their_old_behaviour():
+    added = ("old_logprobs", "logprob_tolerance", "group_by_length")
+    old = PPOConfig(old_logprobs="trainer", group_by_length=False)
+    # what run stores made before these fields digested: they keep their finished PPO stage
+    assert old.digested() == {k: v for k, v in dataclasses.asdict(old).items() if k not in added}
+    assert set(added) <= set(PPOConfig().digested())
+
+
+@pytest.mark.parametrize("offset", [0.004, 0.05])
+def test_sampler_logprobs_are_used_within_the_tolerance_and_replaced_beyond_it(folders, offset):
+    policy_dir, rm_dir = folders
+    policy = load_checkpoint(policy_dir)
+    sampler = [[x + offset for x in row_logprobs(policy, PROMPTS[i % 4], a)] for i, a in enumerate(ANSWERS)]
+    batch = {**batch_of(ANSWERS, [0.9, 0.1] * 4), "logprobs": sampler}
+
+    def setup(old_logprobs: str) -> None:
+        config = PPOConfig(batch_size=8, mini_batch=4, lr=1e-3, value_lr=1e-3, old_logprobs=old_logprobs)
+        ppo_setup(ONE, (str(policy_dir), str(rm_dir), config))
+
+    setup("sampler")
+    _, rollout_, targets = prepare_batch(ONE, batch)
+    for row, numbers in enumerate(sampler):  # the ratio's denominator and the KL are the sampler's numbers
+        assert targets.old_logprobs[row, :len(numbers)].tolist() == pytest.approx(numbers, abs=1e-6)
+        assert targets.kl[row, :len(numbers)].tolist() == pytest.approx([offset] * len(numbers), abs=1e-4)
+
+    setup("sampler")
+    metrics = ppo_iteration(ONE, batch)
+    kept = offset < PPOConfig().logprob_tolerance
+    assert metrics["sampler_logprobs"] == float(kept)
+    assert metrics["logprob_mismatch"] == pytest.approx(offset, abs=1e-4)  # measured either way
+    if not kept:  # replaced before the first step: the update is the trainer's
+        sampled = torch.cat([p.detach().flatten() for p in ONE.state["policy"].parameters()])
+        setup("trainer")
+        trained = ppo_iteration(ONE, batch)
+        assert trained["sampler_logprobs"] == 0.0
+        assert torch.allclose(sampled, torch.cat([p.detach().flatten() for p in ONE.state["policy"].parameters()]),
+                              atol=1e-6)
+
+
+def test_mini_batches_by_length_hold_rows_of_similar_length():
+    lengths = [5, 1, 9, 2, 8, 3, 7]
+
+    def rows(batches: list[torch.Tensor]) -> list[int]:
+        return sorted(i for b in batches for i in b.tolist())
+
+    grouped = mini_batches(lengths, 2, True, seed=0)
+    assert sorted(sorted(lengths[i] for i in b.tolist()) for b in grouped) == [[1, 2], [3, 5], [7, 8], [9]]
+    assert rows(grouped) == list(range(7))
+    orders = {tuple(tuple(b.tolist()) for b in mini_batches(lengths, 2, True, seed)) for seed in range(8)}
+    assert len(orders) > 1  # the groups come in a random order
+    mixed = mini_batches(lengths, 2, False, seed=0)
+    assert rows(mixed) == list(range(7)) and [len(b) for b in mixed] == [2, 2, 2, 1]
+
+
+def test_a_mini_batch_padded_to_its_own_longest_row_gives_the_unpadded_rows_numbers_and_gradients(folders):
+    model = load_checkpoint(folders[0])
+    prompts, picked = PROMPTS * 2, (3, 1)
+    r = rollout(prompts, ANSWERS, torch.device("cpu"))
+    part = r.take(torch.tensor(picked))
+    assert part.input_ids.shape[1] == 5 < r.input_ids.shape[1]  # its rows' longest, not the batch's
+    logprobs = token_logprobs(part.logits(model), part.targets)
+    (logprobs * part.mask).sum().backward()
+    gradients = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone_sum = torch.zeros(())
+    for row, i in enumerate(picked):  # each row alone, unpadded
+        full = torch.log_softmax(model(torch.tensor([prompts[i] + ANSWERS[i]]))[0], -1)
+        alone = torch.stack([full[len(prompts[i]) - 1 + j, token] for j, token in enumerate(ANSWERS[i])])
+        assert logprobs[row, :len(alone)].tolist() == pytest.approx(alone.tolist(), abs=1e-5)
+        assert part.mask[row].sum() == len(alone)
+        alone_sum = alone_sum + alone.sum()
+    alone_sum.backward()
+    for ours, expected in zip(gradients, (p.grad for p in model.parameters())):
+        assert torch.allclose(ours, expected, atol=1e-5)

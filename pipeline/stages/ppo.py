@@ -13,10 +13,14 @@ whether the policy improves; the statistics are summed over the trainer ranks, s
 Advantages (`advantage`, model.ppo.ADVANTAGE_ESTIMATORS): GAE (the default, the paper's PPO) with a critic that
 starts from the helpfulness RM (its head read at every token), `gamma` and `lam` (not in the paper); or the
 critic-free RLOO / GRPO, which compare the `samples_per_prompt` answers to each prompt: no value model is loaded,
-trained or synchronised. Old log-probabilities for the ratio are recomputed by the trainer (from logits / the
-sampling temperature, the distribution vLLM sampled from), not taken from vLLM; `logprob_mismatch` (mean |vLLM -
-trainer| over answer tokens, both untempered: vLLM reports the raw model's log-probabilities) measures how far the
-two differ. Ranks take the same number of gradient steps (the largest share's), a rank out of rows stepping on a
+trained or synchronised. Old log-probabilities for the ratio (`old_logprobs`) are the sampler's (vLLM returns
+them: no policy pass) or recomputed by the trainer (from logits / the sampling temperature, the distribution vLLM
+sampled from); `logprob_mismatch` (mean |vLLM - trainer| over answer tokens, both untempered: vLLM reports the raw
+model's log-probabilities) measures how far the two differ: over the whole batch with the trainer's, over the first
+mini-batch (its gradient step's forward, before any update) with the sampler's, which an iteration whose mismatch
+exceeds `logprob_tolerance` replaces by the trainer's before its first step. The no-gradient passes run in chunks
+of similar length, each padded to its own longest row; `group_by_length` makes the mini-batches so too.
+Ranks take the same number of gradient steps (the largest share's), a rank out of rows stepping on a
 placeholder that weighs nothing, so DDP's collectives line up; each step's loss is weighted by the rank's share of
 the step's answer tokens, so the update is the token mean over all ranks.
 Early stopping: every `eval_every` iterations the policy answers held-out prompts and the best held-out mean R_c
@@ -29,6 +33,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +64,9 @@ from pipeline.stages.sft import check_positive, check_ratio
 from pipeline.state import PolicyState
 
 
+OLD_LOGPROBS = ("sampler", "trainer")  # where the ratio's old log-probabilities come from (`ppo.old_logprobs`)
+
+
 @dataclass
 class PPOConfig:
     """Sized for the tiny models on 2 CPU cores; the paper's values are in conf/experiment/llama2-*.yaml."""
@@ -78,6 +86,11 @@ class PPOConfig:
     lam: float = 0.95
     optim: OptimConfig = field(default_factory=OptimConfig)  # the policy's and the critic's
     temperature: float = 1.0
+    # The sampler's by default: measured within 5e-5 nats per token of the trainer's on CPU (docs/benchmarks.md),
+    # they save a policy pass per iteration, and an iteration that measures more than the tolerance recomputes them.
+    old_logprobs: str = "sampler"  # sampler (vLLM's; needs temperature 1) | trainer (a policy pass per iteration)
+    logprob_tolerance: float = 0.01  # mean |sampler - trainer| nats per answer token: ~1% on the ratio
+    group_by_length: bool = True  # mini-batches of rows of similar length (random order), padded to their own
     max_tokens: int = 48
     kl_bound: float = 8.0  # mean KL per answer (nats) above which PPO stops
     eval_every: int = 4
@@ -88,12 +101,18 @@ class PPOConfig:
     def __post_init__(self) -> None:
         errors = check_positive(self, "ppo", ("iterations", "batch_size", "samples_per_prompt", "mini_batch", "lr",
                                               "value_lr", "clip", "value_clip", "temperature",
-                                              "max_tokens", "kl_bound", "eval_every", "patience", "heldout_prompts"))
+                                              "max_tokens", "kl_bound", "eval_every", "patience", "heldout_prompts",
+                                              "logprob_tolerance"))
         errors += check_ratio(self, "ppo", ("gamma", "lam"))
         if self.beta < 0:
             errors.append(f"ppo.beta = {self.beta}: must be >= 0")
         if self.kl_estimator not in KL_ESTIMATORS:
             errors.append(f"ppo.kl_estimator = {self.kl_estimator!r}: allowed: {', '.join(KL_ESTIMATORS)}")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            errors.append(f"ppo.old_logprobs = {self.old_logprobs!r}: allowed: {', '.join(OLD_LOGPROBS)}")
+        elif self.old_logprobs == "sampler" and self.temperature != 1.0:
+            errors.append(f"ppo.old_logprobs = 'sampler' needs ppo.temperature = 1, not {self.temperature} (vLLM "
+                          "reports the untempered model's log-probabilities); use ppo.old_logprobs = 'trainer'")
         if self.advantage not in ADVANTAGE_ESTIMATORS:
             errors.append(f"ppo.advantage = {self.advantage!r}: allowed: {', '.join(ADVANTAGE_ESTIMATORS)}")
         elif not self.needs_critic and self.samples_per_prompt < 2:
@@ -110,6 +129,16 @@ class PPOConfig:
     def needs_critic(self) -> bool:
         return advantage_estimator(self.advantage).needs_critic
 
+    def digested(self) -> dict[str, Any]:
+        """The fields the stage's digest covers: those added later are left out at the values that reproduce the
+        earlier behaviour, so run stores made before them keep their finished PPO stage."""
+        fields = training_recipe(self, ("betas", "eps", "weight_decay", "grad_clip"))
+        if self.old_logprobs == "trainer":
+            del fields["old_logprobs"], fields["logprob_tolerance"]
+        if not self.group_by_length:
+            del fields["group_by_length"]
+        return fields
+
 
 # --- on the trainer ranks -----------------------------------------------------------------------------------
 
@@ -120,7 +149,7 @@ class Critic(torch.nn.Module):
         super().__init__()
         self.reward_model = reward_model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.reward_model.token_values(input_ids, attention_mask)
 
 
@@ -160,7 +189,7 @@ def answer_positions(prompt_lengths: Sequence[int], answer_lengths: Sequence[int
     return torch.where(mask.bool(), positions, torch.tensor(prompt_lengths)[:, None] - 1), mask
 
 
-def answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def answer_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   positions: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids, attention_mask=attention_mask)
     return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
@@ -177,29 +206,52 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 @dataclass
 class Rollout:
-    """This rank's answers as padded tensors, on its device.
+    """Answers as right-padded tensors, on the rank's device.
 
     A rank with no answer holds one placeholder row whose mask is all 0: it still runs every forward, backward and
     collective the other ranks run (DDP would hang otherwise), and weighs nothing.
     """
 
     input_ids: torch.Tensor  # (rows, prompt + answer)
-    attention_mask: torch.Tensor
     positions: torch.Tensor  # (rows, longest answer): where each answer token is predicted from
     mask: torch.Tensor  # 1 on real answer tokens
     targets: torch.Tensor  # the answer tokens
     rows: int  # real rows (0: only the placeholder)
+    lengths: list[int]  # per row: prompt + answer tokens
+    answer_lengths: list[int]
+
+    def take(self, rows: torch.Tensor) -> Rollout:
+        """These rows, padded only to their own longest sequence and answer (the same numbers for less work)."""
+        picked = rows.tolist()
+        width = max(self.lengths[i] for i in picked)
+        answers = max(self.answer_lengths[i] for i in picked)
+        at = rows.to(self.input_ids.device)
+        return Rollout(self.input_ids[at, :width], self.positions[at, :answers], self.mask[at, :answers],
+                       self.targets[at, :answers], len(picked), [self.lengths[i] for i in picked],
+                       [self.answer_lengths[i] for i in picked])
+
+    def chunks(self, size: int) -> list[torch.Tensor]:
+        """All rows by length, `size` at a time: each chunk's padding is only its own."""
+        return list(torch.argsort(torch.tensor(self.lengths), stable=True).split(size))
+
+    def logits(self, model: torch.nn.Module) -> torch.Tensor:
+        # Right padding needs no mask: causal attention never lets a real token see the padding after it.
+        return answer_logits(model, self.input_ids, None, self.positions)
+
+    def values(self, critic: torch.nn.Module) -> torch.Tensor:
+        return critic(self.input_ids, None).gather(1, self.positions)
 
 
 def rollout(prompts: Sequence[list[int]], answers: Sequence[list[int]], device: torch.device) -> Rollout:
     rows = len(answers)
     if not rows:
         prompts, answers = [[0]], [[0]]
-    input_ids, attention_mask = pad_right([p + a for p, a in zip(prompts, answers)], 0)
+    input_ids, _ = pad_right([p + a for p, a in zip(prompts, answers)], 0)
     positions, mask = answer_positions([len(p) for p in prompts], [len(a) for a in answers])
     targets, _ = pad_right(answers, 0)
-    tensors = (input_ids, attention_mask, positions, mask * float(rows > 0), targets)
-    return Rollout(*(t.to(device) for t in tensors), rows)
+    tensors = (input_ids, positions, mask * float(rows > 0), targets)
+    return Rollout(*(t.to(device) for t in tensors), rows, [len(p) + len(a) for p, a in zip(prompts, answers)],
+                   [len(a) for a in answers])
 
 
 def sum_over_ranks(ctx: RankContext) -> Reduce | None:
@@ -222,14 +274,24 @@ def max_over_ranks(ctx: RankContext, value: int) -> int:
     return int(tensor.item())
 
 
-def step_rows(order: torch.Tensor, steps: int, per_rank: int) -> list[tuple[torch.Tensor, float]]:
-    """(rows, weight) of each gradient step: this rank's shuffled rows, `per_rank` at a time, then, once they run
-    out, row 0 with weight 0 (the step every rank must take together, with nothing to learn here)."""
-    out = []
-    for step in range(steps):
-        rows = order[step * per_rank:(step + 1) * per_rank]
-        out.append((rows, 1.0) if len(rows) else (torch.zeros(1, dtype=torch.long), 0.0))
-    return out
+def mini_batches(lengths: Sequence[int], per_rank: int, by_length: bool, seed: int) -> list[torch.Tensor]:
+    """This rank's rows, `per_rank` a mini-batch, in random order; with `by_length`, each mini-batch holds rows of
+    similar length (ties broken at random), so that it pads little."""
+    if not lengths:
+        return []
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator)
+    if not by_length:
+        return list(order.split(per_rank))
+    order = order[torch.argsort(torch.tensor(lengths, dtype=torch.long)[order], stable=True)]
+    batches = order.split(per_rank)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def step_rows(batches: list[torch.Tensor], steps: int) -> list[tuple[torch.Tensor, float]]:
+    """(rows, weight) of each gradient step: this rank's mini-batches, then, once they run out, row 0 with weight 0
+    (the step every rank must take together, with nothing to learn here)."""
+    return [(rows, 1.0) for rows in batches] + [(torch.zeros(1, dtype=torch.long), 0.0)] * (steps - len(batches))
 
 
 def token_shares(ctx: RankContext, tokens: torch.Tensor) -> torch.Tensor:
@@ -243,16 +305,66 @@ def token_shares(ctx: RankContext, tokens: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Targets:
-    """What one iteration trains towards, per answer token of a Rollout (computed once, before any step)."""
+    """What one iteration trains towards, per answer token of a Rollout (computed before any step; `shaped` fills
+    the fields from `kl` on)."""
 
-    old_logprobs: torch.Tensor  # the policy's, from logits / temperature: the ratio's denominator
-    raw_logprobs: torch.Tensor  # untempered, as vLLM reports them (logprob_mismatch only)
-    vllm_logprobs: torch.Tensor
-    kl: torch.Tensor  # per token, against the reference
-    rewards: torch.Tensor  # whitened score at the last token, -beta * kl on every token
+    old_logprobs: torch.Tensor  # the ratio's denominator: the sampler's, or the policy's from logits / temperature
+    ref_logprobs: torch.Tensor
+    vllm_logprobs: torch.Tensor  # untempered, as vLLM reports them
+    score: torch.Tensor  # per row: the whitened logit(R_c)
+    groups: torch.Tensor  # per row: its prompt
     old_values: torch.Tensor | None  # the critic's (GAE only)
-    advantages: torch.Tensor
-    returns: torch.Tensor | None  # the critic's targets (GAE only)
+    mismatch: tuple[float, float]  # (sum of |vLLM - trainer| over the answer tokens compared, their count)
+    sampler: bool  # old_logprobs are the sampler's
+    kl: torch.Tensor | None = None  # per token, against the reference
+    rewards: torch.Tensor | None = None  # whitened score at the last token, -beta * kl on every token
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None  # the critic's targets (GAE only)
+
+
+def no_grad_pass(r: Rollout, chunk: int, forward) -> tuple[torch.Tensor, ...]:
+    """`forward(a Rollout of some rows)` -> tensors (those rows, their answer width), over every row without
+    gradients in length-sorted chunks of `chunk` rows, back in row order at the batch's answer width."""
+    outs: list[torch.Tensor] = []
+    with torch.no_grad():
+        for rows in r.chunks(chunk):
+            parts = forward(r.take(rows))
+            outs = outs or [torch.zeros(r.mask.shape, device=r.mask.device) for _ in parts]
+            at = rows.to(r.mask.device)
+            for out, part in zip(outs, parts):
+                out[at, :part.shape[1]] = part.float()
+    return tuple(outs)
+
+
+def rows_per_step(ctx: RankContext) -> int:
+    return max(1, ctx.state["config"].mini_batch // ctx.world_size)
+
+
+def shaped(ctx: RankContext, r: Rollout, t: Targets, old_logprobs: torch.Tensor) -> Targets:
+    """`t` with these old log-probabilities and what follows from them: KL, token rewards, advantages, returns."""
+    config, estimator = ctx.state["config"], ctx.state["estimator"]
+    kl = kl_penalty(old_logprobs, t.ref_logprobs, config.kl_estimator)
+    rewards = token_rewards(t.score, kl, r.mask, config.beta)
+    advantages, returns = estimator(rewards, r.mask, values=t.old_values, groups=t.groups, gamma=config.gamma,
+                                    lam=config.lam)
+    if estimator.whiten:
+        advantages = whiten(advantages, r.mask, reduce=sum_over_ranks(ctx))
+    return dataclasses.replace(t, old_logprobs=old_logprobs, kl=kl, rewards=rewards, advantages=advantages,
+                               returns=returns)
+
+
+def with_trainer_logprobs(ctx: RankContext, r: Rollout, t: Targets) -> Targets:
+    """`t` shaped on the policy's own old log-probabilities (a pass without gradients, from logits / temperature),
+    the mismatch measured over every answer token."""
+    policy, temperature = ctx.state["policy"], ctx.state["config"].temperature
+
+    def forward(part: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = part.logits(policy)
+        return token_logprobs(logits, part.targets, temperature), token_logprobs(logits, part.targets)
+
+    old, raw = no_grad_pass(r, rows_per_step(ctx), forward)
+    mismatch = (float(((t.vllm_logprobs - raw).abs() * r.mask).sum()), float(r.mask.sum()))
+    return shaped(ctx, r, dataclasses.replace(t, mismatch=mismatch, sampler=False), old)
 
 
 def prepare_batch(ctx: RankContext, batch: dict[str, list]) -> tuple[list[int], Rollout, Targets]:
@@ -263,65 +375,83 @@ def prepare_batch(ctx: RankContext, batch: dict[str, list]) -> tuple[list[int], 
     if "group" not in batch and not estimator.needs_critic:
         raise ValueError(f"ppo.advantage = {config.advantage!r} needs each answer's prompt (`group`; split_rows)")
     keep = [i for i, t in enumerate(batch["token_ids"]) if t]  # an empty answer has no action to learn from
+    short = next((i for i in keep if len(batch["logprobs"][i]) != len(batch["token_ids"][i])), None)
+    if short is not None:
+        raise ValueError(f"row {short}: {len(batch['logprobs'][short])} sampler log-probabilities for "
+                         f"{len(batch['token_ids'][short])} answer tokens")
     r = rollout([batch["prompt_token_ids"][i] for i in keep], [batch["token_ids"][i] for i in keep], device)
     real = torch.full((max(r.rows, 1),), float(r.rows > 0), device=device)  # rows that are answers
     rc = torch.tensor([batch["r_combined"][i] for i in keep] or [0.5], device=device)
     groups = [batch["group"][i] for i in keep] if "group" in batch else keep  # without groups: each answer alone
     groups = torch.tensor(groups or [-1], dtype=torch.long, device=device)
-    with torch.no_grad():
-        logits = answer_logits(s["policy"], r.input_ids, r.attention_mask, r.positions)
-        old_logprobs = token_logprobs(logits, r.targets, config.temperature)
-        ref_logprobs = token_logprobs(answer_logits(s["reference"], r.input_ids, r.attention_mask, r.positions),
-                                      r.targets, config.temperature)
-        old_values = None
-        if estimator.needs_critic:
-            old_values = s["value"](r.input_ids, r.attention_mask).gather(1, r.positions)
-        vllm_logprobs = pad_sequence([torch.tensor(batch["logprobs"][i], dtype=torch.float32) for i in keep]
-                                     or [torch.zeros(1)], batch_first=True).to(device)
-        kl = kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator)
-        score = logit(rc)
-        s["moments"].update(score, real, reduce)  # every rank's scores: all ranks whiten alike
-        rewards = token_rewards(whiten(score, moments=s["moments"]), kl, r.mask, config.beta)
-        advantages, returns = estimator(rewards, r.mask, values=old_values, groups=groups, gamma=config.gamma,
-                                        lam=config.lam)
-        if estimator.whiten:
-            advantages = whiten(advantages, r.mask, reduce=reduce)
-    return keep, r, Targets(old_logprobs, token_logprobs(logits, r.targets), vllm_logprobs, kl, rewards, old_values,
-                            advantages, returns)
+    vllm_logprobs = pad_sequence([torch.tensor(batch["logprobs"][i], dtype=torch.float32) for i in keep]
+                                 or [torch.zeros(1)], batch_first=True).to(device)
+
+    def forward(part: Rollout) -> tuple[torch.Tensor, ...]:
+        ref = token_logprobs(part.logits(s["reference"]), part.targets, config.temperature)
+        return (ref, part.values(s["value"])) if estimator.needs_critic else (ref,)
+
+    ref_logprobs, *values = no_grad_pass(r, rows_per_step(ctx), forward)
+    score = logit(rc)
+    s["moments"].update(score, real, reduce)  # every rank's scores: all ranks whiten alike
+    t = Targets(vllm_logprobs, ref_logprobs, vllm_logprobs, whiten(score, moments=s["moments"]), groups,
+                values[0] if values else None, (0.0, 0.0), sampler=True)
+    if config.old_logprobs == "trainer":
+        return keep, r, with_trainer_logprobs(ctx, r, t)
+    return keep, r, shaped(ctx, r, t, vllm_logprobs)  # checked against the policy at the first step
+
+
+def checked(ctx: RankContext, r: Rollout, t: Targets, part: Rollout, rows: torch.Tensor, mask: torch.Tensor,
+            logits: torch.Tensor) -> Targets:
+    """The sampler's log-probabilities against the policy's own on the first step's rows (its forward, before any
+    update): kept when the mean difference over every rank's rows is within ppo.logprob_tolerance, else replaced by
+    the trainer's (the policy has not moved yet, so they are the old policy's)."""
+    mine = token_logprobs(logits.detach(), part.targets)  # temperature 1: the config allows no other
+    at = rows.to(mask.device)
+    local = torch.stack([((t.vllm_logprobs[at, :mask.shape[1]] - mine).abs() * mask).sum(), mask.sum()]).double()
+    reduce = sum_over_ranks(ctx)
+    difference, tokens = (local if reduce is None else reduce(local)).tolist()
+    if difference > ctx.state["config"].logprob_tolerance * tokens:
+        return with_trainer_logprobs(ctx, r, t)
+    return dataclasses.replace(t, mismatch=tuple(local.tolist()))
 
 
 def ppo_iteration(ctx: RankContext, batch: dict[str, list]) -> dict[str, float]:
     """One PPO update on this rank's share of the batch; the metrics are those of the whole batch (every rank's)."""
-    config, device = ctx.state["config"], ctx.state["device"]
+    start, s = time.perf_counter(), ctx.state
+    config, device = s["config"], s["device"]
     keep, r, t = prepare_batch(ctx, batch)
-    per_rank = max(1, config.mini_batch // ctx.world_size)
+    per_rank = rows_per_step(ctx)
     steps = max_over_ranks(ctx, math.ceil(r.rows / per_rank))  # every rank the same count, or DDP hangs
     # A new mini-batch order every iteration (the moments count grows with each batch), the same on re-runs.
-    order = torch.randperm(r.rows, generator=torch.Generator().manual_seed(config.seed + ctx.state["moments"].count))
-    plan = step_rows(order, steps, per_rank)
-    masks = [r.mask[rows.to(device)] * weight for rows, weight in plan]
+    plan = step_rows(mini_batches(r.lengths[:r.rows], per_rank, config.group_by_length,
+                                  config.seed + s["moments"].count), steps)
+    parts = [r.take(rows) for rows, _ in plan]
+    masks = [part.mask * weight for part, (_, weight) in zip(parts, plan)]
     shares = token_shares(ctx, torch.tensor([float(m.sum()) for m in masks], dtype=torch.float64, device=device))
     sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)  # token-weighted, over the steps
-    for (rows, _), mask, share in zip(plan, masks, shares.tolist()):
-        step = training_step(ctx.state, r, t, rows.to(device), mask, share)
+    for i, ((rows, _), part, mask, share) in enumerate(zip(plan, parts, masks, shares.tolist())):
+        logits = tempered(part.logits(s["trained_policy"]), config.temperature)
+        if i == 0 and t.sampler:
+            t = checked(ctx, r, t, part, rows, mask, logits)
+        step = training_step(s, part, t, rows, mask, share, logits)
         sums += float(mask.sum()) * torch.tensor(step, dtype=torch.float64, device=device)
-    return batch_metrics(ctx, batch, r, t, len(keep), sums, steps)
+    return batch_metrics(ctx, batch, r, t, len(keep), sums, steps, time.perf_counter() - start)
 
 
-def training_step(s: dict[str, Any], r: Rollout, t: Targets, rows: torch.Tensor, mask: torch.Tensor,
-                  share: float) -> list[float]:
-    """One policy (and critic) gradient step on `rows` with the rank's PPO state `s`, losses scaled by this rank's
-    token share; the STATS."""
+def training_step(s: dict[str, Any], part: Rollout, t: Targets, rows: torch.Tensor, mask: torch.Tensor,
+                  share: float, logits: torch.Tensor) -> list[float]:
+    """One policy (and critic) gradient step on `rows` (`part`, their Rollout; `logits`, the policy's tempered
+    forward on it) with the rank's PPO state `s`, losses scaled by this rank's token share; the STATS."""
     config = s["config"]
-    logits = answer_logits(s["trained_policy"], r.input_ids[rows], r.attention_mask[rows], r.positions[rows])
-    logits = tempered(logits, config.temperature)
-    loss, clip_fraction, approx_kl = policy_loss(token_logprobs(logits, r.targets[rows]), t.old_logprobs[rows],
-                                                 t.advantages[rows], mask, config.clip)
+    at, width = rows.to(mask.device), mask.shape[1]
+    loss, clip_fraction, approx_kl = policy_loss(token_logprobs(logits, part.targets), t.old_logprobs[at, :width],
+                                                 t.advantages[at, :width], mask, config.clip)
     optimizer_step(s["policy"], loss * share, *s["policy_opt"], config.optim.grad_clip, "ppo policy step")
     v_loss = torch.zeros(())
     if t.old_values is not None:
-        values = s["trained_value"](r.input_ids[rows], r.attention_mask[rows]).gather(1, r.positions[rows])
-        v_loss = value_loss(values, t.old_values[rows], t.returns[rows], mask, config.value_clip)
+        v_loss = value_loss(part.values(s["trained_value"]), t.old_values[at, :width], t.returns[at, :width], mask,
+                            config.value_clip)
         optimizer_step(s["value"], v_loss * share, *s["value_opt"], config.optim.grad_clip, "ppo value step")
     with torch.no_grad():
         entropy = entropy_from_logits(logits, mask)
@@ -329,16 +459,17 @@ def training_step(s: dict[str, Any], r: Rollout, t: Targets, rows: torch.Tensor,
 
 
 def batch_metrics(ctx: RankContext, batch: dict[str, list], r: Rollout, t: Targets, answers: int,
-                  stat_sums: torch.Tensor, steps: int) -> dict[str, float]:
-    """The iteration's numbers over every rank's share (one all-reduce of sums): the driver reads rank 0's."""
+                  stat_sums: torch.Tensor, steps: int, seconds: float) -> dict[str, float]:
+    """The iteration's numbers over every rank's share (one all-reduce of sums): the driver reads rank 0's.
+    `update_s` is the ranks' mean of their own seconds (the driver's train_s adds the remote call)."""
     rewards = [sum(batch[f"r_{k}"]) for k in ("help", "safe", "combined")]
-    mismatch = ((t.vllm_logprobs - t.raw_logprobs).abs() * r.mask).sum().item()
     local = torch.cat([stat_sums, torch.tensor(
-        [r.mask.sum().item(), answers, len(batch["token_ids"]), (t.kl * r.mask).sum().item(), mismatch, *rewards],
-        dtype=torch.float64, device=stat_sums.device)])
+        [r.mask.sum().item(), answers, len(batch["token_ids"]), (t.kl * r.mask).sum().item(), *t.mismatch, seconds,
+         *rewards], dtype=torch.float64, device=stat_sums.device)])
     reduce = sum_over_ranks(ctx)
     total = (local if reduce is None else reduce(local)).tolist()
-    stats, (tokens, answers, rows, kl_sum, mismatch, *reward_sums) = total[:len(STATS)], total[len(STATS):]
+    stats, (tokens, answers, rows, kl_sum, mismatch, compared, seconds, *reward_sums) = (total[:len(STATS)],
+                                                                                       total[len(STATS):])
 
     def ratio(a: float, b: float) -> float:
         return a / b if b else 0.0  # an iteration without a single answer token reports zeros
@@ -346,7 +477,8 @@ def batch_metrics(ctx: RankContext, batch: dict[str, list], r: Rollout, t: Targe
     return {**{name: ratio(value, tokens) for name, value in zip(STATS, stats)},
             "kl": ratio(kl_sum, answers),  # per answer, summed over its tokens
             "answer_length": ratio(tokens, answers), "empty_answers": int(rows - answers),
-            "logprob_mismatch": ratio(mismatch, tokens), "steps": steps,
+            "logprob_mismatch": ratio(mismatch, compared), "sampler_logprobs": float(t.sampler), "steps": steps,
+            "update_s": seconds / ctx.world_size,
             **{f"r_{k}": ratio(v, rows) for k, v in zip(("help", "safe", "combined"), reward_sums)}}
 
 
@@ -461,5 +593,5 @@ def run_ppo_stage(store: RunStore, round: int, policy: PolicyState, rm_dirs: tup
 
     _, metrics, _ = checkpoint_stage(
         store, round, names.PPO, {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},
-        training_recipe(config, ("betas", "eps", "weight_decay", "grad_clip")), train_ppo)
+        config.digested(), train_ppo)
     return metrics, policy.moved_to(store.stage(round, names.PPO))

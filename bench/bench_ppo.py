@@ -7,7 +7,10 @@ same token ids on every side), the same batch, response length, learning rate, K
 mini-batches (one gradient step per mini-batch, one PPO epoch):
 - ours: `pipeline.stages.ppo.run_ppo_loop` for one iteration on the pools (vLLM generation on the generator pool,
   both reward models on the scorer pool, the update on the trainer group, the weights reloaded into the
-  generator); its own per-iteration split (generate / score / train / sync);
+  generator); its own per-iteration split (generate / score / train / sync); `ours (gae)` with the critic (the
+  paper's PPO, compared with TRL's PPO), `ours (rloo)` with 2 answers for each of half the prompts and no critic
+  (compared with TRL's RLOO); both with the stage's defaults otherwise (the sampler's old log-probabilities,
+  mini-batches by length);
 - TRL PPO (`trl.experimental.ppo.PPOTrainer`): `train()` for one batch (`total_episodes` = batch), transformers
   `generate`, in this process; split by timing its `batch_generation` and its reward-model `get_reward` calls;
 - TRL RLOO (`trl.RLOOTrainer`): `train()` for one generation batch (2 samples per prompt, RLOO's minimum, so the
@@ -17,6 +20,7 @@ samples/s = samples of the iteration / its seconds (ours: the four parts of the 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections import defaultdict
@@ -175,7 +179,9 @@ def run(ctx: Context) -> Section:
     policy, value = ctx.model("large"), ctx.reward_model("large", 0)
     prompts = world_prompts(ctx, batch + 2)
     train, heldout = prompts.slice(0, batch), prompts.slice(batch, 2)
-    sides = {"ours (pools)": ours_side(ctx, policy, value, train, heldout, config)}
+    rloo = dataclasses.replace(config, advantage="rloo", samples_per_prompt=2, batch_size=batch // 2)
+    sides = {"ours (gae)": ours_side(ctx, policy, value, train, heldout, config),
+             "ours (rloo)": ours_side(ctx, policy, value, train.slice(0, batch // 2), heldout, rloo)}
     version = trl_version()
     if version:
         quiet_transformers()
@@ -183,28 +189,33 @@ def run(ctx: Context) -> Section:
         sides[f"TRL {version} RLOOTrainer"] = trl_rloo_side(ctx, policy, value, train, config)
     results = alternate(sides, ctx.reps)
 
-    ours_rate = median([r["samples"] / r["seconds"] for r in results["ours (pools)"]])
+    rates = {name: [r["samples"] / r["seconds"] for r in reps] for name, reps in results.items()}
     rows, table = [], []
     for name, reps in results.items():
-        rates = [r["samples"] / r["seconds"] for r in reps]
         parts = {p: median([r[p] for r in reps]) for p in ("generate", "score", "train", "sync")}
-        rows.append({"side": name, "samples_per_s": summary(rates), "seconds": summary([r["seconds"] for r in reps]),
-                     "split_s": parts, "reps": reps})
-        table.append([name, spread(rates, ".2f"), spread([r["seconds"] for r in reps], ".2f"),
+        ours = "ours (rloo)" if name.endswith("RLOOTrainer") else "ours (gae)"  # the matching estimator
+        speedup = None if name.startswith("ours") else median(rates[ours]) / median(rates[name])
+        rows.append({"side": name, "samples_per_s": summary(rates[name]),
+                     "seconds": summary([r["seconds"] for r in reps]), "split_s": parts, "reps": reps,
+                     **({} if speedup is None else {"ours": ours, "ours_speedup": speedup})})
+        table.append([name, spread(rates[name], ".2f"), spread([r["seconds"] for r in reps], ".2f"),
                       *[f"{parts[p]:.2f}" for p in ("generate", "score", "train", "sync")],
-                      f"{ours_rate / median(rates):.2f}x" if not name.startswith("ours") else "1.00x"])
+                      "" if speedup is None else f"{speedup:.2f}x ({ours})"])
     if not version:
         table += [[f"TRL {t}", TRL_MISSING, "", "", "", "", "", ""] for t in ("PPOTrainer", "RLOOTrainer")]
     header = ["side", "samples/s, median (min-max)", "iteration s", "generate s", "score s", "train s", "sync s",
-              "ours' speed-up (ours' samples/s / side's)"]
+              "ours' speed-up (matching ours' samples/s / side's)"]
     notes = [f"one iteration: {batch} samples, up to {max_tokens} new tokens at T=1, mini-batches of {mini_batch} "
              f"(one gradient step each), lr {config.lr:g}, KL coefficient {config.beta:g}, k1 estimator, clip "
              f"{config.clip:g}; the tiny `large` policy (random init); {ctx.reps} repetitions per side after a "
              "warm-up, sides alternating; models and trainers are built before the clock starts",
              "ours scores with both reward models (helpfulness and safety: the paper's combined reward) where TRL "
              "scores with one; ours stops at end of sequence, TRL's PPO always writes the full response length",
-             "RLOO samples 2 answers for each of half the prompts (its minimum group), so the sample count matches; "
-             "its train part includes the policy and reference log-probabilities",
+             "RLOO (TRL's and ours) samples 2 answers for each of half the prompts (its minimum group), so the "
+             "sample count matches; TRL's train part includes the policy and reference log-probabilities",
+             f"ours: old log-probabilities {config.old_logprobs} (tolerance {config.logprob_tolerance:g} nats per "
+             f"token), mini-batches by length {'on' if config.group_by_length else 'off'}; mean answer "
+             f"{median([r['answer_tokens'] for r in results['ours (gae)']]):.1f} tokens",
              "TRL runs in fp32 like ours (its default is bf16 autocast) without activation checkpointing (its default "
              "is on)"]
     return Section("ppo", "Policy optimisation: one iteration, ours vs TRL PPO and RLOO", markdown_table(header, table),

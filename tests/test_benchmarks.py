@@ -90,12 +90,13 @@ def test_rm_table(quick_run):
 def test_ppo_table(quick_run):
     stdout, results = quick_run
     table = table_lines(stdout, "Policy optimisation: one iteration, ours vs TRL PPO and RLOO")
-    assert "generate s" in table[0] and table[2].startswith("| ours (pools) |")
+    assert "generate s" in table[0] and table[2].startswith("| ours (gae) |") and table[3].startswith("| ours (rloo) |")
     rows = section(results, "ppo")["rows"]
-    assert rows[0]["samples_per_s"]["median"] > 0 and rows[0]["split_s"]["sync"] > 0
+    assert all(r["samples_per_s"]["median"] > 0 and r["split_s"]["sync"] > 0 for r in rows[:2])
     if HAS_TRL:
-        assert [r["side"].split()[-1] for r in rows[1:]] == ["PPOTrainer", "RLOOTrainer"]
+        assert [r["side"].split()[-1] for r in rows[2:]] == ["PPOTrainer", "RLOOTrainer"]
         assert all(r["samples_per_s"]["median"] > 0 for r in rows)
+        assert [r["ours"] for r in rows[2:]] == ["ours (gae)", "ours (rloo)"]
     else:
         assert sum("TRL is not installed" in line for line in table) == 2
 

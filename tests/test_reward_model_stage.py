@@ -141,6 +141,19 @@ def test_data_mixes_have_the_paper_composition():
     assert with_open.num_rows == 91 + 19 + 12  # 110 / 9 = 12.2
 
 
+def test_skipped_ratings_leave_training_but_not_the_heldout_tests():
+    ratings = ["significantly_better", "negligibly_better", "unsure", "better"] * 25
+    prefs = table([pair(f"p{i}", rating=r) for i, r in enumerate(ratings)])
+    config = RMConfig(skip_ratings=["negligibly_better", "unsure"], helpfulness_other_ratio=0.0)
+    train, heldout = reward_model_data(prefs, "helpfulness", config)
+    assert set(train.column("rating").to_pylist()) == {"significantly_better", "better"}
+    assert train.num_rows == 50 - sum(r in ("significantly_better", "better") for r in heldout.column("rating").to_pylist())
+    assert heldout == reward_model_data(prefs, "helpfulness", RMConfig(helpfulness_other_ratio=0.0))[1]
+    assert {"negligibly_better", "unsure"} & set(heldout.column("rating").to_pylist())
+    with pytest.raises(ValueError, match="rm.skip_ratings: 'meh' is not a rating; allowed: significantly_better"):
+        RMConfig(skip_ratings=["meh"])
+
+
 def test_heldout_pairs_never_reach_training(world_pairs):
     train, heldout = split_heldout(world_pairs, share=0.2)
     per_batch, held_per_batch = (Counter(t.column("batch").to_pylist()) for t in (world_pairs, heldout))

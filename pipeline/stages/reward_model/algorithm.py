@@ -30,7 +30,7 @@ from model.losses import MARGINS, margin_ranking_loss
 from model.optim import OptimConfig, adamw, cosine_with_warmup, warmup_steps_for
 from model.packing import pad_pairs, shared_prefix_rows
 from model.tokenizer import Tokenizer, load_tokenizer
-from pipeline.data.schemas import PREFERENCES
+from pipeline.data.schemas import PREFERENCES, RATINGS
 from pipeline.progress import progress_bar
 from pipeline.stages.sft import check_parallel, check_positive, check_ratio
 
@@ -75,6 +75,10 @@ class RMConfig:
     # Both answers of a pair in one row after their prompt, so the prompt's forward and backward pass is paid once:
     # the same loss, fewer tokens where prompts are long. Not in the paper (docs/results.md, "SmolLM2 on the world").
     share_prompt: bool = False
+    # Ratings left out of training (held-out tests keep every rating, so Table 8 stays whole). Not in the paper:
+    # where the annotator's "negligibly better" and "unsure" pairs are mostly ties it broke at random, they cost
+    # training time and teach nothing (docs/results.md, "SmolLM2 on the world").
+    skip_ratings: list[str] = field(default_factory=list)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -92,6 +96,8 @@ class RMConfig:
             errors.append(f"rm.heldout_pairs = {self.heldout_pairs}: must be >= 0 (or null to use the share)")
         if not 0 <= self.safety_helpful_share < 1:
             errors.append(f"rm.safety_helpful_share = {self.safety_helpful_share}: must be in [0, 1)")
+        errors += [f"rm.skip_ratings: {r!r} is not a rating; allowed: {', '.join(RATINGS)}"
+                   for r in self.skip_ratings if r not in RATINGS]
         if self.group_by_length < 0:
             errors.append(f"rm.group_by_length = {self.group_by_length}: must be >= 0 (0: a plain shuffle)")
         if errors:
@@ -197,6 +203,8 @@ def reward_model_data(preferences: pa.Table, kind: RMKind, config: RMConfig,
     if kind not in ("helpfulness", "safety"):
         raise ValueError(f"reward_model_data: kind = {kind!r}: allowed: 'helpfulness', 'safety'")
     train, heldout = split_heldout(preferences, config.heldout_share, config.heldout_pairs)
+    if config.skip_ratings:
+        train = train.filter(pc.invert(pc.is_in(train.column("rating"), pa.array(config.skip_ratings, pa.string()))))
     if kind == "helpfulness":
         return helpfulness_mix(train, open_pairs, config.helpfulness_other_ratio, config.seed), heldout
     return safety_mix(train, open_pairs, config.safety_helpful_share, config.seed), heldout

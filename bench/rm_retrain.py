@@ -1,0 +1,65 @@
+"""Retrain a finished run's helpfulness RM with other settings and measure it on the round's own rejection-sampling
+answers, as the pipeline does (`rm_fidelity`: pair accuracy and headroom recovered; docs/results.md, "SmolLM2 on
+the world"). The training data are the run's: round 0's prebuilt batch 1 and round 1's on-policy batch 2, in the
+stage's mix; `--rm` overrides the experiment's RM settings. The run's own RM is scored first through the same path
+(it must match the run's number).
+
+    python -m bench.rm_retrain --run runs/smollm2-world --rm '{"skip_ratings": ["negligibly_better", "unsure"]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from model.checkpoint import load_checkpoint
+from pipeline.data.store import RunStore
+from pipeline.evaluation.rm_fidelity import rm_fidelity
+from pipeline.stages.reward_model.algorithm import RM_COLUMNS, RMConfig, reward_model_data, train_reward_model
+from pipeline.stages.reward_model.stage import fits_context
+
+# The smollm2-world experiment's RM settings (conf/experiment/smollm2-world.yaml).
+SMOLLM2_WORLD_RM = {"lr": 3e-4, "batch_size": 8, "epochs": 1, "trainable_layers": 6, "helpfulness_other_ratio": 0.25,
+                    "share_prompt": True}
+
+
+@torch.no_grad()
+def fidelity(checkpoint: Path, samples: pa.Table, prompts: pa.Table) -> dict:
+    """rm_fidelity with each sample's r_help from `checkpoint` (raw scores: the measures only compare them)."""
+    model = load_checkpoint(checkpoint, head="reward").eval()
+    scores = [float(model(torch.tensor([r["prompt_token_ids"] + r["token_ids"]]))[0])
+              for r in samples.select(["prompt_token_ids", "token_ids"]).to_pylist()]
+    column = samples.schema.get_field_index("r_help")
+    return rm_fidelity(samples.set_column(column, "r_help", pa.array(scores, pa.float32())), prompts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", required=True, help="a finished run store's folder (runs/<name>)")
+    ap.add_argument("--size", default="smollm2", help="the policy size whose SFT checkpoint starts the RM")
+    ap.add_argument("--rm", default="{}", help="JSON overrides of the RM settings")
+    ap.add_argument("--out", default="/tmp/rm_retrain")
+    args = ap.parse_args()
+    store = RunStore(args.run)
+    init = store.stage(0, f"sft_{args.size}").path / "checkpoint"
+    config = RMConfig(**{**SMOLLM2_WORLD_RM, **json.loads(args.rm)})
+    preferences = pa.concat_tables([store.stage(0, "world_preferences_b01").read(),
+                                    store.stage(1, "policy_preferences_b02").read()]).select(list(RM_COLUMNS))
+    train, _ = reward_model_data(preferences.filter(fits_context(preferences, init)), "helpfulness", config)
+    samples, prompts = store.stage(1, "rs_samples").read(), store.stage(0, "world_prompts_train").read()
+    print("run's RM", json.dumps(fidelity(store.stage(1, "rm_helpfulness").path / "checkpoint", samples, prompts)),
+          flush=True)
+    start = time.perf_counter()
+    metrics = train_reward_model(init, train, config, args.out)
+    print("retrained", json.dumps(dataclasses.asdict(config)), {k: metrics[k] for k in ("pairs", "steps")},
+          f"{time.perf_counter() - start:.0f} s", json.dumps(fidelity(Path(args.out), samples, prompts)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

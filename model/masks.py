@@ -1,6 +1,6 @@
 """Attention masks and position ids for padded batches and packed sequences.
 
-Inputs, both (batch, seq) and both optional:
+Inputs, each (batch, seq) and optional:
 - `attention_mask`: 1 for real tokens, 0 for padding (left or right);
 - `document_ids`: packed rows hold several documents; tokens attend only within their own document and
   positions restart at 0 at each document's first token;

@@ -86,8 +86,8 @@ class PPOConfig:
     lam: float = 0.95
     optim: OptimConfig = field(default_factory=OptimConfig)  # the policy's and the critic's
     temperature: float = 1.0
-    # The sampler's by default: measured within 5e-5 nats per token of the trainer's on CPU (docs/benchmarks.md),
-    # they save a policy pass per iteration, and an iteration that measures more than the tolerance recomputes them.
+    # The sampler's by default: measured 3e-7 nats per token from the trainer's on CPU (docs/benchmarks.md), they
+    # save a policy pass per iteration, and an iteration that measures more than the tolerance recomputes them.
     old_logprobs: str = "sampler"  # sampler (vLLM's; needs temperature 1) | trainer (a policy pass per iteration)
     logprob_tolerance: float = 0.01  # mean |sampler - trainer| nats per answer token: ~1% on the ratio
     group_by_length: bool = True  # mini-batches of rows of similar length (random order), padded to their own

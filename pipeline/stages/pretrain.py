@@ -140,7 +140,8 @@ def pretrain(texts: list[str], out_dir: Path, config: PretrainConfig) -> list[Pr
         batch_size = per_rank_batch(config.batch_size, world, "pretrain.batch_size")
         train = train_lm(data_parallel(model, world), train_rows,
                          LMTrainConfig(steps=size.steps, batch_size=batch_size, lr=config.lr,
-                                       warmup_steps=config.warmup_steps, seed=config.seed + index),
+                                       warmup_steps=config.warmup_steps, optim=config.optim,
+                                       seed=config.seed + index),
                          desc=f"pretrain {size.name}", progress=progress_bar)
         heldout_loss, perplexity = evaluate_lm(model, heldout_rows)
         folder = out_dir / size.name

@@ -1,8 +1,8 @@
 """Retrain a finished run's helpfulness RM with other settings and measure it on the round's own rejection-sampling
 answers, as the pipeline does (`rm_fidelity`: pair accuracy and headroom recovered; docs/results.md, "SmolLM2 on
 the world"). The training data are the run's: round 0's prebuilt batch 1 and round 1's on-policy batch 2, in the
-stage's mix; `--rm` overrides the experiment's RM settings. The run's own RM is scored first through the same path
-(it must match the run's number).
+stage's mix; the RM settings are the experiment's (`--experiment`), with `--rm` overriding some. The run's own RM is
+scored first through the same path (it must match the run's number).
 
     python -m bench.rm_retrain --run runs/smollm2-world --rm '{"skip_ratings": ["negligibly_better", "unsure"]}'
 """
@@ -17,16 +17,21 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+from hydra import compose, initialize_config_dir
 
 from model.checkpoint import load_checkpoint
+from pipeline.config import register, validate
 from pipeline.data.store import RunStore
 from pipeline.evaluation.rm_fidelity import rm_fidelity
+from pipeline.main import CONF_DIR
 from pipeline.stages.reward_model.algorithm import RM_COLUMNS, RMConfig, reward_model_data, train_reward_model
 from pipeline.stages.reward_model.stage import fits_context
 
-# The smollm2-world experiment's RM settings (conf/experiment/smollm2-world.yaml).
-SMOLLM2_WORLD_RM = {"lr": 3e-4, "batch_size": 8, "epochs": 1, "trainable_layers": 6, "helpfulness_other_ratio": 0.25,
-                    "share_prompt": True}
+def experiment_rm(experiment: str) -> RMConfig:
+    """The experiment's RM settings as a run composes them (conf/experiment/<experiment>.yaml)."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return validate(compose(config_name="config", overrides=[f"experiment={experiment}"])).rm
 
 
 @torch.no_grad()
@@ -43,12 +48,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", required=True, help="a finished run store's folder (runs/<name>)")
     ap.add_argument("--size", default="smollm2", help="the policy size whose SFT checkpoint starts the RM")
+    ap.add_argument("--experiment", default="smollm2-world", help="whose RM settings to start from")
     ap.add_argument("--rm", default="{}", help="JSON overrides of the RM settings")
     ap.add_argument("--out", default="/tmp/rm_retrain")
     args = ap.parse_args()
     store = RunStore(args.run)
     init = store.stage(0, f"sft_{args.size}").path / "checkpoint"
-    config = RMConfig(**{**SMOLLM2_WORLD_RM, **json.loads(args.rm)})
+    config = dataclasses.replace(experiment_rm(args.experiment), **json.loads(args.rm))
     preferences = pa.concat_tables([store.stage(0, "world_preferences_b01").read(),
                                     store.stage(1, "policy_preferences_b02").read()]).select(list(RM_COLUMNS))
     train, _ = reward_model_data(preferences.filter(fits_context(preferences, init)), "helpfulness", config)

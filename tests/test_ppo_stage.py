@@ -308,8 +308,8 @@ def test_the_digest_leaves_the_new_fields_out_at_their_old_behaviour():
     # what run stores made before these fields digested: they keep their finished PPO stage
     # (the optimizer's fields flat, as PPOConfig held them before the shared `optim` block)
     flat = {k: v for k, v in dataclasses.asdict(old).items() if k not in (*added, "optim")}
-    assert old.digested() == flat | dataclasses.asdict(old.optim)
-    assert set(added) <= set(PPOConfig().digested())
+    assert old.recipe() == flat | dataclasses.asdict(old.optim)
+    assert set(added) <= set(PPOConfig().recipe())
 
 
 @pytest.mark.parametrize("offset", [0.004, 0.05])

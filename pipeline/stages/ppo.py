@@ -129,7 +129,7 @@ class PPOConfig:
     def needs_critic(self) -> bool:
         return advantage_estimator(self.advantage).needs_critic
 
-    def digested(self) -> dict[str, Any]:
+    def recipe(self) -> dict[str, Any]:
         """The fields the stage's digest covers: those added later are left out at the values that reproduce the
         earlier behaviour, so run stores made before them keep their finished PPO stage."""
         fields = training_recipe(self, ("betas", "eps", "weight_decay", "grad_clip"))
@@ -593,5 +593,5 @@ def run_ppo_stage(store: RunStore, round: int, policy: PolicyState, rm_dirs: tup
 
     _, metrics, _ = checkpoint_stage(
         store, round, names.PPO, {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},
-        config.digested(), train_ppo)
+        config.recipe(), train_ppo)
     return metrics, policy.moved_to(store.stage(round, names.PPO))

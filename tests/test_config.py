@@ -57,7 +57,7 @@ def test_build_converts_and_names_the_bad_key():
             build(Outer, data, "")
 
 
-@pytest.mark.parametrize("experiment", ["tiny", "quick"])
+@pytest.mark.parametrize("experiment", ["tiny", "tiny-full", "quick"])
 def test_experiments_compose_and_validate(experiment):
     register()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

@@ -44,7 +44,8 @@ from pipeline.world import World
 class RoundsConfig:
     count: int = 3  # R: the paper's RLHF-V1..V5 are R = 5
     # Weekly batches each round ingests (the last value repeats). The tiny world's first batches are small
-    # (60, 426, 969 pairs, growing like the paper's Table 26), so round 1 takes three.
+    # (30, 213, 485 pairs in `tiny`, twice that in `tiny-full`, growing like the paper's Table 26), so round 1 takes
+    # three.
     new_batches: list[int] = field(default_factory=lambda: [3, 1, 1])
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     # PPO on top of the rejection-sampling checkpoint of the largest policy from this round on; 0: never.

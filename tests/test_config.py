@@ -67,6 +67,18 @@ def test_experiments_compose_and_validate(experiment):
     assert config.pretrain.sizes and all(s.hidden_size % s.num_attention_heads == 0 for s in config.pretrain.sizes)
 
 
+def test_the_default_run_keeps_every_stage():
+    """`make demo` was cut to 20 minutes by size, never by skipping a stage: three rounds with PPO, GAtt and context
+    distillation in the last, the LLM judge, on-policy batches, and a smaller policy distilled from the largest."""
+    config = compose_run()
+    rounds = config.rounds
+    assert config.run.name == "tiny" and rounds.count == 3
+    assert 1 <= rounds.ppo_from <= rounds.count and 1 <= rounds.gatt.gatt_from <= rounds.count
+    assert 1 <= rounds.context_distillation.distill_from <= rounds.count
+    assert config.judge.checkpoint is not None and rounds.on_policy.share > 0
+    assert len(config.pretrain.sizes) == 2 and len(config.world.batch_sizes) >= rounds.batches_through(rounds.count)
+
+
 @pytest.mark.parametrize("override,message", [
     ("pretrain.batch_size=-3", "config error: pretrain: batch_size = -3: must be > 0"),
     ("world.eval_fraction=2", "config error: world: eval_fraction = 2.0: must be in (0, 1)"),

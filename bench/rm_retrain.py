@@ -17,21 +17,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from hydra import compose, initialize_config_dir
 
 from model.checkpoint import load_checkpoint
-from pipeline.config import register, validate
+from pipeline.config import compose_run
 from pipeline.data.store import RunStore
 from pipeline.evaluation.rm_fidelity import rm_fidelity
-from pipeline.main import CONF_DIR
-from pipeline.stages.reward_model.algorithm import RM_COLUMNS, RMConfig, reward_model_data, train_reward_model
+from pipeline.stages.reward_model.algorithm import RM_COLUMNS, reward_model_data, train_reward_model
 from pipeline.stages.reward_model.stage import fits_context
-
-def experiment_rm(experiment: str) -> RMConfig:
-    """The experiment's RM settings as a run composes them (conf/experiment/<experiment>.yaml)."""
-    register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return validate(compose(config_name="config", overrides=[f"experiment={experiment}"])).rm
 
 
 @torch.no_grad()
@@ -54,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     store = RunStore(args.run)
     init = store.stage(0, f"sft_{args.size}").path / "checkpoint"
-    config = dataclasses.replace(experiment_rm(args.experiment), **json.loads(args.rm))
+    config = dataclasses.replace(compose_run(f"experiment={args.experiment}").rm, **json.loads(args.rm))
     preferences = pa.concat_tables([store.stage(0, "world_preferences_b01").read(),
                                     store.stage(1, "policy_preferences_b02").read()]).select(list(RM_COLUMNS))
     train, _ = reward_model_data(preferences.filter(fits_context(preferences, init)), "helpfulness", config)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -115,6 +116,10 @@ class RunConfig:
         return Path(self.run.root) / self.run.name
 
 
+# An absolute path: with `python -m pipeline` Hydra would otherwise look for a Python package named `conf`.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
 def register() -> None:
     """Make the schema available to `conf/config.yaml` as `base_config`."""
     ConfigStore.instance().store(name="base_config", node=RunConfig)
@@ -127,4 +132,11 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     return build(RunConfig, data, "")
 
 
-__all__ = ["ConfigError", "RunConfig", "RunSettings", "register", "validate"]
+def compose_run(*overrides: str) -> RunConfig:
+    """The typed config that `python -m pipeline <overrides>` runs with (for scripts and tests)."""
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return validate(compose(config_name="config", overrides=list(overrides)))
+
+
+__all__ = ["CONF_DIR", "ConfigError", "RunConfig", "RunSettings", "compose_run", "register", "validate"]

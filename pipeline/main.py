@@ -28,7 +28,7 @@ from model.tokenizer import load_tokenizer
 from pipeline import console
 from pipeline import stage_names as names
 from pipeline.cluster import Pools, connect
-from pipeline.config import ConfigError, RunConfig, register, validate
+from pipeline.config import CONF_DIR, ConfigError, RunConfig, register, validate
 from pipeline.data.schemas import PREFERENCE_KINDS
 from pipeline.data.store import RunStore, digest_config
 from pipeline.evaluation.judge import ADHERENCE_PREFIX
@@ -271,10 +271,6 @@ def run_results(store: RunStore, name: str, results: list[RoundResult], win_rate
             gatt_adherence={label: result.gatt[size][key] for label, key in GATT_LABELS if size in result.gatt},
             safety=SafetyMetrics.from_dict(wins["safety"]) if wins["safety"] else None, judge_trust=trust))
     return RunResults(name, rounds)
-
-
-# An absolute path: with `python -m pipeline` Hydra would otherwise look for a Python package named `conf`.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")

@@ -9,13 +9,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from actors.pool import PoolConfig
 from model.optim import OptimConfig
-from pipeline.config import RunConfig, register, validate
+from pipeline.config import RunConfig, compose_run
 from pipeline.config_build import ConfigError, build
-from pipeline.main import CONF_DIR
 from pipeline.stages.cached import training_recipe
 from pipeline.stages.ppo import PPOConfig
 from pipeline.stages.pretrain import PretrainConfig
@@ -59,10 +57,7 @@ def test_build_converts_and_names_the_bad_key():
 
 @pytest.mark.parametrize("experiment", ["tiny", "tiny-full", "quick"])
 def test_experiments_compose_and_validate(experiment):
-    register()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(config_name="config", overrides=[f"experiment={experiment}", "world.seed=3"])
-    config = validate(cfg)
+    config = compose_run(f"experiment={experiment}", "world.seed=3")
     assert isinstance(config, RunConfig) and config.run.name == experiment and config.world.seed == 3
     assert config.pretrain.sizes and all(s.hidden_size % s.num_attention_heads == 0 for s in config.pretrain.sizes)
 
@@ -102,12 +97,6 @@ def test_one_optimizer_block_named_in_errors_and_digested_as_before():
     changed = SFTConfig(optim=OptimConfig(betas=(0.8, 0.9))).recipe()
     assert changed["optim"] == {"betas": (0.8, 0.9)} and changed["grad_clip"] == 1.0
     assert "optim" not in training_recipe(PretrainConfig())
-
-
-def compose_run(*overrides: str) -> RunConfig:
-    register()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return validate(compose(config_name="config", overrides=list(overrides)))
 
 
 # docs/paper.md: SFT ("SFT"), the reward models' max learning rate by size ("Reward models") and PPO ("Rejection

@@ -23,12 +23,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from hydra import compose, initialize_config_dir
 
-from pipeline.config import RunConfig, register, validate
+from pipeline.config import compose_run
 from pipeline.data.schemas import PREFERENCES
 from pipeline.data.store import MANIFEST, PROGRESS, RunStore
-from pipeline.main import CONF_DIR
 from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage
 from pipeline.stages.rejection_sampling.stage import choose_prompts
 from process_helpers import free_port, session_members, signal_all
@@ -96,12 +94,6 @@ def test_finishing_a_stage_again_with_the_same_content_keeps_its_manifest(tmp_pa
 
 
 # --- the whole driver, killed and run again --------------------------------------------------------------
-
-def compose_run(*overrides: str) -> RunConfig:
-    register()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return validate(compose(config_name="config", overrides=list(overrides)))
-
 
 class Driver:
     """`python -m pipeline experiment=quick ...` in a process session of its own, its output in a log file."""

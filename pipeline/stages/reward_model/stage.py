@@ -39,8 +39,8 @@ def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
 
 def rm_recipe(config: RMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """The RM config as its stages digest it, so stores made before a change that leaves their RMs alone keep
-    them: `trainable_layers`, `share_prompt` and `skip_ratings` only when set; with a checkpoint's own chat template, the sequence
-    ending at the answer's eos (`encode_side`; the LLaMA-2 format always ended there)."""
+    them: `trainable_layers`, `share_prompt` and `skip_ratings` only when set; with a checkpoint's own chat template,
+    the sequence ending at the answer's eos (`encode_side`; the LLaMA-2 format always ended there)."""
     recipe = training_recipe(config, ("betas", "eps", "weight_decay", "grad_clip"))
     for optional in ("trainable_layers", "share_prompt", "skip_ratings"):
         if not recipe[optional]:

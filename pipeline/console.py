@@ -165,6 +165,9 @@ def round_block(result: RoundResult, current: list[PolicyState], oracle: bool) -
               f"oracle tells apart): pair accuracy {f['pair_accuracy']:.2f}; oracle helpfulness mean "
               f"{f['oracle_mean']:.3f}, RM's best of K {f['rm_best']:.3f}, oracle's best {f['oracle_best']:.3f} "
               f"(headroom recovered {recovered})")
+        if len(f["by_family"]) > 1:
+            print("    pair accuracy by task family: " + ", ".join(
+                f"{name} {c['pair_accuracy']:.2f} ({c['pairs']} pairs)" for name, c in f["by_family"].items()))
     print("  reward vs K (Figure 7): " + ", ".join(f"K={c['k']}: max {c['max']:.3f} median {c['median']:.3f}"
                                                    for c in rs["reward_vs_k"]))
     if result.ppo:

@@ -72,6 +72,7 @@ def test_main_job_runs_round_zero_and_resumes_from_the_store(tmp_path):
     # oracle to tell many of their answers apart: the default run's numbers are in docs/results.md).
     fidelity = summary["rounds"][0]["rm_fidelity"]
     assert fidelity["prompts"] > 0 and fidelity["oracle_best"] >= fidelity["oracle_mean"]
+    assert sum(family["pairs"] for family in fidelity["by_family"].values()) == fidelity["pairs"]
     assert summary["ppo"]["start_heldout_rc"] is not None and summary["rounds"][0]["win_rate"]["oracle"]
     # Win rates against the SFT model (RMs and oracle) and the run report with its plots.
     wins = store.stage(1, "winrate_large").manifest()["extra"]

@@ -12,8 +12,9 @@ from pipeline.world.tables import prompt_rows
 
 
 def test_pair_accuracy_and_headroom_by_hand():
-    world = World(WorldConfig(helpful_families=("lookup",), format_share=0.0))
-    prompts = [p for p in world.prompts("train") if p.category == "helpful" and p.meta["task"] == "lookup"][:2]
+    world = World(WorldConfig(helpful_families=("lookup", "pick"), format_share=0.0))
+    helpful = [p for p in world.prompts("train") if p.category == "helpful"]
+    prompts = [next(p for p in helpful if p.meta["task"] == family) for family in ("lookup", "pick")]
     table = pa.Table.from_pylist(prompt_rows(prompts, ["p0", "p1"]))
     rows = []
     for pid, p, rm in (("p0", prompts[0], (0.9, 0.5, 0.1)), ("p1", prompts[1], (0.2, 0.8, 0.5))):
@@ -30,3 +31,6 @@ def test_pair_accuracy_and_headroom_by_hand():
     # Means 1/3 each; oracle's best 1 each; the RM's picks 1 (p0) and 0 (p1): recovered (1 - 2/3) / (2 - 2/3).
     assert result["oracle_mean"] == pytest.approx(1 / 3) and result["oracle_best"] == 1.0
     assert result["rm_best"] == pytest.approx(0.5) and result["headroom_recovered"] == pytest.approx(0.25)
+    # p0 is a lookup prompt, p1 a pick prompt: per family, both of p0's pairs right and neither of p1's.
+    assert result["by_family"] == {"lookup": {"pairs": 2, "pair_accuracy": 1.0},
+                                   "pick": {"pairs": 2, "pair_accuracy": 0.0}}

@@ -1,7 +1,9 @@
 """Can the round's helpfulness RM rank the policy's own answers? Measured on the round's rejection-sampling samples
 (K per prompt, which no RM has trained on), on the headline helpful prompts, against the world's oracle:
 
-- pair accuracy: of the same-prompt sample pairs the oracle tells apart, the share the RM orders the same way;
+- pair accuracy: of the same-prompt sample pairs the oracle tells apart, the share the RM orders the same way,
+  in all and per task family (`by_family`: a small RM verifies some families and not others; docs/results.md,
+  "SmolLM2 on the world");
 - headroom recovered: (oracle helpfulness of the RM's best of K - the mean of the K) over (the oracle's own best
   of K - the mean), summed over prompts: 1 is a perfect selector, 0 picking at random, below 0 worse than random.
 
@@ -24,28 +26,33 @@ def headline_helpful(prompt: Prompt) -> bool:
 
 
 def rm_fidelity(samples: pa.Table, prompts: pa.Table) -> dict:
-    """{"prompts", "pairs", "pair_accuracy", "oracle_mean", "oracle_best", "rm_best", "headroom_recovered"} over
-    the samples' non-blank answers to headline helpful prompts (None where nothing was measurable)."""
+    """{"prompts", "pairs", "pair_accuracy", "oracle_mean", "oracle_best", "rm_best", "headroom_recovered",
+    "by_family"} over the samples' non-blank answers to headline helpful prompts (None where nothing was
+    measurable); `by_family` maps each task family to its {"pairs", "pair_accuracy"}."""
     by_id = {row["id"]: Prompt.from_row(row) for row in prompts.to_pylist()}
     groups: dict[str, list[tuple[float, float]]] = defaultdict(list)  # prompt id -> (oracle, RM) per answer
+    family: dict[str, str] = {}
     for pid, response, r_help in zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist(),
                                      samples.column("r_help").to_pylist()):
         prompt = by_id.get(pid)
         if prompt is None or not headline_helpful(prompt) or not (response or "").strip() or r_help is None:
             continue
         groups[pid].append((judge(prompt.category, prompt.meta, response).helpfulness, r_help))
-    right = pairs = 0
+        family[pid] = prompt.meta["task"]
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # family -> [pairs, ordered right]
     mean = best = picked = 0.0
-    for answers in groups.values():
+    for pid, answers in groups.items():
         for (o1, r1), (o2, r2) in combinations(answers, 2):
             if o1 != o2:
-                pairs += 1
-                right += (o1 > o2) == (r1 > r2)
+                counts[family[pid]][0] += 1
+                counts[family[pid]][1] += (o1 > o2) == (r1 > r2)
         mean += sum(o for o, _ in answers) / len(answers)
         best += max(o for o, _ in answers)
         picked += max(answers, key=lambda a: a[1])[0]
     n = len(groups)
+    pairs, right = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     return {"prompts": n, "pairs": pairs, "pair_accuracy": right / pairs if pairs else None,
             "oracle_mean": mean / n if n else None, "oracle_best": best / n if n else None,
             "rm_best": picked / n if n else None,
-            "headroom_recovered": (picked - mean) / (best - mean) if best > mean else None}
+            "headroom_recovered": (picked - mean) / (best - mean) if best > mean else None,
+            "by_family": {f: {"pairs": c[0], "pair_accuracy": c[1] / c[0]} for f, c in sorted(counts.items())}}

@@ -2,8 +2,8 @@
 (K per prompt, which no RM has trained on), on the headline helpful prompts, against the world's oracle:
 
 - pair accuracy: of the same-prompt sample pairs the oracle tells apart, the share the RM orders the same way,
-  in all and per task family (`by_family`: a small RM verifies some families and not others; docs/results.md,
-  "SmolLM2 on the world");
+  in all and per task family (`by_family`: the same RM can rank one family's answers far better than another's;
+  docs/results.md, "SmolLM2 on the world");
 - headroom recovered: (oracle helpfulness of the RM's best of K - the mean of the K) over (the oracle's own best
   of K - the mean), summed over prompts: 1 is a perfect selector, 0 picking at random, below 0 worse than random.
 

@@ -75,18 +75,6 @@ def score(checkpoint: str, samples: pa.Table, prompts: dict[str, dict]) -> pa.Ta
     return samples.set_column(samples.schema.get_field_index("r_help"), "r_help", pa.array(r_help, pa.float32()))
 
 
-def by_family(scored: pa.Table, prompts: pa.Table) -> dict[str, dict]:
-    family = {r["id"]: json.loads(r["meta"]).get("task") for r in prompts.to_pylist()}
-    fams = collections.defaultdict(list)
-    for i, pid in enumerate(scored.column("prompt_id").to_pylist()):
-        fams[family.get(pid)].append(i)
-    out = {"all": rm_fidelity(scored, prompts)}
-    for name, idx in sorted(fams.items(), key=lambda kv: str(kv[0])):
-        if name:
-            out[name] = rm_fidelity(scored.take(pa.array(idx)), prompts)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/tiny")
@@ -124,7 +112,9 @@ def main() -> None:
         t0 = time.time()
         metrics = train_reward_model(sft, train, config, out)
         seconds = time.time() - t0
-        results[spec] = by_family(score(out, samples, by_id), prompts)
+        fidelity = rm_fidelity(score(out, samples, by_id), prompts)
+        families = fidelity.pop("by_family")
+        results[spec] = {"all": fidelity, **families}
         print(f"own {spec}: {train.num_rows} train pairs, {metrics['steps']} steps, {seconds:.0f} s", flush=True)
         for fam, r in results[spec].items():
             print(f"  {fam:10s} prompts {r['prompts']:4d} pair acc {r['pair_accuracy'] or 0:.2f} mean "

@@ -167,7 +167,8 @@ def round_block(result: RoundResult, current: list[PolicyState], oracle: bool) -
               f"(headroom recovered {recovered})")
         if len(f["by_family"]) > 1:
             print("    pair accuracy by task family: " + ", ".join(
-                f"{name} {c['pair_accuracy']:.2f} ({c['pairs']} pairs)" for name, c in f["by_family"].items()))
+                f"{name} {c['pair_accuracy']:.2f} ({c['pairs']} pairs)" for name, c in f["by_family"].items()
+                if c["pairs"]))
     print("  reward vs K (Figure 7): " + ", ".join(f"K={c['k']}: max {c['max']:.3f} median {c['median']:.3f}"
                                                    for c in rs["reward_vs_k"]))
     if result.ppo:

@@ -28,7 +28,7 @@ def headline_helpful(prompt: Prompt) -> bool:
 def rm_fidelity(samples: pa.Table, prompts: pa.Table) -> dict:
     """{"prompts", "pairs", "pair_accuracy", "oracle_mean", "oracle_best", "rm_best", "headroom_recovered",
     "by_family"} over the samples' non-blank answers to headline helpful prompts (None where nothing was
-    measurable); `by_family` maps each task family to its {"pairs", "pair_accuracy"}."""
+    measurable); `by_family` maps each task family to the same measures over its prompts alone."""
     by_id = {row["id"]: Prompt.from_row(row) for row in prompts.to_pylist()}
     groups: dict[str, list[tuple[float, float]]] = defaultdict(list)  # prompt id -> (oracle, RM) per answer
     family: dict[str, str] = {}
@@ -39,20 +39,27 @@ def rm_fidelity(samples: pa.Table, prompts: pa.Table) -> dict:
             continue
         groups[pid].append((judge(prompt.category, prompt.meta, response).helpfulness, r_help))
         family[pid] = prompt.meta["task"]
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # family -> [pairs, ordered right]
-    mean = best = picked = 0.0
+    families: dict[str, list[list[tuple[float, float]]]] = defaultdict(list)
     for pid, answers in groups.items():
+        families[family[pid]].append(answers)
+    return {**measures(list(groups.values())),
+            "by_family": {name: measures(answers) for name, answers in sorted(families.items())}}
+
+
+def measures(groups: list[list[tuple[float, float]]]) -> dict:
+    """Pair accuracy and headroom over prompts' (oracle, RM) scores per answer."""
+    right = pairs = 0
+    mean = best = picked = 0.0
+    for answers in groups:
         for (o1, r1), (o2, r2) in combinations(answers, 2):
             if o1 != o2:
-                counts[family[pid]][0] += 1
-                counts[family[pid]][1] += (o1 > o2) == (r1 > r2)
+                pairs += 1
+                right += (o1 > o2) == (r1 > r2)
         mean += sum(o for o, _ in answers) / len(answers)
         best += max(o for o, _ in answers)
         picked += max(answers, key=lambda a: a[1])[0]
     n = len(groups)
-    pairs, right = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     return {"prompts": n, "pairs": pairs, "pair_accuracy": right / pairs if pairs else None,
             "oracle_mean": mean / n if n else None, "oracle_best": best / n if n else None,
             "rm_best": picked / n if n else None,
-            "headroom_recovered": (picked - mean) / (best - mean) if best > mean else None,
-            "by_family": {f: {"pairs": c[0], "pair_accuracy": c[1] / c[0]} for f, c in sorted(counts.items())}}
+            "headroom_recovered": (picked - mean) / (best - mean) if best > mean else None}

@@ -28,8 +28,9 @@ from actors.metrics import record_training
 from actors.pool import Pool, PoolActor, PoolConfig, PoolError, match_torch_threads
 from actors.weights import pack
 from model.checkpoint import checkpoint_tensors
-from model.distributed import data_parallel, gathered_on_rank0, save_on_rank0
+from model.distributed import gathered_on_rank0, save_on_rank0
 from model.llama import PretrainedLlama
+from model.training import TrainConfig, TrainSetup
 
 log = logging.getLogger(__name__)
 # After one rank's call fails, how long the others get to end theirs (so the error names them all): a rank that
@@ -52,9 +53,10 @@ class RankContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The model on this rank's device; DDP-wrapped (gradients averaged in backward) when world_size > 1."""
-        return data_parallel(model.to(self.device), self.world_size)
+    def setup(self, strategy: str = "ddp", train: TrainConfig | None = None) -> TrainSetup:
+        """Where a loop trains on this rank (model.training's Trainer and wrap): the group's ranks, this rank's
+        device, the stage's strategy and switches."""
+        return TrainSetup(self.world_size, strategy, train or TrainConfig(), self.device)
 
     def export(self, model: nn.Module, directory: str | Path, tokenizer: Any = None, untie: bool = False) -> Path:
         """Rank 0 writes a HF folder (model.distributed.save_on_rank0; FSDP shards gathered); every rank returns

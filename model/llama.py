@@ -195,10 +195,13 @@ class LlamaForReward(PretrainedLlama):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                shared: SharedPrefixRows | None = None) -> torch.Tensor:
+                shared: SharedPrefixRows | None = None, per_token: bool = False) -> torch.Tensor:
         """Rewards of shape (batch,) (or (batch, num_labels) when num_labels > 1), read at each row's last real
         token; with `shared` (rows of a prompt and its answers, model.packing.shared_prefix_rows), shape
-        (batch, answers): each answer's reward read at its own last token."""
+        (batch, answers): each answer's reward read at its own last token; with `per_token`, `token_values`
+        (through forward, so DDP and FSDP wrap PPO's critic as any other model)."""
+        if per_token:
+            return self.token_values(input_ids, attention_mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         if shared is None:
             hidden = self.model(input_ids, attention_mask)

@@ -1,6 +1,6 @@
 """A plain torch training loop for causal LMs on packed rows (pretraining, SFT-style fine-tuning).
 
-Single process; the trainer actors run the same step inside a torch.distributed group.
+One process, or every rank of a torch.distributed group (the trainer actors) through model.training's Trainer.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from model.llama import LlamaForCausalLM
 from model.losses import masked_lm_loss
-from model.optim import OptimConfig, adamw, cosine_with_warmup
+from model.optim import OptimConfig, cosine_with_warmup
+from model.training import Trainer, TrainSetup, micro_split
 from model.packing import PackedRows
 
 
@@ -30,6 +30,7 @@ class LMTrainConfig:
     min_lr_ratio: float = 0.1
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
+    accumulation: int = 1  # micro-batches per step (model.training.split_batch)
 
 
 @dataclass
@@ -61,44 +62,35 @@ def shuffled_batches(packed: PackedRows, batch_size: int, seed: int) -> Iterator
             yield packed.batch(order[start:start + batch_size])
 
 
-def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                   schedule: torch.optim.lr_scheduler.LRScheduler, grad_clip: float, where: str) -> None:
-    """Backward, clip, step, schedule; a non-finite loss or gradient norm stops training before it corrupts the
-    weights (FloatingPointError naming `where`).
-
-    In a torch.distributed group the ranks agree first (one all-reduce of a flag), so all of them stop at the same
-    step: a rank that went on alone would wait in the next collective until the group's timeout. The gradient
-    norm is the same on every rank (DDP averages the gradients; FSDP's norm is global).
-    """
-    finite = torch.isfinite(loss.detach()).reshape(1).float()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite.item():
-        here = loss.item()
-        what = f"loss is {here}" if not math.isfinite(here) else f"loss is not finite on another rank (here {here:.4g})"
-        raise FloatingPointError(f"{where}: {what}; stopping before the weights are corrupted")
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-    if not math.isfinite(norm):
-        raise FloatingPointError(f"{where}: gradient norm is {norm} (loss {loss.item():.4g}); stopping before the "
-                                 "weights are corrupted")
-    optimizer.step()
-    schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def default_bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, leave=False, mininterval=2.0)
 
 
-def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig, desc: str = "train",
-             on_step: Callable[[int, float], None] | None = None,
+def micro_batches(batch: dict[str, torch.Tensor], parts: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """A step's rows as `parts` (micro-batch, weight) with weights their share of the step's trained tokens, so the
+    accumulated gradient is the gradient of the whole batch's mean loss."""
+    split = micro_split(torch.arange(len(batch["input_ids"])), parts)
+    parts = [{k: v[rows] for k, v in batch.items()} for rows, _ in split]
+    counts = [float(trained_tokens(part)) * real for part, (_, real) in zip(parts, split)]
+    total = sum(counts) or 1.0
+    return [(part, count / total) for part, count in zip(parts, counts)]
+
+
+def trained_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tokens masked_lm_loss averages over: loss-bearing, and not the first of a packed document."""
+    weights = batch["loss_mask"][:, 1:] * (batch["document_ids"][:, 1:] == batch["document_ids"][:, :-1])
+    return weights.sum()
+
+
+def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig, setup: TrainSetup | None = None,
+             desc: str = "train", on_step: Callable[[int, float], None] | None = None,
              progress: Callable[[int, str], Any] = default_bar) -> LMTrainResult:
-    """`config.steps` optimizer steps; `progress(total, desc)` makes the progress bar (update,
-    set_description, close), so callers in Ray actors can pass one the driver draws."""
-    optimizer = adamw(model, config.lr, config.optim)
-    schedule = cosine_with_warmup(optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
+    """`config.steps` optimizer steps of `config.batch_size` rows on this rank, in `config.accumulation` forwards (`setup`: its ranks and switches; one
+    process in fp32 by default); `progress(total, desc)` makes the progress bar (update, set_description, close),
+    so callers in Ray actors can pass one the driver draws."""
+    setup = setup or TrainSetup()
+    trainer = Trainer(model, setup, config.lr, config.optim,
+                      lambda opt: cosine_with_warmup(opt, config.steps, config.warmup_steps, config.min_lr_ratio))
     batches = shuffled_batches(packed, config.batch_size, config.seed)
     model.train()
     losses: list[float] = []
@@ -107,9 +99,7 @@ def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig,
     bar = progress(config.steps, desc)
     for step in range(config.steps):
         batch = next(batches)
-        loss = forward_loss(model, batch)
-        optimizer_step(model, loss, optimizer, schedule, config.optim.grad_clip, f"{desc} step {step}")
-        losses.append(loss.item())
+        losses.append(trainer.step(micro_batches(batch, config.accumulation), forward_loss, f"{desc} step {step}"))
         tokens += int(batch["loss_mask"].sum())
         bar.update(1)
         if step % 10 == 0:
@@ -130,8 +120,7 @@ def evaluate_lm(model: LlamaForCausalLM, packed: PackedRows, batch_size: int = 1
     total, count = 0.0, 0.0
     for start in range(0, len(packed), batch_size):
         batch = packed.batch(slice(start, start + batch_size))
-        weights = batch["loss_mask"][:, 1:] * (batch["document_ids"][:, 1:] == batch["document_ids"][:, :-1])
-        n = float(weights.sum())
+        n = float(trained_tokens(batch))
         if n:
             total += forward_loss(model, batch).item() * n
             count += n

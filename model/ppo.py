@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+LOG_RATIO_CLAMP = 20.0  # |log pi_new / pi_old| per real token in the policy loss
+K3_CLAMP = 10.0  # the k3 KL estimate per token
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the data-parallel ranks
 
@@ -163,8 +165,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         return 0.5 * log_ratio ** 2
     if estimator == "abs":
         return log_ratio.abs()
-    # k3 with log r = -log_ratio: expm1 keeps it accurate near 0; the clamp removes rounding below 0
-    return (torch.expm1(-log_ratio) + log_ratio).clamp(min=0)
+    # k3 with log r = -log_ratio: expm1 keeps it accurate near 0; the clamp removes rounding below 0 and, as the
+    # peers do, bounds a token the policy has all but ruled out (its exp grows without limit)
+    return (torch.expm1(-log_ratio) + log_ratio).clamp(min=0, max=K3_CLAMP)
 
 
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -191,6 +194,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """
     rewards, values = rewards.detach().float(), values.detach().float()
     real = mask.bool()
+    check_right_padded(real)
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros_like(rewards[:, 0])
     next_advantage = torch.zeros_like(rewards[:, 0])
@@ -200,6 +204,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_value = torch.where(real[:, t], values[:, t], 0.0)
         advantages[:, t] = next_advantage
     return advantages, torch.where(real, advantages + values, 0.0)
+
+
+def check_right_padded(real: torch.Tensor) -> None:
+    """ValueError unless every row's real tokens come first: GAE's recursion takes the first padding as the end."""
+    after_padding = real[:, 1:] & ~real[:, :-1]
+    if after_padding.any():
+        row = int(after_padding.any(dim=1).nonzero()[0])
+        raise ValueError(f"row {row}: a real token after padding; the mask must be right-padded (1s, then 0s)")
 
 
 # --- advantage estimators ---------------------------------------------------------------------------------
@@ -309,8 +321,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     zero: the policy already moved far enough that way), and approx_kl = mean((ratio - 1) - log ratio), the k3
     estimate of KL(old || new) that tells how far this update has moved the policy.
     """
-    # zeroed at padding: an overflowing exp there would turn the (zero) gradient into NaN
+    # Zeroed at padding and clamped to +-LOG_RATIO_CLAMP on real tokens (as verl, OpenRLHF and TRL do): an exp that
+    # overflows would turn the gradient into NaN; the clamp's gradient is zero there, the clipped term's anyway.
     log_ratio = torch.where(mask.bool(), logprobs.float() - old_logprobs.float(), 0.0)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     advantages = advantages.float()
     unclipped = -advantages * ratio

@@ -33,6 +33,7 @@ from model.lm_training import forward_loss
 from model.optim import adamw
 from model.packing import pack
 from model.tokenizer import SentencePieceTokenizer, load_tokenizer
+from model.training import wrap
 from pipeline.data.schemas import SAMPLES
 from pipeline.data.store import RunStore
 from pipeline.stages.rejection_sampling.stage import sample_and_score
@@ -94,7 +95,7 @@ def prompts_table(folders: dict[str, Path], count: int, seed: int) -> pa.Table:
 
 def sft_step(ctx: RankContext, payload: dict) -> tuple[str, float]:
     """One AdamW step on this rank's examples (loss on the answer only); rank 0 exports the result."""
-    model = ctx.wrap(load_checkpoint(payload["policy"]).train())
+    model = wrap(load_checkpoint(payload["policy"]).train(), ctx.setup())
     batch = pack(payload["examples"], seq_len=128, pad_id=0).batch(slice(None))
     loss = forward_loss(model, batch)
     loss.backward()
@@ -105,7 +106,7 @@ def sft_step(ctx: RankContext, payload: dict) -> tuple[str, float]:
 
 def publish_checkpoint(ctx: RankContext, folder: str):
     """The checkpoint, DDP-wrapped on every rank, published to the object store (rank 0's reference)."""
-    return ctx.publish(ctx.wrap(load_checkpoint(folder)))
+    return ctx.publish(wrap(load_checkpoint(folder), ctx.setup()))
 
 
 def greedy(generators: Pool, prompts: pa.Table, max_tokens: int = 16) -> dict[str, list[int]]:

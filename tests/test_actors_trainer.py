@@ -26,7 +26,8 @@ from test_faults import (RM_OK, SFT_DIVERGING, SFT_OK, base_checkpoint, demonstr
                          state_of)
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig
-from model.distributed import data_parallel, is_sharded, save_on_rank0
+from model.distributed import save_on_rank0
+from model.training import is_sharded, wrap
 from model.llama import LlamaForCausalLM
 from model.losses import masked_lm_loss
 from model.optim import adamw
@@ -45,7 +46,7 @@ def one_step(model: torch.nn.Module, ids: torch.Tensor, optimizer_name: str, lr:
 def ddp_step(ctx: RankContext, payload: dict) -> tuple[int, int, str, dict[str, torch.Tensor]]:
     model = LlamaForCausalLM(ModelConfig(**SMALL))
     model.init_weights(payload["seed"])
-    wrapped = ctx.wrap(model.train())
+    wrapped = wrap(model.train(), ctx.setup())
     one_step(wrapped, payload["ids"], payload["optimizer"], payload["lr"])
     return ctx.rank, ctx.world_size, ctx.backend, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -77,7 +78,7 @@ def test_ddp_on_two_ranks_equals_one_process_on_the_full_batch(trainers, optimiz
 def fsdp_step(ctx: RankContext, payload: dict) -> dict[str, torch.Tensor] | None:
     model = LlamaForCausalLM(ModelConfig(**SMALL))
     model.init_weights(payload["seed"])
-    sharded = data_parallel(model.train(), ctx.world_size, "fsdp")
+    sharded = wrap(model.train(), ctx.setup("fsdp"))
     assert is_sharded(sharded)
     one_step(sharded, payload["ids"], payload["optimizer"], payload["lr"])
     save_on_rank0(sharded, payload["out"], tokenizer=None)  # gathers the shards; rank 0 writes

@@ -58,7 +58,7 @@ def rank_state(ctx: RankContext, _payload: None) -> dict:
 
     return {"policy": flat(state["policy"]), "value": flat(state["value"]) if "value" in state else None,
             "moments": (state["moments"].count, state["moments"].mean, state["moments"].var),
-            "optimizer_steps": state["policy_opt"][1].last_epoch}
+            "optimizer_steps": state["policy_trainer"].schedule.last_epoch}
 
 
 def setup_and_train(trainers: TrainerGroup, folders, config: PPOConfig, table: pa.Table, iterations: int):

@@ -247,7 +247,7 @@ def test_critic_free_estimators_train_the_policy_without_a_value_model(folders, 
     policy_dir, _ = folders
     config = PPOConfig(batch_size=2, samples_per_prompt=2, mini_batch=4, lr=1e-3, beta=0.0, advantage=estimator)
     assert ppo_setup(ONE, (str(policy_dir), None, config)) > 0  # no critic folder: nothing is loaded
-    assert "value" not in ONE.state and "value_opt" not in ONE.state
+    assert "value" not in ONE.state and "value_trainer" not in ONE.state
     good, bad = [20, 21, 22, 2], [30, 31, 32, 2]
     # two prompts, each answered well and badly: the baseline is the other answer to the same prompt
     batch = batch_of([good, bad, bad, good], [0.9, 0.1, 0.2, 0.8], prompts=[[1, 5, 6]] * 2 + [[1, 7]] * 2,

@@ -10,20 +10,28 @@ from pathlib import Path
 from typing import Any
 
 from model.optim import OptimConfig
+from model.training import TrainConfig
 from pipeline.data.store import PROGRESS, RunStore, StageStore, digest_config
 
 CHECKPOINT_DIR = "checkpoint"
 
 
 def training_recipe(config: Any, optim_keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A training config (with an `optim` block) as its stage digests it: `optim` flattened back into the keys the
-    config held before the block was shared (`optim_keys`), its other fields only where they leave the default,
-    so stores finished before the block existed keep their stages."""
+    """A training config (with `optim` and `train` blocks) as its stage digests it: `optim` flattened back into the
+    keys the config held before the block was shared (`optim_keys`), the blocks' other fields only where they
+    leave the default, so stores finished before the blocks existed keep their stages."""
     recipe = dataclasses.asdict(config)
     optim, default = recipe.pop("optim"), dataclasses.asdict(OptimConfig())
     recipe |= {key: optim[key] for key in optim_keys}
     changed = {key: value for key, value in optim.items() if key not in optim_keys and value != default[key]}
-    return recipe | ({"optim": changed} if changed else {})
+    train = changed_fields(recipe.pop("train"), TrainConfig())
+    return recipe | ({"optim": changed} if changed else {}) | ({"train": train} if train else {})
+
+
+def changed_fields(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """The entries of `values` (a dataclass as a dict) that differ from the dataclass instance `default`."""
+    defaults = dataclasses.asdict(default)
+    return {key: value for key, value in values.items() if value != defaults[key]}
 
 
 def checkpoint_stage(store: RunStore, round: int, name: str, inputs: Mapping[str, str],  # noqa: A002

@@ -48,12 +48,12 @@ from actors.metrics import record_ppo
 from actors.trainer import RankContext
 from actors.vllm_engine import Sampling
 from model.checkpoint import load_checkpoint
-from model.lm_training import optimizer_step
-from model.optim import OptimConfig, adamw
+from model.optim import OptimConfig
 from model.packing import pad_right
 from model.ppo import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, Reduce, RunningMoments, advantage_estimator,
                        entropy_from_logits, kl_penalty, logit, policy_loss, token_rewards, value_loss, whiten)
 from model.tokenizer import load_tokenizer
+from model.training import TrainConfig, Trainer, is_sharded, wrap
 from pipeline import stage_names as names
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore
@@ -85,6 +85,10 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     optim: OptimConfig = field(default_factory=OptimConfig)  # the policy's and the critic's
+    # Policy, critic and reference over the trainer ranks: "ddp" (a replica each) or "fsdp" (sharded; 7B and up).
+    parallel: str = "ddp"
+    train: TrainConfig = field(default_factory=TrainConfig)  # precision, checkpointing, offload (not micro_batch)
+    offload_reference: bool = False  # FSDP only: the frozen reference's shards on the host between forwards
     temperature: float = 1.0
     # The sampler's by default: measured 3e-7 nats per token from the trainer's on CPU (docs/benchmarks.md), they
     # save a policy pass per iteration, and an iteration that measures more than the tolerance recomputes them.
@@ -113,6 +117,12 @@ class PPOConfig:
         elif self.old_logprobs == "sampler" and self.temperature != 1.0:
             errors.append(f"ppo.old_logprobs = 'sampler' needs ppo.temperature = 1, not {self.temperature} (vLLM "
                           "reports the untempered model's log-probabilities); use ppo.old_logprobs = 'trainer'")
+        errors += self.train.check_strategy(self.parallel, "ppo")
+        if self.offload_reference and self.parallel != "fsdp":
+            errors.append("ppo.offload_reference = true needs ppo.parallel = 'fsdp' (offload moves FSDP's shards)")
+        if self.train.micro_batch:
+            errors.append(f"ppo.train.micro_batch = {self.train.micro_batch}: PPO's unit is its mini-batch; set "
+                          "ppo.mini_batch instead")
         if self.advantage not in ADVANTAGE_ESTIMATORS:
             errors.append(f"ppo.advantage = {self.advantage!r}: allowed: {', '.join(ADVANTAGE_ESTIMATORS)}")
         elif not self.needs_critic and self.samples_per_prompt < 2:
@@ -137,46 +147,36 @@ class PPOConfig:
             del fields["old_logprobs"], fields["logprob_tolerance"]
         if not self.group_by_length:
             del fields["group_by_length"]
+        for name, default in (("parallel", "ddp"), ("offload_reference", False)):
+            if fields[name] == default:
+                del fields[name]
         return fields
 
 
 # --- on the trainer ranks -----------------------------------------------------------------------------------
 
-class Critic(torch.nn.Module):
-    """The value function as a module whose forward gives per-token values, so DDP can wrap it."""
-
-    def __init__(self, reward_model: torch.nn.Module):
-        super().__init__()
-        self.reward_model = reward_model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.reward_model.token_values(input_ids, attention_mask)
-
-
 STATS = ("policy_loss", "clip_fraction", "approx_kl", "value_loss", "entropy")  # per gradient step, token means
 
 
 def ppo_setup(ctx: RankContext, payload: tuple[str, str | None, PPOConfig]) -> int:
-    """Load the policy, a frozen reference copy and (for GAE) the critic on this rank; returns the policy's
-    parameters. `payload` is (policy folder, critic's starting RM folder or None without a critic, config)."""
+    """Load the policy, a frozen reference copy and (for GAE) the critic on this rank, each wrapped (or sharded) for
+    the group before its optimizer is built; returns the policy's parameters. `payload` is (policy folder, critic's
+    starting RM folder or None without a critic, config)."""
     policy_dir, value_dir, config = payload
     torch.manual_seed(config.seed + ctx.rank)
-    policy, reference = load_checkpoint(policy_dir), load_checkpoint(policy_dir)
-    reference.requires_grad_(False)
-
-    def optimizer(model: torch.nn.Module, lr: float) -> tuple:
-        opt = adamw(model, lr, config.optim)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # constant, as in the paper
-
+    setup = ctx.setup(config.parallel, config.train)
+    policy = Trainer(load_checkpoint(policy_dir), setup, config.lr, config.optim)  # constant lr, as in the paper
+    reference = load_checkpoint(policy_dir).requires_grad_(False)
     ctx.state.clear()  # this rank's PPO models and optimizers, kept between iterations
-    ctx.state.update(policy=policy, trained_policy=ctx.wrap(policy), reference=reference.to(ctx.device).eval(),
-                  policy_opt=optimizer(policy, config.lr), moments=RunningMoments(),
-                  estimator=advantage_estimator(config.advantage), tokenizer=load_tokenizer(policy_dir),
-                  config=config, device=ctx.device)
+    ctx.state.update(policy=policy.model, trained_policy=policy.module, policy_trainer=policy,
+                     reference=wrap(reference, setup, trainable=False, offload=config.offload_reference).eval(),
+                     moments=RunningMoments(), estimator=advantage_estimator(config.advantage),
+                     tokenizer=load_tokenizer(policy_dir), config=config, device=ctx.device,
+                     sharded=is_sharded(policy.model))
     if config.needs_critic:  # RLOO and GRPO have none: no value model to load, train or keep in memory
-        value = Critic(load_checkpoint(value_dir, head="reward"))
-        ctx.state.update(value=value, trained_value=ctx.wrap(value), value_opt=optimizer(value, config.value_lr))
-    return policy.num_parameters
+        value = Trainer(load_checkpoint(value_dir, head="reward"), setup, config.value_lr, config.optim)
+        ctx.state.update(value=value.model, trained_value=value.module, value_trainer=value)
+    return policy.model.num_parameters
 
 
 def answer_positions(prompt_lengths: Sequence[int], answer_lengths: Sequence[int]) -> tuple[torch.Tensor, ...]:
@@ -239,7 +239,7 @@ class Rollout:
         return answer_logits(model, self.input_ids, None, self.positions)
 
     def values(self, critic: torch.nn.Module) -> torch.Tensor:
-        return critic(self.input_ids, None).gather(1, self.positions)
+        return critic(self.input_ids, None, per_token=True).gather(1, self.positions)
 
 
 def rollout(prompts: Sequence[list[int]], answers: Sequence[list[int]], device: torch.device) -> Rollout:
@@ -322,17 +322,24 @@ class Targets:
     returns: torch.Tensor | None = None  # the critic's targets (GAE only)
 
 
-def no_grad_pass(r: Rollout, chunk: int, forward) -> tuple[torch.Tensor, ...]:
+def no_grad_pass(ctx: RankContext, r: Rollout, forward) -> tuple[torch.Tensor, ...]:
     """`forward(a Rollout of some rows)` -> tensors (those rows, their answer width), over every row without
-    gradients in length-sorted chunks of `chunk` rows, back in row order at the batch's answer width."""
+    gradients in length-sorted chunks of a step's rows, back in row order at the batch's answer width.
+
+    Sharded models gather their weights in every forward, so every rank runs as many forwards as the rank with the
+    most chunks (the extra ones on its first chunk, their output dropped)."""
+    chunks = r.chunks(rows_per_step(ctx))
+    extra = max_over_ranks(ctx, len(chunks)) - len(chunks) if ctx.state["sharded"] else 0
     outs: list[torch.Tensor] = []
-    with torch.no_grad():
-        for rows in r.chunks(chunk):
+    with torch.no_grad(), ctx.state["policy_trainer"].precision():
+        for rows in chunks:
             parts = forward(r.take(rows))
             outs = outs or [torch.zeros(r.mask.shape, device=r.mask.device) for _ in parts]
             at = rows.to(r.mask.device)
             for out, part in zip(outs, parts):
                 out[at, :part.shape[1]] = part.float()
+        for _ in range(extra):
+            forward(r.take(chunks[0]))
     return tuple(outs)
 
 
@@ -362,7 +369,7 @@ def with_trainer_logprobs(ctx: RankContext, r: Rollout, t: Targets) -> Targets:
         logits = part.logits(policy)
         return token_logprobs(logits, part.targets, temperature), token_logprobs(logits, part.targets)
 
-    old, raw = no_grad_pass(r, rows_per_step(ctx), forward)
+    old, raw = no_grad_pass(ctx, r, forward)
     mismatch = (float(((t.vllm_logprobs - raw).abs() * r.mask).sum()), float(r.mask.sum()))
     return shaped(ctx, r, dataclasses.replace(t, mismatch=mismatch, sampler=False), old)
 
@@ -391,7 +398,7 @@ def prepare_batch(ctx: RankContext, batch: dict[str, list]) -> tuple[list[int], 
         ref = token_logprobs(part.logits(s["reference"]), part.targets, config.temperature)
         return (ref, part.values(s["value"])) if estimator.needs_critic else (ref,)
 
-    ref_logprobs, *values = no_grad_pass(r, rows_per_step(ctx), forward)
+    ref_logprobs, *values = no_grad_pass(ctx, r, forward)
     score = logit(rc)
     s["moments"].update(score, real, reduce)  # every rank's scores: all ranks whiten alike
     t = Targets(vllm_logprobs, ref_logprobs, vllm_logprobs, whiten(score, moments=s["moments"]), groups,
@@ -431,7 +438,8 @@ def ppo_iteration(ctx: RankContext, batch: dict[str, list]) -> dict[str, float]:
     shares = token_shares(ctx, torch.tensor([float(m.sum()) for m in masks], dtype=torch.float64, device=device))
     sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)  # token-weighted, over the steps
     for i, ((rows, _), part, mask, share) in enumerate(zip(plan, parts, masks, shares.tolist())):
-        logits = tempered(part.logits(s["trained_policy"]), config.temperature)
+        with s["policy_trainer"].precision():
+            logits = tempered(part.logits(s["trained_policy"]), config.temperature)
         if i == 0 and t.sampler:
             t = checked(ctx, r, t, part, rows, mask, logits)
         step = training_step(s, part, t, rows, mask, share, logits)
@@ -447,12 +455,17 @@ def training_step(s: dict[str, Any], part: Rollout, t: Targets, rows: torch.Tens
     at, width = rows.to(mask.device), mask.shape[1]
     loss, clip_fraction, approx_kl = policy_loss(token_logprobs(logits, part.targets), t.old_logprobs[at, :width],
                                                  t.advantages[at, :width], mask, config.clip)
-    optimizer_step(s["policy"], loss * share, *s["policy_opt"], config.optim.grad_clip, "ppo policy step")
+    policy = s["policy_trainer"]
+    policy.backward(loss, share, "ppo policy step")
+    policy.apply("ppo policy step", float(loss))
     v_loss = torch.zeros(())
     if t.old_values is not None:
-        v_loss = value_loss(part.values(s["trained_value"]), t.old_values[at, :width], t.returns[at, :width], mask,
-                            config.value_clip)
-        optimizer_step(s["value"], v_loss * share, *s["value_opt"], config.optim.grad_clip, "ppo value step")
+        value = s["value_trainer"]
+        with value.precision():
+            values = part.values(s["trained_value"])
+        v_loss = value_loss(values, t.old_values[at, :width], t.returns[at, :width], mask, config.value_clip)
+        value.backward(v_loss, share, "ppo value step")
+        value.apply("ppo value step", float(v_loss))
     with torch.no_grad():
         entropy = entropy_from_logits(logits, mask)
     return [float(x.detach()) for x in (loss, clip_fraction, approx_kl, v_loss, entropy)]

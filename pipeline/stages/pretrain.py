@@ -19,8 +19,9 @@ from model.config import ModelConfig
 from model.lm_training import LMTrainConfig, evaluate_lm, train_lm
 from model.optim import OptimConfig
 from model.llama import LlamaForCausalLM
-from model.distributed import data_parallel, per_rank_batch, rank_and_world, save_on_rank0
+from model.distributed import rank_and_world, save_on_rank0
 from model.packing import PackedRows, pack, split_long
+from model.training import TrainConfig, TrainSetup, split_batch
 from model.tokenizer import SentencePieceTokenizer, Tokenizer
 from pipeline.cluster import Runner, in_process
 from pipeline.data.store import RunStore, digest_config
@@ -63,6 +64,7 @@ class PretrainConfig:
     lr: float = 2e-3
     warmup_steps: int = 20
     optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # precision, checkpointing, micro-batch
     heldout_share: float = 0.05
     seed: int = 0
 
@@ -75,6 +77,9 @@ class PretrainConfig:
                              "lr must be > 0 and warmup_steps >= 0")
         if not 0 < self.heldout_share < 1:
             raise ValueError(f"heldout_share = {self.heldout_share}: must be in (0, 1)")
+        if self.train.offload_optimizer:
+            raise ValueError("pretrain.train.offload_optimizer = true: pretraining's tiny models train with DDP, "
+                             "which keeps no sharded optimizer state to offload")
         names = [s.name for s in self.sizes]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"sizes: need at least one size and unique names, got {names}")
@@ -137,12 +142,12 @@ def pretrain(texts: list[str], out_dir: Path, config: PretrainConfig) -> list[Pr
         torch.manual_seed(config.seed + index)
         model = LlamaForCausalLM(model_config(size, tokenizer, config.seq_len))
         model.init_weights(config.seed + index)
-        batch_size = per_rank_batch(config.batch_size, world, "pretrain.batch_size")
-        train = train_lm(data_parallel(model, world), train_rows,
-                         LMTrainConfig(steps=size.steps, batch_size=batch_size, lr=config.lr,
+        micro, accumulation = split_batch(config.batch_size, config.train.micro_batch, world, "pretrain.batch_size")
+        train = train_lm(model, train_rows,
+                         LMTrainConfig(steps=size.steps, batch_size=micro * accumulation, lr=config.lr,
                                        warmup_steps=config.warmup_steps, optim=config.optim,
-                                       seed=config.seed + index),
-                         desc=f"pretrain {size.name}", progress=progress_bar)
+                                       seed=config.seed + index, accumulation=accumulation),
+                         TrainSetup(world, "ddp", config.train), desc=f"pretrain {size.name}", progress=progress_bar)
         heldout_loss, perplexity = evaluate_lm(model, heldout_rows)
         folder = out_dir / size.name
         save_on_rank0(model, folder, tokenizer)

@@ -19,10 +19,11 @@ import torch
 
 from model.chat_template import encode_chat
 from model.checkpoint import load_checkpoint
-from model.distributed import STRATEGIES, data_parallel, per_rank_batch, rank_and_world, save_on_rank0
+from model.distributed import rank_and_world, save_on_rank0
 from model.lm_training import LMTrainConfig, train_lm
 from model.optim import OptimConfig
 from model.packing import Example, PackedRows, pack
+from model.training import TrainConfig, TrainSetup, split_batch
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.progress import progress_bar
 from pipeline.stages.cached import training_recipe
@@ -42,6 +43,7 @@ class SFTConfig:
     min_lr_ratio: float = 0.1
     optim: OptimConfig = field(default_factory=OptimConfig)  # grad_clip is not in the paper for SFT: pretraining's
     parallel: str = "ddp"  # over the trainer ranks: "ddp" (replicas) or "fsdp" (sharded; large policies)
+    train: TrainConfig = field(default_factory=TrainConfig)  # precision, checkpointing, micro-batch, offload
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,8 +64,8 @@ def check_positive(config: Any, prefix: str, names: tuple[str, ...]) -> list[str
 
 
 def check_parallel(config: Any, prefix: str) -> list[str]:
-    return [] if config.parallel in STRATEGIES else [
-        f"{prefix}.parallel = {config.parallel!r}: allowed: {', '.join(STRATEGIES)}"]
+    """The data-parallel strategy and what its `train` switches need of it."""
+    return config.train.check_strategy(config.parallel, prefix)
 
 
 def check_ratio(config: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
@@ -120,7 +122,8 @@ def train_sft(base_checkpoint: str | Path, demonstrations: pa.Table, out_dir: st
     """Fine-tune the causal LM in `base_checkpoint` on `demonstrations` (a DEMONSTRATIONS table) and save it
     with its tokenizer to `out_dir`. Returns this rank's metrics (plain data, ready for a manifest).
 
-    On N ranks each rank averages the loss over its own answer tokens and DDP averages the ranks' gradients.
+    On N ranks each rank averages the loss over its own answer tokens and the ranks' gradients are averaged (DDP,
+    or FSDP's reduce-scatter).
     `examples` encodes the demonstrations: every answer trained (default), or e.g. GAtt's last answer only.
     """
     rank, world = rank_and_world()
@@ -133,11 +136,12 @@ def train_sft(base_checkpoint: str | Path, demonstrations: pa.Table, out_dir: st
     packed = pack(examples(demonstrations, tokenizer, config.seq_len), config.seq_len, tokenizer.pad_id)
     # Steps come from the global row count, so every rank takes the same number of optimizer steps.
     steps = config.epochs * math.ceil(len(packed) / config.batch_size)
-    train = LMTrainConfig(steps=steps, batch_size=per_rank_batch(config.batch_size, world, "sft.batch_size"),
-                          lr=config.lr, warmup_steps=round(config.warmup_share * steps),
-                          min_lr_ratio=config.min_lr_ratio, optim=config.optim, seed=config.seed)
-    result = train_lm(data_parallel(model, world, config.parallel), shard_rows(packed, rank, world), train, desc="sft",
-                      progress=progress_bar)
+    micro, accumulation = split_batch(config.batch_size, config.train.micro_batch, world, "sft.batch_size")
+    train = LMTrainConfig(steps=steps, batch_size=micro * accumulation, lr=config.lr,
+                          warmup_steps=round(config.warmup_share * steps), min_lr_ratio=config.min_lr_ratio,
+                          optim=config.optim, seed=config.seed, accumulation=accumulation)
+    result = train_lm(model, shard_rows(packed, rank, world), train, TrainSetup(world, config.parallel, config.train),
+                      desc="sft", progress=progress_bar)
     save_on_rank0(model, out_dir, tokenizer)
     return {"examples": demonstrations.num_rows, "packed_rows": len(packed), "fill": packed.fill,
             "epochs": config.epochs, "steps": result.steps, "warmup_steps": train.warmup_steps,

@@ -22,13 +22,13 @@ import pyarrow.compute as pc
 import torch
 
 from model.chat_template import encode_chat
-from model.distributed import data_parallel, per_rank_batch, rank_and_world, save_on_rank0
+from model.distributed import rank_and_world, save_on_rank0
 from model.checkpoint import load_checkpoint
 from model.llama import LlamaForReward
-from model.lm_training import optimizer_step
 from model.losses import MARGINS, margin_ranking_loss
-from model.optim import OptimConfig, adamw, cosine_with_warmup, warmup_steps_for
+from model.optim import OptimConfig, cosine_with_warmup, warmup_steps_for
 from model.packing import pad_pairs, shared_prefix_rows
+from model.training import TrainConfig, Trainer, TrainSetup, micro_split, split_batch
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import PREFERENCES, RATINGS
 from pipeline.progress import progress_bar
@@ -68,6 +68,7 @@ class RMConfig:
     # shuffle. Not in the paper: a speed-up for data whose pair lengths vary widely (user files).
     group_by_length: int = 0
     parallel: str = "ddp"  # over the trainer ranks: "ddp" (replicas) or "fsdp" (sharded; large models)
+    train: TrainConfig = field(default_factory=TrainConfig)  # precision, checkpointing, micro-batch (pairs), offload
     # > 0: train only the top this many decoder layers and the head (the embeddings and lower layers frozen); 0:
     # all. Not in the paper: a pretrained start (SmolLM2) on 2 CPU cores trains in a fraction of the time and
     # memory (docs/results.md, "SmolLM2 on the world").
@@ -297,23 +298,27 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
     steps = config.epochs * math.ceil(len(encoded) / config.batch_size)
     warmup = warmup_steps_for(steps, config.warmup_share, config.warmup_min_steps)
     mine = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(config.seed))[rank::world]
-    batches = index_batches(mine, per_rank_batch(config.batch_size, world, "rm.batch_size"), config.seed,
-                            [max(map(len, pair)) for pair in encoded], config.group_by_length)
+    micro, accumulation = split_batch(config.batch_size, config.train.micro_batch, world, "rm.batch_size")
+    batches = index_batches(mine, micro * accumulation, config.seed, [max(map(len, pair)) for pair in encoded],
+                            config.group_by_length)
 
-    optimizer = adamw(model, config.lr, config.optim)
-    schedule = cosine_with_warmup(optimizer, steps, warmup, config.min_lr_ratio)
-    net = data_parallel(model, world, config.parallel)
-    net.train()
+    trainer = Trainer(model, TrainSetup(world, config.parallel, config.train), config.lr, config.optim,
+                      lambda opt: cosine_with_warmup(opt, steps, warmup, config.min_lr_ratio))
+    model.train()
+
+    def loss_of(net: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        r_chosen, r_rejected = score_pairs(net, [encoded[i] for i in rows], tokenizer.pad_id, config.share_prompt)
+        return margin_ranking_loss(r_chosen, r_rejected, margins[rows])
+
     losses: list[float] = []
     seen = 0  # pairs this rank scored
     start = time.perf_counter()
     bar = progress_bar(steps, "reward model")
     for step in range(steps):
         batch = next(batches)
-        r_chosen, r_rejected = score_pairs(net, [encoded[i] for i in batch], tokenizer.pad_id, config.share_prompt)
-        loss = margin_ranking_loss(r_chosen, r_rejected, margins[batch])
-        optimizer_step(model, loss, optimizer, schedule, config.optim.grad_clip, f"reward model step {step}")
-        losses.append(loss.item())
+        # Each micro-batch weighs its share of the rank's pairs: the gradient of the batch's mean loss.
+        parts = [(rows, len(rows) / len(batch) * real) for rows, real in micro_split(batch, accumulation)]
+        losses.append(trainer.step(parts, loss_of, f"reward model step {step}"))
         seen += len(batch)
         bar.update(1)
         if step % 10 == 0:

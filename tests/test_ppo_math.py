@@ -344,3 +344,30 @@ def test_the_registry_takes_new_estimators_and_names_the_known_ones():
         del ADVANTAGE_ESTIMATORS["sign"]
     with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'; allowed: \['gae', 'rloo', 'grpo'\]"):
         advantage_estimator("ppo")
+
+
+def test_policy_loss_clamps_the_log_ratio_on_real_tokens():
+    """new = -5, old = -100 on a real token: log ratio 95, exp overflows to inf and the gradient was NaN; clamped to
+    +-20 as the peers do, the loss and gradient are finite (and the clipped term's gradient is zero anyway)."""
+    new = torch.tensor([[-5.0, -1.0]], requires_grad=True)
+    old, advantages, mask = torch.tensor([[-100.0, -1.0]]), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
+    loss, _, approx_kl = policy_loss(new, old, advantages, mask, clip=0.2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(new.grad).all() and torch.isfinite(approx_kl)
+    # the clamped token sits at 1 + clip (its -A * 1.2 term), the other at ratio 1: mean -(1.2 + 1) / 2
+    assert loss.item() == pytest.approx(-1.1)
+    assert approx_kl.item() == pytest.approx((math.expm1(20.0) - 20.0) / 2)
+
+
+def test_k3_is_clamped_at_ten_per_token():
+    """logp -12 against ref -0.5: k3 = e^11.5 - 1 - 11.5 = 98,703 unclamped; at most 10 (k1 is left alone)."""
+    logp, ref = torch.tensor([-12.0, -1.0]), torch.tensor([-0.5, -1.0])
+    assert math.expm1(11.5) - 11.5 == pytest.approx(98_703, abs=1)
+    assert kl_penalty(logp, ref, "k3").tolist() == pytest.approx([10.0, 0.0])
+    assert kl_penalty(logp, ref, "k1").tolist() == pytest.approx([-11.5, 0.0])
+
+
+def test_gae_refuses_a_mask_that_is_not_right_padded():
+    rewards, values = torch.zeros(2, 3), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"row 1: a real token after padding; the mask must be right-padded"):
+        gae(rewards, values, torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]), 1.0, 0.95)

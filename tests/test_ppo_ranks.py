@@ -6,6 +6,8 @@ batch's metrics."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 import pytest
 import torch
@@ -53,8 +55,9 @@ def rank_state(ctx: RankContext, _payload: None) -> dict:
     """What must agree across the ranks after an update: weights, running moments, the optimizer's step count."""
     state = ctx.state
 
-    def flat(model: torch.nn.Module) -> torch.Tensor:
-        return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+    def flat(model: torch.nn.Module) -> torch.Tensor:  # FSDP's shards gathered: every rank holds the whole
+        return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten().cpu()
+                          for p in model.parameters()])
 
     return {"policy": flat(state["policy"]), "value": flat(state["value"]) if "value" in state else None,
             "moments": (state["moments"].count, state["moments"].mean, state["moments"].var),
@@ -71,11 +74,14 @@ def setup_and_train(trainers: TrainerGroup, folders, config: PPOConfig, table: p
     return initial, metrics, trainers.run(rank_state, [None] * world)
 
 
-def test_uneven_shares_and_empty_answers_take_the_same_steps_on_every_rank(trainers, folders):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_uneven_shares_and_empty_answers_take_the_same_steps_on_every_rank(trainers, folders, parallel):
+    """Under FSDP every forward gathers weights, so the no-gradient passes pair up too (a rank with fewer chunks
+    runs extra ones): a rank left out would hang the group until its timeout."""
     world = trainers.world_size
     rows, empty, mini_batch = LAYOUTS[world]
     table = batch_table(rows, empty)
-    config = PPOConfig(batch_size=rows, mini_batch=mini_batch, lr=1e-3, value_lr=1e-3)
+    config = PPOConfig(batch_size=rows, mini_batch=mini_batch, lr=1e-3, value_lr=1e-3, parallel=parallel)
     initial, metrics, states = setup_and_train(trainers, folders, config, table, iterations=2)
 
     # it finished (no rank waited on the others' extra steps), and every rank took the same steps
@@ -139,3 +145,21 @@ def test_sampler_logprobs_within_the_tolerance_are_kept_on_every_rank(trainers, 
     for state in states[1:]:
         assert torch.equal(state["policy"], states[0]["policy"])
     assert not torch.equal(states[0]["policy"], initial)
+
+
+def test_ppo_on_fsdp_ranks_equals_ppo_in_one_process(trainers, folders):
+    """One gradient step per iteration over the whole batch (an empty answer included): the policy and the critic,
+    sharded over the ranks, end where one process ends, to float rounding."""
+    world = trainers.world_size
+    rows = 4 * world  # a step's share per rank covers the rank's rows: one step on every rank and in one process
+    table = batch_table(rows, {3})
+    config = PPOConfig(batch_size=rows, mini_batch=rows, lr=1e-3, value_lr=1e-3, parallel="fsdp")
+    _, _, states = setup_and_train(trainers, folders, config, table, iterations=2)
+    one = RankContext(0, 1, torch.device("cpu"), "gloo")
+    ppo_setup(one, (str(folders[0]), str(folders[1]), dataclasses.replace(config, parallel="ddp")))
+    for _ in range(2):
+        ppo_iteration(one, split_rows(table, 1)[0])
+    expected = rank_state(one, None)
+    for state in states:
+        for model in ("policy", "value"):
+            assert (state[model] - expected[model]).abs().max().item() < 1e-5, (world, model)

@@ -457,7 +457,7 @@ def training_step(s: dict[str, Any], part: Rollout, t: Targets, rows: torch.Tens
                                                  t.advantages[at, :width], mask, config.clip)
     policy = s["policy_trainer"]
     policy.backward(loss, share, "ppo policy step")
-    policy.apply("ppo policy step", float(loss))
+    policy.apply("ppo policy step", loss.item())
     v_loss = torch.zeros(())
     if t.old_values is not None:
         value = s["value_trainer"]
@@ -465,7 +465,7 @@ def training_step(s: dict[str, Any], part: Rollout, t: Targets, rows: torch.Tens
             values = part.values(s["trained_value"])
         v_loss = value_loss(values, t.old_values[at, :width], t.returns[at, :width], mask, config.value_clip)
         value.backward(v_loss, share, "ppo value step")
-        value.apply("ppo value step", float(v_loss))
+        value.apply("ppo value step", v_loss.item())
     with torch.no_grad():
         entropy = entropy_from_logits(logits, mask)
     return [float(x.detach()) for x in (loss, clip_fraction, approx_kl, v_loss, entropy)]

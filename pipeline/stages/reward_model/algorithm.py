@@ -20,6 +20,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import torch.distributed as dist
 
 from model.chat_template import encode_chat
 from model.distributed import rank_and_world, save_on_rank0
@@ -285,6 +286,13 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
     """Train a reward model started from a causal-LM checkpoint (fresh scalar head) on `train_pairs` (a
     PREFERENCES table, e.g. from `reward_model_data`) and save it with its tokenizer to `out_dir`.
     Returns this rank's metrics (plain data, ready for a manifest)."""
+    return fit_reward_model(init_checkpoint, train_pairs, config, out_dir)[1]
+
+
+def fit_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, config: RMConfig,
+                     out_dir: str | Path) -> tuple[LlamaForReward, dict[str, Any]]:
+    """`train_reward_model`, also returning the trained model as this rank holds it (sharded under FSDP), so the
+    ranks can score held-out pairs without loading it again."""
     rank, world = rank_and_world()
     tokenizer = load_tokenizer(init_checkpoint)
     model = load_checkpoint(init_checkpoint, head="reward", seed=config.seed)
@@ -328,27 +336,45 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
     model.eval()
     save_on_rank0(model, out_dir, tokenizer)
     tail = losses[-max(1, len(losses) // 10):]
-    return {"pairs": len(encoded), "epochs": config.epochs, "steps": steps, "warmup_steps": warmup,
-            "margin": config.margin, "world_size": world, "first_loss": losses[0],
-            "last_loss": sum(tail) / len(tail), "seconds": seconds, "pairs_per_second": seen / seconds}
+    return model, {"pairs": len(encoded), "epochs": config.epochs, "steps": steps, "warmup_steps": warmup,
+                   "margin": config.margin, "world_size": world, "first_loss": losses[0],
+                   "last_loss": sum(tail) / len(tail), "seconds": seconds, "pairs_per_second": seen / seconds}
 
 
 @torch.no_grad()
 def pair_scores(model: LlamaForReward, pairs: pa.Table, tokenizer: Tokenizer,
                 batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw scores (before the sigmoid) of each pair's chosen and rejected answer, in row order."""
+    """Raw scores (before the sigmoid) of each pair's chosen and rejected answer, in row order.
+
+    In a torch.distributed group every rank calls this and scores every world-th batch on its own device, and all
+    of them get every score (one all-reduce); a sharded model gathers its weights in every forward, so a rank with
+    fewer batches runs its first one again, unrecorded, to keep the forwards paired."""
+    rank, world = rank_and_world()
     was_training = model.training
     model.eval()
     encoded = encode_pairs(pairs, tokenizer, model.config.max_position_embeddings)
     # Similar lengths side by side waste less padding.
     order = sorted(range(len(encoded)), key=lambda i: max(map(len, encoded[i])))
-    chosen, rejected = torch.empty(len(encoded)), torch.empty(len(encoded))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    mine = batches[rank::world]
+    scores = torch.zeros(2, len(encoded), dtype=torch.float64)
+    for index in range(math.ceil(len(batches) / world)):
+        rows = mine[index] if index < len(mine) else batches[0]
         r_chosen, r_rejected = score_pairs(model, [encoded[i] for i in rows], tokenizer.pad_id)
-        chosen[rows], rejected[rows] = r_chosen.float().cpu(), r_rejected.float().cpu()
+        if index < len(mine):
+            scores[0, rows], scores[1, rows] = r_chosen.double().cpu(), r_rejected.double().cpu()
+    if world > 1:
+        scores = sum_over_ranks(scores)
     model.train(was_training)
-    return chosen, rejected
+    return scores[0].float(), scores[1].float()
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor summed over the group, on the device the backend needs, returned on the tensor's own."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    summed = tensor.to(device)
+    dist.all_reduce(summed)
+    return summed.to(tensor.device)
 
 
 def accuracy_by_rating(r_chosen: torch.Tensor, r_rejected: torch.Tensor, ratings: Sequence[str]) -> dict[str, Any]:

@@ -20,10 +20,9 @@ from pipeline.data.store import RunStore
 from pipeline.stages.cached import checkpoint_stage, training_recipe
 from actors.scorer import SAFETY_THRESHOLD
 from model.calibration import write_calibration
-from model.checkpoint import load_checkpoint
 from pipeline.stages.reward_model.algorithm import (RM_COLUMNS, RMConfig, accuracy_by_rating, accuracy_by_source,
-                                                    encode_side, of_kind, pair_scores, reward_model_data, split_heldout,
-                                                    train_reward_model)
+                                                    encode_side, fit_reward_model, of_kind, pair_scores, reward_model_data,
+                                                    split_heldout)
 
 
 def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
@@ -77,16 +76,16 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
 
 def train_and_evaluate(init_checkpoint: Path, kind: str, train_pairs: pa.Table, config: RMConfig, out: Path,
                        tests: dict[str, pa.Table]) -> dict[str, Any]:
-    """Train one RM (on every rank of the trainer group), then rank 0 scores the held-out sets once: accuracy by
-    rating under "heldout", and from the same scores the RM's calibration (see `write_calibration`): the
+    """Train one RM (on every rank of the trainer group), then the ranks score the held-out sets once with the
+    model they trained, each a share on its own device, and rank 0 reports: accuracy by rating under "heldout", and from the same scores the RM's calibration (see `write_calibration`): the
     helpfulness RM centred on its held-out answers; the safety RM with the paper's gate at the best safe/unsafe
     split of all held-out answers (centering alone is not enough: trained on safety data, it scored every answer
     to a helpful prompt below the gate, measured in round 1 of the tiny run)."""
-    metrics = train_reward_model(init_checkpoint, train_pairs, config, out)
+    model, metrics = fit_reward_model(init_checkpoint, train_pairs, config, out)
+    tokenizer = load_tokenizer(out)
+    scores = {test: pair_scores(model, pairs, tokenizer) for test, pairs in tests.items()}
     if rank_and_world()[0] != 0:
         return metrics
-    tokenizer, model = load_tokenizer(out), load_checkpoint(out, head="reward")
-    scores = {test: pair_scores(model, pairs, tokenizer) for test, pairs in tests.items()}
     metrics["heldout"] = {test: accuracy_by_rating(*scores[test], tests[test].column("rating").to_pylist())
                           for test in tests}
     for test, pairs in tests.items():  # e.g. dpo_en_demo.json beside the chitchat pairs

@@ -6,8 +6,8 @@ seconds of imports on a busy CPU machine) unless --isolate is given:
 - peak_matmul: the chip's bf16 matmul peak (best of 3 rounds of a square torch.matmul loop; fp32 on CPU);
 - parity: our LLaMA (model/llama.py) against transformers' LlamaForCausalLM on the same weights, fp32 (plain and
   left-padded batches) and bf16 parameters: max abs logit difference, forward tokens/s of each;
-- train_step: forward + backward + clip + AdamW (the trainers' `optimizer_step`), fp32 master weights under bf16
-  autocast, for the SmolLM2-135M and a ~1.1B (TinyLlama-shaped) config: tokens/s, model FLOP/s and its share of
+- train_step: forward + backward + clip + AdamW (the trainers' `model.training.Trainer`), fp32 master weights under
+  bf16 autocast, for the SmolLM2-135M and a ~1.1B (TinyLlama-shaped) config: tokens/s, model FLOP/s and its share of
   the measured peak. FLOPs per token = 6 x matmul parameters (tied head once, embedding lookup not) + 12 x layers
   x q_width x seq (attention over the full row, forward and backward: PaLM's MFU formula, as bench_flops);
 - fsdp: torch's fully_shard on a 1-rank nccl group (gloo on CPU): training steps match the unsharded model's loss;
@@ -42,9 +42,8 @@ from torch import nn
 from model import ppo
 from model.config import ModelConfig
 from model.llama import LlamaForCausalLM, LlamaForReward
-from model.lm_training import optimizer_step
 from model.losses import masked_lm_loss
-from model.optim import adamw
+from model.training import TrainConfig, Trainer, TrainSetup, wrap
 
 ROOT = Path(__file__).resolve().parents[1]
 # Per-check caps in seconds (full, quick) and the whole run's budget: the lease is 15 minutes including start-up.
@@ -128,17 +127,20 @@ def to_bf16_keeping_rope(hf) -> None:
         setattr(hf.get_submodule(owner), attr, buf)
 
 
-def lm_step(model, optimizer, schedule, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with amp(device):
-        logits = model(ids)
-    loss = masked_lm_loss(logits, ids, torch.ones_like(ids))
-    optimizer_step(model, loss, optimizer, schedule, 1.0, "gpu_check")  # the trainers' step: clip 1.0, finite checks
-    return loss.detach()
+def lm_loss(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return masked_lm_loss(module(ids), ids, torch.ones_like(ids))
 
 
-def optimizer_for(model):
-    optimizer = adamw(model, lr=1e-4)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+def lm_step(trainer: Trainer, ids: torch.Tensor) -> torch.Tensor:
+    """The trainers' step (bf16 compute on CUDA over fp32 master weights, clip 1.0, finite checks); its loss."""
+    return torch.tensor(trainer.step([(ids, 1.0)], lm_loss, "gpu_check"))
+
+
+def trainer_for(model, device: torch.device, precision: str | None = None, **train) -> Trainer:
+    """The model wrapped and its AdamW built as every training loop does (model/training.py); bf16 compute on CUDA
+    unless `precision` says otherwise."""
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
+    return Trainer(model, TrainSetup(device=device, train=TrainConfig(precision=precision, **train)), lr=1e-4)
 
 
 def si(x: float) -> str:
@@ -247,10 +249,9 @@ def check_train_step(device, sizes, rows: Rows, args) -> None:
     for name, (fields, batch, seq) in sizes["train"].items():
         with rows.case(name) as r:
             model = build(LlamaForCausalLM, fields, device, seed=0).train()
-            optimizer, schedule = optimizer_for(model)
+            trainer = trainer_for(model, device)
             ids = torch.randint(3, fields["vocab_size"], (batch, seq), device=device)
-            seconds, loss = timed(lambda: lm_step(model, optimizer, schedule, ids, device), device, sizes["iters"] // 2,
-                                  sizes["warmup"])
+            seconds, loss = timed(lambda: lm_step(trainer, ids), device, sizes["iters"] // 2, sizes["warmup"])
             per_s = batch * seq / seconds
             achieved = per_s * model.config.training_flops_per_token(seq)
             ratio = achieved / args.peak if args.peak else None
@@ -261,16 +262,12 @@ def check_train_step(device, sizes, rows: Rows, args) -> None:
                      result=f"{si(model.num_parameters)} params, {batch}x{seq}, "
                             f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}: {si(per_s)} tok/s, "
                             f"{si(achieved)} FLOP/s{share}; loss {loss.item():.3f}{memory(device)}")
-            del model, optimizer, schedule
+            del model, trainer
 
 
 def check_fsdp(device, sizes, rows: Rows, args) -> None:
     import torch.distributed as dist
 
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import fully_shard
     backend = "nccl" if device.type == "cuda" else "gloo"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -284,27 +281,20 @@ def check_fsdp(device, sizes, rows: Rows, args) -> None:
         with rows.case(f"1 rank {backend}") as r:
             plain = build(LlamaForCausalLM, fields, device, seed=0).train()
             sharded = copy.deepcopy(plain)
-            try:  # the trainers' helper; it leaves a 1-rank model bare, so world=2 selects its fully_shard branch
-                from model.distributed import data_parallel
-
-                data_parallel(sharded, world=2, strategy="fsdp")
-                how = "model.distributed.data_parallel"
-            except ImportError as err:  # model.tokenizer needs sentencepiece: shard the same way here
-                for layer in sharded.model.layers:
-                    fully_shard(layer)
-                fully_shard(sharded)
-                how = f"inline fully_shard (model.distributed: {err})"
+            # The trainers' wrap leaves a 1-rank model bare, so world=2 selects its fully_shard branch.
+            wrap(sharded, TrainSetup(world=2, strategy="fsdp", device=device))
+            how = "model.training.wrap"
             if not any(type(p).__name__ == "DTensor" for p in sharded.parameters()):
                 raise RuntimeError("fully_shard left no DTensor parameters")
             ids = torch.randint(3, fields["vocab_size"], (batch, seq), device=device)
-            opt_plain, opt_sharded = optimizer_for(plain), optimizer_for(sharded)
+            # fp32 on both sides: FSDP's bf16 policy casts more than autocast does, and this compares sharding alone
+            opt_plain, opt_sharded = trainer_for(plain, device, "fp32"), trainer_for(sharded, device, "fp32")
             # step 1: same weights; steps 2-3: after what should be identical AdamW updates
-            losses = [(lm_step(plain, *opt_plain, ids, device).item(),
-                       lm_step(sharded, *opt_sharded, ids, device).item()) for _ in range(3)]
+            losses = [(lm_step(opt_plain, ids).item(), lm_step(opt_sharded, ids).item()) for _ in range(3)]
             diff = max(abs(a - b) for a, b in losses)
             iters = sizes["iters"] // 2
-            t_sharded, _ = timed(lambda: lm_step(sharded, *opt_sharded, ids, device), device, iters)
-            t_plain, _ = timed(lambda: lm_step(plain, *opt_plain, ids, device), device, iters)
+            t_sharded, _ = timed(lambda: lm_step(opt_sharded, ids), device, iters)
+            t_plain, _ = timed(lambda: lm_step(opt_plain, ids), device, iters)
             tokens = batch * seq
             r.update(status="ok" if diff < 1e-3 else "fail", max_loss_diff=diff, losses=losses,
                      tokens_per_s=tokens / t_sharded, plain_tokens_per_s=tokens / t_plain, sharding=how,
@@ -337,11 +327,13 @@ def ppo_update(policy, reference, value, opts, batch, device) -> dict:
     with amp(device):
         new_logprobs, logits = logprobs(policy)
     loss, clip_fraction, approx_kl = ppo.policy_loss(new_logprobs, old_logprobs, advantages, mask, 0.2)
-    optimizer_step(policy, loss, *opts[0], 1.0, "ppo policy step")
+    opts[0].backward(loss, 1.0, "ppo policy step")
+    opts[0].apply("ppo policy step", loss.item())
     with amp(device):
         values = value.token_values(ids, attention_mask).gather(1, positions)
     v_loss = ppo.value_loss(values, old_values, returns, mask, 0.2)
-    optimizer_step(value, v_loss, *opts[1], 1.0, "ppo value step")
+    opts[1].backward(v_loss, 1.0, "ppo value step")
+    opts[1].apply("ppo value step", v_loss.item())
     entropy = ppo.entropy_from_logits(logits.detach(), mask)
     sync(device)
     return dict(rollout_s=rollout, update_s=time.perf_counter() - start - rollout, policy_loss=loss.item(),
@@ -355,7 +347,7 @@ def check_ppo_step(device, sizes, rows: Rows, args) -> None:
         policy = build(LlamaForCausalLM, fields, device, seed=0).train()
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
         value = build(LlamaForReward, fields, device, seed=1).train()
-        opts = optimizer_for(policy), optimizer_for(value)
+        opts = trainer_for(policy, device), trainer_for(value, device)
         # prompts of `prompt` tokens, answers of 1..`answer` tokens, right padding
         lengths = torch.randint(1, answer + 1, (batch,), device=device)
         j = torch.arange(answer, device=device)

@@ -18,8 +18,9 @@ from model.checkpoint import load_checkpoint
 from model.llama import LlamaForCausalLM
 from model.losses import masked_lm_loss
 from model.optim import adamw
-from model.training import TrainConfig, Trainer, TrainSetup, micro_split, split_batch
-from pipeline.stages.reward_model.algorithm import RMConfig, train_reward_model
+from model.tokenizer import load_tokenizer
+from model.training import TrainConfig, Trainer, TrainSetup, micro_split, split_batch, wrap
+from pipeline.stages.reward_model.algorithm import RMConfig, pair_scores, train_reward_model
 from test_faults import base_checkpoint, preference_pairs
 
 LR = 1e-2
@@ -184,3 +185,22 @@ def test_reward_models_train_under_fsdp(trainers, tmp_path):
 def rm_on_rank(_ctx: RankContext, payload: tuple) -> dict:
     base, config, out = payload
     return train_reward_model(base, preference_pairs(), config, out)
+
+
+def test_held_out_pairs_are_scored_on_the_ranks_as_in_one_process(trainers, tmp_path):
+    """Each rank scores every other batch of pairs with the sharded RM (3 batches on 2 ranks: one rank runs an extra,
+    unrecorded forward so FSDP's gathers pair up) and every rank ends with all the scores of one process."""
+    base = base_checkpoint(tmp_path / "base")
+    pairs = preference_pairs(count=20)
+    results = trainers.run(score_on_rank, [(str(base), pairs)] * 2)
+    tokenizer, model = load_tokenizer(base), load_checkpoint(base, head="reward", seed=3)
+    expected = pair_scores(model, pairs, tokenizer, batch_size=8)
+    for chosen, rejected in results:
+        assert torch.allclose(chosen, expected[0], atol=1e-5) and torch.allclose(rejected, expected[1], atol=1e-5)
+
+
+def score_on_rank(ctx: RankContext, payload: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    base, pairs = payload
+    model = load_checkpoint(base, head="reward", seed=3)
+    wrap(model, ctx.setup("fsdp"))
+    return pair_scores(model, pairs, load_tokenizer(base), batch_size=8)

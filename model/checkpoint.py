@@ -8,14 +8,16 @@ is put into the model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -45,33 +47,49 @@ def save_checkpoint(model: PretrainedLlama, directory: str | Path, tokenizer=Non
     `untie=True` writes tied embeddings as two tensors (lm_head.weight a copy of the embeddings) and marks the
     config untied: the same function, in the form vLLM can reload in place (see `untie_checkpoint`).
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the final folder should read like any other
-    try:
+    with checkpoint_folder(directory) as tmp:
         tensors, config = checkpoint_tensors(model, untie)
         config.save(tmp, architecture=model.architecture)
         _write_safetensors(tensors, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
+    return Path(directory)
+
+
+@contextlib.contextmanager
+def checkpoint_folder(directory: str | Path) -> Iterator[Path]:
+    """A temp folder beside `directory` that replaces it when the block ends, and is removed if the block fails:
+    readers never see a half-written checkpoint."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the final folder should read like any other
+    try:
+        yield tmp
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
 
 
 def checkpoint_tensors(model: PretrainedLlama, untie: bool = False) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """The tensors a checkpoint of `model` holds (on the CPU, in the config's dtype) and its config; `untie=True`
     adds lm_head.weight as a copy of tied embeddings and marks the config untied."""
-    config = model.config
-    dtype = getattr(torch, config.dtype)
+    dtype = getattr(torch, model.config.dtype)
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
-    if untie and config.tie_word_embeddings and isinstance(model, LlamaForCausalLM):
+    if unties(model, untie):
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-        config = dataclasses.replace(config, tie_word_embeddings=False)
-    return tensors, config
+    return tensors, exported_config(model, untie)
+
+
+def unties(model: PretrainedLlama, untie: bool) -> bool:
+    """Whether an export with `untie` adds lm_head.weight, a copy of the tied embeddings (config marked untied)."""
+    return untie and model.config.tie_word_embeddings and isinstance(model, LlamaForCausalLM)
+
+
+def exported_config(model: PretrainedLlama, untie: bool) -> ModelConfig:
+    """The config an export of `model` writes: marked untied when `unties`."""
+    return dataclasses.replace(model.config, tie_word_embeddings=False) if unties(model, untie) else model.config
 
 
 def untie_checkpoint(source: str | Path, directory: str | Path) -> Path:
@@ -91,27 +109,51 @@ def untie_checkpoint(source: str | Path, directory: str | Path) -> Path:
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    writer = ShardWriter(directory, max_shard_bytes)
     for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.close()
+
+
+class ShardWriter:
+    """Safetensors files of at most `max_shard_bytes` (a tensor larger than that gets a file of its own), written
+    as they fill so a caller streaming tensors one by one never holds more than a shard; `close` names them as
+    transformers does (model.safetensors when one file is enough, else model-0000i-of-0000n + the index)."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.directory, self.max_shard_bytes = Path(directory), max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []  # (file with a provisional name, its tensors)
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
-    if len(shards) == 1:
-        save_file(shards[0], directory / SINGLE_FILE, metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / filename, metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f".part-{len(self.written) + 1:05d}.safetensors"  # the final name needs the count
+        save_file(self.pending, path, metadata={"format": "pt"})  # transformers refuses files without it
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            self.written[0][0].rename(self.directory / SINGLE_FILE)
+            return
+        weight_map = {}
+        for i, (path, names) in enumerate(self.written, start=1):
+            filename = f"model-{i:05d}-of-{len(self.written):05d}.safetensors"
+            path.rename(self.directory / filename)
+            weight_map.update(dict.fromkeys(names, filename))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -155,6 +197,17 @@ def tensor_files(directory: str | Path) -> dict[str, Path]:
 
 def iter_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """Yield (name, tensor, file) for every tensor of a checkpoint folder, one file open at a time."""
+    for name, handle, path in _iter_entries(directory, lambda f, name: f.get_tensor(name)):
+        yield name, handle, path
+
+
+def iter_slices(directory: str | Path) -> Iterator[tuple[str, Any, Path]]:
+    """Yield (name, safetensors slice, file) for every tensor of a checkpoint folder, reading nothing yet: the
+    slice has `get_shape()` and reads rows on indexing (`[start:stop]`), valid until the next item."""
+    yield from _iter_entries(directory, lambda f, name: f.get_slice(name))
+
+
+def _iter_entries(directory: str | Path, read: Callable[[Any, str], Any]) -> Iterator[tuple[str, Any, Path]]:
     by_file: dict[Path, list[str]] = {}
     for name, path in tensor_files(directory).items():
         by_file.setdefault(path, []).append(name)
@@ -166,7 +219,71 @@ def iter_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor, Pat
             for name in names:
                 if name not in present:
                     raise CheckpointError(f"{path}: tensor '{name}' is listed in {INDEX_FILE} but not in this file")
-                yield name, f.get_tensor(name), path
+                yield name, read(f, name), path
+
+
+@dataclass
+class LoadPlan:
+    """What a checkpoint folder must hold to load into a model of `cls` with its config: the one set of checks
+    (names, shapes, finite values, completeness) that loading in one piece and loading shard by shard share."""
+
+    directory: Path
+    cls: type[PretrainedLlama]
+    config: ModelConfig
+    expected: dict[str, tuple[int, ...]]
+    new_reward_head: bool  # a reward model started from a causal LM: its score head is fresh
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.dtype)
+
+    def skips(self, name: str) -> bool:
+        """Tensors a folder may hold that the model does not load: derived buffers, a tied checkpoint's copy of
+        the embeddings, the LM head of a causal LM a reward model starts from."""
+        if name.endswith(_DERIVED_SUFFIXES):
+            return True
+        return name == "lm_head.weight" and (self.new_reward_head or self.config.tie_word_embeddings)
+
+    def check_shape(self, name: str, shape: tuple[int, ...], path: Path) -> None:
+        if name not in self.expected:
+            raise CheckpointError(f"{path}: unexpected tensor '{name}' (not part of a {self.cls.architecture} with "
+                                  "this config.json)")
+        if tuple(shape) != self.expected[name]:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(shape)}, config.json implies "
+                                  f"{self.expected[name]}")
+
+    def check_values(self, name: str, tensor: torch.Tensor, path: Path) -> None:
+        if not (tensor.is_floating_point() and torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor '{name}' is not finite floating point (dtype {tensor.dtype})")
+
+    def fresh_reward_head(self, seed: int) -> torch.Tensor:
+        """The score head a reward model started from a causal LM gets, in the config's dtype, on the CPU."""
+        generator = torch.Generator().manual_seed(seed)
+        score = torch.randn(self.expected["score.weight"], generator=generator) * self.config.initializer_range
+        return score.to(self.dtype)
+
+    def check_complete(self, loaded: Collection[str]) -> None:
+        missing = sorted(set(self.expected) - set(loaded))
+        if missing:
+            where = self.directory / (INDEX_FILE if (self.directory / INDEX_FILE).is_file() else SINGLE_FILE)
+            raise CheckpointError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                                  f"({len(missing)} in all) for a {self.cls.architecture} with this config.json")
+
+
+def plan_load(directory: str | Path, head: Head = "causal_lm",
+              dtype: torch.dtype | None = None) -> tuple[LoadPlan, PretrainedLlama]:
+    """The checks a folder must pass and the model it loads into, built on the meta device (no memory yet)."""
+    directory = Path(directory)
+    config = ModelConfig.load(directory)
+    if dtype is not None:
+        config.dtype = str(dtype).removeprefix("torch.")
+    cls = LlamaForCausalLM if head == "causal_lm" else LlamaForReward
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    saved_arch = (json.loads((directory / "config.json").read_text()).get("architectures") or [""])[0]
+    new_reward_head = head == "reward" and saved_arch != LlamaForReward.architecture
+    return LoadPlan(directory, cls, config, expected, new_reward_head), model
 
 
 def load_checkpoint(directory: str | Path, head: Head = "causal_lm", dtype: torch.dtype | None = None,
@@ -175,43 +292,18 @@ def load_checkpoint(directory: str | Path, head: Head = "causal_lm", dtype: torc
 
     head="reward" on a causal-LM checkpoint starts a reward model from it (the paper initialises the RMs from
     the chat model): the LM head is dropped and a fresh scalar head is initialised with `seed`.
+    (model/sharded.py `load_for_training` loads each rank's FSDP shards only, with the same checks.)
     """
-    directory = Path(directory)
-    config = ModelConfig.load(directory)
-    if dtype is not None:
-        config.dtype = str(dtype).removeprefix("torch.")
-    cls = LlamaForCausalLM if head == "causal_lm" else LlamaForReward
-    with torch.device("meta"):
-        model = cls(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    saved_arch = (json.loads((directory / "config.json").read_text()).get("architectures") or [""])[0]
-    new_reward_head = head == "reward" and saved_arch != LlamaForReward.architecture
-
-    target_dtype = getattr(torch, config.dtype)
+    plan, model = plan_load(directory, head, dtype)
     state: dict[str, torch.Tensor] = {}
     for name, tensor, path in iter_tensors(directory):
-        if name.endswith(_DERIVED_SUFFIXES):
+        if plan.skips(name):
             continue
-        if name == "lm_head.weight" and (new_reward_head or config.tie_word_embeddings):
-            # A tied checkpoint may still carry a copy of the embeddings; an RM started from an LM drops it.
-            continue
-        if name not in expected:
-            raise CheckpointError(f"{path}: unexpected tensor '{name}' (not part of a {cls.architecture} with this "
-                                  "config.json)")
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies "
-                                  f"{tuple(expected[name])}")
-        if not (tensor.is_floating_point() and torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{path}: tensor '{name}' is not finite floating point (dtype {tensor.dtype})")
-        state[name] = tensor.to(device, target_dtype)
-    if new_reward_head:
-        generator = torch.Generator().manual_seed(seed)
-        score = torch.randn(expected["score.weight"], generator=generator) * config.initializer_range
-        state["score.weight"] = score.to(device, target_dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        where = directory / (INDEX_FILE if (directory / INDEX_FILE).is_file() else SINGLE_FILE)
-        raise CheckpointError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                              f"({len(missing)} in all) for a {cls.architecture} with this config.json")
+        plan.check_shape(name, tuple(tensor.shape), path)
+        plan.check_values(name, tensor, path)
+        state[name] = tensor.to(device, plan.dtype)
+    if plan.new_reward_head:
+        state["score.weight"] = plan.fresh_reward_head(seed).to(device)
+    plan.check_complete(state)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

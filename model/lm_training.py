@@ -5,13 +5,18 @@ One process, or every rank of a torch.distributed group (the trainer actors) thr
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from model.llama import LlamaForCausalLM
@@ -19,6 +24,7 @@ from model.losses import masked_lm_loss
 from model.optim import OptimConfig, cosine_with_warmup
 from model.training import Trainer, TrainSetup, micro_split
 from model.packing import PackedRows
+from model.sharded import load_train_state, save_train_state
 
 
 @dataclass
@@ -84,32 +90,67 @@ def trained_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig, setup: TrainSetup | None = None,
              desc: str = "train", on_step: Callable[[int, float], None] | None = None,
-             progress: Callable[[int, str], Any] = default_bar) -> LMTrainResult:
-    """`config.steps` optimizer steps of `config.batch_size` rows on this rank, in `config.accumulation` forwards (`setup`: its ranks and switches; one
-    process in fp32 by default); `progress(total, desc)` makes the progress bar (update, set_description, close),
-    so callers in Ray actors can pass one the driver draws."""
+             progress: Callable[[int, str], Any] = default_bar, state_dir: str | Path | None = None) -> LMTrainResult:
+    """`config.steps` optimizer steps of `config.batch_size` rows on this rank, in `config.accumulation` forwards
+    (`setup`: its ranks and switches; one process in fp32 by default); `progress(total, desc)` makes the progress
+    bar (update, set_description, close), so callers in Ray actors can pass one the driver draws.
+
+    `state_dir`: where the run saves its state every `setup.train.save_every` steps (model/sharded.py) and, when a
+    save of this same run is there (same config, ranks and rows), resumes from it, skipping the batches it
+    trained: the result and the weights are those of a run never interrupted. Every rank passes the same folder.
+    """
     setup = setup or TrainSetup()
     trainer = Trainer(model, setup, config.lr, config.optim,
                       lambda opt: cosine_with_warmup(opt, config.steps, config.warmup_steps, config.min_lr_ratio))
+    run = run_digest(packed, config, setup) if state_dir is not None else ""
+    resumed = load_train_state(trainer, state_dir, run) if state_dir is not None else None
+    done = resumed["step"] if resumed else 0
     batches = shuffled_batches(packed, config.batch_size, config.seed)
+    for _ in range(done):
+        next(batches)  # the resumed run sees the batches it would have seen
     model.train()
-    losses: list[float] = []
-    tokens = 0
+    losses: list[float] = resumed["losses"] if resumed else []
+    tokens = resumed["tokens"] if resumed else 0
     start = time.perf_counter()
     bar = progress(config.steps, desc)
-    for step in range(config.steps):
+    bar.update(done)
+    for step in range(done, config.steps):
         batch = next(batches)
         losses.append(trainer.step(micro_batches(batch, config.accumulation), forward_loss, f"{desc} step {step}"))
         tokens += int(batch["loss_mask"].sum())
         bar.update(1)
         if step % 10 == 0:
             bar.set_description(f"{desc} loss {losses[-1]:.3f}")
+        if _saves_after(step + 1, config.steps, setup.train.save_every, state_dir):
+            save_train_state(trainer, state_dir, step + 1, {"run": run, "losses": losses, "tokens": tokens})
         if on_step is not None:
             on_step(step, losses[-1])
     bar.close()
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return LMTrainResult(config.steps, tokens, time.perf_counter() - start, losses[0], sum(tail) / len(tail))
+
+
+def _saves_after(done: int, steps: int, save_every: int, state_dir: str | Path | None) -> bool:
+    """Whether the run saves its state after `done` steps: every `save_every`, never after the last (the caller
+    writes the result)."""
+    return state_dir is not None and save_every > 0 and done % save_every == 0 and done < steps
+
+
+def run_digest(packed: PackedRows, config: LMTrainConfig, setup: TrainSetup) -> str:
+    """What a saved state must have been trained with to be resumed: the loop's config, the ranks, the switches
+    that change the arithmetic and every rank's rows (a collective on several ranks)."""
+    rows = hashlib.sha256()
+    for tensor in (packed.input_ids, packed.loss_mask, packed.document_ids, packed.attention_mask):
+        rows.update(tensor.contiguous().numpy().tobytes())
+    every_rank = [rows.hexdigest()]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        every_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, rows.hexdigest())
+    train = {key: value for key, value in dataclasses.asdict(setup.train).items() if key != "save_every"}
+    key = {"config": dataclasses.asdict(config), "world": setup.world, "strategy": setup.strategy, "train": train,
+           "rows": every_rank}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 @torch.no_grad()

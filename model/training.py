@@ -42,6 +42,9 @@ class TrainConfig:
     # of batch / (micro_batch x ranks) of them. 0: the rank's whole share in one forward.
     micro_batch: int = 0
     offload_optimizer: bool = False  # FSDP only: the master weights and optimizer state on the host (CPU step)
+    # Save the model, optimizer and progress every this many optimizer steps so a killed stage resumes there
+    # (torch.distributed.checkpoint; model/sharded.py). 0: never. Not part of a stage's digest.
+    save_every: int = 0
 
     def __post_init__(self) -> None:
         errors = []
@@ -49,6 +52,8 @@ class TrainConfig:
             errors.append(f"train.precision = {self.precision!r}: allowed: {', '.join(PRECISIONS)}")
         if self.micro_batch < 0:
             errors.append(f"train.micro_batch = {self.micro_batch}: must be >= 0 (0: no accumulation)")
+        if self.save_every < 0:
+            errors.append(f"train.save_every = {self.save_every}: must be >= 0 (0: never save a resumable state)")
         if errors:
             raise ValueError("\n".join(errors))
 
@@ -95,9 +100,14 @@ def wrap(model: PretrainedLlama, setup: TrainSetup, trainable: bool = True, offl
     """The module the forward runs on: bare in one process, DDP-wrapped, or sharded in place by FSDP2 (each decoder
     layer a unit, so only one layer's full weights exist at a time), with the setup's precision and offload.
     `trainable=False` (PPO's reference) is never DDP-wrapped (no gradients to average); `offload` (default: the
-    setup's offload_optimizer on a trainable model) keeps FSDP's shards on the host between uses."""
+    setup's offload_optimizer on a trainable model) keeps FSDP's shards on the host between uses.
+    A model already sharded (model/sharded.py `load_for_training`) is returned as it is; one on the meta device
+    is sharded there, for its caller to materialise each rank's shards."""
+    if is_sharded(model):
+        return model
     config = setup.train
-    model.to(setup.device or rank_device())
+    if not is_meta(model):
+        model.to(setup.device or rank_device())
     if config.activation_checkpointing and trainable:
         model.set_gradient_checkpointing(True)
     if setup.strategy == "fsdp" and setup.world > 1:
@@ -107,6 +117,9 @@ def wrap(model: PretrainedLlama, setup: TrainSetup, trainable: bool = True, offl
             if config.precision == "bf16" else MixedPrecisionPolicy()
         if offload is None:
             offload = config.offload_optimizer and trainable
+        if offload and not torch.cuda.is_available():
+            raise RuntimeError("FSDP offload (train.offload_optimizer, ppo.offload_reference) needs a GPU: it moves "
+                               "shards between the host and an accelerator, and on CPU they are on the host already")
         policy = CPUOffloadPolicy() if offload else OffloadPolicy()
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=mp, offload_policy=policy)
@@ -121,6 +134,10 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def compute_precision(module: nn.Module, precision: str) -> contextlib.AbstractContextManager:
@@ -147,14 +164,16 @@ Micro = TypeVar("Micro")
 class Trainer:
     """A model wrapped for its ranks with its optimizer and schedule, built in that order (an optimizer built before
     `fully_shard` would step tensors the model no longer uses). `module` is what the forward runs on, `model` the
-    inner PretrainedLlama (export, evaluation)."""
+    inner PretrainedLlama (export, evaluation). A model model/sharded.py `load_for_training` already sharded (in
+    fp32) is used as it is: only its optimizer is built here."""
 
     def __init__(self, model: PretrainedLlama, setup: TrainSetup, lr: float, optim: OptimConfig | None = None,
                  schedule: Callable[[torch.optim.Optimizer], Any] | None = None):
         self.model, self.setup = model, setup
         self.optim = optim or OptimConfig()
         # The optimizer's copy is fp32 whatever the checkpoint's dtype: bf16 weights round away most small updates.
-        model.float()
+        if not is_sharded(model):
+            model.float()
         self.module = wrap(model, setup)
         self.optimizer = adamw(model, lr, self.optim)
         self.schedule = (schedule or constant)(self.optimizer)
@@ -202,12 +221,13 @@ class Trainer:
         if not math.isfinite(norm):
             raise FloatingPointError(f"{where}: gradient norm is {norm} (loss {loss:.4g}); stopping before the "
                                      "weights are corrupted")
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (the schedule moves it next)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         if self._before is not None and norm > 0:
-            check_moved(self.model, self._before, where)
+            check_moved(self.model, self._before, where, lr)
             self._before = None
 
     def _sync(self, last: bool) -> contextlib.AbstractContextManager:
@@ -238,7 +258,7 @@ def fingerprints(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_moved(model: nn.Module, before: dict[str, torch.Tensor], where: str) -> None:
+def check_moved(model: nn.Module, before: dict[str, torch.Tensor], where: str, lr: float) -> None:
     """RuntimeError naming the first trainable parameter that no rank's shard of moved in the step just taken."""
     after = fingerprints(model)
     still = [name for name, value in before.items() if torch.equal(value, after[name])]
@@ -251,7 +271,8 @@ def check_moved(model: nn.Module, before: dict[str, torch.Tensor], where: str) -
     if stuck:
         raise RuntimeError(f"{where}: the optimizer step left {len(stuck)} of {len(before)} trainable parameters "
                            f"unchanged, first '{stuck[0]}' (an optimizer built before the model was wrapped or "
-                           "sharded steps tensors the model no longer uses)")
+                           "sharded steps tensors the model no longer uses; or a learning rate at this step, "
+                           f"{lr:.3g}, too small to change fp32 weights)")
 
 
 def micro_split(rows: torch.Tensor, parts: int) -> list[tuple[torch.Tensor, bool]]:

@@ -239,7 +239,7 @@ def test_the_clip_fraction_counts_tokens_whose_ratio_was_pushed_out(folders):
         return ppo_iteration(ONE, batch)["clip_fraction"]
 
     assert clip_fraction(1e-2) > 0.1  # measured: 0.29
-    assert clip_fraction(1e-9) == 0.0  # a step that barely moves the policy clips nothing
+    assert clip_fraction(1e-6) == 0.0  # a step that barely moves the policy (the paper's lr) clips nothing
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "grpo"])
@@ -304,10 +304,11 @@ def test_config_checks_the_old_logprobs_switch():
 
 def test_the_digest_leaves_the_new_fields_out_at_their_old_behaviour():
     added = ("old_logprobs", "logprob_tolerance", "group_by_length")
+    sharded = ("parallel", "train", "offload_reference")  # left out at their defaults (DDP, fp32, nothing offloaded)
     old = PPOConfig(old_logprobs="trainer", group_by_length=False)
     # what run stores made before these fields digested: they keep their finished PPO stage
     # (the optimizer's fields flat, as PPOConfig held them before the shared `optim` block)
-    flat = {k: v for k, v in dataclasses.asdict(old).items() if k not in (*added, "optim")}
+    flat = {k: v for k, v in dataclasses.asdict(old).items() if k not in (*added, *sharded, "optim")}
     assert old.recipe() == flat | dataclasses.asdict(old.optim)
     assert set(added) <= set(PPOConfig().recipe())
 

@@ -14,6 +14,8 @@ from model.training import TrainConfig
 from pipeline.data.store import PROGRESS, RunStore, StageStore, digest_config
 
 CHECKPOINT_DIR = "checkpoint"
+# Beside the checkpoint folder: what a training run saved to resume from (train.save_every; model/sharded.py).
+TRAIN_STATE_DIR = "train_state"
 
 
 def training_recipe(config: Any, optim_keys: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -25,6 +27,7 @@ def training_recipe(config: Any, optim_keys: tuple[str, ...] = ()) -> dict[str, 
     recipe |= {key: optim[key] for key in optim_keys}
     changed = {key: value for key, value in optim.items() if key not in optim_keys and value != default[key]}
     train = changed_fields(recipe.pop("train"), TrainConfig())
+    train.pop("save_every", None)  # how often a run saves to resume is not part of what it trains
     return recipe | ({"optim": changed} if changed else {}) | ({"train": train} if train else {})
 
 
@@ -47,7 +50,14 @@ def checkpoint_stage(store: RunStore, round: int, name: str, inputs: Mapping[str
     _clear_leftovers(stage)
     metrics = train(folder)
     stage.finish(None, inputs, config_digest, checkpoint=CHECKPOINT_DIR, extra={"metrics": metrics})
+    shutil.rmtree(stage.path / TRAIN_STATE_DIR, ignore_errors=True)  # done: nothing left to resume
     return folder, metrics, False
+
+
+def train_state_dir(checkpoint_dir: str | Path) -> Path:
+    """Where the training run writing `checkpoint_dir` saves its state to resume from: beside it, in the stage's
+    folder, where `_clear_leftovers` keeps it for a re-run of the same stage."""
+    return Path(checkpoint_dir).parent / TRAIN_STATE_DIR
 
 
 def table_stage(store: RunStore, round: int, name: str, inputs: Mapping[str, str],  # noqa: A002
@@ -69,9 +79,13 @@ def _clear_leftovers(stage: StageStore) -> None:
     """A checkpoint stage has no shards to resume from: whatever an interrupted run left in its folder (a half
     made checkpoint, PPO's copy of the starting policy and its `live` export, temp folders, a stale manifest)
     goes before training starts again. PPO's `shutil.copytree(start, out)` fails on an existing `out`, so
-    without this a run killed during PPO could never be resumed."""
+    without this a run killed during PPO could never be resumed.
+
+    The training state a killed run saved (TRAIN_STATE_DIR) stays: `stage.begin` has already emptied the folder
+    if the inputs or the config changed, so what is left was saved by this same stage, and training resumes
+    from it (the state also carries the run's own digest, checked before it is loaded)."""
     for entry in stage.path.iterdir():
-        if entry.name == PROGRESS:
+        if entry.name in (PROGRESS, TRAIN_STATE_DIR):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

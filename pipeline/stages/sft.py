@@ -18,15 +18,15 @@ import pyarrow as pa
 import torch
 
 from model.chat_template import encode_chat
-from model.checkpoint import load_checkpoint
 from model.distributed import rank_and_world, save_on_rank0
 from model.lm_training import LMTrainConfig, train_lm
 from model.optim import OptimConfig
 from model.packing import Example, PackedRows, pack
+from model.sharded import load_for_training, remove_train_state
 from model.training import TrainConfig, TrainSetup, split_batch
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.progress import progress_bar
-from pipeline.stages.cached import training_recipe
+from pipeline.stages.cached import train_state_dir, training_recipe
 
 
 @dataclass
@@ -125,11 +125,14 @@ def train_sft(base_checkpoint: str | Path, demonstrations: pa.Table, out_dir: st
     On N ranks each rank averages the loss over its own answer tokens and the ranks' gradients are averaged (DDP,
     or FSDP's reduce-scatter).
     `examples` encodes the demonstrations: every answer trained (default), or e.g. GAtt's last answer only.
+    With `train.save_every`, the run saves its state beside `out_dir` (pipeline.stages.cached.train_state_dir)
+    and a re-run resumes from it; the state goes once the checkpoint is written.
     """
     rank, world = rank_and_world()
     demonstrations = demonstrations.select(list(SFT_COLUMNS))  # the oracle's fields (`meta`) stay behind
     tokenizer = load_tokenizer(base_checkpoint)
-    model = load_checkpoint(base_checkpoint)
+    setup = TrainSetup(world, config.parallel, config.train)
+    model = load_for_training(base_checkpoint, setup)  # FSDP: each rank reads its own shards only
     if config.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"sft.seq_len = {config.seq_len}: longer than the model's context "
                          f"({model.config.max_position_embeddings} positions)")
@@ -140,9 +143,11 @@ def train_sft(base_checkpoint: str | Path, demonstrations: pa.Table, out_dir: st
     train = LMTrainConfig(steps=steps, batch_size=micro * accumulation, lr=config.lr,
                           warmup_steps=round(config.warmup_share * steps), min_lr_ratio=config.min_lr_ratio,
                           optim=config.optim, seed=config.seed, accumulation=accumulation)
-    result = train_lm(model, shard_rows(packed, rank, world), train, TrainSetup(world, config.parallel, config.train),
-                      desc="sft", progress=progress_bar)
+    state_dir = train_state_dir(out_dir)
+    result = train_lm(model, shard_rows(packed, rank, world), train, setup, desc="sft", progress=progress_bar,
+                      state_dir=state_dir)
     save_on_rank0(model, out_dir, tokenizer)
+    remove_train_state(state_dir)
     return {"examples": demonstrations.num_rows, "packed_rows": len(packed), "fill": packed.fill,
             "epochs": config.epochs, "steps": result.steps, "warmup_steps": train.warmup_steps,
             "world_size": world, "first_loss": result.first_loss, "last_loss": result.last_loss,

@@ -6,8 +6,6 @@ One process, or every rank of a torch.distributed group (the trainer actors) thr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from model.llama import LlamaForCausalLM
@@ -24,7 +21,7 @@ from model.losses import masked_lm_loss
 from model.optim import OptimConfig, cosine_with_warmup
 from model.training import Trainer, TrainSetup, micro_split
 from model.packing import PackedRows
-from model.sharded import load_train_state, save_train_state
+from model.sharded import load_train_state, save_train_state, saves_after, state_digest
 
 
 @dataclass
@@ -121,7 +118,7 @@ def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig,
         bar.update(1)
         if step % 10 == 0:
             bar.set_description(f"{desc} loss {losses[-1]:.3f}")
-        if _saves_after(step + 1, config.steps, setup.train.save_every, state_dir):
+        if saves_after(step + 1, config.steps, setup.train.save_every, state_dir):
             save_train_state(trainer, state_dir, step + 1, {"run": run, "losses": losses, "tokens": tokens})
         if on_step is not None:
             on_step(step, losses[-1])
@@ -131,26 +128,11 @@ def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig,
     return LMTrainResult(config.steps, tokens, time.perf_counter() - start, losses[0], sum(tail) / len(tail))
 
 
-def _saves_after(done: int, steps: int, save_every: int, state_dir: str | Path | None) -> bool:
-    """Whether the run saves its state after `done` steps: every `save_every`, never after the last (the caller
-    writes the result)."""
-    return state_dir is not None and save_every > 0 and done % save_every == 0 and done < steps
-
-
 def run_digest(packed: PackedRows, config: LMTrainConfig, setup: TrainSetup) -> str:
-    """What a saved state must have been trained with to be resumed: the loop's config, the ranks, the switches
-    that change the arithmetic and every rank's rows (a collective on several ranks)."""
-    rows = hashlib.sha256()
-    for tensor in (packed.input_ids, packed.loss_mask, packed.document_ids, packed.attention_mask):
-        rows.update(tensor.contiguous().numpy().tobytes())
-    every_rank = [rows.hexdigest()]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        every_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(every_rank, rows.hexdigest())
-    train = {key: value for key, value in dataclasses.asdict(setup.train).items() if key != "save_every"}
-    key = {"config": dataclasses.asdict(config), "world": setup.world, "strategy": setup.strategy, "train": train,
-           "rows": every_rank}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    """What a saved state must have been trained with to be resumed (model.sharded.run_digest): the loop's config
+    and this rank's rows."""
+    return state_digest({"config": dataclasses.asdict(config)},
+                        (packed.input_ids, packed.loss_mask, packed.document_ids, packed.attention_mask), setup)
 
 
 @torch.no_grad()

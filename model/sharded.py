@@ -13,11 +13,13 @@ shards, and a state saved on N ranks loads on M.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +218,27 @@ def load_train_state(trainer: Trainer, directory: str | Path, run: str) -> dict[
     trainer.schedule.load_state_dict(progress["schedule"])
     trainer.steps = progress["step"]
     return progress
+
+
+def saves_after(done: int, steps: int, save_every: int, state_dir: str | Path | None) -> bool:
+    """Whether a run saves its state after `done` of its `steps` steps: every `save_every`, never after the last (the
+    caller writes the result)."""
+    return state_dir is not None and save_every > 0 and done % save_every == 0 and done < steps
+
+
+def state_digest(what: dict[str, Any], data: Sequence[torch.Tensor], setup: TrainSetup) -> str:
+    """What a saved state must have been trained with to be resumed: the loop's own settings (`what`), the ranks,
+    the switches that change the arithmetic and every rank's data (a collective on several ranks)."""
+    mine = hashlib.sha256()
+    for tensor in data:
+        mine.update(tensor.contiguous().cpu().numpy().tobytes())
+    every_rank = [mine.hexdigest()]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        every_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(every_rank, mine.hexdigest())
+    train = {key: value for key, value in dataclasses.asdict(setup.train).items() if key != "save_every"}
+    key = {**what, "world": setup.world, "strategy": setup.strategy, "train": train, "data": every_rank}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _saved_steps(directory: Path) -> list[Path]:

@@ -205,3 +205,46 @@ def score_on_rank(ctx: RankContext, payload: tuple) -> tuple[torch.Tensor, torch
     model = load_checkpoint(base, head="reward", seed=3)
     wrap(model, ctx.setup("fsdp"))
     return pair_scores(model, pairs, load_tokenizer(base), batch_size=8)
+
+
+def test_reward_models_train_their_top_layers_under_fsdp(trainers, tmp_path):
+    """Frozen lower layers inside FSDP's units: the trained ones move, the frozen ones are saved as they were."""
+    base = base_checkpoint(tmp_path / "base")
+    config = RMConfig(batch_size=4, lr=1e-3, epochs=1, parallel="fsdp", trainable_layers=1)
+    trainers.run(rm_on_rank, [(str(base), config, str(tmp_path / "rm"))] * 2)
+    start = load_checkpoint(base, head="reward").state_dict()
+    after = load_checkpoint(tmp_path / "rm", head="reward").state_dict()
+    unchanged = {name for name in start if torch.equal(start[name], after[name])}
+    assert unchanged == {name for name in start if name.startswith(("model.embed_tokens", "model.layers.0."))}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_killed_reward_model_run_resumes_from_its_save_bit_identical(tmp_path, monkeypatch):
+    """A save every 2 steps; the first attempt dies right after the save at step 4; the re-run resumes there and
+    writes the RM an uninterrupted run writes, bit for bit, with the same losses."""
+    from pipeline.stages.reward_model import algorithm
+
+    base, pairs = base_checkpoint(tmp_path / "base"), preference_pairs(count=48)
+    config = RMConfig(batch_size=8, lr=1e-3, epochs=1, warmup_min_steps=0, train=TrainConfig(save_every=2))
+    whole = train_reward_model(base, pairs, config, tmp_path / "whole" / "checkpoint")
+    original = algorithm.save_train_state
+
+    def save_then_die(trainer, directory, step, progress):
+        original(trainer, directory, step, progress)
+        if step == 4:
+            raise Interrupted
+
+    monkeypatch.setattr(algorithm, "save_train_state", save_then_die)
+    out = tmp_path / "killed" / "checkpoint"
+    with pytest.raises(Interrupted):
+        train_reward_model(base, pairs, config, out)
+    assert sorted(p.name for p in (out.parent / "train_state").iterdir()) == ["step-00000004"]
+    resumed = train_reward_model(base, pairs, config, out)
+    timing = ("seconds", "pairs_per_second")
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    expected, got = (load_checkpoint(d, head="reward").state_dict() for d in (tmp_path / "whole" / "checkpoint", out))
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    assert not (out.parent / "train_state").exists()

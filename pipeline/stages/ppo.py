@@ -47,11 +47,11 @@ from torch.nn.utils.rnn import pad_sequence
 from actors.metrics import record_ppo
 from actors.trainer import RankContext
 from actors.vllm_engine import Sampling
-from model.checkpoint import load_checkpoint
 from model.optim import OptimConfig
 from model.packing import pad_right
 from model.ppo import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, Reduce, RunningMoments, advantage_estimator,
                        entropy_from_logits, kl_penalty, logit, policy_loss, token_rewards, value_loss, whiten)
+from model.sharded import load_for_training
 from model.tokenizer import load_tokenizer
 from model.training import TrainConfig, Trainer, is_sharded, wrap
 from pipeline import stage_names as names
@@ -165,16 +165,17 @@ def ppo_setup(ctx: RankContext, payload: tuple[str, str | None, PPOConfig]) -> i
     policy_dir, value_dir, config = payload
     torch.manual_seed(config.seed + ctx.rank)
     setup = ctx.setup(config.parallel, config.train)
-    policy = Trainer(load_checkpoint(policy_dir), setup, config.lr, config.optim)  # constant lr, as in the paper
-    reference = load_checkpoint(policy_dir).requires_grad_(False)
+    # FSDP: each rank reads only its own shards of the three models; the lr is constant, as in the paper
+    policy = Trainer(load_for_training(policy_dir, setup), setup, config.lr, config.optim)
+    reference = load_for_training(policy_dir, setup, trainable=False, offload=config.offload_reference)
     ctx.state.clear()  # this rank's PPO models and optimizers, kept between iterations
     ctx.state.update(policy=policy.model, trained_policy=policy.module, policy_trainer=policy,
-                     reference=wrap(reference, setup, trainable=False, offload=config.offload_reference).eval(),
+                     reference=wrap(reference, setup, trainable=False).requires_grad_(False).eval(),
                      moments=RunningMoments(), estimator=advantage_estimator(config.advantage),
                      tokenizer=load_tokenizer(policy_dir), config=config, device=ctx.device,
                      sharded=is_sharded(policy.model))
     if config.needs_critic:  # RLOO and GRPO have none: no value model to load, train or keep in memory
-        value = Trainer(load_checkpoint(value_dir, head="reward"), setup, config.value_lr, config.optim)
+        value = Trainer(load_for_training(value_dir, setup, head="reward"), setup, config.value_lr, config.optim)
         ctx.state.update(value=value.model, trained_value=value.module, value_trainer=value)
     return policy.model.num_parameters
 

@@ -8,6 +8,7 @@ DistributedDataParallel; rank 0 alone writes the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -25,6 +26,8 @@ import torch.distributed as dist
 from model.chat_template import encode_chat
 from model.distributed import rank_and_world, save_on_rank0
 from model.checkpoint import load_checkpoint
+from model.sharded import (load_for_training, load_train_state, remove_train_state, save_train_state, saves_after,
+                           state_digest)
 from model.llama import LlamaForReward
 from model.losses import MARGINS, margin_ranking_loss
 from model.optim import OptimConfig, cosine_with_warmup, warmup_steps_for
@@ -33,6 +36,7 @@ from model.training import TrainConfig, Trainer, TrainSetup, micro_split, split_
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import PREFERENCES, RATINGS
 from pipeline.progress import progress_bar
+from pipeline.stages.cached import train_state_dir
 from pipeline.stages.sft import check_parallel, check_positive, check_ratio
 
 RMKind = Literal["helpfulness", "safety"]
@@ -292,10 +296,12 @@ def train_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, confi
 def fit_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, config: RMConfig,
                      out_dir: str | Path) -> tuple[LlamaForReward, dict[str, Any]]:
     """`train_reward_model`, also returning the trained model as this rank holds it (sharded under FSDP), so the
-    ranks can score held-out pairs without loading it again."""
+    ranks can score held-out pairs without loading it again. With `train.save_every`, the run saves its state
+    beside `out_dir` (pipeline.stages.cached.train_state_dir) and a re-run resumes from it."""
     rank, world = rank_and_world()
     tokenizer = load_tokenizer(init_checkpoint)
-    model = load_checkpoint(init_checkpoint, head="reward", seed=config.seed)
+    setup = TrainSetup(world, config.parallel, config.train)
+    model = load_for_training(init_checkpoint, setup, head="reward", seed=config.seed)  # FSDP: own shards only
     model.train_top_layers(config.trainable_layers)  # more than the model has: an error naming the range
     encoded = encode_pairs(train_pairs, tokenizer, model.config.max_position_embeddings)
     margins = pair_margins(train_pairs, config.margin)
@@ -310,19 +316,26 @@ def fit_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, config:
     batches = index_batches(mine, micro * accumulation, config.seed, [max(map(len, pair)) for pair in encoded],
                             config.group_by_length)
 
-    trainer = Trainer(model, TrainSetup(world, config.parallel, config.train), config.lr, config.optim,
+    trainer = Trainer(model, setup, config.lr, config.optim,
                       lambda opt: cosine_with_warmup(opt, steps, warmup, config.min_lr_ratio))
     model.train()
+    state_dir = train_state_dir(out_dir)
+    run = state_digest({"config": dataclasses.asdict(config), "steps": steps},
+                       [torch.tensor([t for pair in encoded for side in pair for t in side]), margins], setup)
+    resumed = load_train_state(trainer, state_dir, run) or {"step": 0, "losses": [], "seen": 0}
+    for _ in range(resumed["step"]):
+        next(batches)  # the resumed run sees the batches it would have seen
 
     def loss_of(net: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
         r_chosen, r_rejected = score_pairs(net, [encoded[i] for i in rows], tokenizer.pad_id, config.share_prompt)
         return margin_ranking_loss(r_chosen, r_rejected, margins[rows])
 
-    losses: list[float] = []
-    seen = 0  # pairs this rank scored
+    losses: list[float] = resumed["losses"]
+    seen = resumed["seen"]  # pairs this rank scored
     start = time.perf_counter()
     bar = progress_bar(steps, "reward model")
-    for step in range(steps):
+    bar.update(resumed["step"])
+    for step in range(resumed["step"], steps):
         batch = next(batches)
         # Each micro-batch weighs its share of the rank's pairs: the gradient of the batch's mean loss.
         parts = [(rows, len(rows) / len(batch) * real) for rows, real in micro_split(batch, accumulation)]
@@ -331,10 +344,13 @@ def fit_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, config:
         bar.update(1)
         if step % 10 == 0:
             bar.set_description(f"reward model loss {losses[-1]:.3f}")
+        if saves_after(step + 1, steps, config.train.save_every, state_dir):
+            save_train_state(trainer, state_dir, step + 1, {"run": run, "losses": losses, "seen": seen})
     bar.close()
     seconds = time.perf_counter() - start
     model.eval()
     save_on_rank0(model, out_dir, tokenizer)
+    remove_train_state(state_dir)
     tail = losses[-max(1, len(losses) // 10):]
     return model, {"pairs": len(encoded), "epochs": config.epochs, "steps": steps, "warmup_steps": warmup,
                    "margin": config.margin, "world_size": world, "first_loss": losses[0],

@@ -53,6 +53,8 @@ class PoolConfig:
     start_timeout_s: float = 300.0  # placement, construction (a vLLM engine: ~25 s on CPU), each restart
     max_shard_retries: int = 2  # a failed shard is tried at most 1 + this many times
     max_restarts: int = 2  # per actor, done by Ray
+    # Memory of the device each actor uses (GPU memory; None: unknown, and the memory plan is not checked).
+    memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +84,8 @@ class PoolConfig:
         for key in ("max_shard_retries", "max_restarts"):
             if not _is_int(getattr(self, key)) or getattr(self, key) < 0:
                 fail(key, "must be an integer >= 0")
+        if self.memory_gib is not None and (not _is_number(self.memory_gib) or self.memory_gib <= 0):
+            fail("memory_gib", "must be a number of GiB > 0 (or null: unknown, not checked)")
 
 
 def _is_int(value: Any) -> bool:

@@ -31,6 +31,7 @@ from pipeline.cluster import Pools, connect
 from pipeline.config import CONF_DIR, ConfigError, RunConfig, register, validate
 from pipeline.data.schemas import PREFERENCE_KINDS
 from pipeline.data.store import RunStore, digest_config
+from pipeline.plan import check_plan
 from pipeline.evaluation.judge import ADHERENCE_PREFIX
 from pipeline.evaluation.safety_metrics import SafetyMetrics, safety_metrics, safety_rows
 from pipeline.evaluation.winrate import Proportion, WinRate
@@ -277,6 +278,7 @@ def run_results(store: RunStore, name: str, results: list[RoundResult], win_rate
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         config = validate(cfg)
+        check_plan(config)  # the memory plan (pipeline/plan.py): a stage that does not fit stops here, one line
     except ConfigError as err:  # before any stage or actor starts
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

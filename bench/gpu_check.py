@@ -11,7 +11,11 @@ seconds of imports on a busy CPU machine) unless --isolate is given:
   the measured peak. FLOPs per token = 6 x matmul parameters (tied head once, embedding lookup not) + 12 x layers
   x q_width x seq (attention over the full row, forward and backward: PaLM's MFU formula, as bench_flops);
 - fsdp: torch's fully_shard on a 1-rank nccl group (gloo on CPU): training steps match the unsharded model's loss;
-- ppo_step: one PPO update with model/ppo.py (policy, frozen reference and value model, a synthetic batch).
+- ppo_step: one PPO update with model/ppo.py (policy, frozen reference and value model, a synthetic batch);
+- train_memory: a ~1.1B random-init LLaMA config trained as the trainer ranks train (model/training.py): bf16
+  compute over fp32 master weights, activation checkpointing off and on, each step's `torch.cuda.max_memory_allocated`
+  against the memory plan's estimate for it (model/memory.py, `python -m pipeline.plan`); and FSDP's CPU offload of
+  the optimizer state on a 1-rank group (CUDA only).
 
 Only torch, transformers, safetensors, the stdlib and model/ are imported: the GPU image has no Ray, vLLM or
 Hydra (bench/common.py needs pipeline/, so it is not used). Weights are random: no hub, no internet.
@@ -43,12 +47,14 @@ from model import ppo
 from model.config import ModelConfig
 from model.llama import LlamaForCausalLM, LlamaForReward
 from model.losses import masked_lm_loss
+from model.memory import GIB, Parallelism, Workload, training_memory
 from model.training import TrainConfig, Trainer, TrainSetup, wrap
 
 ROOT = Path(__file__).resolve().parents[1]
 # Per-check caps in seconds (full, quick) and the whole run's budget: the lease is 15 minutes including start-up.
-CAPS = {"peak_matmul": (40, 20), "parity": (75, 25), "train_step": (120, 25), "fsdp": (75, 25), "ppo_step": (60, 25)}
-BUDGET = {False: 330, True: 150}  # quick: roomy, as CPU test machines are shared
+CAPS = {"peak_matmul": (40, 20), "parity": (75, 25), "train_step": (120, 25), "fsdp": (75, 25), "ppo_step": (60, 25),
+        "train_memory": (120, 25)}
+BUDGET = {False: 450, True: 170}  # quick: roomy, as CPU test machines are shared
 FP32_TOL = 1e-4  # the parity tests' tolerance (tests/test_model_parity.py)
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -61,8 +67,9 @@ TINY_MHA = {**TINY, "num_key_value_heads": 4, "tie_word_embeddings": False, "rop
 
 # (config, batch, seq) per check; ppo: (config, batch, prompt length, answer length); matmul: (n, reps).
 FULL = dict(parity=(SMOLLM2, 8, 1024), fsdp=(SMOLLM2, 8, 2048), ppo=(SMOLLM2, 32, 256, 256), matmul=(8192, 100),
+            memory=(LLAMA_1B, 4, 2048),
             train={"smollm2-135m": (SMOLLM2, 16, 2048), "llama-1.1b": (LLAMA_1B, 8, 2048)}, iters=10, warmup=2)
-QUICK = dict(parity=(TINY, 2, 24), fsdp=(TINY, 2, 32), ppo=(TINY, 4, 8, 8), matmul=(256, 5),
+QUICK = dict(parity=(TINY, 2, 24), fsdp=(TINY, 2, 32), ppo=(TINY, 4, 8, 8), matmul=(256, 5), memory=(TINY, 2, 32),
              train={"tiny-smollm2-shape": (TINY, 2, 32), "tiny-llama-shape": (TINY_MHA, 2, 32)}, iters=2, warmup=1)
 
 
@@ -266,17 +273,8 @@ def check_train_step(device, sizes, rows: Rows, args) -> None:
 
 
 def check_fsdp(device, sizes, rows: Rows, args) -> None:
-    import torch.distributed as dist
-
     backend = "nccl" if device.type == "cuda" else "gloo"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    if device.type == "cuda":
-        torch.cuda.set_device(0)  # NCCL binds the rank to the current device
-    dist.init_process_group(backend, rank=0, world_size=1, timeout=timedelta(seconds=60))
-    try:
+    with one_rank_group(device):
         fields, batch, seq = sizes["fsdp"]
         with rows.case(f"1 rank {backend}") as r:
             plain = build(LlamaForCausalLM, fields, device, seed=0).train()
@@ -301,8 +299,6 @@ def check_fsdp(device, sizes, rows: Rows, args) -> None:
                      result=f"3 steps, max |loss FSDP - plain| {diff:.1e} (loss {losses[0][0]:.3f}); "
                             f"tok/s FSDP {si(tokens / t_sharded)}, plain {si(tokens / t_plain)}; {batch}x{seq}; "
                             f"via {how}{memory(device)}")
-    finally:
-        dist.destroy_process_group()
 
 
 def ppo_update(policy, reference, value, opts, batch, device) -> dict:
@@ -367,8 +363,67 @@ def check_ppo_step(device, sizes, rows: Rows, args) -> None:
                         f"{s['value_loss']:.3g}, approx_kl {s['approx_kl']:.1e}{memory(device)}")
 
 
+def check_train_memory(device, sizes, rows: Rows, args) -> None:
+    """Peak memory of the trainers' step against the plan's estimate (within +-25% is the planner's target; the
+    CPU calibration is docs/results.md's); the CPU has no allocator statistics, so there the step only runs."""
+    fields, batch, seq = sizes["memory"]
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    for checkpointing in (False, True):
+        with rows.case(f"{precision}{' checkpointing' if checkpointing else ''}") as r:
+            model = build(LlamaForCausalLM, fields, device, seed=0).train()
+            trainer = trainer_for(model, device, precision, activation_checkpointing=checkpointing)
+            ids = torch.randint(3, fields["vocab_size"], (batch, seq), device=device)
+            losses = [lm_step(trainer, ids).item() for _ in range(2)]  # the second step holds AdamW's state
+            planned = training_memory(model.config, Workload(batch, seq, masked=False),
+                                      Parallelism(precision=precision, checkpointing=checkpointing)).device_peak
+            finite = all(math.isfinite(loss) for loss in losses)
+            if device.type != "cuda":
+                r.update(status="ok" if finite else "fail", planned_gib=planned / GIB,
+                         result=f"ran ({losses[-1]:.3f} loss); planned {planned / GIB:.3f} GiB, measured: needs CUDA")
+            else:
+                measured = torch.cuda.max_memory_allocated(device)
+                error = planned / measured - 1
+                r.update(status="ok" if finite and abs(error) <= 0.25 else "fail", planned_gib=planned / GIB,
+                         measured_gib=measured / GIB, error=error,
+                         result=f"{si(model.num_parameters)} params, {batch}x{seq}: planned {planned / GIB:.2f} GiB, "
+                                f"max allocated {measured / GIB:.2f} GiB ({error:+.0%}); loss {losses[-1]:.3f}")
+            del model, trainer
+    if device.type != "cuda":
+        rows.add("fsdp offload", status="skipped", result="skipped: FSDP's CPU offload needs CUDA")
+        return
+    with rows.case("fsdp offload") as r, one_rank_group(device):
+        model = build(LlamaForCausalLM, fields, device, seed=0).train()
+        # world=2 on a 1-rank group: wrap's fully_shard branch (a 1-rank model is otherwise left bare)
+        trainer = Trainer(model, TrainSetup(world=2, strategy="fsdp", device=device,
+                                            train=TrainConfig(precision="bf16", offload_optimizer=True)), lr=1e-4)
+        ids = torch.randint(3, fields["vocab_size"], (batch, seq), device=device)
+        losses = [lm_step(trainer, ids).item() for _ in range(2)]
+        on_host = all(p.to_local().device.type == "cpu" for p in model.parameters())
+        r.update(status="ok" if on_host and all(math.isfinite(x) for x in losses) else "fail", shards_on_host=on_host,
+                 result=f"2 steps, loss {losses[-1]:.3f}; shards on the host: {on_host}{memory(device)}")
+
+
+@contextlib.contextmanager
+def one_rank_group(device: torch.device):
+    """A torch.distributed group of this process alone (nccl on CUDA, gloo on CPU), destroyed on exit."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if device.type == "cuda":
+        torch.cuda.set_device(0)  # NCCL binds the rank to the current device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 CHECKS = {"peak_matmul": check_peak_matmul, "parity": check_parity, "train_step": check_train_step,
-          "fsdp": check_fsdp, "ppo_step": check_ppo_step}
+          "fsdp": check_fsdp, "ppo_step": check_ppo_step, "train_memory": check_train_memory}
 
 
 # --- the parent: one child per check, a table at the end ----------------------------------------------------

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = {"peak_matmul", "parity", "train_step", "fsdp", "ppo_step"}
+CHECKS = {"peak_matmul", "parity", "train_step", "fsdp", "ppo_step", "train_memory"}
 
 
 def test_quick_cpu_run_reports_every_check(tmp_path):

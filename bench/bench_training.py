@@ -3,9 +3,11 @@
 
 The SFT step (packed rows, loss on every token) and the reward-model step (pairs, margin ranking loss) on 1 rank
 (2 torch threads), 2 DDP ranks and 2 FSDP ranks (gloo, 1 thread each: the 2 cores either way), each in fp32 and bf16
-(autocast, or FSDP's bf16 policy) and with activation checkpointing off and on, in one run. Per case: tokens/s over
-the timed steps (after one untimed) and each rank's peak memory: the peak resident set less the one just before
-the model was built (CPU has no allocator statistics; Python's and torch's own pages are left out alike).
+(autocast, or FSDP's bf16 policy) and with activation checkpointing off and on, in one run. Each rank loads the
+model as the stages do (model.sharded.load_for_training: under FSDP only its own shards) from a checkpoint saved
+once. Per case: tokens/s over the timed steps (after one untimed) and each rank's peak memory: the peak resident
+set less the one just before the load (CPU has no allocator statistics; Python's and torch's pages are left out
+alike).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
-from model.llama import LlamaForCausalLM, LlamaForReward
+from model.llama import LlamaForCausalLM
 from model.losses import margin_ranking_loss, masked_lm_loss
+from model.sharded import load_for_training
 from model.training import TrainConfig, Trainer, TrainSetup
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -34,7 +38,7 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256)
 # (config, rows per step over all ranks, tokens per row); an RM row is one side of a pair
-FULL = dict(model=SMOLLM2, rows=4, seq=256)
+FULL = dict(model=SMOLLM2, rows=4, seq=128)
 QUICK = dict(model=TINY, rows=4, seq=32)
 LAYOUTS = (("1 rank", 1, "ddp"), ("DDP 2 ranks", 2, "ddp"), ("FSDP 2 ranks", 2, "fsdp"))
 
@@ -65,12 +69,10 @@ def rank_main(rank: int, world: int, port: int, case: dict, out: str) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=600))
     before = current_rss()
-    torch.manual_seed(0)
-    cls, loss = (LlamaForCausalLM, sft_loss) if case["loop"] == "sft" else (LlamaForReward, rm_loss)
-    model = cls(ModelConfig(**case["model"]))
-    model.init_weights(0)
+    head, loss = ("causal_lm", sft_loss) if case["loop"] == "sft" else ("reward", rm_loss)
     train = TrainConfig(precision=case["precision"], activation_checkpointing=case["checkpointing"])
-    trainer = Trainer(model.train(), TrainSetup(world, case["strategy"], train), lr=1e-5)
+    setup = TrainSetup(world, case["strategy"], train)
+    trainer = Trainer(load_for_training(case["checkpoint"], setup, head).train(), setup, lr=1e-5)
     rows = case["rows"] // world
     ids = torch.randint(3, case["model"]["vocab_size"], (rows, case["seq"]),
                         generator=torch.Generator().manual_seed(rank))
@@ -113,12 +115,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_training-") as tmp:
+        model = LlamaForCausalLM(ModelConfig(**sizes["model"]))
+        model.init_weights(0)
+        checkpoint = str(save_checkpoint(model, Path(tmp) / "model"))
+        del model
         for loop in ("sft", "rm"):
             for precision in ("fp32", "bf16"):
                 for checkpointing in (False, True):
                     for name, world, strategy in LAYOUTS:
                         case = dict(loop=loop, precision=precision, checkpointing=checkpointing, strategy=strategy,
-                                    steps=args.steps, **sizes)
+                                    steps=args.steps, checkpoint=checkpoint, **sizes)
                         result = run_case(case, world, Path(tmp))
                         rows.append({"loop": loop, "layout": name, "precision": precision,
                                      "checkpointing": checkpointing, **result})

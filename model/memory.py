@@ -209,7 +209,8 @@ def training_memory(config: ModelConfig, work: Workload, par: Parallelism, head:
         host = sum(states.values()) + temporaries  # the optimizer steps on the host too
         states, temporaries = dict.fromkeys(states, 0), 0
     return TrainingMemory(**states, gathered=gathered_bytes(params, par),
-                          activations=activation_bytes(config, work, par), extra=replica_extra_bytes(params, par), step_temporaries=temporaries, host=host,
+                          activations=activation_bytes(config, work, par), extra=replica_extra_bytes(params, par),
+                          step_temporaries=temporaries, host=host,
                           checkpointing=par.checkpointing, accumulation=par.accumulation)
 
 

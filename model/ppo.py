@@ -84,6 +84,12 @@ class RunningMoments:
         self._m2 += batch_m2 + delta * delta * self.count * count / merged
         self.count = merged
 
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self._mean, "m2": self._m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self._mean, self._m2 = int(state["count"]), state["mean"], state["m2"]
+
     @property
     def mean(self) -> float:
         return self._mean

@@ -175,13 +175,9 @@ def judge_config(config: RunConfig) -> ModelConfig | None:
 
 
 def tensor_parallel_degree(config: RunConfig) -> int:
-    """Devices one engine's weights are split over: the pool's or the engine's tensor-parallel size (none has one
-    today: 1)."""
-    for holder in (config.cluster.generator, config.cluster.engine):
-        for name in ("tensor_parallel_size", "tensor_parallel"):
-            if getattr(holder, name, None):
-                return int(getattr(holder, name))
-    return 1
+    """Devices one generator engine's weights and KV cache are split over (`cluster.generator.tensor_parallel`; the
+    judge's pool uses the same config)."""
+    return config.cluster.generator.tensor_parallel
 
 
 def serving_plans(config: RunConfig, policies: list[Policy]) -> list[StagePlan]:
@@ -237,7 +233,8 @@ def checked(config: RunConfig) -> bool:
 def refusal(plan: StagePlan, overrides: list[str]) -> str:
     why = f": {plan.note}" if plan.note else (f" needs {plan.peak / GIB:.1f} GiB per device, {plan.available_gib:g} "
                                               f"GiB available ({plan.short_gib:.1f} GiB short)")
-    return f"plan: {plan.stage} on pool '{plan.pool}'{why}; see python -m pipeline.plan {shlex.join(overrides)}".rstrip()
+    see = f"see python -m pipeline.plan {shlex.join(overrides)}".rstrip()
+    return f"plan: {plan.stage} on pool '{plan.pool}'{why}; {see}"
 
 
 def check_plan(config: RunConfig, overrides: list[str] | None = None) -> None:

@@ -51,13 +51,14 @@ from model.optim import OptimConfig
 from model.packing import pad_right
 from model.ppo import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, Reduce, RunningMoments, advantage_estimator,
                        entropy_from_logits, kl_penalty, logit, policy_loss, token_rewards, value_loss, whiten)
-from model.sharded import load_for_training
+from model.sharded import load_for_training, load_train_state, save_train_state
 from model.tokenizer import load_tokenizer
 from model.training import TrainConfig, Trainer, is_sharded, wrap
 from pipeline import stage_names as names
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore
 from pipeline.stages.cached import checkpoint_stage, training_recipe
+from pipeline.stages.generation import generate_table
 from pipeline.stages.oracle_eval import eval_prompts, stop_ids
 from pipeline.stages.rejection_sampling.stage import choose_prompts
 from pipeline.stages.sft import check_positive, check_ratio
@@ -156,6 +157,8 @@ class PPOConfig:
 # --- on the trainer ranks -----------------------------------------------------------------------------------
 
 STATS = ("policy_loss", "clip_fraction", "approx_kl", "value_loss", "entropy")  # per gradient step, token means
+# The ranks' saves belong to the stage's own folder, which the stage's inputs and config already key.
+STATE_RUN = "ppo"
 
 
 def ppo_setup(ctx: RankContext, payload: tuple[str, str | None, PPOConfig]) -> int:
@@ -506,6 +509,27 @@ def export_policy(ctx: RankContext, directory: str) -> str:
     return str(ctx.export(ctx.state["policy"], directory, tokenizer=ctx.state["tokenizer"], untie=True))
 
 
+def save_ppo_state(ctx: RankContext, payload: tuple[str, int]) -> None:
+    """This rank's PPO state after `iteration` iterations (policy and critic with their optimizers, sharded as they
+    are; the running moments) under `directory`: what a killed stage resumes from."""
+    directory, iteration = payload
+    progress = {"run": STATE_RUN, "moments": ctx.state["moments"].state_dict()}
+    save_train_state(ctx.state["policy_trainer"], Path(directory) / "policy", iteration, progress)
+    if "value_trainer" in ctx.state:
+        save_train_state(ctx.state["value_trainer"], Path(directory) / "value", iteration, {"run": STATE_RUN})
+
+
+def load_ppo_state(ctx: RankContext, payload: tuple[str, int]) -> None:
+    """The state `save_ppo_state` saved after `iteration` iterations, into the models `ppo_setup` just built."""
+    directory, iteration = payload
+    progress = load_train_state(ctx.state["policy_trainer"], Path(directory) / "policy", STATE_RUN)
+    if progress is None or progress["step"] != iteration:
+        raise RuntimeError(f"{directory}: no saved PPO state of iteration {iteration} to resume from")
+    ctx.state["moments"].load_state_dict(progress["moments"])
+    if "value_trainer" in ctx.state:
+        load_train_state(ctx.state["value_trainer"], Path(directory) / "value", STATE_RUN)
+
+
 # --- in the driver ------------------------------------------------------------------------------------------
 
 def split_rows(table: pa.Table, parts: int, samples_per_prompt: int = 1) -> list[dict[str, list]]:
@@ -538,7 +562,7 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
     def heldout_reward(iteration: int) -> float:
         sampling = Sampling(n=1, temperature=config.temperature, max_tokens=config.max_tokens,
                             seed=config.seed + 100_000 + iteration, stop_token_ids=stop)
-        [samples] = generator.map_shards("generate", [heldout], sampling, 0, "ppo-heldout")
+        samples = generate_table(generator, heldout, sampling, 0, "ppo-heldout")
         [scored] = scorer.map_shards("score", [samples])
         return sum(scored.column("r_combined").to_pylist()) / scored.num_rows
 
@@ -553,7 +577,9 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
         sampling = Sampling(n=config.samples_per_prompt, temperature=config.temperature,
                             max_tokens=config.max_tokens, seed=config.seed + it, stop_token_ids=stop)
         t0 = time.perf_counter()
-        [samples] = generator.map_shards("generate", [batch], sampling, it, "ppo")
+        # One piece per generator actor, joined back in prompt order (split_rows needs it); seeds follow the
+        # prompt ids, so the samples are those of the whole batch on one actor.
+        samples = generate_table(generator, batch, sampling, it, "ppo")
         t1 = time.perf_counter()
         [scored] = scorer.map_shards("score", [samples])
         t2 = time.perf_counter()

@@ -21,8 +21,8 @@ from pipeline.stages.cached import checkpoint_stage, training_recipe
 from actors.scorer import SAFETY_THRESHOLD
 from model.calibration import write_calibration
 from pipeline.stages.reward_model.algorithm import (RM_COLUMNS, RMConfig, accuracy_by_rating, accuracy_by_source,
-                                                    encode_side, fit_reward_model, of_kind, pair_scores, reward_model_data,
-                                                    split_heldout)
+                                                    encode_side, fit_reward_model, of_kind, pair_scores,
+                                                    reward_model_data, split_heldout)
 
 
 def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
@@ -77,10 +77,11 @@ def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_d
 def train_and_evaluate(init_checkpoint: Path, kind: str, train_pairs: pa.Table, config: RMConfig, out: Path,
                        tests: dict[str, pa.Table]) -> dict[str, Any]:
     """Train one RM (on every rank of the trainer group), then the ranks score the held-out sets once with the
-    model they trained, each a share on its own device, and rank 0 reports: accuracy by rating under "heldout", and from the same scores the RM's calibration (see `write_calibration`): the
-    helpfulness RM centred on its held-out answers; the safety RM with the paper's gate at the best safe/unsafe
-    split of all held-out answers (centering alone is not enough: trained on safety data, it scored every answer
-    to a helpful prompt below the gate, measured in round 1 of the tiny run)."""
+    model they trained, each a share on its own device, and rank 0 reports: accuracy by rating under "heldout",
+    and from the same scores the RM's calibration (see `write_calibration`): the helpfulness RM centred on its
+    held-out answers; the safety RM with the paper's gate at the best safe/unsafe split of all held-out answers
+    (centering alone is not enough: trained on safety data, it scored every answer to a helpful prompt below the
+    gate, measured in round 1 of the tiny run)."""
     model, metrics = fit_reward_model(init_checkpoint, train_pairs, config, out)
     tokenizer = load_tokenizer(out)
     scores = {test: pair_scores(model, pairs, tokenizer) for test, pairs in tests.items()}

@@ -21,6 +21,12 @@ ifeq ($(strip $(EXTRA)),cpu)
 	# left importable they break `import transformers` (docs/design.md, "The 2-core CPU machines").
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 endif
+ifeq ($(strip $(EXTRA)),gpu)
+	# vllm==0.19.1 pins torchvision==0.25.0 and torchaudio==2.10.0, both built for its torch==2.10.0. torchvision
+	# stays: vLLM's vision-model processors import it. torchaudio serves only two audio models, so it goes (as on
+	# CPU: transformers then sees the same packages on both builds); torchcodec is not pulled today, removed if it is.
+	$(BIN)/pip uninstall -y torchaudio torchcodec
+endif
 	touch $@
 
 demo: venv

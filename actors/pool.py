@@ -55,6 +55,10 @@ class PoolConfig:
     max_restarts: int = 2  # per actor, done by Ray
     # Memory of the device each actor uses (GPU memory; None: unknown, and the memory plan is not checked).
     memory_gib: float | None = None
+    # Devices one actor's vLLM engine spans (generator pools). num_gpus is then per device: the pool builder
+    # (pipeline.cluster.engine_pool_config) reserves num_gpus x tensor_parallel GPUs per actor; on CPU the engine's
+    # ranks share the actor's num_cpus.
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +90,11 @@ class PoolConfig:
                 fail(key, "must be an integer >= 0")
         if self.memory_gib is not None and (not _is_number(self.memory_gib) or self.memory_gib <= 0):
             fail("memory_gib", "must be a number of GiB > 0 (or null: unknown, not checked)")
+        if not _is_int(self.tensor_parallel) or self.tensor_parallel < 1:
+            fail("tensor_parallel", "must be an integer >= 1 (devices one actor's engine spans)")
+        if self.tensor_parallel > 1 and self.num_gpus not in (0, 1):
+            # Ranks of one engine cannot share a GPU (NCCL refuses two ranks on one device).
+            fail("num_gpus", "with tensor_parallel > 1 it is per device: 0 (CPU) or 1")
 
 
 def _is_int(value: Any) -> bool:
@@ -233,15 +242,18 @@ class Pool:
         return [m.handle for m in self._members]
 
     def map_shards(self, method: str, shards: Sequence[Any], *args: Any,
-                   on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
-        """`actor.method(shard, *args)` for every shard over the pool; results in shard order.
+                   on_result: Callable[[int, Any], None] | None = None, keep_results: bool = True) -> list[Any]:
+        """`actor.method(shard, *args)` for every shard over the pool, one in flight per actor; results in shard
+        order.
 
         Each shard goes to the object store once (retries reuse it). `on_result(index, result)` runs in the
-        driver as each shard finishes (progress, metrics).
+        driver as each shard finishes, in the order they finish (progress, metrics, writing). With
+        `keep_results=False` the results are only handed to `on_result` and the list holds None: a stage that
+        writes each shard as it comes keeps one shard's results in memory, not the whole stage's.
         """
         refs = [s if isinstance(s, ray.ObjectRef) else ray.put(s) for s in shards]
         jobs = [_Job(i, method, (ref, *args), max_retries=self.config.max_shard_retries) for i, ref in enumerate(refs)]
-        return self._drive(jobs, on_result=on_result)
+        return self._drive(jobs, on_result=on_result, keep_results=keep_results)
 
     def call(self, index: int, method: str, *args: Any) -> Any:
         """`method(*args)` on actor `index` only; no retry."""
@@ -303,7 +315,8 @@ class Pool:
     # --- the event loop behind every call ------------------------------------------------------------------
 
     def _drive(self, jobs: list[_Job], on_result: Callable[[int, Any], None] | None = None,
-               wait_for_recovery: bool = False, settle_s: float | None = None) -> list[Any]:
+               wait_for_recovery: bool = False, settle_s: float | None = None,
+               keep_results: bool = True) -> list[Any]:
         """Run `jobs` on the actors until each has a result.
 
         Every live actor is pinged first (cheap when idle), so one Ray restarted between calls gets its replays
@@ -342,7 +355,10 @@ class Pool:
                        + [m.next_probe for m in self._members if m.state == "check"]
                        + ([settle_until] if settle_until is not None else []), default=now)
             if running:
-                done, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, wake - now))
+                ray.wait(list(running), num_returns=1, timeout=max(0.0, wake - now))
+                # Every call that has ended, not only the first: a result that arrived while `on_result` ran (a
+                # stage scoring and writing a shard) must not be taken for a hang at its deadline.
+                done, _ = ray.wait(list(running), num_returns=len(running), timeout=0, fetch_local=False)
             else:
                 time.sleep(max(0.0, wake - now))
                 done = []
@@ -353,6 +369,8 @@ class Pool:
                     self._settle_probe(call, ref, running, now)
                 elif _gather(errors, self._settle_job, call, ref, queue, results, on_result, now):
                     open_jobs -= 1
+                    if not keep_results:
+                        results[call.job.index] = None  # on_result has taken it
             for ref, call in list(running.items()):
                 if call.deadline <= now:
                     del running[ref]

@@ -24,6 +24,7 @@ from pipeline.data.store import RunStore, digest_file
 from pipeline.evaluation.judge import STYLES, VERDICT_PREFIX, combine, consistency, judge_prompts, parse_verdict
 from pipeline.evaluation.winrate import agreement, count, prefer
 from pipeline.stages.cached import table_stage
+from pipeline.stages.generation import generate_table
 from pipeline.stages.reward_model.algorithm import id_rank
 from pipeline.stages.win_rates import aspect_of
 from pipeline.world import judge
@@ -131,7 +132,7 @@ def ask_judge(requests: Sequence[tuple[str, list[Message]]], folder: Path, confi
         m, add_generation_prompt=True, tokenize=True, return_dict=False)) + head)
     sampling = Sampling(n=1, temperature=0.0, max_tokens=config.max_tokens, seed=config.seed,
                         stop_token_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    [samples] = pool.map_shards("generate", [table], sampling, round, name)
+    samples = generate_table(pool, table, sampling, round, name)
     return {pid: started + (reply or "") for pid, reply in zip(samples.column("prompt_id").to_pylist(),
                                                               samples.column("response").to_pylist())}
 

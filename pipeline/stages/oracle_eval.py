@@ -25,6 +25,7 @@ from pipeline.data.schemas import RISK_CATEGORIES, SAMPLES
 from pipeline.data.store import RunStore, StageStore
 from pipeline.progress import progress_bar
 from pipeline.stages.cached import table_stage
+from pipeline.stages.generation import generate_shards
 from pipeline.world import Prompt, judge, render
 
 SINGLE_TURN = ("helpful", "borderline", *RISK_CATEGORIES)  # dialogues are scored turn by turn by the GAtt stage
@@ -142,8 +143,8 @@ def _sample_and_judge(stage: StageStore, round: int, name: str, checkpoint: Path
         bar.update(shards[shard].num_rows)
         record_stage_progress(name, round, done, len(shards))
 
-    results = pool.map_shards("generate", shards, stopping_at_eos(sampling, tokenizer), round, name,
-                              on_result=lambda i, _: progress(i))
+    results = generate_shards(pool, shards, stopping_at_eos(sampling, tokenizer), round, name,
+                              on_shard=lambda i, _: progress(i))
     bar.close()
     samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt, sampling.n, oracle)
     stage.write_shard(0, samples)

@@ -22,6 +22,7 @@ from model.tokenizer import Tokenizer
 from pipeline.data.schemas import PREFERENCES, PROMPTS
 from pipeline.data.store import RunStore, StageStore, digest_config
 from pipeline.stages.cached import table_stage
+from pipeline.stages.generation import generate_shards
 from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
 from pipeline.stages.reward_model.algorithm import id_rank
 from pipeline.world import Prompt, World
@@ -121,7 +122,7 @@ def _make_batch(stage: StageStore, round: int, batch: int, table: pa.Table,  # n
         sampling = stopping_at_eos(Sampling(n=source.n, temperature=source.temperature, max_tokens=config.max_tokens,
                                             seed=config.seed + 1000 * batch + j), tokenizer)
         name = policies[source.policy][0]
-        for samples in generators(source.policy).map_shards("generate", shards, sampling, round, f"{name}-onpolicy"):
+        for samples in generate_shards(generators(source.policy), shards, sampling, round, f"{name}-onpolicy"):
             for pid, response in zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist()):
                 answers.setdefault(pid, []).append(response or "")
     pairs, skipped = pair_answers(prompts, answers, ids, batch, world)

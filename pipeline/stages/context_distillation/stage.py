@@ -26,6 +26,7 @@ from pipeline.stages.cached import checkpoint_stage, table_stage
 from pipeline.stages.context_distillation.algorithm import (ContextDistillationConfig, distillation_candidates,
                                                   distillation_demonstrations, distillation_prompts,
                                                   score_without_preprompt, select_distilled)
+from pipeline.stages.generation import generate_shards
 from pipeline.stages.oracle_eval import stopping_at_eos
 from pipeline.stages.sft import SFTConfig, train_sft, with_mix
 from pipeline.state import PolicyState
@@ -48,7 +49,7 @@ def run_context_distillation(store: RunStore, round: int, policy: PolicyState, p
     def distil(data: StageStore, _: set[int]) -> dict[str, Any]:
         batch = distillation_prompts(prompts_train, tokenizer, config, policy.context - sampling.max_tokens)
         pool, scorer = generators(policy.checkpoint), scorers()
-        plain, preprompted = pool.map_shards("generate", [batch.plain, batch.preprompted], sampling, round,
+        plain, preprompted = generate_shards(pool, [batch.plain, batch.preprompted], sampling, round,
                                              "context-distillation")
         plain, preprompted = scorer.map_shards("score", [plain, score_without_preprompt(preprompted, batch.plain)])
         kept, counts = select_distilled(distillation_candidates(batch, plain, preprompted))

@@ -29,6 +29,7 @@ from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.store import RunStore, StageStore
 from pipeline.stages.cached import checkpoint_stage, table_stage
+from pipeline.stages.generation import generate_table
 from pipeline.stages.gatt.algorithm import (GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_prompts,
                                   first_adherent, gatt_demonstrations, gatt_examples, gatt_sampling_prompts)
 from pipeline.stages.gatt.sources import DialogueSource
@@ -94,8 +95,8 @@ def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Policy
         pool = generators(policy.checkpoint)
         turn_sampling = replace(sampling, n=n)
         return answer_dialogues(dialogues, tokenizer, policy.context, turn_sampling,
-                                lambda table, turn: pool.map_shards("generate", [table], replace(
-                                    turn_sampling, seed=(sampling.seed or 0) + turn), round, sampler)[0],
+                                lambda table, turn: generate_table(pool, table, replace(
+                                    turn_sampling, seed=(sampling.seed or 0) + turn), round, sampler),
                                 every_turn, (lambda s: first_adherent(dialogues, s)) if n > 1 else None)
 
     before = _adherence_stage(store, round, f"gatt_before_{policy.name}", policy.digest, held_out,

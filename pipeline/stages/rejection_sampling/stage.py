@@ -28,6 +28,7 @@ from pipeline import stage_names as names
 from pipeline.data.store import RunStore, StageStore
 from pipeline.progress import progress_bar
 from pipeline.stages.cached import checkpoint_stage, table_stage
+from pipeline.stages.generation import generate_shards
 from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
 from pipeline.stages.rejection_sampling.algorithm import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
                                                        merge_with_earlier, reward_vs_k)
@@ -99,12 +100,16 @@ def sample_and_score(store: RunStore, round: int, name: str, inputs: dict[str, s
         generator_pool, scorer_pool = generators(), scorers()
         bar = progress_bar(len(shards), f"{name}: sample and score")
         bar.update(len(shards) - len(todo))
-        for i in todo:  # one shard at a time: each is written before the next starts
-            [samples] = generator_pool.map_shards("generate", [shards[i]], sampling, round, sampler)
+
+        def score_and_write(position: int, samples: pa.Table) -> None:
             [scored] = scorer_pool.map_shards("score", [samples])
-            stage.write_shard(i, mark_chosen(scored))
+            stage.write_shard(todo[position], mark_chosen(scored))
             bar.update(1)
             record_stage_progress(name, round, len(stage.done_shards()), len(shards))
+
+        # Every generator samples at once; the shards are scored and written one by one, in shard order.
+        generate_shards(generator_pool, [shards[i] for i in todo], sampling, round, sampler, on_shard=score_and_write,
+                        keep=False)
         bar.close()
 
     stage, cached = table_stage(store, round, name, inputs,

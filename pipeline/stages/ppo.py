@@ -30,6 +30,7 @@ Early stopping: every `eval_every` iterations the policy answers held-out prompt
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -57,7 +58,7 @@ from model.training import TrainConfig, Trainer, is_sharded, wrap
 from pipeline import stage_names as names
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore
-from pipeline.stages.cached import checkpoint_stage, training_recipe
+from pipeline.stages.cached import checkpoint_stage, train_state_dir, training_recipe
 from pipeline.stages.generation import generate_table
 from pipeline.stages.oracle_eval import eval_prompts, stop_ids
 from pipeline.stages.rejection_sampling.stage import choose_prompts
@@ -509,25 +510,29 @@ def export_policy(ctx: RankContext, directory: str) -> str:
     return str(ctx.export(ctx.state["policy"], directory, tokenizer=ctx.state["tokenizer"], untie=True))
 
 
-def save_ppo_state(ctx: RankContext, payload: tuple[str, int]) -> None:
-    """This rank's PPO state after `iteration` iterations (policy and critic with their optimizers, sharded as they
-    are; the running moments) under `directory`: what a killed stage resumes from."""
-    directory, iteration = payload
-    progress = {"run": STATE_RUN, "moments": ctx.state["moments"].state_dict()}
-    save_train_state(ctx.state["policy_trainer"], Path(directory) / "policy", iteration, progress)
+def save_ppo_state(ctx: RankContext, payload: tuple[str, dict[str, Any]]) -> None:
+    """This rank's PPO state (policy and critic with their optimizers, sharded as they are; the running moments)
+    under `directory`, with the driver's `loop` state: what a killed stage resumes from."""
+    directory, loop = payload
+    progress = {"run": STATE_RUN, "moments": ctx.state["moments"].state_dict(), "loop": loop}
+    policy = ctx.state["policy_trainer"]
+    save_train_state(policy, Path(directory) / "policy", policy.steps, progress)
     if "value_trainer" in ctx.state:
-        save_train_state(ctx.state["value_trainer"], Path(directory) / "value", iteration, {"run": STATE_RUN})
+        value = ctx.state["value_trainer"]
+        save_train_state(value, Path(directory) / "value", value.steps, {"run": STATE_RUN})
 
 
-def load_ppo_state(ctx: RankContext, payload: tuple[str, int]) -> None:
-    """The state `save_ppo_state` saved after `iteration` iterations, into the models `ppo_setup` just built."""
-    directory, iteration = payload
+def load_ppo_state(ctx: RankContext, directory: str) -> dict[str, Any] | None:
+    """The state `save_ppo_state` saved last, into the models `ppo_setup` just built; the driver's loop state, or
+    None when nothing was saved."""
     progress = load_train_state(ctx.state["policy_trainer"], Path(directory) / "policy", STATE_RUN)
-    if progress is None or progress["step"] != iteration:
-        raise RuntimeError(f"{directory}: no saved PPO state of iteration {iteration} to resume from")
+    if progress is None:
+        return None
     ctx.state["moments"].load_state_dict(progress["moments"])
-    if "value_trainer" in ctx.state:
-        load_train_state(ctx.state["value_trainer"], Path(directory) / "value", STATE_RUN)
+    if "value_trainer" in ctx.state and load_train_state(ctx.state["value_trainer"], Path(directory) / "value",
+                                                         STATE_RUN) is None:
+        raise RuntimeError(f"{directory}: the policy's PPO state was saved, the critic's is missing")
+    return progress["loop"]
 
 
 # --- in the driver ------------------------------------------------------------------------------------------
@@ -554,10 +559,21 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
                  round: int | None = None) -> dict[str, Any]:  # noqa: A002
     """The iterations; the best policy by held-out reward is written to `out`. `generator` and `scorer` are
     pools, `trainers` the trainer group, `sync(weights)` reloads the generators from published weights (a
-    reference `RankContext.publish` returned) and returns seconds."""
+    reference `RankContext.publish` returned) and returns seconds.
+
+    With `ppo.train.save_every`, every that many iterations the ranks save their state and the loop's (beside
+    `out`, pipeline.stages.cached.train_state_dir), the best policy so far is kept there too, and a re-run of the
+    killed stage goes on from the last save."""
     world = trainers.world_size
     critic = str(value_dir) if config.needs_critic else None  # RLOO and GRPO: no value model on the ranks
     trainers.run(ppo_setup, [(str(policy_dir), critic, config)] * world)
+    saves = config.train.save_every
+    state_dir = train_state_dir(out)
+    best_dir = state_dir / "best" if saves else out  # a save's best policy must outlive the stage's clean-up
+    resumable = saves and (best_dir / "config.json").is_file()  # a finished attempt moved it to `out` already
+    loop = trainers.run(load_ppo_state, [str(state_dir)] * world)[0] if resumable else None
+    if loop is not None:
+        sync(trainers.run(publish_policy, [None] * world)[0])  # the generators sample the resumed policy
 
     def heldout_reward(iteration: int) -> float:
         sampling = Sampling(n=1, temperature=config.temperature, max_tokens=config.max_tokens,
@@ -566,11 +582,14 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
         [scored] = scorer.map_shards("score", [samples])
         return sum(scored.column("r_combined").to_pylist()) / scored.num_rows
 
-    best, best_iteration, stale = heldout_reward(0), 0, 0
-    shutil.copytree(policy_dir, out)  # the starting policy is the checkpoint until PPO beats it
-    curve = [{"iteration": 0, "heldout_reward": best}]
-    rows, stopped = [], "iterations done"
-    for it in range(1, config.iterations + 1):
+    if loop is None:
+        loop = {"iteration": 0, "best": heldout_reward(0), "best_iteration": 0, "stale": 0, "rows": []}
+        loop["curve"] = [{"iteration": 0, "heldout_reward": loop["best"]}]
+        shutil.rmtree(best_dir, ignore_errors=True)  # a copy a killed attempt left half made
+        shutil.copytree(policy_dir, best_dir)  # the starting policy is the checkpoint until PPO beats it
+    best, best_iteration, stale, curve, rows = (loop[k] for k in ("best", "best_iteration", "stale", "curve", "rows"))
+    stopped = "iterations done"
+    for it in range(loop["iteration"] + 1, config.iterations + 1):
         start = (it - 1) * config.batch_size % train_prompts.num_rows
         batch = train_prompts.take(pa.array([(start + i) % train_prompts.num_rows for i in range(config.batch_size)],
                                             pa.int64()))
@@ -598,12 +617,18 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
             curve.append({"iteration": it, "heldout_reward": reward})
             if reward > best:
                 best, best_iteration, stale = reward, it, 0
-                trainers.run(export_policy, [str(out)] * world)  # replaces `out` atomically
+                trainers.run(export_policy, [str(best_dir)] * world)  # replaces it atomically
             else:
                 stale += 1
                 if stale >= config.patience:
                     stopped = f"no held-out gain in {stale} evaluations"
                     break
+        if saves and it % saves == 0 and it < config.iterations:
+            loop = {"iteration": it, "best": best, "best_iteration": best_iteration, "stale": stale, "curve": curve,
+                    "rows": rows}
+            trainers.run(save_ppo_state, [(str(state_dir), loop)] * world)
+    if best_dir != out:
+        os.replace(best_dir, out)
     return {"iterations": rows, "heldout": curve, "best_iteration": best_iteration, "best_heldout_reward": best,
             "stopped": stopped}
 

@@ -34,10 +34,14 @@ class GeneratorStats:
 
 
 class Generator(PoolActor):
-    """Serves the checkpoint folder `model_dir` (its own tokenizer decodes the answers)."""
+    """Serves the checkpoint folder `model_dir` (its own tokenizer decodes the answers).
+
+    With `config.tensor_parallel_size` > 1 its engine spans that many devices, one vLLM worker process each, on the
+    GPUs Ray reserved for this actor (pipeline.cluster.engine_pool_config); weight loads reach every rank.
+    """
 
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
-        match_torch_threads()
+        match_torch_threads()  # first: on CPU it also sizes the engine's thread binding (actors.vllm_engine)
         self.engine = VLLMEngine(model_dir, config or EngineConfig())
         self.tokenizer = load_tokenizer(model_dir)
 

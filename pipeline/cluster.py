@@ -55,6 +55,9 @@ class ClusterConfig:
             errors.append(f"cluster.object_store_gib = {self.object_store_gib}: must be > 0")
         if self.prompts_per_shard < 1:
             errors.append(f"cluster.prompts_per_shard = {self.prompts_per_shard}: must be >= 1")
+        if self.engine.tensor_parallel_size != 1:  # one knob: the pool's, which also sizes its GPU reservation
+            errors.append(f"cluster.engine.tensor_parallel_size = {self.engine.tensor_parallel_size}: set "
+                          "cluster.generator.tensor_parallel instead")
         if errors:
             raise ValueError("\n".join(errors))
 
@@ -68,6 +71,18 @@ class ClusterConfig:
             raise ValueError(f"cluster.num_cpus = {self.num_cpus}: the pools reserve {wanted:g} CPUs "
                              f"({generator_pools} generator pool(s), the scorer and the trainer group); raise it "
                              "or lower cluster.<pool>.num_cpus")
+
+
+def engine_pool_config(pool: PoolConfig, name: str) -> PoolConfig:
+    """`pool` as Ray reserves it for actors that each own a `tensor_parallel`-device engine: a GPU per rank (the
+    actor's CUDA_VISIBLE_DEVICES then lists them all for vLLM's workers), CPUs per actor. The result describes
+    whole actors, so its tensor_parallel is 1."""
+    return replace(pool, name=name, num_gpus=pool.num_gpus * pool.tensor_parallel, tensor_parallel=1)
+
+
+def generator_engine_config(config: ClusterConfig, max_model_len: int) -> EngineConfig:
+    """The engine of one generator actor: the cluster's engine settings, spanning the pool's devices."""
+    return replace(config.engine, max_model_len=max_model_len, tensor_parallel_size=config.generator.tensor_parallel)
 
 
 def connect(config: ClusterConfig) -> dict[str, Any]:
@@ -112,9 +127,8 @@ class Pools:
             if served != checkpoint:
                 self.sync_generator(size, checkpoint)
             return pool
-        engine = replace(self.config.engine, max_model_len=max_model_len)
-        pool = Pool(Generator, replace(self.config.generator, name=f"{self.config.generator.name}-{size}"),
-                    str(checkpoint), engine)
+        pool_config = engine_pool_config(self.config.generator, f"{self.config.generator.name}-{size}")
+        pool = Pool(Generator, pool_config, str(checkpoint), generator_engine_config(self.config, max_model_len))
         self._generators[size] = (pool, checkpoint)
         return pool
 

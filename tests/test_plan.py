@@ -90,7 +90,8 @@ def test_llama2_70b_trains_on_multi_node_but_serving_needs_tensor_parallelism(ll
                          f"base_models.llama70b={llama2['70b']}")
     plans = plan_run(config)
     assert all(p.fits for p in plans if p.pool == "trainer")
-    # 70B weights in bf16 are ~128 GiB: one 80 GiB device per engine cannot hold them (no tensor parallelism yet).
+    # 70B weights in bf16 are ~128 GiB: one 80 GiB device per engine cannot hold them (multi-node's generators run
+    # tensor_parallel 1; the scorer's reward models have no tensor parallelism).
     assert {p.stage for p in plans if not p.fits} == {"generate llama70b", "score"}
 
 

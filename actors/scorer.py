@@ -71,7 +71,9 @@ def sigmoid_rewards(model: LlamaForReward, sequences: Sequence[Sequence[int]], m
 
 
 class Scorer(PoolActor):
-    """Holds both reward models (HF LlamaForSequenceClassification folders)."""
+    """Holds both reward models (HF LlamaForSequenceClassification folders). An actor given several GPUs
+    (`cluster.scorer.num_gpus`) spreads each model's layers over them: reward models larger than one device
+    (70B: 138 GB in bf16 each) score with their layers in turn on the actor's devices."""
 
     def __init__(self, help_dir: str | Path, safe_dir: str | Path, max_batch_tokens: int = 16384,
                  threshold: float = SAFETY_THRESHOLD):
@@ -90,7 +92,12 @@ class Scorer(PoolActor):
             # load_checkpoint(head="reward") would start a fresh, random head on it: scores would mean nothing.
             raise ValueError(f"{folder}: not a reward model (architecture {architectures[0]}, "
                              f"expected {LlamaForReward.architecture})")
-        return load_checkpoint(folder, head="reward", device=self.device)
+        devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        if len(devices) < 2:
+            return load_checkpoint(folder, head="reward", device=self.device)
+        model = load_checkpoint(folder, head="reward")  # on the host, then a share of the layers per device
+        model.spread_over(devices)
+        return model
 
     def load_weights(self, kind: RewardKind, folder: str | Path) -> float:
         """Swap the helpfulness ("help") or safety ("safe") RM for the one in `folder`; returns seconds."""

@@ -34,20 +34,32 @@ def check_head_dim(head_dim: int, where: str) -> None:
                          f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))})")
 
 
-def check_tensor_parallel(config: ModelConfig, ranks: int, where: str) -> None:
-    """Refuse, before vLLM spends ~25 s starting, a model whose heads or MLP do not split over `ranks` devices."""
-    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
-        raise ValueError(f"tensor_parallel_size = {ranks!r}: must be an integer >= 1 "
-                         "(set it with cluster.generator.tensor_parallel)")
+def tensor_parallel_problems(config: ModelConfig, ranks: int) -> list[str]:
+    """What of the model does not split over `ranks` devices (empty: it splits)."""
     kv_heads = config.num_key_value_heads
     # vLLM splits the query heads and the MLP evenly; KV heads are split, or replicated when fewer than the ranks.
     splits = {"num_attention_heads": config.num_attention_heads, "intermediate_size": config.intermediate_size}
     uneven = [f"{key} {value}" for key, value in splits.items() if value % ranks]
     if kv_heads % ranks and ranks % kv_heads:
         uneven.append(f"num_key_value_heads {kv_heads}")
+    return uneven
+
+
+def check_tensor_parallel(config: ModelConfig, ranks: int, where: str) -> None:
+    """Refuse, before vLLM spends ~25 s starting, a model whose heads or MLP do not split over `ranks` devices."""
+    if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+        raise ValueError(f"tensor_parallel_size = {ranks!r}: must be an integer >= 1 "
+                         "(set it with cluster.generator.tensor_parallel)")
+    uneven = tensor_parallel_problems(config, ranks)
     if uneven:
         raise ValueError(f"{where}: {', '.join(uneven)} cannot be split over tensor_parallel_size {ranks} "
                          "(cluster.generator.tensor_parallel)")
+
+
+def engine_tensor_parallel(pool_degree: int, config: ModelConfig) -> int:
+    """The devices a model's engine spans: the pool's `tensor_parallel`, or for a model that does not split that
+    far (a small judge beside a 70B policy) the largest divisor of it the model splits over."""
+    return max(d for d in range(1, pool_degree + 1) if pool_degree % d == 0 and not tensor_parallel_problems(config, d))
 
 
 def cpu_thread_binding(ranks: int, threads: int) -> str:

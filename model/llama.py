@@ -106,6 +106,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.spread = False  # layers on several devices (`PretrainedLlama.spread_over`): hidden states follow them
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
@@ -118,12 +119,15 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
+            if self.spread and x.device != layer.input_layernorm.weight.device:
+                x, cos, sin, mask = (t if t is None else t.to(layer.input_layernorm.weight.device)
+                                     for t in (x, cos, sin, mask))
             if self.gradient_checkpointing and self.training:
                 # Recompute each layer's activations in backward: memory O(layers) -> O(1) per layer.
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask)
-        return self.norm(x)
+        return self.norm(x.to(self.norm.weight.device) if self.spread else x)
 
 
 class PretrainedLlama(nn.Module):
@@ -144,6 +148,20 @@ class PretrainedLlama(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.model.gradient_checkpointing = enabled
+
+    def spread_over(self, devices: list[torch.device]) -> None:
+        """The decoder layers in equal consecutive groups over `devices`, the embeddings on the first, the final
+        norm and the head on the last (inference on a model larger than one device: the scorer's 70B reward
+        models); each layer's input moves to its device in the forward."""
+        layers = self.model.layers
+        self.model.embed_tokens.to(devices[0])
+        for i, layer in enumerate(layers):
+            layer.to(devices[i * len(devices) // len(layers)])
+        for module in self.children():
+            if module is not self.model:
+                module.to(devices[-1])
+        self.model.norm.to(devices[-1])
+        self.model.spread = len(set(devices)) > 1
 
     def train_top_layers(self, count: int) -> None:
         """Freeze the embeddings and all but the top `count` decoder layers (0: train everything). Frozen layers
@@ -180,7 +198,8 @@ class LlamaForCausalLM(PretrainedLlama):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.model(input_ids, attention_mask, document_ids, positions)
-        return F.linear(hidden, self.output_weight())
+        weight = self.output_weight()
+        return F.linear(hidden.to(weight.device) if self.model.spread else hidden, weight)
 
 
 class LlamaForReward(PretrainedLlama):
@@ -202,13 +221,15 @@ class LlamaForReward(PretrainedLlama):
         (through forward, so DDP and FSDP wrap PPO's critic as any other model)."""
         if per_token:
             return self.token_values(input_ids, attention_mask)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         if shared is None:
             hidden = self.model(input_ids, attention_mask)
-            scores = self.score(hidden[rows, last_token_index(attention_mask, *input_ids.shape, input_ids.device)])
+            rows = torch.arange(input_ids.shape[0], device=hidden.device)
+            last = last_token_index(attention_mask, *input_ids.shape, input_ids.device).to(hidden.device)
+            scores = self.score(hidden[rows, last])
         else:
             hidden = self.model(input_ids, attention_mask, positions=shared.positions, branches=shared.branches)
-            scores = self.score(hidden[rows[:, None], shared.last])
+            rows = torch.arange(input_ids.shape[0], device=hidden.device)
+            scores = self.score(hidden[rows[:, None], shared.last.to(hidden.device)])
         return scores.squeeze(-1) if self.config.num_labels == 1 else scores
 
     def token_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from actors.pool import Pool, PoolConfig
-from actors.vllm_engine import EngineConfig
+from actors.vllm_engine import EngineConfig, engine_tensor_parallel
+from model.config import ModelConfig
 
 
 def _pool(name: str, **settings: Any) -> Callable[[], PoolConfig]:
@@ -80,9 +81,14 @@ def engine_pool_config(pool: PoolConfig, name: str) -> PoolConfig:
     return replace(pool, name=name, num_gpus=pool.num_gpus * pool.tensor_parallel, tensor_parallel=1)
 
 
-def generator_engine_config(config: ClusterConfig, max_model_len: int) -> EngineConfig:
-    """The engine of one generator actor: the cluster's engine settings, spanning the pool's devices."""
-    return replace(config.engine, max_model_len=max_model_len, tensor_parallel_size=config.generator.tensor_parallel)
+def generator_engine_config(config: ClusterConfig, max_model_len: int,
+                            model: ModelConfig | None = None) -> EngineConfig:
+    """The engine of one generator actor: the cluster's engine settings, spanning the pool's devices (those the
+    served `model` splits over: actors.vllm_engine.engine_tensor_parallel)."""
+    degree = config.generator.tensor_parallel
+    if model is not None:
+        degree = engine_tensor_parallel(degree, model)
+    return replace(config.engine, max_model_len=max_model_len, tensor_parallel_size=degree)
 
 
 def connect(config: ClusterConfig) -> dict[str, Any]:
@@ -128,7 +134,8 @@ class Pools:
                 self.sync_generator(size, checkpoint)
             return pool
         pool_config = engine_pool_config(self.config.generator, f"{self.config.generator.name}-{size}")
-        pool = Pool(Generator, pool_config, str(checkpoint), generator_engine_config(self.config, max_model_len))
+        engine = generator_engine_config(self.config, max_model_len, ModelConfig.load(checkpoint))
+        pool = Pool(Generator, pool_config, str(checkpoint), engine)
         self._generators[size] = (pool, checkpoint)
         return pool
 

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actors.vllm_engine import engine_tensor_parallel
 from model.config import ModelConfig
 from model.memory import (GIB, FrozenMemory, Parallelism, TrainingMemory, Workload, frozen_memory,
                           inference_memory, training_memory)
@@ -185,20 +186,22 @@ def serving_plans(config: RunConfig, policies: list[Policy]) -> list[StagePlan]:
     for the generators; vLLM takes `engine.memory_share` of the device."""
     cluster, engine = config.cluster, config.cluster.engine
     share = None if cluster.generator.memory_gib is None else cluster.generator.memory_gib * engine.memory_share
-    tp = tensor_parallel_degree(config)
     served = [(f"generate {p.name}", f"{cluster.generator.name}-{p.name}", p.config, p.context) for p in policies]
     judge = judge_config(config)
     if judge is not None:
         served.append(("judge", f"{cluster.generator.name}-judge", judge, config.judge.context))
     plans = []
     for stage, pool, model, context in served:
+        tp = engine_tensor_parallel(tensor_parallel_degree(config), model)  # as the pool will start the engine
         memory = inference_memory(model, engine.dtype, int(engine.kv_cache_gib * GIB), context, tp)
         plans.append(StagePlan(stage, pool, memory.device_peak, share,
                                {"weights": memory.weights, "kv cache": memory.kv_cache}, 0,
                                f"{engine.dtype}, tp {tp}, context {context}"))
     rm = inference_memory(policies[-1].config, engine.dtype, head="reward")
-    plans.append(StagePlan("score", cluster.scorer.name, 2 * rm.weights, cluster.scorer.memory_gib,
-                           {"weights": 2 * rm.weights}, 0, f"both reward models, {engine.dtype}"))
+    devices = max(1, int(cluster.scorer.num_gpus))  # an actor with several GPUs spreads each RM's layers over them
+    per_device = 2 * rm.weights // devices
+    plans.append(StagePlan("score", cluster.scorer.name, per_device, cluster.scorer.memory_gib, {"weights": per_device},
+                           0, f"both reward models, {engine.dtype}, over {devices} device(s)"))
     return plans
 
 

@@ -137,6 +137,9 @@ def test_llama2_experiments_carry_the_papers_hyperparameters(tmp_path, experimen
     expected = compose_run(f"cluster={cluster}").cluster
     if experiment == "llama2-7b":  # 4 trainer ranks split the paper's batches; 3 do not
         expected.trainer.size, expected.generator.size = 4, 3
+    else:  # 70B engines span 4 GPUs; the scorer spreads its reward models over 4
+        expected.generator.size, expected.generator.tensor_parallel = 4, 4
+        expected.scorer.size, expected.scorer.num_gpus = 1, 4
     assert config.cluster == expected and config.cluster.generator.num_gpus == 1
 
     with pytest.raises(ConfigError, match=r"base_models\.llama7b: set it to a HF checkpoint folder"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from conftest import tiny_config
 from model.config import ModelConfig
@@ -85,14 +86,18 @@ def test_llama2_7b_on_gpu_node_fits(llama2):
     check_plan(config)  # no refusal
 
 
-def test_llama2_70b_trains_on_multi_node_but_serving_needs_tensor_parallelism(llama2):
+def test_llama2_70b_on_multi_node_fits(llama2):
     config = compose_run("experiment=llama2-70b", f"base_models.llama7b={llama2['7b']}",
                          f"base_models.llama70b={llama2['70b']}")
     plans = plan_run(config)
-    assert all(p.fits for p in plans if p.pool == "trainer")
-    # 70B weights in bf16 are ~128 GiB: one 80 GiB device per engine cannot hold them (multi-node's generators run
-    # tensor_parallel 1; the scorer's reward models have no tensor parallelism).
-    assert {p.stage for p in plans if not p.fits} == {"generate llama70b", "score"}
+    assert all(p.fits for p in plans), [(p.stage, p.short_gib) for p in plans if not p.fits]
+    check_plan(config)  # no refusal
+    # 70B weights in bf16 are ~128 GiB: only 4 devices per engine (tensor parallelism) and per scorer actor (each
+    # reward model's layers spread over them) hold them
+    one_device = compose_run("experiment=llama2-70b", f"base_models.llama7b={llama2['7b']}",
+                             f"base_models.llama70b={llama2['70b']}", "cluster.generator.tensor_parallel=1",
+                             "cluster.scorer.num_gpus=1")
+    assert {p.stage for p in plan_run(one_device) if not p.fits} == {"generate llama70b", "score"}
 
 
 def test_a_plan_that_does_not_fit_is_refused_in_one_line(llama2):
@@ -166,3 +171,20 @@ def test_a_batch_the_ranks_cannot_split_is_refused_up_front(llama2):
 def test_13b_plans_from_its_config_alone(llama2, capsys):
     assert main(["experiment=llama2-7b", f"base_models.llama7b={llama2['13b']}"]) in (0, 1)
     assert "sft llama7b" in capsys.readouterr().out
+
+
+def test_spreading_a_reward_model_puts_its_layers_on_the_devices_in_turn():
+    """The scorer's placement for a reward model larger than a device (the GPUs stand in as the meta device here:
+    only where each tensor goes is checked; a CPU-only forward stays exact)."""
+    from model.llama import LlamaForReward
+
+    model = LlamaForReward(tiny_config(num_hidden_layers=4))
+    model.init_weights(0)
+    ids = torch.randint(3, 97, (2, 9))
+    before = model(ids)
+    model.spread_over([torch.device("cpu"), torch.device("cpu")])
+    assert torch.equal(model(ids), before) and not model.model.spread  # one device: nothing moves
+    model.spread_over([torch.device("cpu"), torch.device("meta")])
+    where = {name: p.device.type for name, p in model.named_parameters()}
+    assert model.model.spread and where["model.embed_tokens.weight"] == "cpu" and where["score.weight"] == "meta"
+    assert [where[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(4)] == ["cpu", "cpu", "meta", "meta"]

@@ -74,12 +74,12 @@ def llama2_folders(tmp_path_factory) -> list[str]:
 def test_four_devices_per_engine_make_the_70b_generator_fit(llama2_folders):
     base = ("experiment=llama2-70b", f"base_models.llama7b={llama2_folders[0]}",
             f"base_models.llama70b={llama2_folders[1]}")
-    one, four = compose_run(*base), compose_run(*base, "cluster.generator.tensor_parallel=4")
+    one, four = compose_run(*base, "cluster.generator.tensor_parallel=1"), compose_run(*base)
     assert (tensor_parallel_degree(one), tensor_parallel_degree(four)) == (1, 4)
     plans = {config.cluster.generator.tensor_parallel: {p.stage: p for p in plan_run(config)} for config in (one, four)}
     assert not plans[1]["generate llama70b"].fits and plans[4]["generate llama70b"].fits
     assert plans[4]["generate llama70b"].parts["weights"] == plans[1]["generate llama70b"].parts["weights"] // 4
-    assert not plans[4]["score"].fits  # the scorer's reward models are plain torch: no tensor parallelism
+    assert plans[4]["score"].fits  # the scorer spreads each reward model's layers over its actor's 4 GPUs
 
 
 def test_a_model_that_does_not_split_is_refused_before_vllm_starts():
@@ -138,3 +138,16 @@ def test_a_two_rank_engine_answers_like_one_rank_and_reloads_weights_in_place(vl
         assert greedy_tokens(two) == expected
     finally:
         two.shutdown()
+
+
+def test_an_engine_spans_the_devices_its_model_splits_over():
+    """A 70B policy takes the pool's 4 devices; the bundled judge (9 heads) beside it runs on 1 rather than fail."""
+    from actors.vllm_engine import engine_tensor_parallel
+    from model.config import ModelConfig
+    from pipeline.plan import BUNDLED_JUDGE
+
+    llama70b = ModelConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                           num_key_value_heads=8)
+    assert engine_tensor_parallel(4, llama70b) == 4 and engine_tensor_parallel(4, BUNDLED_JUDGE) == 1
+    assert engine_tensor_parallel(6, ModelConfig(num_attention_heads=9, num_key_value_heads=3,
+                                                 intermediate_size=1536, hidden_size=576)) == 3

@@ -122,7 +122,9 @@ def test_a_two_rank_engine_answers_like_one_rank_and_reloads_weights_in_place(vl
     """vllm_tiny's engine (1 rank) and a 2-rank one serve the same tied checkpoint; the 2-rank engine then takes a
     new model's tensors (as a trainer rank publishes them: tied, no lm_head) and the first model's folder back."""
     one, model, folder = vllm_tiny
-    two = VLLMEngine(folder, EngineConfig(max_model_len=256, tensor_parallel_size=2))
+    # Its engine core in a process of its own: shutting an in-process one down would tear down the parallel state
+    # vllm_tiny's in-process engine shares with it in this test process.
+    two = VLLMEngine(folder, EngineConfig(max_model_len=256, tensor_parallel_size=2, in_process=False))
     try:
         assert two.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 2
         expected = ours(model)

@@ -136,7 +136,8 @@ def test_gpu_extra_pins_vllm_and_torch(report):
     for name in ("vllm", "torch"):
         version = Version(found[name]["version"])
         # A local label (2.10.0+cpu) would be another build of the same number: the CPU wheel, or another CUDA's.
-        assert version.local is None and str(version) == pins[name], f"{name} resolved to {version}, pinned {pins[name]}"
+        assert version.local is None and str(version) == pins[name], \
+            f"{name} resolved to {version}, pinned {pins[name]}"
     vllm_torch = [Requirement(r) for r in found["vllm"].get("requires_dist") or [] if Requirement(r).name == "torch"]
     assert all(req.specifier.contains(pins["torch"]) for req in vllm_torch), f"vllm wants {vllm_torch}"
 
@@ -149,9 +150,11 @@ def test_torch_is_built_for_the_image_cuda(report):
     assert majors, f"torch {found['torch']['version']} requires no CUDA libraries: a CPU build"
     assert majors == {image.major}, f"torch is built for CUDA {sorted(majors)}, the image is CUDA {image}"
     runtime = found.get(f"nvidia-cuda-runtime-cu{image.major}") or found.get("nvidia-cuda-runtime")
-    assert runtime and Version(runtime["version"]).major == image.major, f"CUDA runtime {runtime and runtime['version']}"
+    assert runtime and Version(runtime["version"]).major == image.major, \
+        f"CUDA runtime {runtime and runtime['version']}"
     # vLLM's kernel packages come in per-CUDA flavours too (nvidia-cutlass-dsl-libs-cu13, ...): none of another major.
-    foreign = sorted(name for name in found if (m := re.fullmatch(r".+-cu(\d+)", name)) and int(m.group(1)) != image.major)
+    foreign = sorted(name for name in found
+                     if (m := re.fullmatch(r".+-cu(\d+)", name)) and int(m.group(1)) != image.major)
     assert not foreign, f"packages built for another CUDA than the image's {image}: {foreign}"
 
 

@@ -19,6 +19,7 @@ from model.llama import LlamaForCausalLM, greedy_generate
 from pipeline.cluster import ClusterConfig, engine_pool_config, generator_engine_config
 from pipeline.config import ConfigError, compose_run
 from pipeline.plan import plan_run, tensor_parallel_degree
+from test_vllm_parity import other_model
 
 # Two ranks need two cores (CPU) or two GPUs (a 1-GPU device check skips the engine test).
 two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="2 CPU ranks need 2 cores")
@@ -97,15 +98,6 @@ def test_cpu_workers_get_cores_of_their_own():
     assert cpu_thread_binding(2, threads=2) == f"{cores[0]}|{cores[1]}"  # the binding verified on 2 cores
     with pytest.raises(ValueError, match=r"tensor_parallel_size \d+ on CPU needs a core per rank"):
         cpu_thread_binding(len(cores) + 1, threads=1)
-
-
-def other_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
-    other = LlamaForCausalLM(model.config)
-    other.init_weights(seed=99)
-    with torch.no_grad():  # larger weights: a greedy path that does not just repeat the prompt's last token
-        for p in other.parameters():
-            p.mul_(5)
-    return other.eval()
 
 
 def greedy_tokens(engine: VLLMEngine) -> list[list[int]]:

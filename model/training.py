@@ -195,7 +195,7 @@ class Trainer:
         """
         total = 0.0
         for i, (micro, weight) in enumerate(micro_batches):
-            with self._sync(i == len(micro_batches) - 1):
+            with self.accumulating(last=i == len(micro_batches) - 1):
                 with self.precision():
                     loss = loss_of(self.module, micro)
                 self.backward(loss, weight, where)
@@ -230,9 +230,10 @@ class Trainer:
             check_moved(self.model, self._before, where, lr)
             self._before = None
 
-    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
-        """DDP all-reduces gradients on the last micro-batch only; FSDP reduce-scatters each (its shards are
-        summed in place, so skipping would keep unsharded gradients alive)."""
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around one micro-batch's forward and backward: DDP all-reduces gradients on the last micro-batch only;
+        FSDP reduce-scatters each (its shards are summed in place, so skipping would keep unsharded gradients
+        alive)."""
         if isinstance(self.module, nn.parallel.DistributedDataParallel) and not last:
             return self.module.no_sync()
         return contextlib.nullcontext()

@@ -148,10 +148,11 @@ def reward_model_plan(config: RunConfig, largest: Policy, ranks: int, available:
 
 def ppo_plan(config: RunConfig, largest: Policy, ranks: int, available: float | None) -> StagePlan:
     """PPO on the largest policy: the policy and (GAE) the critic trained, the reference frozen, all resident;
-    the policy's and the critic's passes take turns. Rows are mini_batch / ranks answers, each a prompt plus
-    max_tokens, planned at the full context (the longest row the generators admit); logits for answer tokens."""
+    the policy's and the critic's passes take turns. Rows are mini_batch / ranks answers (or train.micro_batch of
+    them per forward), each a prompt plus max_tokens, planned at the full context (the longest row the generators
+    admit); logits for answer tokens."""
     ppo = config.rounds.ppo
-    rows, seq_len = max(1, ppo.mini_batch // ranks), largest.context
+    rows, seq_len = ppo.train.micro_batch or max(1, ppo.mini_batch // ranks), largest.context  # per forward
     par = parallelism(ppo.train, ppo.parallel, ranks)
     policy = training_memory(largest.config, Workload(rows, seq_len, logit_tokens=rows * ppo.max_tokens), par)
     reference: FrozenMemory = frozen_memory(largest.config, par, largest.config.dtype, ppo.offload_reference)

@@ -188,3 +188,10 @@ def test_spreading_a_reward_model_puts_its_layers_on_the_devices_in_turn():
     where = {name: p.device.type for name, p in model.named_parameters()}
     assert model.model.spread and where["model.embed_tokens.weight"] == "cpu" and where["score.weight"] == "meta"
     assert [where[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(4)] == ["cpu", "cpu", "meta", "meta"]
+
+
+def test_ppo_micro_batches_shrink_its_activations(llama2):
+    base = ("experiment=llama2-7b", f"base_models.llama7b={llama2['7b']}")
+    whole, micro = ({p.stage: p for p in plan_run(compose_run(*base, *extra))}["ppo"]
+                    for extra in ((), ("rounds.ppo.train.micro_batch=4",)))
+    assert micro.peak < whole.peak and micro.setup.startswith("4 x 4x4096")

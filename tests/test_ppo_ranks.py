@@ -16,6 +16,7 @@ from actors.pool import PoolConfig
 from actors.trainer import RankContext, TrainerGroup
 from model.ppo import logit
 from model.checkpoint import load_checkpoint
+from model.training import TrainConfig
 from pipeline.stages.ppo import PPOConfig, ppo_iteration, ppo_setup, split_rows
 from test_ppo_stage import make_folders, row_logprobs
 
@@ -147,16 +148,19 @@ def test_sampler_logprobs_within_the_tolerance_are_kept_on_every_rank(trainers, 
     assert not torch.equal(states[0]["policy"], initial)
 
 
-def test_ppo_on_fsdp_ranks_equals_ppo_in_one_process(trainers, folders):
+@pytest.mark.parametrize("micro_batch", [0, 1])
+def test_ppo_on_fsdp_ranks_equals_ppo_in_one_process(trainers, folders, micro_batch):
     """One gradient step per iteration over the whole batch (an empty answer included): the policy and the critic,
-    sharded over the ranks, end where one process ends, to float rounding."""
+    sharded over the ranks, end where one process ends, to float rounding; also with one answer per forward on the
+    ranks (gradients accumulated, as many forwards on every rank)."""
     world = trainers.world_size
     rows = 4 * world  # a step's share per rank covers the rank's rows: one step on every rank and in one process
     table = batch_table(rows, {3})
-    config = PPOConfig(batch_size=rows, mini_batch=rows, lr=1e-3, value_lr=1e-3, parallel="fsdp")
+    config = PPOConfig(batch_size=rows, mini_batch=rows, lr=1e-3, value_lr=1e-3, parallel="fsdp",
+                       train=TrainConfig(micro_batch=micro_batch))
     _, _, states = setup_and_train(trainers, folders, config, table, iterations=2)
     one = RankContext(0, 1, torch.device("cpu"), "gloo")
-    ppo_setup(one, (str(folders[0]), str(folders[1]), dataclasses.replace(config, parallel="ddp")))
+    ppo_setup(one, (str(folders[0]), str(folders[1]), dataclasses.replace(config, parallel="ddp", train=TrainConfig())))
     for _ in range(2):
         ppo_iteration(one, split_rows(table, 1)[0])
     expected = rank_state(one, None)

@@ -19,6 +19,7 @@ from conftest import tiny_model
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.ppo import logit
 from model.tokenizer import SentencePieceTokenizer
+from model.training import TrainConfig
 from pipeline.config_build import ConfigError, build
 from pipeline.stages.ppo import (PPOConfig, answer_logits, answer_positions, export_policy, mini_batches,
                                  ppo_iteration, ppo_setup, prepare_batch, rollout, split_rows, token_logprobs)
@@ -379,3 +380,25 @@ def test_a_mini_batch_padded_to_its_own_longest_row_gives_the_unpadded_rows_numb
     alone_sum.backward()
     for ours, expected in zip(gradients, (p.grad for p in model.parameters())):
         assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_micro_batches_accumulate_to_the_mini_batchs_update(folders):
+    """ppo.train.micro_batch=1: each gradient step's 4 answers in 4 forwards, the gradients accumulated, each
+    weighted by its share of the step's tokens: the policy and the critic end where one forward per step takes them,
+    with the same losses."""
+    policy_dir, rm_dir = folders
+    batch = batch_of(ANSWERS, [0.9, 0.1] * 4)
+
+    def update(micro_batch: int) -> tuple[dict, torch.Tensor]:
+        config = PPOConfig(batch_size=8, mini_batch=4, lr=1e-3, value_lr=1e-3, old_logprobs="trainer",
+                           train=TrainConfig(micro_batch=micro_batch))
+        ppo_setup(ONE, (str(policy_dir), str(rm_dir), config))
+        metrics = ppo_iteration(ONE, batch)
+        weights = torch.cat([p.detach().flatten() for name in ("policy", "value") for p in ONE.state[name].parameters()])
+        return metrics, weights
+
+    whole, whole_weights = update(0)
+    micro, micro_weights = update(1)
+    assert (micro_weights - whole_weights).abs().max().item() < 1e-5
+    for stat in ("policy_loss", "value_loss", "approx_kl", "entropy"):
+        assert micro[stat] == pytest.approx(whole[stat], abs=1e-5), stat

@@ -54,7 +54,7 @@ from model.ppo import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, Reduce, RunningMomen
                        entropy_from_logits, kl_penalty, logit, policy_loss, token_rewards, value_loss, whiten)
 from model.sharded import load_for_training, load_train_state, save_train_state
 from model.tokenizer import load_tokenizer
-from model.training import TrainConfig, Trainer, is_sharded, wrap
+from model.training import TrainConfig, Trainer, is_sharded, micro_split, wrap
 from pipeline import stage_names as names
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore
@@ -89,7 +89,8 @@ class PPOConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # the policy's and the critic's
     # Policy, critic and reference over the trainer ranks: "ddp" (a replica each) or "fsdp" (sharded; 7B and up).
     parallel: str = "ddp"
-    train: TrainConfig = field(default_factory=TrainConfig)  # precision, checkpointing, offload (not micro_batch)
+    # precision, checkpointing, offload; micro_batch: answers per forward within a rank's share of a mini-batch
+    train: TrainConfig = field(default_factory=TrainConfig)
     offload_reference: bool = False  # FSDP only: the frozen reference's shards on the host between forwards
     temperature: float = 1.0
     # The sampler's by default: measured 3e-7 nats per token from the trainer's on CPU (docs/benchmarks.md), they
@@ -122,9 +123,6 @@ class PPOConfig:
         errors += self.train.check_strategy(self.parallel, "ppo")
         if self.offload_reference and self.parallel != "fsdp":
             errors.append("ppo.offload_reference = true needs ppo.parallel = 'fsdp' (offload moves FSDP's shards)")
-        if self.train.micro_batch:
-            errors.append(f"ppo.train.micro_batch = {self.train.micro_batch}: PPO's unit is its mini-batch; set "
-                          "ppo.mini_batch instead")
         if self.advantage not in ADVANTAGE_ESTIMATORS:
             errors.append(f"ppo.advantage = {self.advantage!r}: allowed: {', '.join(ADVANTAGE_ESTIMATORS)}")
         elif not self.needs_critic and self.samples_per_prompt < 2:
@@ -438,42 +436,68 @@ def ppo_iteration(ctx: RankContext, batch: dict[str, list]) -> dict[str, float]:
     # A new mini-batch order every iteration (the moments count grows with each batch), the same on re-runs.
     plan = step_rows(mini_batches(r.lengths[:r.rows], per_rank, config.group_by_length,
                                   config.seed + s["moments"].count), steps)
-    parts = [r.take(rows) for rows, _ in plan]
-    masks = [part.mask * weight for part, (_, weight) in zip(parts, plan)]
-    shares = token_shares(ctx, torch.tensor([float(m.sum()) for m in masks], dtype=torch.float64, device=device))
+    micro = config.train.micro_batch
+    forwards = math.ceil(per_rank / micro) if micro else 1  # per step, the same on every rank
+    micros = [micro_steps(r, rows, weight, forwards) for rows, weight in plan]
+    tokens = [sum(float(mask.sum()) for _, _, mask in step) for step in micros]
+    shares = token_shares(ctx, torch.tensor(tokens, dtype=torch.float64, device=device))
     sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)  # token-weighted, over the steps
-    for i, ((rows, _), part, mask, share) in enumerate(zip(plan, parts, masks, shares.tolist())):
-        with s["policy_trainer"].precision():
-            logits = tempered(part.logits(s["trained_policy"]), config.temperature)
-        if i == 0 and t.sampler:
-            t = checked(ctx, r, t, part, rows, mask, logits)
-        step = training_step(s, part, t, rows, mask, share, logits)
-        sums += float(mask.sum()) * torch.tensor(step, dtype=torch.float64, device=device)
+    for i, (step, count, share) in enumerate(zip(micros, tokens, shares.tolist())):
+        t, step_sums = training_step(ctx, r, t, step, count, share, check_sampler=i == 0 and t.sampler)
+        sums += step_sums
     return batch_metrics(ctx, batch, r, t, len(keep), sums, steps, time.perf_counter() - start)
 
 
-def training_step(s: dict[str, Any], part: Rollout, t: Targets, rows: torch.Tensor, mask: torch.Tensor,
-                  share: float, logits: torch.Tensor) -> list[float]:
-    """One policy (and critic) gradient step on `rows` (`part`, their Rollout; `logits`, the policy's tempered
-    forward on it) with the rank's PPO state `s`, losses scaled by this rank's token share; the STATS."""
-    config = s["config"]
-    at, width = rows.to(mask.device), mask.shape[1]
-    loss, clip_fraction, approx_kl = policy_loss(token_logprobs(logits, part.targets), t.old_logprobs[at, :width],
-                                                 t.advantages[at, :width], mask, config.clip)
-    policy = s["policy_trainer"]
-    policy.backward(loss, share, "ppo policy step")
-    policy.apply("ppo policy step", loss.item())
-    v_loss = torch.zeros(())
+def micro_steps(r: Rollout, rows: torch.Tensor, weight: float,
+                forwards: int) -> list[tuple[torch.Tensor, Rollout, torch.Tensor]]:
+    """A step's rows in `forwards` micro-batches (model.training.micro_split: as many on every rank), each as (rows,
+    their Rollout, their mask), the mask 0 where the step or the micro-batch is a placeholder."""
+    out = []
+    for micro_rows, real in micro_split(rows, forwards):
+        part = r.take(micro_rows)
+        out.append((micro_rows, part, part.mask * (weight * real)))
+    return out
+
+
+def training_step(ctx: RankContext, r: Rollout, t: Targets, micros: list[tuple[torch.Tensor, Rollout, torch.Tensor]],
+                  tokens: float, share: float, check_sampler: bool) -> tuple[Targets, torch.Tensor]:
+    """One policy (and critic) gradient step over a step's micro-batches (`micro_steps`), the gradients accumulated,
+    losses scaled by this rank's token share and each micro-batch's share of the step's tokens. Returns the targets
+    (with `check_sampler`, the sampler's log-probabilities checked on the first micro-batch's forward: `checked`) and
+    the STATS summed over the step's tokens."""
+    s, config = ctx.state, ctx.state["config"]
+    policy, value = s["policy_trainer"], s.get("value_trainer")
+    sums = torch.zeros(len(STATS), dtype=torch.float64, device=s["device"])
+    losses = [0.0, 0.0]
+    for j, (rows, part, mask) in enumerate(micros):
+        last, count = j == len(micros) - 1, float(mask.sum())
+        weight = share if len(micros) == 1 else share * count / tokens if tokens else 0.0
+        at, width = rows.to(mask.device), mask.shape[1]
+        with policy.accumulating(last):
+            with policy.precision():
+                logits = tempered(part.logits(s["trained_policy"]), config.temperature)
+            if check_sampler and j == 0:
+                t = checked(ctx, r, t, part, rows, mask, logits)
+            loss, clip_fraction, approx_kl = policy_loss(token_logprobs(logits, part.targets),
+                                                         t.old_logprobs[at, :width], t.advantages[at, :width], mask,
+                                                         config.clip)
+            policy.backward(loss, weight, "ppo policy step")
+        v_loss = torch.zeros(())
+        if t.old_values is not None:
+            with value.accumulating(last):
+                with value.precision():
+                    values = part.values(s["trained_value"])
+                v_loss = value_loss(values, t.old_values[at, :width], t.returns[at, :width], mask, config.value_clip)
+                value.backward(v_loss, weight, "ppo value step")
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits, mask)
+        losses = [losses[0] + loss.item() * weight, losses[1] + v_loss.item() * weight]
+        sums += count * torch.tensor([float(x.detach()) for x in (loss, clip_fraction, approx_kl, v_loss, entropy)],
+                                     dtype=torch.float64, device=sums.device)
+    policy.apply("ppo policy step", losses[0])
     if t.old_values is not None:
-        value = s["value_trainer"]
-        with value.precision():
-            values = part.values(s["trained_value"])
-        v_loss = value_loss(values, t.old_values[at, :width], t.returns[at, :width], mask, config.value_clip)
-        value.backward(v_loss, share, "ppo value step")
-        value.apply("ppo value step", v_loss.item())
-    with torch.no_grad():
-        entropy = entropy_from_logits(logits, mask)
-    return [float(x.detach()) for x in (loss, clip_fraction, approx_kl, v_loss, entropy)]
+        value.apply("ppo value step", losses[1])
+    return t, sums
 
 
 def batch_metrics(ctx: RankContext, batch: dict[str, list], r: Rollout, t: Targets, answers: int,

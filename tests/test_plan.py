@@ -130,7 +130,7 @@ def test_memory_gib_must_be_positive():
         compose_run("cluster.trainer.memory_gib=0")
 
 
-def test_the_driver_refuses_before_ray_starts(llama2, monkeypatch, capsys):
+def test_the_driver_refuses_before_ray_starts(llama2, monkeypatch, capsys, tmp_path):
     import pipeline.main as driver
 
     def no_ray(*args, **kwargs):
@@ -138,7 +138,7 @@ def test_the_driver_refuses_before_ray_starts(llama2, monkeypatch, capsys):
 
     monkeypatch.setattr(driver, "connect", no_ray)
     monkeypatch.setattr(sys, "argv", ["pipeline", "experiment=llama2-7b", f"base_models.llama7b={llama2['70b']}",
-                                      "hydra.run.dir=.", "hydra.output_subdir=null"])
+                                      f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"])  # its main.log
     with pytest.raises(SystemExit) as exited:
         driver.main()
     assert exited.value.code == 2

@@ -394,7 +394,8 @@ def test_micro_batches_accumulate_to_the_mini_batchs_update(folders):
                            train=TrainConfig(micro_batch=micro_batch))
         ppo_setup(ONE, (str(policy_dir), str(rm_dir), config))
         metrics = ppo_iteration(ONE, batch)
-        weights = torch.cat([p.detach().flatten() for name in ("policy", "value") for p in ONE.state[name].parameters()])
+        weights = torch.cat([p.detach().flatten() for name in ("policy", "value")
+                             for p in ONE.state[name].parameters()])
         return metrics, weights
 
     whole, whole_weights = update(0)

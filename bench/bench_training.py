@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -26,31 +23,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.plan_calibration import free_port, peak_rss_bytes, rss_bytes
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.llama import LlamaForCausalLM
 from model.losses import margin_ranking_loss, masked_lm_loss
 from model.sharded import load_for_training
+from model.smollm2 import SHAPE as SMOLLM2_SHAPE
 from model.training import TrainConfig, Trainer, TrainSetup
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, tie_word_embeddings=True, rope_theta=1e5, max_position_embeddings=2048)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=256)
 # (config, rows per step over all ranks, tokens per row); an RM row is one side of a pair
-FULL = dict(model=SMOLLM2, rows=4, seq=128)
+FULL = dict(model=dict(SMOLLM2_SHAPE, max_position_embeddings=2048), rows=4, seq=128)
 QUICK = dict(model=TINY, rows=4, seq=32)
 LAYOUTS = (("1 rank", 1, "ddp"), ("DDP 2 ranks", 2, "ddp"), ("FSDP 2 ranks", 2, "fsdp"))
-
-
-def rss_bytes() -> int:
-    """This process's peak resident set (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def sft_loss(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -68,7 +55,7 @@ def rank_main(rank: int, world: int, port: int, case: dict, out: str) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=600))
-    before = current_rss()
+    before = rss_bytes()
     head, loss = ("causal_lm", sft_loss) if case["loop"] == "sft" else ("reward", rm_loss)
     train = TrainConfig(precision=case["precision"], activation_checkpointing=case["checkpointing"])
     setup = TrainSetup(world, case["strategy"], train)
@@ -83,15 +70,9 @@ def rank_main(rank: int, world: int, port: int, case: dict, out: str) -> None:
     for step in range(case["steps"]):
         trainer.step([(ids, 1.0)], loss, f"step {step}")
     seconds = time.perf_counter() - start
-    Path(f"{out}.{rank}").write_text(json.dumps({"seconds": seconds, "peak": rss_bytes() - before}))
+    Path(f"{out}.{rank}").write_text(json.dumps({"seconds": seconds, "peak": peak_rss_bytes() - before}))
     if world > 1:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_case(case: dict, world: int, tmp: Path) -> dict:

@@ -48,6 +48,7 @@ from model.config import ModelConfig
 from model.llama import LlamaForCausalLM, LlamaForReward
 from model.losses import masked_lm_loss
 from model.memory import GIB, Parallelism, Workload, training_memory
+from model.smollm2 import SHAPE as SMOLLM2
 from model.training import TrainConfig, Trainer, TrainSetup, wrap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,6 @@ CAPS = {"peak_matmul": (40, 20), "parity": (75, 25), "train_step": (120, 25), "f
 BUDGET = {False: 450, True: 170}  # quick: roomy, as CPU test machines are shared
 FP32_TOL = 1e-4  # the parity tests' tolerance (tests/test_model_parity.py)
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, tie_word_embeddings=True, rope_theta=1e5, max_position_embeddings=8192)
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,  # TinyLlama-1.1B
                 num_attention_heads=32, num_key_value_heads=4, rope_theta=1e4, max_position_embeddings=4096)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,

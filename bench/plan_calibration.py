@@ -25,12 +25,11 @@ import torch.multiprocessing as mp
 
 from model.config import ModelConfig
 from model.memory import GIB, Parallelism, Workload, training_memory
+from model.smollm2 import SHAPE as SMOLLM2_SHAPE
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048)  # tests/conftest.py tiny_config, longer context
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, tie_word_embeddings=True, rope_theta=1e5, max_position_embeddings=8192)
-MODELS = {"tiny": TINY, "smollm2-135m": SMOLLM2}
+MODELS = {"tiny": TINY, "smollm2-135m": SMOLLM2_SHAPE}
 OUT = Path("docs/plan_calibration.json")
 
 

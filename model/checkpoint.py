@@ -197,8 +197,7 @@ def tensor_files(directory: str | Path) -> dict[str, Path]:
 
 def iter_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """Yield (name, tensor, file) for every tensor of a checkpoint folder, one file open at a time."""
-    for name, handle, path in _iter_entries(directory, lambda f, name: f.get_tensor(name)):
-        yield name, handle, path
+    yield from _iter_entries(directory, lambda f, name: f.get_tensor(name))
 
 
 def iter_slices(directory: str | Path) -> Iterator[tuple[str, Any, Path]]:

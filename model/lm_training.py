@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from model.llama import LlamaForCausalLM
 from model.losses import masked_lm_loss
 from model.optim import OptimConfig, cosine_with_warmup
-from model.training import Trainer, TrainSetup, micro_split
 from model.packing import PackedRows
-from model.sharded import load_train_state, save_train_state, saves_after, state_digest
+from model.sharded import resumed_progress, save_train_state, saves_after, state_digest
+from model.training import Trainer, TrainSetup, micro_split
 
 
 @dataclass
@@ -100,14 +100,12 @@ def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig,
     trainer = Trainer(model, setup, config.lr, config.optim,
                       lambda opt: cosine_with_warmup(opt, config.steps, config.warmup_steps, config.min_lr_ratio))
     run = run_digest(packed, config, setup) if state_dir is not None else ""
-    resumed = load_train_state(trainer, state_dir, run) if state_dir is not None else None
-    done = resumed["step"] if resumed else 0
     batches = shuffled_batches(packed, config.batch_size, config.seed)
-    for _ in range(done):
-        next(batches)  # the resumed run sees the batches it would have seen
+    resumed = resumed_progress(trainer, state_dir, run, batches, {"losses": [], "tokens": 0})
+    done = resumed["step"]
     model.train()
-    losses: list[float] = resumed["losses"] if resumed else []
-    tokens = resumed["tokens"] if resumed else 0
+    losses: list[float] = resumed["losses"]
+    tokens = resumed["tokens"]
     start = time.perf_counter()
     bar = progress(config.steps, desc)
     bar.update(done)
@@ -129,7 +127,7 @@ def train_lm(model: LlamaForCausalLM, packed: PackedRows, config: LMTrainConfig,
 
 
 def run_digest(packed: PackedRows, config: LMTrainConfig, setup: TrainSetup) -> str:
-    """What a saved state must have been trained with to be resumed (model.sharded.run_digest): the loop's config
+    """What a saved state must have been trained with to be resumed (model.sharded.state_digest): the loop's config
     and this rank's rows."""
     return state_digest({"config": dataclasses.asdict(config)},
                         (packed.input_ids, packed.loss_mask, packed.document_ids, packed.attention_mask), setup)

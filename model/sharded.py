@@ -30,7 +30,7 @@ from model.checkpoint import CheckpointError, Head, LoadPlan, iter_slices, load_
 from model.config import ConfigError
 from model.distributed import rank_and_world
 from model.llama import PretrainedLlama
-from model.training import Trainer, TrainSetup, rank_device, wrap
+from model.training import Trainer, TrainSetup, offloads, rank_device, wrap
 
 # Errors whose text every rank raises as they are (they name the tensor or field and the file).
 _SHARED_ERRORS = {cls.__name__: cls for cls in (CheckpointError, ConfigError)}
@@ -71,9 +71,7 @@ def load_for_training(directory: str | Path, setup: TrainSetup, head: Head = "ca
 
 def _shard_device(setup: TrainSetup, trainable: bool, offload: bool | None) -> torch.device:
     """Where wrap's FSDP keeps this rank's shards: the host when they are offloaded, else the rank's device."""
-    if offload is None:
-        offload = setup.train.offload_optimizer and trainable
-    return torch.device("cpu") if offload else setup.device or rank_device()
+    return torch.device("cpu") if offloads(setup, trainable, offload) else setup.device or rank_device()
 
 
 def _checked_sources(plan: LoadPlan) -> dict[str, Path]:
@@ -217,6 +215,18 @@ def load_train_state(trainer: Trainer, directory: str | Path, run: str) -> dict[
                    optim_state_dict=state["optim"])
     trainer.schedule.load_state_dict(progress["schedule"])
     trainer.steps = progress["step"]
+    return progress
+
+
+def resumed_progress(trainer: Trainer, directory: str | Path | None, run: str, batches: Iterator[Any],
+                     fresh: dict[str, Any]) -> dict[str, Any]:
+    """A training loop's progress: the latest save of this run in `directory` loaded into `trainer` (its progress,
+    with "step"), or `fresh` at step 0 when there is none (or no directory); `batches` is advanced past the steps
+    already trained, so the resumed run sees the batches it would have seen."""
+    progress = load_train_state(trainer, directory, run) if directory is not None else None
+    progress = progress or {**fresh, "step": 0}
+    for _ in range(progress["step"]):
+        next(batches)
     return progress
 
 

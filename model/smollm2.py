@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The shape of what `build` writes (its config.json's ModelConfig fields): for plans and benchmarks at random init.
+SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, tie_word_embeddings=True, rope_theta=1e5, max_position_embeddings=8192)
 DEFAULT_OUT = Path(".cache/models/smollm2-135m-instruct")
 _DONE_MARKER = ".complete"
 

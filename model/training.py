@@ -96,6 +96,12 @@ def rank_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def offloads(setup: TrainSetup, trainable: bool = True, offload: bool | None = None) -> bool:
+    """Whether FSDP keeps a model's shards on the host: `offload`, by default the setup's offload_optimizer for a
+    trainable model."""
+    return setup.train.offload_optimizer and trainable if offload is None else offload
+
+
 def wrap(model: PretrainedLlama, setup: TrainSetup, trainable: bool = True, offload: bool | None = None) -> nn.Module:
     """The module the forward runs on: bare in one process, DDP-wrapped, or sharded in place by FSDP2 (each decoder
     layer a unit, so only one layer's full weights exist at a time), with the setup's precision and offload.
@@ -115,8 +121,7 @@ def wrap(model: PretrainedLlama, setup: TrainSetup, trainable: bool = True, offl
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if config.precision == "bf16" else MixedPrecisionPolicy()
-        if offload is None:
-            offload = config.offload_optimizer and trainable
+        offload = offloads(setup, trainable, offload)
         if offload and not torch.cuda.is_available():
             raise RuntimeError("FSDP offload (train.offload_optimizer, ppo.offload_reference) needs a GPU: it moves "
                                "shards between the host and an accelerator, and on CPU they are on the host already")
@@ -148,14 +153,19 @@ def compute_precision(module: nn.Module, precision: str) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
+def reduced(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """`tensor` reduced over the torch.distributed group (on the device the backend needs, returned on the tensor's
+    own); as it is in one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    out = tensor.to(rank_device() if dist.get_backend() == "nccl" else tensor.device, copy=True)
+    dist.all_reduce(out, op=op)
+    return out.to(tensor.device)
+
+
 def ranks_agree(ok: bool) -> bool:
     """True when `ok` holds on every rank of the group (one all-reduce; in one process, `ok`)."""
-    flag = torch.tensor([float(ok)])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return bool(reduced(torch.tensor([float(ok)]), dist.ReduceOp.MIN).item())
 
 
 Micro = TypeVar("Micro")
@@ -263,11 +273,8 @@ def check_moved(model: nn.Module, before: dict[str, torch.Tensor], where: str, l
     """RuntimeError naming the first trainable parameter that no rank's shard of moved in the step just taken."""
     after = fingerprints(model)
     still = [name for name, value in before.items() if torch.equal(value, after[name])]
-    moved = torch.tensor([float(name not in still) for name in before])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            moved = moved.cuda()
-        dist.all_reduce(moved, op=dist.ReduceOp.MAX)  # FSDP: a rank's shard may be all padding
+    # FSDP: a rank's shard may be all padding, so a parameter moved if any rank's shard did
+    moved = reduced(torch.tensor([float(name not in still) for name in before]), dist.ReduceOp.MAX)
     stuck = [name for name, m in zip(before, moved.tolist()) if not m]
     if stuck:
         raise RuntimeError(f"{where}: the optimizer step left {len(stuck)} of {len(before)} trainable parameters "

@@ -22,15 +22,14 @@ from actors.vllm_engine import engine_tensor_parallel
 from model.config import ModelConfig
 from model.memory import (GIB, FrozenMemory, Parallelism, TrainingMemory, Workload, frozen_memory,
                           inference_memory, training_memory)
+from model.smollm2 import SHAPE as SMOLLM2_SHAPE
 from model.training import TrainConfig, split_batch
 from pipeline.config import ConfigError, RunConfig, compose_run
 from pipeline.stages.llm_judge import BUNDLED
 from pipeline.stages.sft import SFTConfig
 
-# The bundled judge's shape (SmolLM2-135M-Instruct, model/smollm2.py), for plans made before it is built.
-BUNDLED_JUDGE = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                            num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=1e5,
-                            max_position_embeddings=8192)
+# The bundled judge's shape (SmolLM2-135M-Instruct), for plans made before it is built.
+BUNDLED_JUDGE = ModelConfig(**SMOLLM2_SHAPE)
 
 
 class PlanError(ConfigError):

@@ -21,18 +21,17 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-import torch.distributed as dist
 
 from model.chat_template import encode_chat
 from model.distributed import rank_and_world, save_on_rank0
 from model.checkpoint import load_checkpoint
-from model.sharded import (load_for_training, load_train_state, remove_train_state, save_train_state, saves_after,
+from model.sharded import (load_for_training, remove_train_state, resumed_progress, save_train_state, saves_after,
                            state_digest)
 from model.llama import LlamaForReward
 from model.losses import MARGINS, margin_ranking_loss
 from model.optim import OptimConfig, cosine_with_warmup, warmup_steps_for
 from model.packing import pad_pairs, shared_prefix_rows
-from model.training import TrainConfig, Trainer, TrainSetup, micro_split, split_batch
+from model.training import TrainConfig, Trainer, TrainSetup, micro_split, reduced, split_batch
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import PREFERENCES, RATINGS
 from pipeline.progress import progress_bar
@@ -322,9 +321,7 @@ def fit_reward_model(init_checkpoint: str | Path, train_pairs: pa.Table, config:
     state_dir = train_state_dir(out_dir)
     run = state_digest({"config": dataclasses.asdict(config), "steps": steps},
                        [torch.tensor([t for pair in encoded for side in pair for t in side]), margins], setup)
-    resumed = load_train_state(trainer, state_dir, run) or {"step": 0, "losses": [], "seen": 0}
-    for _ in range(resumed["step"]):
-        next(batches)  # the resumed run sees the batches it would have seen
+    resumed = resumed_progress(trainer, state_dir, run, batches, {"losses": [], "seen": 0})
 
     def loss_of(net: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
         r_chosen, r_rejected = score_pairs(net, [encoded[i] for i in rows], tokenizer.pad_id, config.share_prompt)
@@ -379,18 +376,9 @@ def pair_scores(model: LlamaForReward, pairs: pa.Table, tokenizer: Tokenizer,
         r_chosen, r_rejected = score_pairs(model, [encoded[i] for i in rows], tokenizer.pad_id)
         if index < len(mine):
             scores[0, rows], scores[1, rows] = r_chosen.double().cpu(), r_rejected.double().cpu()
-    if world > 1:
-        scores = sum_over_ranks(scores)
+    scores = reduced(scores)  # each pair scored on one rank: the sum is every score
     model.train(was_training)
     return scores[0].float(), scores[1].float()
-
-
-def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor summed over the group, on the device the backend needs, returned on the tensor's own."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
-    summed = tensor.to(device)
-    dist.all_reduce(summed)
-    return summed.to(tensor.device)
 
 
 def accuracy_by_rating(r_chosen: torch.Tensor, r_rejected: torch.Tensor, ratings: Sequence[str]) -> dict[str, Any]:

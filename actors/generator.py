@@ -96,6 +96,13 @@ class Generator(PoolActor):
         arrays, read where they lie), in place; returns seconds."""
         return self.engine.load_tensors(unpack(weights))
 
+    def sleep(self) -> float:
+        """Free this actor's GPUs for a colocated trainer (CUDA only); returns seconds."""
+        return self.engine.sleep()
+
+    def wake_up(self) -> float:
+        return self.engine.wake_up()
+
     def stats(self) -> GeneratorStats:
         return GeneratorStats(self.engine.timings.generated_tokens, self.engine.timings.seconds)
 

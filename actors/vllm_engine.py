@@ -105,6 +105,8 @@ class EngineConfig:
     # multiprocessing executor starts one worker per rank in this actor (NCCL on GPUs, shared-memory all-reduce on
     # CPU), on the GPUs Ray gave the actor.
     tensor_parallel_size: int = 1
+    # vLLM's sleep mode (`sleep`/`wake_up`: weights and KV cache leave the GPU while a trainer shares it). CUDA-only.
+    sleep_mode: bool = False
 
 
 @dataclass
@@ -172,13 +174,16 @@ class VLLMEngine:
             check_head_dim(model_config.head_dim, where)
         if on_cpu and ranks > 1:
             _bind_cpu_threads(ranks)
+        if on_cpu and config.sleep_mode:
+            raise ValueError(f"{where}: vLLM's sleep mode (cluster.colocate) frees GPU memory and needs CUDA; "
+                             "this process has no GPU")
         self._scratch = Path(tempfile.mkdtemp(prefix="vllm-engine-"))
         self._exports = 0
         self.llm = LLM(model=str(self._servable(model_dir)), skip_tokenizer_init=True,
                        enforce_eager=config.enforce_eager,
                        dtype=config.dtype, gpu_memory_utilization=config.memory_share,
                        max_model_len=config.max_model_len, seed=config.seed, use_tqdm_on_load=False,
-                       tensor_parallel_size=ranks,
+                       tensor_parallel_size=ranks, enable_sleep_mode=config.sleep_mode,
                        # vLLM would pick its Ray executor inside a Ray placement group; ours keeps the ranks in
                        # this actor, on the devices Ray gave it.
                        distributed_executor_backend="mp" if ranks > 1 else None,
@@ -266,6 +271,25 @@ class VLLMEngine:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
             shutil.rmtree(folder)
         return time.perf_counter() - start
+
+    def sleep(self) -> float:
+        """Free the device for a trainer sharing it (level 1: weights to host memory, KV cache dropped); returns
+        seconds."""
+        self._check_sleep_mode("sleep")
+        start = time.perf_counter()
+        self.llm.sleep(level=1)
+        return time.perf_counter() - start
+
+    def wake_up(self) -> float:
+        """Take the device back after `sleep`; returns seconds."""
+        self._check_sleep_mode("wake_up")
+        start = time.perf_counter()
+        self.llm.wake_up()
+        return time.perf_counter() - start
+
+    def _check_sleep_mode(self, what: str) -> None:
+        if not self.config.sleep_mode:
+            raise RuntimeError(f"{what}: this engine was started without sleep mode (EngineConfig.sleep_mode)")
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()

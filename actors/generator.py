@@ -16,7 +16,7 @@ import pyarrow as pa
 from actors.metrics import record_generation
 from actors.pool import PoolActor, match_torch_threads
 from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
-from actors.weights import Packed, unpack
+from actors.weights import Bucket, GroupAddress, Packed, unpack
 from model.tokenizer import load_tokenizer
 from actors.samples import SAMPLES
 
@@ -44,10 +44,13 @@ class Generator(PoolActor):
         match_torch_threads()  # first: on CPU it also sizes the engine's thread binding (actors.vllm_engine)
         self.engine = VLLMEngine(model_dir, config or EngineConfig())
         self.tokenizer = load_tokenizer(model_dir)
+        self._stale: str | None = None  # why this actor must not sample (`forget_weights`)
 
     def generate(self, prompts: pa.Table, sampling: Sampling, round: int, sampler: str) -> pa.Table:  # noqa: A002
         """`sampling.n` samples per prompt row (columns `id`, `prompt_token_ids`, `is_safety`), one SAMPLES row each
         in prompt order, rewards left null for the scorer."""
+        if self._stale:
+            raise RuntimeError(f"generator {self._stale}")
         missing = [c for c in PROMPT_COLUMNS if c not in prompts.column_names]
         if missing:
             raise ValueError(f"prompts table lacks column(s) {missing} (has {prompts.column_names})")
@@ -85,6 +88,7 @@ class Generator(PoolActor):
     def load_weights(self, folder: str | Path) -> float:
         """New weights (same architecture) in place, and the folder's tokenizer if it has one; returns seconds."""
         seconds = self.engine.load_weights(folder)
+        self._stale = None
         try:
             self.tokenizer = load_tokenizer(folder)
         except FileNotFoundError:
@@ -94,7 +98,30 @@ class Generator(PoolActor):
     def load_tensors(self, weights: Packed) -> float:
         """New weights (same architecture) from Ray's object store (`RankContext.publish`; Ray hands the actor the
         arrays, read where they lie), in place; returns seconds."""
-        return self.engine.load_tensors(unpack(weights))
+        seconds = self.engine.load_tensors(unpack(weights))
+        self._stale = None
+        return seconds
+
+    def weight_ranks(self) -> int:
+        """The ranks this actor's engine brings to a weight group (one per tensor-parallel worker)."""
+        return self.engine.config.tensor_parallel_size
+
+    def join_weight_group(self, address: GroupAddress, first_rank: int) -> None:
+        self.engine.join_weight_group(address, first_rank)
+        self._stale = None
+
+    def receive_weights(self, layout: list[Bucket]) -> float:
+        """New weights (same architecture) broadcast by a trainer rank in buckets (`RankContext.send_weights`), in
+        place; returns seconds."""
+        seconds = self.engine.receive_weights(layout)
+        self._stale = None
+        return seconds
+
+    def forget_weights(self) -> None:
+        """Replayed on a restarted actor after a weight-group sync: it holds the start checkpoint, not the weights
+        the others received, and it has left the group; it refuses to sample until the next sync rebuilds both."""
+        self._stale = ("restarted after a weight-group sync: it serves its start checkpoint, not the synced "
+                       "weights, until the next sync")
 
     def sleep(self) -> float:
         """Free this actor's GPUs for a colocated trainer (CUDA only); returns seconds."""

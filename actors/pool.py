@@ -286,6 +286,11 @@ class Pool:
         return self._drive([_Job(i, method, args, pinned=m, survives_death=replay_key is not None)
                             for i, m in enumerate(live)])
 
+    def remember(self, replay_key: str, method: str, *args: Any) -> None:
+        """Replay `method(*args)` on every actor Ray restarts from now on (replacing the call remembered under
+        `replay_key`), without calling it now: for state the live actors received another way."""
+        self._replay[replay_key] = (method, args)
+
     def health(self) -> list[ActorHealth]:
         """Ping every actor; a restarting one is waited for (up to start_timeout_s) and given its replays."""
         self._drive([], wait_for_recovery=True)

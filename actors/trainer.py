@@ -26,9 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from actors.metrics import record_training
 from actors.pool import Pool, PoolActor, PoolConfig, PoolError, match_torch_threads
-from actors.weights import pack
+from actors.weights import Bucket, GroupAddress, bucket_layout, join_group, pack, send_buckets
 from model.checkpoint import checkpoint_tensors
-from model.distributed import gathered_on_rank0, save_on_rank0
+from model.distributed import full_tensors, gathered_on_rank0, save_on_rank0, tensor_specs
 from model.llama import PretrainedLlama
 from model.training import TrainConfig, TrainSetup
 
@@ -48,6 +48,7 @@ class RankContext:
     backend: str
     # What a loop function keeps on this rank between calls (PPO's models and optimizers across iterations).
     state: dict[str, Any] = field(default_factory=dict)
+    weight_group: Any = None  # rank 0's process group with the engines' workers (actors.weights.join_group)
 
     @property
     def is_main(self) -> bool:
@@ -72,6 +73,50 @@ class RankContext:
         Every rank calls it (FSDP shards are gathered)."""
         whole = gathered_on_rank0(_unwrapped(model, "publish"))
         return None if whole is None else ray.put(pack(checkpoint_tensors(whole)[0]))
+
+    def join_weight_group(self, address: GroupAddress) -> None:
+        """Rank 0 becomes rank 0 of a weight group with the engines' workers (they join at the same time); the other
+        ranks have no part in it."""
+        if self.is_main:
+            self.weight_group = join_group(address, 0)
+
+    def send_weights(self, model: nn.Module, layout: list[Bucket]) -> int:
+        """Every rank: the model's checkpoint tensors (untied: what the engines serve) gathered one at a time from
+        FSDP's shards; rank 0 broadcasts them to the weight group bucket by bucket. Returns the bytes rank 0 sent."""
+        if self.is_main and self.weight_group is None:
+            raise RuntimeError("send_weights before join_weight_group")
+        tensors = full_tensors(_unwrapped(model, "send_weights"), untie=True, device=self.device)
+        return send_buckets(self.weight_group if self.is_main else None, layout, tensors, self.device)
+
+
+def weight_layout(model: nn.Module, bucket_bytes: int) -> list[Bucket]:
+    """The buckets `RankContext.send_weights` fills for `model` (the same on every rank; no collective)."""
+    return bucket_layout(tensor_specs(_unwrapped(model, "weight_layout"), untie=True), bucket_bytes)
+
+
+# Loop functions for weight sync of the model a stage keeps on the ranks (`ctx.state[key]`, e.g. PPO's "policy").
+
+def state_weight_layout(ctx: RankContext, payload: tuple[str, int]) -> list[Bucket]:
+    key, bucket_bytes = payload
+    return weight_layout(ctx.state[key], bucket_bytes)
+
+
+def join_state_weight_group(ctx: RankContext, address: GroupAddress) -> None:
+    ctx.join_weight_group(address)
+
+
+def send_state_weights(ctx: RankContext, payload: tuple[str, list[Bucket]]) -> int:
+    key, layout = payload
+    return ctx.send_weights(ctx.state[key], layout)
+
+
+def publish_state(ctx: RankContext, key: str) -> ray.ObjectRef | None:
+    return ctx.publish(ctx.state[key])
+
+
+def export_state(ctx: RankContext, payload: tuple[str, str]) -> str:
+    key, directory = payload
+    return str(ctx.export(ctx.state[key], directory, untie=True))
 
 
 def _unwrapped(model: nn.Module, what: str) -> PretrainedLlama:

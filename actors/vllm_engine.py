@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from actors.weights import Bucket, GroupAddress
     from model.config import ModelConfig
 
 
@@ -184,6 +185,7 @@ class VLLMEngine:
                        dtype=config.dtype, gpu_memory_utilization=config.memory_share,
                        max_model_len=config.max_model_len, seed=config.seed, use_tqdm_on_load=False,
                        tensor_parallel_size=ranks, enable_sleep_mode=config.sleep_mode,
+                       worker_extension_cls="actors.weights.WeightSyncWorker",  # weight sync through a group
                        # vLLM would pick its Ray executor inside a Ray placement group; ours keeps the ranks in
                        # this actor, on the devices Ray gave it.
                        distributed_executor_backend="mp" if ranks > 1 else None,
@@ -270,6 +272,22 @@ class VLLMEngine:
             save_file(tensors, folder / "model.safetensors")
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
             shutil.rmtree(folder)
+        return time.perf_counter() - start
+
+    def join_weight_group(self, address: GroupAddress, first_rank: int) -> None:
+        """Every rank of this engine joins a trainer's weight group as ranks first_rank, first_rank + 1, ...
+        (actors.weights.WeightSyncWorker); returns once the whole group has joined."""
+        import dataclasses
+
+        self.llm.collective_rpc("join_weight_group", args=(list(dataclasses.astuple(address)), first_rank))
+
+    def receive_weights(self, layout: list[Bucket]) -> float:
+        """Swap in the weights the group's rank 0 broadcasts in `layout`'s buckets, each rank loading its shard as
+        the buckets arrive; returns seconds."""
+        from actors.weights import as_plain
+
+        start = time.perf_counter()
+        self.llm.collective_rpc("receive_weights", args=(as_plain(layout),))
         return time.perf_counter() - start
 
     def sleep(self) -> float:

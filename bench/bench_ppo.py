@@ -57,7 +57,7 @@ def ours_side(ctx: Context, policy: Path, value: Path, prompts: pa.Table, heldou
         generator = pools.generator("large", policy, 256)  # back to the starting policy (untimed)
         shutil.rmtree(out, ignore_errors=True)
         result = run_ppo_loop(out / "best", policy, value, prompts, heldout, config, (), generator, scorer, trainers,
-                              lambda weights: pools.push_weights("large", weights))
+                              lambda: pools.sync_from_trainers("large", "policy"))
         row = result["iterations"][0]
         split = {k: row[f"{k}_s"] for k in ("generate", "score", "train", "sync")}
         seconds = sum(split.values())

@@ -70,7 +70,7 @@ def stream_on_rank0(model: PretrainedLlama, out_dir: str | Path, tokenizer: Toke
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(checkpoint_folder(out_dir)) if writes else None
         writer = ShardWriter(folder, max_shard_bytes) if folder is not None else None
-        for name, tensor in _full_tensors(model, untie):
+        for name, tensor in full_tensors(model, untie):
             if writer is not None and error is None:
                 try:
                     writer.add(name, tensor)
@@ -90,19 +90,32 @@ def stream_on_rank0(model: PretrainedLlama, out_dir: str | Path, tokenizer: Toke
             raise RuntimeError(f"rank 0 failed writing {out_dir} (its error says why); nothing was written")
 
 
-def _full_tensors(model: PretrainedLlama, untie: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
-    """(name, whole tensor on the CPU in the config's dtype) on rank 0, (name, None) on the others, in
-    state-dict order; `untie` adds lm_head.weight, the tied embeddings gathered a second time."""
+def full_tensors(model: PretrainedLlama, untie: bool,
+                 device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, whole tensor on `device` in the config's dtype) on rank 0, (name, None) on the others, in
+    state-dict order (`tensor_specs`'); `untie` adds lm_head.weight, the tied embeddings gathered a second time."""
     writes = rank_and_world()[0] == 0
     dtype = getattr(torch, model.config.dtype)
     state = model.state_dict()
+    for name, source in _sources(model, state, untie).items():
+        whole = _gathered(state[source].detach())
+        yield name, whole.to(device, dtype).contiguous() if writes else None
+        del whole
+
+
+def tensor_specs(model: PretrainedLlama, untie: bool) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, whole shape, dtype name) of every tensor `full_tensors` yields, in its order; no collective."""
+    dtype = model.config.dtype
+    state = model.state_dict()
+    return [(name, tuple(state[source].shape), dtype) for name, source in _sources(model, state, untie).items()]
+
+
+def _sources(model: PretrainedLlama, state: dict, untie: bool) -> dict[str, str]:
+    """Checkpoint name -> the state-dict entry it is read from."""
     sources = {name: name for name in state}
     if unties(model, untie):
         sources["lm_head.weight"] = "model.embed_tokens.weight"
-    for name, source in sources.items():
-        whole = _gathered(state[source].detach())
-        yield name, whole.to("cpu", dtype).contiguous() if writes else None
-        del whole
+    return sources
 
 
 def _gathered(tensor: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ reserves what it needs and the autoscaler adds nodes for reservations that do no
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 from actors.pool import Pool, PoolConfig
 from actors.vllm_engine import EngineConfig, engine_tensor_parallel
 from model.config import ModelConfig
+from pipeline.weight_sync import MODES as WEIGHT_SYNC_MODES
+from pipeline.weight_sync import WeightSync
 
 
 def _pool(name: str, **settings: Any) -> Callable[[], PoolConfig]:
@@ -43,6 +46,10 @@ class ClusterConfig:
     trainer: PoolConfig = field(default_factory=_pool("trainer", num_cpus=2, call_timeout_s=3600))
     engine: EngineConfig = field(default_factory=EngineConfig)  # max_model_len: set per model from its context
     prompts_per_shard: int = 64  # generation work unit: a failed shard is retried, not the whole stage
+    # How a trainer's model reaches the generators every PPO iteration (pipeline.weight_sync): collective |
+    # object_store | folder; the collective's bucket size.
+    weight_sync: str = "object_store"
+    weight_bucket_mib: float = 512
 
     def __post_init__(self) -> None:
         errors = []
@@ -54,6 +61,11 @@ class ClusterConfig:
             errors.append(f"cluster.dashboard_port = {self.dashboard_port}: must be a TCP port")
         if self.object_store_gib <= 0:
             errors.append(f"cluster.object_store_gib = {self.object_store_gib}: must be > 0")
+        if self.weight_sync not in WEIGHT_SYNC_MODES:
+            errors.append(f"cluster.weight_sync = {self.weight_sync!r}: must be one of "
+                          f"{', '.join(WEIGHT_SYNC_MODES)}")
+        if self.weight_bucket_mib <= 0:
+            errors.append(f"cluster.weight_bucket_mib = {self.weight_bucket_mib}: must be > 0")
         if self.prompts_per_shard < 1:
             errors.append(f"cluster.prompts_per_shard = {self.prompts_per_shard}: must be >= 1")
         if self.engine.tensor_parallel_size != 1:  # one knob: the pool's, which also sizes its GPU reservation
@@ -115,8 +127,12 @@ class Pools:
     """The driver's pools, each started the first time a stage needs it and kept until `shutdown`: a run whose
     stages all come from the store starts no actor."""
 
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, scratch: Path | None = None):
+        """`scratch`: where `cluster.weight_sync: folder` writes (a temporary folder when None; other nodes read it
+        only on a shared filesystem)."""
         self.config = config
+        self._scratch = Path(scratch) if scratch is not None else Path(tempfile.gettempdir()) / f"pools-{os.getpid()}"
+        self._syncs: dict[str, WeightSync] = {}  # per policy size: how it receives the trainers' model
         # per policy size: (pool, folder it serves; None after weights pushed from memory)
         self._generators: dict[str, tuple[Pool, Path | None]] = {}
         self._trainers = None
@@ -168,6 +184,20 @@ class Pools:
         seconds = pool.broadcast(method, source, replay_key="weights")
         self._generators[size] = (pool, served)
         return max((s for s in seconds if s is not None), default=0.0)
+
+    def sync_from_trainers(self, size: str, key: str) -> float:
+        """The model the trainer ranks keep as `ctx.state[key]` into the generator pool of `size`, by
+        `cluster.weight_sync` (pipeline.weight_sync); returns the slowest actor's load seconds."""
+        pool, _ = self._generators[size]
+        sync = self._syncs.get(size)
+        if sync is None or sync.generators is not pool or sync.trainers is not self.trainers():
+            cluster = self.config
+            sync = WeightSync(cluster.weight_sync, pool, self.trainers(), int(cluster.weight_bucket_mib * 2**20),
+                              self._scratch / f"weight-sync-{size}")
+            self._syncs[size] = sync
+        seconds = sync(key)
+        self._generators[size] = (pool, None)
+        return seconds
 
     def trainers(self):
         from actors.trainer import TrainerGroup

@@ -82,7 +82,7 @@ def run(run_dir: Path, config: RunConfig) -> None:
     started_at = time.time()  # epoch seconds, as manifests' `created`: older stages came from the store
     cluster = connect(config.cluster)
     console.cluster_line(cluster)
-    with Pools(config.cluster) as pools:
+    with Pools(config.cluster, scratch=store.root / ".weight-sync") as pools:  # in the store: shared by nodes
         _run_stages(store, config, pools, start)
     console.run_end(store, started_at, time.perf_counter() - start)
 

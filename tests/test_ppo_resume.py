@@ -60,7 +60,7 @@ def ppo_stage(store: RunStore, world, config: PPOConfig):
     def train(out: Path) -> dict:
         return run_ppo_loop(out, policy, rm, prompts.slice(4), prompts.slice(0, 4), config, (eos,),
                             pools.generator("policy", policy, 128), pools.scorer(rm, rm), pools.trainers(),
-                            lambda weights: pools.push_weights("policy", weights))
+                            lambda: pools.sync_from_trainers("policy", "policy"))
     return checkpoint_stage(store, 1, "ppo", {"policy": "p"}, config.recipe(), train)
 
 

@@ -4,17 +4,21 @@ a 1-rank one and reloads weights in place, from tensors and from a folder. The G
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
+import socket
 
 import pytest
 import torch
 
 from actors.pool import PoolConfig
 from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine, check_tensor_parallel, cpu_thread_binding
-from actors.weights import pack, unpack
+from actors.weights import GroupAddress, bucket_layout, join_group, pack, send_buckets, unpack
 from conftest import tiny_config
 from model.checkpoint import checkpoint_tensors
 from model.config import ModelConfig
+from model.distributed import full_tensors, tensor_specs
 from model.llama import LlamaForCausalLM, greedy_generate
 from pipeline.cluster import ClusterConfig, engine_pool_config, generator_engine_config
 from pipeline.config import ConfigError, compose_run
@@ -100,6 +104,12 @@ def test_cpu_workers_get_cores_of_their_own():
         cpu_thread_binding(len(cores) + 1, threads=1)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def greedy_tokens(engine: VLLMEngine) -> list[list[int]]:
     return [completion.token_ids for [completion] in engine.generate(PROMPTS, GREEDY)]
 
@@ -130,8 +140,37 @@ def test_a_two_rank_engine_answers_like_one_rank_and_reloads_weights_in_place(vl
 
         two.load_weights(folder)  # from a folder: each rank reads its shard of the full tensors
         assert greedy_tokens(two) == expected
+
+        # Through a weight group in buckets (cluster.weight_sync: collective): this process is the trainer's rank 0,
+        # the 1-rank in-process engine rank 1, the 2-rank engine's workers ranks 2 and 3; two syncs on one group.
+        with broadcast_group([one, two]) as send:
+            send(other)
+            assert greedy_tokens(two) == greedy_tokens(one) == ours(other)
+            send(model)  # back: later tests share vllm_tiny's engine
+            assert greedy_tokens(two) == greedy_tokens(one) == expected
     finally:
         two.shutdown()
+
+
+@contextlib.contextmanager
+def broadcast_group(engines: list[VLLMEngine]):
+    """A weight group of this process (rank 0) and every rank of `engines`; yields send(model): the model's tensors
+    broadcast in small buckets (several per model) while each engine receives them in a thread."""
+    ranks = [e.config.tensor_parallel_size for e in engines]
+    address = GroupAddress("127.0.0.1", free_port(), 1 + sum(ranks), "gloo", 60)
+    firsts = [1 + sum(ranks[:i]) for i in range(len(engines))]
+    with concurrent.futures.ThreadPoolExecutor(len(engines)) as threads:
+        joined = [threads.submit(e.join_weight_group, address, f) for e, f in zip(engines, firsts)]
+        group = join_group(address, 0)
+        [j.result() for j in joined]
+
+        def send(model: LlamaForCausalLM) -> None:
+            layout = bucket_layout(tensor_specs(model, untie=True), bucket_bytes=64 * 1024)
+            assert len(layout) > 2
+            received = [threads.submit(e.receive_weights, layout) for e in engines]
+            send_buckets(group, layout, full_tensors(model, untie=True), torch.device("cpu"))
+            [r.result(timeout=60) for r in received]
+        yield send
 
 
 def test_an_engine_spans_the_devices_its_model_splits_over():

@@ -524,11 +524,6 @@ def batch_metrics(ctx: RankContext, batch: dict[str, list], r: Rollout, t: Targe
             **{f"r_{k}": ratio(v, rows) for k, v in zip(("help", "safe", "combined"), reward_sums)}}
 
 
-def publish_policy(ctx: RankContext, _: Any = None) -> Any:
-    """The policy's tensors in Ray's object store for the generators (rank 0's reference; None on other ranks)."""
-    return ctx.publish(ctx.state["policy"])
-
-
 def export_policy(ctx: RankContext, directory: str) -> str:
     """The policy as a checkpoint folder (untied: the form vLLM reloads in place), written atomically."""
     return str(ctx.export(ctx.state["policy"], directory, tokenizer=ctx.state["tokenizer"], untie=True))
@@ -582,8 +577,8 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
                  config: PPOConfig, stop: tuple[int, ...], generator, scorer, trainers, sync,
                  round: int | None = None) -> dict[str, Any]:  # noqa: A002
     """The iterations; the best policy by held-out reward is written to `out`. `generator` and `scorer` are
-    pools, `trainers` the trainer group, `sync(weights)` reloads the generators from published weights (a
-    reference `RankContext.publish` returned) and returns seconds.
+    pools, `trainers` the trainer group, `sync()` reloads the generators from the ranks' policy
+    (`Pools.sync_from_trainers(size, "policy")`) and returns seconds.
 
     With `ppo.train.save_every`, every that many iterations the ranks save their state and the loop's (beside
     `out`, pipeline.stages.cached.train_state_dir), the best policy so far is kept there too, and a re-run of the
@@ -597,7 +592,7 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
     resumable = saves and (best_dir / "config.json").is_file()  # a finished attempt moved it to `out` already
     loop = trainers.run(load_ppo_state, [str(state_dir)] * world)[0] if resumable else None
     if loop is not None:
-        sync(trainers.run(publish_policy, [None] * world)[0])  # the generators sample the resumed policy
+        sync()  # the generators sample the resumed policy
 
     def heldout_reward(iteration: int) -> float:
         sampling = Sampling(n=1, temperature=config.temperature, max_tokens=config.max_tokens,
@@ -628,7 +623,7 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
         t2 = time.perf_counter()
         metrics = trainers.run(ppo_iteration, split_rows(scored, world, config.samples_per_prompt))[0]
         t3 = time.perf_counter()
-        sync(trainers.run(publish_policy, [None] * world)[0])
+        sync()
         t4 = time.perf_counter()
         rows.append({"iteration": it, **metrics, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
                      "sync_s": t4 - t3})
@@ -678,7 +673,7 @@ def run_ppo_stage(store: RunStore, round: int, policy: PolicyState, rm_dirs: tup
         return run_ppo_loop(out, start_checkpoint, help_dir, train, heldout, config, stop_ids(tokenizer),
                             pools.generator(policy.name, start_checkpoint, policy.context),
                             pools.scorer(help_dir, safe_dir), pools.trainers(),
-                            lambda weights: pools.push_weights(policy.name, weights), round)
+                            lambda: pools.sync_from_trainers(policy.name, "policy"), round)
 
     _, metrics, _ = checkpoint_stage(
         store, round, names.PPO, {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},

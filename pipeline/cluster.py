@@ -11,6 +11,7 @@ reserves what it needs and the autoscaler adds nodes for reservations that do no
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -21,8 +22,13 @@ from typing import Any
 from actors.pool import Pool, PoolConfig
 from actors.vllm_engine import EngineConfig, engine_tensor_parallel
 from model.config import ModelConfig
+from pipeline.colocate import GENERATOR_SHARE, ColocatedTrainers, colocated
+from pipeline.reservations import Ledger, Reservation, capacity_of
 from pipeline.weight_sync import MODES as WEIGHT_SYNC_MODES
 from pipeline.weight_sync import WeightSync
+
+log = logging.getLogger(__name__)
+JUDGE = "judge"  # the LLM judge's generator pool is generator-judge (pipeline.main)
 
 
 def _pool(name: str, **settings: Any) -> Callable[[], PoolConfig]:
@@ -35,7 +41,11 @@ class ClusterConfig:
     # `ray start` made here) or "host:port": join
     address: str | None = None
     num_cpus: int | None = 10  # logical CPUs of a local instance (see the module doc); null: Ray counts the cores
-    num_gpus: int | None = None  # of a local instance; null: Ray counts them
+    # Of a local instance; null: Ray counts them (and the placement plan checks none).
+    num_gpus: int | None = None
+    # GPUs of a running cluster, or the most its autoscaler adds (the launcher's max workers x GPUs per node): every
+    # phase of the run must fit (pipeline/placement.py) and pools are released to stay within it; null: not checked.
+    max_gpus: int | None = None
     dashboard: bool = True
     dashboard_host: str = "127.0.0.1"  # never another interface unless configured
     dashboard_port: int = 8265
@@ -46,6 +56,8 @@ class ClusterConfig:
     trainer: PoolConfig = field(default_factory=_pool("trainer", num_cpus=2, call_timeout_s=3600))
     engine: EngineConfig = field(default_factory=EngineConfig)  # max_model_len: set per model from its context
     prompts_per_shard: int = 64  # generation work unit: a failed shard is retried, not the whole stage
+    # Generators share the trainers' GPUs and sleep (vLLM sleep mode, CUDA only) while the trainers run.
+    colocate: bool = False
     # How a trainer's model reaches the generators every PPO iteration (pipeline.weight_sync): collective |
     # object_store | folder; the collective's bucket size.
     weight_sync: str = "object_store"
@@ -57,6 +69,11 @@ class ClusterConfig:
             errors.append("cluster.address = '': use null (local) or 'auto' or 'host:port'")
         if self.num_cpus is not None and self.num_cpus < 1:
             errors.append(f"cluster.num_cpus = {self.num_cpus}: must be >= 1 (or null)")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            errors.append(f"cluster.num_gpus = {self.num_gpus}: must be >= 0 (or null)")
+        if self.max_gpus is not None and self.max_gpus < 1:
+            errors.append(f"cluster.max_gpus = {self.max_gpus}: must be >= 1 (or null: not checked)")
+        errors += self._colocate_problems()
         if not 0 < self.dashboard_port < 65536:
             errors.append(f"cluster.dashboard_port = {self.dashboard_port}: must be a TCP port")
         if self.object_store_gib <= 0:
@@ -74,6 +91,25 @@ class ClusterConfig:
         if errors:
             raise ValueError("\n".join(errors))
 
+    def _colocate_problems(self) -> list[str]:
+        if not self.colocate:
+            return []
+        gpus = {"cluster.num_gpus": self.num_gpus, "cluster.generator.num_gpus": self.generator.num_gpus,
+                "cluster.trainer.num_gpus": self.trainer.num_gpus}
+        none = [f"{key} = {value}" for key, value in gpus.items() if value == 0]
+        if none:
+            return [f"cluster.colocate = true: vLLM's sleep mode, which frees the trainers' GPUs, needs CUDA, and this "
+                    f"cluster has no GPU to share ({', '.join(none)}); colocate is for GPU clusters"]
+        if self.generator.num_gpus != 1 or self.trainer.num_gpus != 1 or self.generator.tensor_parallel != 1:
+            return ["cluster.colocate = true: each generator actor shares one trainer rank's GPU: set "
+                    "cluster.generator.num_gpus = 1, cluster.generator.tensor_parallel = 1 and cluster.trainer.num_gpus"
+                    f" = 1 (they are {self.generator.num_gpus:g}, {self.generator.tensor_parallel}, "
+                    f"{self.trainer.num_gpus:g})"]
+        if self.weight_sync == "collective":
+            return ["cluster.colocate = true: cluster.weight_sync = 'collective' sends while the trainers run, when "
+                    "colocated engines sleep; use object_store or folder"]
+        return []
+
     def check_fits(self, generator_pools: int) -> None:
         """A local instance must hold every pool's reservation at once (they stay up for the whole run)."""
         if self.address is not None or os.environ.get("RAY_ADDRESS") or self.num_cpus is None:
@@ -86,11 +122,28 @@ class ClusterConfig:
                              "or lower cluster.<pool>.num_cpus")
 
 
-def engine_pool_config(pool: PoolConfig, name: str) -> PoolConfig:
-    """`pool` as Ray reserves it for actors that each own a `tensor_parallel`-device engine: a GPU per rank (the
-    actor's CUDA_VISIBLE_DEVICES then lists them all for vLLM's workers), CPUs per actor. The result describes
-    whole actors, so its tensor_parallel is 1."""
-    return replace(pool, name=name, num_gpus=pool.num_gpus * pool.tensor_parallel, tensor_parallel=1)
+def engine_pool_config(pool: PoolConfig, name: str, degree: int | None = None) -> PoolConfig:
+    """`pool` as Ray reserves it for actors that each own a `degree`-device engine (default: the pool's
+    `tensor_parallel`; a small judge's engine spans fewer): a GPU per rank (the actor's CUDA_VISIBLE_DEVICES then
+    lists them all for vLLM's workers), CPUs per actor. The result describes whole actors, so its tensor_parallel
+    is 1."""
+    degree = pool.tensor_parallel if degree is None else degree
+    return replace(pool, name=name, num_gpus=pool.num_gpus * degree, tensor_parallel=1)
+
+
+def generator_pool_name(config: ClusterConfig, size: str) -> str:
+    return f"{config.generator.name}-{size}"
+
+
+def generator_reservation(config: ClusterConfig, degree: int) -> Reservation:
+    """What one generator pool of `degree`-device engines holds (the trainers' GPUs when colocated)."""
+    return Reservation.of(engine_pool_config(config.generator, config.generator.name, degree), config.colocate)
+
+
+def generator_pool_config(config: ClusterConfig, name: str, degree: int) -> PoolConfig:
+    """The generator pool `name` as it starts: `engine_pool_config`, or beside the trainer ranks when colocated."""
+    pool = engine_pool_config(config.generator, name, degree)
+    return colocated(pool, GENERATOR_SHARE) if config.colocate else pool
 
 
 def generator_engine_config(config: ClusterConfig, max_model_len: int,
@@ -100,7 +153,8 @@ def generator_engine_config(config: ClusterConfig, max_model_len: int,
     degree = config.generator.tensor_parallel
     if model is not None:
         degree = engine_tensor_parallel(degree, model)
-    return replace(config.engine, max_model_len=max_model_len, tensor_parallel_size=degree)
+    return replace(config.engine, max_model_len=max_model_len, tensor_parallel_size=degree,
+                   sleep_mode=config.colocate)
 
 
 def connect(config: ClusterConfig) -> dict[str, Any]:
@@ -123,9 +177,17 @@ def connect(config: ClusterConfig) -> dict[str, Any]:
     return {"dashboard": context.dashboard_url or None, "resources": ray.cluster_resources()}
 
 
+def pools_ledger(config: ClusterConfig) -> Ledger:
+    """What the pools hold within the cluster's capacity: the judge's pool is released first; with colocate the
+    trainer group never is (the generators' GPUs are its own)."""
+    return Ledger(capacity_of(config), first=[generator_pool_name(config, JUDGE)],
+                  pinned=[config.trainer.name] if config.colocate else [])
+
+
 class Pools:
-    """The driver's pools, each started the first time a stage needs it and kept until `shutdown`: a run whose
-    stages all come from the store starts no actor."""
+    """The driver's pools, each started the first time a stage needs it and kept until `shutdown` or until a pool
+    that does not fit beside it within the cluster's capacity needs its devices (pipeline/reservations.py): a run
+    whose stages all come from the store starts no actor."""
 
     def __init__(self, config: ClusterConfig, scratch: Path | None = None):
         """`scratch`: where `cluster.weight_sync: folder` writes (a temporary folder when None; other nodes read it
@@ -137,6 +199,7 @@ class Pools:
         self._generators: dict[str, tuple[Pool, Path | None]] = {}
         self._trainers = None
         self._scorer: tuple[Pool, dict[str, Path]] | None = None  # (pool, {"help": folder, "safe": folder})
+        self._ledger = pools_ledger(config)
 
     def generator(self, size: str, checkpoint: Path, max_model_len: int) -> Pool:
         """The generator pool of a policy size, serving `checkpoint` (weights reloaded in place when another
@@ -144,14 +207,20 @@ class Pools:
         from actors.generator import Generator
 
         checkpoint = Path(checkpoint).resolve()
+        if self.config.colocate:
+            self.trainers()  # first, so that each generator lands beside a rank (pipeline.colocate)
+        name = generator_pool_name(self.config, size)
         if size in self._generators:
+            self._ledger.use(name)
             pool, served = self._generators[size]
             if served != checkpoint:
                 self.sync_generator(size, checkpoint)
             return pool
-        pool_config = engine_pool_config(self.config.generator, f"{self.config.generator.name}-{size}")
         engine = generator_engine_config(self.config, max_model_len, ModelConfig.load(checkpoint))
-        pool = Pool(Generator, pool_config, str(checkpoint), engine)
+        degree = engine.tensor_parallel_size
+        pool = self._start(name, generator_reservation(self.config, degree),
+                           lambda: Pool(Generator, generator_pool_config(self.config, name, degree), str(checkpoint),
+                                        engine))
         self._generators[size] = (pool, checkpoint)
         return pool
 
@@ -160,8 +229,11 @@ class Pools:
         from actors.scorer import Scorer
 
         wanted = {"help": Path(help_dir).resolve(), "safe": Path(safe_dir).resolve()}
+        scorer = self.config.scorer
         if self._scorer is None:
-            self._scorer = (Pool(Scorer, self.config.scorer, str(wanted["help"]), str(wanted["safe"])), wanted)
+            self._scorer = (self._start(scorer.name, Reservation.of(scorer),
+                                        lambda: Pool(Scorer, scorer, str(wanted["help"]), str(wanted["safe"]))), wanted)
+        self._ledger.use(scorer.name)
         pool, held = self._scorer
         for kind, folder in wanted.items():
             if held[kind] != folder:
@@ -202,9 +274,36 @@ class Pools:
     def trainers(self):
         from actors.trainer import TrainerGroup
 
+        trainer = self.config.trainer
         if self._trainers is None:
-            self._trainers = TrainerGroup(self.config.trainer)
+            self._trainers = self._start(trainer.name, Reservation.of(trainer), lambda: (
+                ColocatedTrainers(trainer, lambda: [pool for pool, _ in self._generators.values()])
+                if self.config.colocate else TrainerGroup(trainer)))
+        self._ledger.use(trainer.name)
         return self._trainers
+
+    def _start(self, name: str, reservation: Reservation, start: Callable[[], Any]) -> Any:
+        """`start()` for the pool `name` once it fits: live pools released first where it would not."""
+        for released in self._ledger.to_release(reservation):
+            self._release(released, name)
+        started = start()
+        self._ledger.use(name, reservation)
+        return started
+
+    def _release(self, name: str, wanted_by: str) -> None:
+        """Shut the live pool `name` down to give its devices to `wanted_by`; a stage that needs it again starts
+        it again (from its checkpoint)."""
+        log.info("pools: releasing '%s' for '%s' (capacity %s)", name, wanted_by, self._ledger.capacity)
+        self._ledger.drop(name)
+        if self._trainers is not None and name == self.config.trainer.name:
+            self._trainers.shutdown()
+            self._trainers = None
+        elif self._scorer is not None and name == self.config.scorer.name:
+            self._scorer[0].shutdown()
+            self._scorer = None
+        else:
+            size = next(s for s, (pool, _) in self._generators.items() if pool.config.name == name)
+            self._generators.pop(size)[0].shutdown()
 
     def train(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` on every rank of the trainer group (a top-level function that reads its rank from
@@ -222,6 +321,7 @@ class Pools:
         if self._trainers is not None:
             self._trainers.shutdown()
             self._trainers = None
+        self._ledger = pools_ledger(self.config)
 
     def __enter__(self) -> Pools:
         return self

@@ -7,7 +7,8 @@ meta tensors), so 70B configs plan on a laptop. Per stage and pool: parameters, 
 gathered units, activations without and with checkpointing, logits, the generators' KV cache, against the pool's
 `memory_gib` (generators: the engine's `memory_share` of it, which is all vLLM takes). The driver calls
 `check_plan` before Ray starts: a plan that does not fit stops the run with one line naming the stage, the pool and
-the shortfall. Pools without `memory_gib` (the local CPU cluster) are not checked.
+the shortfall. Pools without `memory_gib` (the local CPU cluster) are not checked. Before that, the placement plan
+(pipeline/placement.py): every phase's pools against the cluster's GPUs and CPUs, refused the same way.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from model.memory import (GIB, FrozenMemory, Parallelism, TrainingMemory, Worklo
                           inference_memory, training_memory)
 from model.smollm2 import SHAPE as SMOLLM2_SHAPE
 from model.training import TrainConfig, split_batch
+from pipeline.cluster import JUDGE
 from pipeline.config import ConfigError, RunConfig, compose_run
+from pipeline.placement import Layout, placement_refusal, plan_placement, render_layout
 from pipeline.stages.llm_judge import BUNDLED
 from pipeline.stages.sft import SFTConfig
 
@@ -33,7 +36,8 @@ BUNDLED_JUDGE = ModelConfig(**SMOLLM2_SHAPE)
 
 
 class PlanError(ConfigError):
-    """A stage whose memory plan does not fit its pool's devices (one line: stage, pool, shortfall)."""
+    """A stage whose memory plan does not fit its pool's devices (one line: stage, pool, shortfall), or a phase
+    whose pools do not fit the cluster (one line: phase, pools, shortfall)."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,16 @@ def plan_run(config: RunConfig) -> list[StagePlan]:
     return plans + serving_plans(config, policies)
 
 
+def placement_of(config: RunConfig, policies: list[Policy] | None = None) -> Layout:
+    """The run's placement plan, each generator pool's engine spanning the devices its model splits over (the judge's
+    config is read only when the pool's tensor_parallel leaves a choice)."""
+    degree = tensor_parallel_degree(config)
+    degrees = {p.name: engine_tensor_parallel(degree, p.config) for p in policies or policies_of(config)}
+    judge = None if config.judge.checkpoint is None else (
+        engine_tensor_parallel(degree, judge_config(config)) if degree > 1 else 1)
+    return plan_placement(config, degrees, judge)
+
+
 def checked(config: RunConfig) -> bool:
     cluster = config.cluster
     return any(p.memory_gib is not None for p in (cluster.generator, cluster.scorer, cluster.trainer))
@@ -241,12 +255,17 @@ def refusal(plan: StagePlan, overrides: list[str]) -> str:
 
 
 def check_plan(config: RunConfig, overrides: list[str] | None = None) -> None:
-    """PlanError naming the first stage that does not fit its pool; nothing when no pool has `memory_gib`."""
+    """PlanError naming the first phase whose pools do not fit the cluster, or the first stage that does not fit its
+    pool's devices (the memory plan: nothing when no pool has `memory_gib`)."""
+    overrides = sys.argv[1:] if overrides is None else overrides
+    line = placement_refusal(placement_of(config), overrides)
+    if line:
+        raise PlanError(line)
     if not checked(config):
         return
     short = [plan for plan in plan_run(config) if not plan.fits]
     if short:
-        raise PlanError(refusal(short[0], sys.argv[1:] if overrides is None else overrides))
+        raise PlanError(refusal(short[0], overrides))
 
 
 def gib(value: int) -> str:
@@ -275,12 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     config = compose_run(*overrides)
     plans = plan_run(config)
     print(render(plans))
-    short = [plan for plan in plans if not plan.fits]
-    for plan in short:
-        print(refusal(plan, overrides), file=sys.stderr)
-    if not short:
-        print("plan: fits" if checked(config) else "plan: no pool sets memory_gib; nothing checked")
-    return 1 if short else 0
+    layout = placement_of(config)
+    print("\n" + render_layout(layout, config.cluster) + "\n")
+    refusals = [refusal(plan, overrides) for plan in plans if not plan.fits]
+    refusals = [line for line in [placement_refusal(layout, overrides)] if line] + refusals
+    for line in refusals:
+        print(line, file=sys.stderr)
+    if not refusals:
+        print("plan: fits" if checked(config) else "plan: no pool sets memory_gib; memory not checked, placement fits")
+    return 1 if refusals else 0
 
 
 if __name__ == "__main__":

@@ -99,10 +99,10 @@ class Ledger:
     def live(self) -> list[str]:
         return list(self._live)
 
-    def use(self, name: str, reservation: Reservation) -> None:
-        """A pool started or used: the most recently used now."""
-        self._live.pop(name, None)
-        self._live[name] = reservation
+    def use(self, name: str, reservation: Reservation | None = None) -> None:
+        """A pool started (with its reservation) or used again: the most recently used now."""
+        held = self._live.pop(name, None)
+        self._live[name] = held if reservation is None else reservation
 
     def drop(self, name: str) -> None:
         self._live.pop(name, None)

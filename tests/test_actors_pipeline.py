@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from actors.generator import Generator
-from actors.pool import Pool, PoolConfig
+from actors.pool import Pool, PoolConfig, PoolError
 from actors.scorer import SAFETY_THRESHOLD, Scorer, combined_reward
 from actors.trainer import RankContext, TrainerGroup
 from actors.vllm_engine import EngineConfig, Sampling
@@ -37,6 +37,8 @@ from model.training import wrap
 from pipeline.data.schemas import SAMPLES
 from pipeline.data.store import RunStore
 from pipeline.stages.rejection_sampling.stage import sample_and_score
+from pipeline.weight_sync import WeightSync
+from test_vllm_parity import other_model
 
 WORDS = ("the a cat dog sat on mat ran fast slow red blue green big small house tree river sun moon star one two "
          "three four five help safe answer question please thanks").split()
@@ -182,6 +184,44 @@ def test_generate_score_train_export_and_reload(generators, trainers, folders):
     seconds = generators.broadcast("load_tensors", ref, replay_key="weights")
     assert len(seconds) == 2 and all(s < 10 for s in seconds)
     assert greedy(generators, prompts) == before
+
+
+def hold_policy(ctx: RankContext, folder: str) -> None:
+    """Trainer loop function: the checkpoint sharded over the ranks by FSDP, kept as a stage keeps its policy."""
+    ctx.state["policy"] = wrap(load_checkpoint(folder), ctx.setup("fsdp"))
+
+
+@pytest.mark.vllm
+def test_weight_sync_modes_reach_every_generator_and_a_restarted_one_waits_for_the_next(generators, trainers,
+                                                                                          folders):
+    """cluster.weight_sync's three modes from 2 FSDP ranks into both generators (the collective in several buckets,
+    twice on one group); a generator Ray restarts after a collective sync refuses to sample until the next sync,
+    which builds the group again with it."""
+    prompts = prompts_table(folders, 4, seed=4)
+    prompt_ids = dict(zip(prompts.column("id").to_pylist(), prompts.column("prompt_token_ids").to_pylist()))
+    other = other_model(load_checkpoint(folders["policy"]))
+    other_dir = save_checkpoint(other, folders["root"] / "other", tokenizer=load_tokenizer(folders["policy"]))
+    policy = load_checkpoint(folders["policy"])
+    expected = {name: {pid: greedy_generate(model, ids, 16, load_tokenizer(folders["policy"]).eos_id)
+                       for pid, ids in prompt_ids.items()} for name, model in (("policy", policy), ("other", other))}
+    syncs = {mode: WeightSync(mode, generators, trainers, bucket_bytes=64 * 1024, folder=folders["root"] / "sync")
+             for mode in ("collective", "object_store", "folder")}
+
+    def sync(mode: str, name: str) -> None:
+        trainers.run(hold_policy, [str(other_dir if name == "other" else folders["policy"])] * 2)
+        assert all(s < 30 for s in [syncs[mode]("policy")])
+        assert greedy(generators, prompts) == expected[name], (mode, name)
+
+    sync("folder", "other")
+    sync("collective", "policy")
+    assert syncs["collective"].bytes_sent > 0
+    sync("collective", "other")  # the same group again
+
+    os.kill(generators.health()[0].pid, signal.SIGKILL)
+    with pytest.raises(PoolError, match="restarted after a weight-group sync"):
+        generators.call(0, "generate", prompts, Sampling(temperature=0.0, max_tokens=4), 0, "stale")
+    sync("collective", "other")  # a new group, the restarted actor in it
+    sync("object_store", "policy")  # the starting policy again, also what a restarted actor replays
 
 
 @pytest.mark.vllm

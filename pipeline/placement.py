@@ -14,7 +14,7 @@ phase that samples, and the shared devices count once.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING
 
 from actors.pool import PoolConfig
@@ -125,11 +125,19 @@ def placement_refusal(layout: Layout, overrides: list[str]) -> str | None:
 
 def capacity_line(layout: Layout, cluster: ClusterConfig) -> str:
     cap = layout.capacity
-    gpus = "not checked" if cap.gpus is None else f"{cap.gpus:g}"
-    cpus = ("not checked (a running cluster)" if joins_cluster(cluster) else
-            "not checked" if cap.cpus is None else f"{cap.cpus:g}")
-    shared = f", shared with the trainers {cap.shared:g} ({cap.shared_key})" if layout.colocate else ""
-    return f"capacity: GPUs {gpus} ({cap.gpus_key}), CPUs {cpus} ({cap.cpus_key}){shared}"
+    unchecked = "a running cluster" if joins_cluster(cluster) else f"{cap.cpus_key} = null"
+    gpus = f"{cap.gpus:g} ({cap.gpus_key})" if cap.gpus is not None else f"not checked ({cap.gpus_key} = null)"
+    cpus = f"{cap.cpus:g} ({cap.cpus_key})" if cap.cpus is not None else f"not checked ({unchecked})"
+    shared = f", the trainers' GPUs {cap.shared:g} for the generators ({cap.shared_key})" if layout.colocate else ""
+    return f"capacity: GPUs {gpus}, CPUs {cpus}{shared}"
+
+
+HEADINGS = {"gpus": "GPUs", "shared": "shared", "cpus": "CPUs"}  # shared: the trainers' GPUs (colocate)
+
+
+def spelled(reservation: Reservation) -> str:
+    parts = [f"{getattr(reservation, r):g} {unit}" for r, unit in UNITS.items() if getattr(reservation, r)]
+    return ", ".join(parts) or "nothing"
 
 
 def amount(value: float) -> str:
@@ -138,25 +146,28 @@ def amount(value: float) -> str:
 
 def render_layout(layout: Layout, cluster: ClusterConfig) -> str:
     """The pools (actors, GPUs, engine degree, what each reserves), then each phase's pools against the capacity."""
-    shared = layout.colocate
-    lines = [f"placement ({capacity_line(layout, cluster)}):",
-             f"  {'pool':24} {'actors':>6} {'GPUs each':>9} {'TP':>3} {'GPUs':>5} {'shared' if shared else '':>6} "
-             f"{'CPUs':>5}"]
+    columns = ("gpus", "shared", "cpus") if layout.colocate else ("gpus", "cpus")
+    header = " ".join(f"{HEADINGS[c]:>6}" for c in columns)
+
+    def cells(reservation: Reservation) -> str:
+        return " ".join(f"{amount(getattr(reservation, c)):>6}" for c in columns)
+
+    lines = [f"placement ({capacity_line(layout, cluster)}):", f"  {'pool':30} {'actors':>6} {'GPUs each':>9} "
+             f"{'TP':>3} {header}"]
     for pool in layout.pools.values():
-        r = pool.reservation
         tp = "-" if pool.tensor_parallel is None else str(pool.tensor_parallel)
-        lines.append(f"  {pool.name:24} {pool.actors:6} {pool.gpus_each:9g} {tp:>3} {amount(r.gpus):>5} "
-                     f"{amount(r.shared) if shared else '':>6} {amount(r.cpus):>5}")
-    everything = layout.all_at_once()
-    lines.append(f"  {'all pools at once':24} {'':6} {'':9} {'':3} {amount(everything.gpus):>5} "
-                 f"{amount(everything.shared) if shared else '':>6} {amount(everything.cpus):>5}")
-    lines += ["", f"  {'phase':28} {'GPUs':>5} {'shared' if shared else '':>6} {'CPUs':>5}  pools: what runs"]
+        lines.append(f"  {pool.name:30} {pool.actors:6} {pool.gpus_each:9g} {tp:>3} {cells(pool.reservation)}")
+    lines.append(f"  {'all pools at once':30} {'':6} {'':9} {'':3} {cells(layout.all_at_once())}")
+    lines += ["", f"  {'phase':30} {header}  pools: what runs"]
     for phase in layout.phases:
-        need, mark = layout.needs(phase), "  SHORT" if layout.capacity.short(layout.needs(phase)) else ""
-        lines.append(f"  {phase.name:28} {amount(need.gpus):>5} {amount(need.shared) if shared else '':>6} "
-                     f"{amount(need.cpus):>5}  {', '.join(phase.pools)}: {phase.stages}{mark}")
-    largest = max(layout.phases, key=lambda phase: layout.needs(phase).gpus)
-    lines.append(f"  the largest phase, '{largest.name}', takes {layout.needs(largest).gpus:g} GPUs; a pool outside "
-                 "the current phase keeps its devices until a later phase needs them (the judge's first released, "
-                 "then the least recently used)")
+        need = layout.needs(phase)
+        mark = "  SHORT" if layout.capacity.short(need) else ""
+        lines.append(f"  {phase.name:30} {cells(need)}  {', '.join(phase.pools)}: {phase.stages}{mark}")
+    largest = max(layout.phases, key=lambda phase: astuple(layout.needs(phase)))
+    lines.append(f"  the largest phase, '{largest.name}', takes {spelled(layout.needs(largest))}.")
+    if layout.capacity.short(layout.all_at_once()):
+        lines += ["  A pool outside the current phase keeps its devices until a later phase needs them:",
+                  "  the judge's pool is released first, then the least recently used."]
+    else:
+        lines.append("  Every pool fits at once: none is released.")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from model.memory import (GIB, FrozenMemory, Parallelism, TrainingMemory, Worklo
                           inference_memory, training_memory)
 from model.smollm2 import SHAPE as SMOLLM2_SHAPE
 from model.training import TrainConfig, split_batch
-from pipeline.cluster import JUDGE
+from pipeline.cluster import JUDGE, generator_pool_name
 from pipeline.config import ConfigError, RunConfig, compose_run
 from pipeline.placement import Layout, placement_refusal, plan_placement, render_layout
 from pipeline.stages.llm_judge import BUNDLED
@@ -193,7 +193,7 @@ def serving_plans(config: RunConfig, policies: list[Policy]) -> list[StagePlan]:
     served = [(f"generate {p.name}", f"{cluster.generator.name}-{p.name}", p.config, p.context) for p in policies]
     judge = judge_config(config)
     if judge is not None:
-        served.append(("judge", f"{cluster.generator.name}-judge", judge, config.judge.context))
+        served.append(("judge", generator_pool_name(cluster, JUDGE), judge, config.judge.context))
     plans = []
     for stage, pool, model, context in served:
         tp = engine_tensor_parallel(tensor_parallel_degree(config), model)  # as the pool will start the engine

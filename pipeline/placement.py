@@ -18,8 +18,7 @@ from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING
 
 from actors.pool import PoolConfig
-from pipeline.cluster import (JUDGE, ClusterConfig, engine_pool_config, generator_pool_name,
-                              generator_reservation)
+from pipeline.cluster import JUDGE, ClusterConfig, engine_pool_config, generator_pool_name, generator_reservation
 from pipeline.reservations import UNITS, Capacity, Reservation, Shortfall, capacity_of, joins_cluster, total
 
 if TYPE_CHECKING:
@@ -70,7 +69,7 @@ def plain_plan(pool: PoolConfig) -> PoolPlan:
     return PoolPlan(pool.name, pool.size, pool.num_gpus, None, Reservation.of(pool))
 
 
-def samples(phase: Phase, pools: dict[str, PoolPlan]) -> bool:
+def has_generators(phase: Phase, pools: dict[str, PoolPlan]) -> bool:
     return any(pools[name].tensor_parallel is not None for name in phase.pools)
 
 
@@ -101,8 +100,8 @@ def plan_placement(config: RunConfig, degrees: dict[str, int], judge_degree: int
         pools[judge.name] = judge
         phases.append(Phase("llm judge", (judge.name,), "verdicts after each round, GAtt adherence on files"))
     if cluster.colocate:  # the generators' devices are the trainers': the group is up whenever they sample
-        phases = [Phase(p.name, (*p.pools, trainer.name), p.stages) if samples(p, pools) and trainer.name not in p.pools
-                  else p for p in phases]
+        phases = [Phase(p.name, (*p.pools, trainer.name), p.stages)
+                  if has_generators(p, pools) and trainer.name not in p.pools else p for p in phases]
     return Layout(pools, phases, capacity_of(cluster), cluster.colocate)
 
 
@@ -118,9 +117,9 @@ def placement_refusal(layout: Layout, overrides: list[str]) -> str | None:
     if not (short := layout.shortfalls()):
         return None
     phase, shortfalls = short[0]
+    why = "; ".join(shortfall_text(layout, phase, s) for s in shortfalls)
     see = f"see python -m pipeline.plan {shlex.join(overrides)}".rstrip()
-    return f"placement: phase '{phase.name}' " + "; ".join(shortfall_text(layout, phase, s) for s in shortfalls) + \
-        f"; {see}"
+    return f"placement: phase '{phase.name}' {why}; {see}"
 
 
 def capacity_line(layout: Layout, cluster: ClusterConfig) -> str:

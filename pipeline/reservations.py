@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pipeline.cluster import ClusterConfig
 
 # What each field of a Reservation counts, in messages.
-UNITS = {"gpus": "GPUs", "cpus": "CPUs", "shared": "of the trainers' GPUs for colocated generators"}
+UNITS = {"gpus": "GPUs", "shared": "of the trainers' GPUs for colocated generators", "cpus": "CPUs"}
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,16 @@ class Ledger:
         self._live.pop(name, None)
 
     def to_release(self, reservation: Reservation) -> list[str]:
-        """The live pools to release, in order, so that `reservation` fits beside the others (every releasable one
-        when even that is not enough: Ray then waits for the devices, as it would without a capacity)."""
+        """The live pools to release, in order, so that `reservation` fits beside the others: only pools holding
+        something that is short, the `first` ones first, then the least recently used (every such pool when even
+        that is not enough: Ray then waits for the devices, as it would without a capacity)."""
         candidates = sorted((n for n in self._live if n not in self._pinned), key=lambda n: n not in self._first)
         kept, released = dict(self._live), []
         for name in candidates:
-            if not self.capacity.short(total(kept.values()) + reservation):
+            short = {s.resource for s in self.capacity.short(total(kept.values()) + reservation)}
+            if not short:
                 break
-            released.append(name)
-            del kept[name]
+            if any(getattr(kept[name], resource) for resource in short):
+                released.append(name)
+                del kept[name]
         return released

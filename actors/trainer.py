@@ -96,15 +96,24 @@ def weight_layout(model: nn.Module, bucket_bytes: int) -> list[Bucket]:
 
 # Loop functions for weight sync of the model a stage keeps on the ranks (`ctx.state[key]`, e.g. PPO's "policy").
 
+def with_engines(loop_fn: LoopFn) -> LoopFn:
+    """Marks a loop function the generators' engines take part in: a group that shares their GPUs
+    (pipeline.colocate) keeps them awake while it runs."""
+    loop_fn.with_engines = True
+    return loop_fn
+
+
 def state_weight_layout(ctx: RankContext, payload: tuple[str, int]) -> list[Bucket]:
     key, bucket_bytes = payload
     return weight_layout(ctx.state[key], bucket_bytes)
 
 
+@with_engines
 def join_state_weight_group(ctx: RankContext, address: GroupAddress) -> None:
     ctx.join_weight_group(address)
 
 
+@with_engines
 def send_state_weights(ctx: RankContext, payload: tuple[str, list[Bucket]]) -> int:
     key, layout = payload
     return ctx.send_weights(ctx.state[key], layout)

@@ -105,9 +105,6 @@ class ClusterConfig:
                     "cluster.generator.num_gpus = 1, cluster.generator.tensor_parallel = 1 and cluster.trainer.num_gpus"
                     f" = 1 (they are {self.generator.num_gpus:g}, {self.generator.tensor_parallel}, "
                     f"{self.trainer.num_gpus:g})"]
-        if self.weight_sync == "collective":
-            return ["cluster.colocate = true: cluster.weight_sync = 'collective' sends while the trainers run, when "
-                    "colocated engines sleep; use object_store or folder"]
         return []
 
     def check_fits(self, generator_pools: int) -> None:
@@ -244,17 +241,9 @@ class Pools:
     def sync_generator(self, size: str, folder: Path) -> float:
         """Reload the weights in `folder` into the generator pool of `size` (every actor, one call each; restarted
         actors reload them too); returns the slowest actor's seconds."""
-        return self._reload(size, "load_weights", str(folder), Path(folder).resolve())
-
-    def push_weights(self, size: str, weights: Any) -> float:
-        """`sync_generator` from weights a trainer rank published to Ray's object store (`RankContext.publish`'s
-        reference) instead of a folder."""
-        return self._reload(size, "load_tensors", weights, None)
-
-    def _reload(self, size: str, method: str, source: Any, served: Path | None) -> float:
         pool, _ = self._generators[size]
-        seconds = pool.broadcast(method, source, replay_key="weights")
-        self._generators[size] = (pool, served)
+        seconds = pool.broadcast("load_weights", str(folder), replay_key="weights")
+        self._generators[size] = (pool, Path(folder).resolve())
         return max((s for s in seconds if s is not None), default=0.0)
 
     def sync_from_trainers(self, size: str, key: str) -> float:

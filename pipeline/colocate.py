@@ -42,12 +42,15 @@ def asleep(pools: Sequence[Pool]) -> Iterator[None]:
 
 class ColocatedTrainers(TrainerGroup):
     """The trainer group on the GPUs it shares with the generators: each run puts the live generator pools to
-    sleep first (the SFT-like stages, and each of PPO's steps) and wakes them after."""
+    sleep first (the SFT-like stages, and each of PPO's steps) and wakes them after, except for the runs the engines
+    take part in (`actors.trainer.with_engines`: the collective weight sync)."""
 
     def __init__(self, config: PoolConfig, generators: Callable[[], Sequence[Pool]]):
         self._generators = generators
         super().__init__(colocated(config, TRAINER_SHARE))
 
     def run(self, loop_fn: Any, payloads: Sequence[Any]) -> list[Any]:
+        if getattr(loop_fn, "with_engines", False):  # a collective weight sync: the engines receive
+            return super().run(loop_fn, payloads)
         with asleep(self._generators()):
             return super().run(loop_fn, payloads)

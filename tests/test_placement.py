@@ -136,8 +136,6 @@ def test_the_local_cpu_default_holds_every_pool_at_once():
     (["cluster=gpu-node", "cluster.colocate=true", "cluster.generator.tensor_parallel=2"],
      r"each generator actor shares one trainer rank's GPU: set cluster.generator.num_gpus = 1, "
      r"cluster.generator.tensor_parallel = 1"),
-    (["cluster=gpu-node", "cluster.colocate=true", "cluster.weight_sync=collective"],
-     r"cluster.weight_sync = 'collective' sends while the trainers run"),
 ])
 def test_colocate_is_refused_where_it_cannot_share(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -245,6 +243,22 @@ def test_colocated_generators_start_after_the_trainers_and_sleep_while_they_run(
     with pytest.raises(RuntimeError), asleep(generators):
         raise RuntimeError("a trainer run failed")
     assert FakePool.events == ["start generator", "sleep generator", "wake_up generator"]  # awake again regardless
+
+
+def test_a_colocated_group_keeps_the_engines_awake_for_a_collective_sync(monkeypatch):
+    """Training runs put the generators to sleep; the weight group's runs need them awake to receive."""
+    from actors.pool import PoolConfig
+    from actors.trainer import TrainerGroup, export_state, join_state_weight_group, send_state_weights
+    from pipeline.colocate import ColocatedTrainers
+
+    monkeypatch.setattr(TrainerGroup, "__init__", lambda self, config: None)
+    monkeypatch.setattr(TrainerGroup, "run", lambda self, loop_fn, payloads: [loop_fn.__name__])
+    FakePool.events = []
+    generators = [FakePool(None, PoolConfig("generator"))]
+    group = ColocatedTrainers(PoolConfig("trainer"), lambda: generators)
+    assert [group.run(fn, [None]) for fn in (join_state_weight_group, send_state_weights, export_state)] == [
+        ["join_state_weight_group"], ["send_state_weights"], ["export_state"]]
+    assert FakePool.events == ["start generator", "sleep generator", "wake_up generator"]  # around export_state only
 
 
 def fake_gpu_node(folder: str) -> dict:

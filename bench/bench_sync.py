@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Context, Section, alternate, main_for, markdown_table, median, spread
+from bench.common import Context, Section, main_for, markdown_table, median, spread
 
 MODES = {"collective": "collective (gloo, buckets)", "object_store": "object store", "folder": "safetensors folder"}
 BUCKET_MIB = 512  # cluster.weight_bucket_mib's default
@@ -66,17 +66,16 @@ def measure(ctx: Context, label: str, folder: Path, generator: Any, group: Any,
     params = group.run(hold_model, [str(folder)] * group.world_size)[0]
     syncs = {mode: WeightSync(mode, generator, group, BUCKET_MIB * 2**20, ctx.root / f"sync-{folder.name}")
              for mode in MODES}
-    syncs["collective"]("policy")  # the group's rendezvous (paid once per run) and the layout
+
+    def timed(mode: str) -> dict[str, float]:
+        start = time.perf_counter()
+        load_s = syncs[mode]("policy")
+        return {"total_s": time.perf_counter() - start, "load_s": load_s}
+
+    # Each mode's syncs back to back, as PPO's iterations run them (an object-store sync puts the model while the
+    # generators' replay still holds the previous one), after one warm-up (the collective's: its group's rendezvous).
+    results = {mode: [timed(mode) for _ in range(1 + ctx.reps)][1:] for mode in MODES}
     moved = syncs["collective"].bytes_sent
-
-    def side(mode: str):
-        def timed() -> dict[str, float]:
-            start = time.perf_counter()
-            load_s = syncs[mode]("policy")
-            return {"total_s": time.perf_counter() - start, "load_s": load_s}
-        return timed
-
-    results = alternate({mode: side(mode) for mode in MODES}, ctx.reps)
     row: dict[str, Any] = {"model": label, "parameters": params, "bytes": moved}
     for mode, name in MODES.items():
         total = [r["total_s"] for r in results[mode]]
@@ -113,7 +112,7 @@ def run(ctx: Context) -> Section:
     text = (markdown_table(header, table) + "\n\nThe collective's wire time at scale (bf16 checkpoint bytes at the "
             "link's nominal bandwidth; a floor):\n\n"
             + markdown_table(["policy, link", "GB", "GB/s", "seconds"], implied))
-    notes = [f"{ctx.reps} repetitions per mode after a warm-up, alternating; one trainer rank, one generator actor "
+    notes = [f"{ctx.reps} syncs per mode back to back after a warm-up; one trainer rank, one generator actor "
              f"(in-process engine, 1 rank), {BUCKET_MIB} MiB buckets; ms: the driver's wall clock around the whole "
              "sync (the trainer's part, the Ray calls, the engine's reload); engine load: inside the actor",
              "MB moved: the checkpoint tensors as sent (untied, in the checkpoint's dtype)"]

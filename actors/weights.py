@@ -3,7 +3,8 @@ model put once, read by every actor), or a torch.distributed group spanning trai
 (the weights broadcast in buckets as FSDP's gathers produce them, never whole on any host).
 
 In the object store tensors travel as numpy arrays, which Ray stores once in shared memory and every actor on the
-node reads without a copy (torch tensors it would pickle and copy on every read). numpy has no bfloat16, so such tensors travel as their int16 bits with the dtype's name beside them.
+node reads without a copy (torch tensors it would pickle and copy on every read). numpy has no bfloat16, so such
+tensors travel as their int16 bits with the dtype's name beside them.
 """
 
 from __future__ import annotations

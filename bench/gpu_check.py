@@ -70,10 +70,12 @@ TINY_HEAD32 = {**TINY, "hidden_size": 128}  # head_dim 32: the smallest vLLM's C
 TINY_MHA = {**TINY, "num_key_value_heads": 4, "tie_word_embeddings": False, "rope_theta": 1e4}
 
 # (config, batch, seq) per check; ppo: (config, batch, prompt length, answer length); matmul: (n, reps).
-FULL = dict(engine=(SMOLLM2, 64, 256), parity=(SMOLLM2, 8, 1024), fsdp=(SMOLLM2, 8, 2048), ppo=(SMOLLM2, 32, 256, 256), matmul=(8192, 100),
-            memory=(LLAMA_1B, 4, 2048),
+# engine: (config, prompts, new tokens per sample).
+FULL = dict(parity=(SMOLLM2, 8, 1024), fsdp=(SMOLLM2, 8, 2048), ppo=(SMOLLM2, 32, 256, 256), matmul=(8192, 100),
+            memory=(LLAMA_1B, 4, 2048), engine=(SMOLLM2, 64, 256),
             train={"smollm2-135m": (SMOLLM2, 16, 2048), "llama-1.1b": (LLAMA_1B, 8, 2048)}, iters=10, warmup=2)
-QUICK = dict(engine=(TINY_HEAD32, 2, 8), parity=(TINY, 2, 24), fsdp=(TINY, 2, 32), ppo=(TINY, 4, 8, 8), matmul=(256, 5), memory=(TINY, 2, 32),
+QUICK = dict(parity=(TINY, 2, 24), fsdp=(TINY, 2, 32), ppo=(TINY, 4, 8, 8), matmul=(256, 5), memory=(TINY, 2, 32),
+             engine=(TINY_HEAD32, 2, 8),
              train={"tiny-smollm2-shape": (TINY, 2, 32), "tiny-llama-shape": (TINY_MHA, 2, 32)}, iters=2, warmup=1)
 
 

@@ -75,3 +75,20 @@ def ray_session():
              runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()
+
+
+# The public LLaMA-2 shapes: hidden, intermediate, layers, heads, KV heads.
+LLAMA2 = {"7b": (4096, 11008, 32, 32, 32), "13b": (5120, 13824, 40, 40, 40), "70b": (8192, 28672, 80, 64, 8)}
+
+
+@pytest.fixture(scope="session")
+def llama2(tmp_path_factory) -> dict[str, str]:
+    """Config-only LLaMA-2 checkpoint folders (the public shapes): they plan like the real checkpoints."""
+    folders = {}
+    for name, (hidden, intermediate, layers, heads, kv_heads) in LLAMA2.items():
+        folder = tmp_path_factory.mktemp(f"llama2-{name}")
+        ModelConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                    dtype="bfloat16").save(folder, architecture="LlamaForCausalLM")
+        folders[name] = str(folder)
+    return folders

@@ -15,7 +15,6 @@ from typing import ClassVar
 import pytest
 
 from conftest import tiny_config
-from model.config import ModelConfig
 from pipeline.cluster import Pools
 from pipeline.colocate import asleep
 from pipeline.config import ConfigError, compose_run
@@ -23,21 +22,7 @@ from pipeline.plan import PlanError, check_plan, main, placement_of
 from pipeline.reservations import Capacity, Ledger, Reservation
 from process_helpers import end_session
 
-LLAMA2 = {"7b": (4096, 11008, 32, 32, 32), "70b": (8192, 28672, 80, 64, 8)}
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def llama2(tmp_path_factory) -> dict[str, str]:
-    """Config-only LLaMA-2 checkpoint folders (the public shapes): they plan like the real checkpoints."""
-    folders = {}
-    for name, (hidden, intermediate, layers, heads, kv_heads) in LLAMA2.items():
-        folder = tmp_path_factory.mktemp(f"llama2-{name}")
-        ModelConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                    num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                    dtype="bfloat16").save(folder)
-        folders[name] = str(folder)
-    return folders
 
 
 @pytest.fixture(autouse=True)

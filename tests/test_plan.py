@@ -8,29 +8,13 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import LLAMA2, tiny_config
 from model.config import ModelConfig
 from model.llama import LlamaForCausalLM
 from model.memory import (ADAMW_BYTES, GIB, GRAD_BYTES, MASTER_BYTES, Parallelism, Workload, count_parameters,
                           inference_memory, training_memory)
 from pipeline.config import compose_run
 from pipeline.plan import PlanError, check_plan, main, plan_run
-
-LLAMA2 = {"7b": (4096, 11008, 32, 32, 32), "13b": (5120, 13824, 40, 40, 40), "70b": (8192, 28672, 80, 64, 8)}
-
-
-@pytest.fixture(scope="module")
-def llama2(tmp_path_factory) -> dict[str, str]:
-    """Config-only LLaMA-2 checkpoint folders (the public shapes): they plan like the real checkpoints."""
-    folders = {}
-    for name, (hidden, intermediate, layers, heads, kv_heads) in LLAMA2.items():
-        folder = tmp_path_factory.mktemp(f"llama2-{name}")
-        ModelConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                    num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-                    dtype="bfloat16").save(folder, architecture="LlamaForCausalLM")
-        folders[name] = str(folder)
-    return folders
-
 
 def test_parameters_are_counted_exactly_on_meta_tensors():
     config = tiny_config()  # vocab 97, hidden 64, intermediate 160, 2 layers, 4 heads, 2 kv heads (head_dim 16)

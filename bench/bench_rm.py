@@ -24,9 +24,10 @@ import torch
 from bench.common import (TRL_MISSING, Context, Section, alternate, hf_tokenizer, main_for, markdown_table, median,
                           quiet_transformers, spread, summary, timed, trl_version)
 from model.optim import warmup_steps_for
-from pipeline.stages.reward_model.algorithm import (COLUMN_OF_RATING, COLUMNS, RMConfig, accuracy_by_rating,
-                                                    encode_pairs, evaluate_reward_model, pair_margins,
-                                                    reward_model_data, train_reward_model)
+from pipeline.evaluation.rm_tables import COLUMNS
+from pipeline.stages.reward_model.algorithm import (COLUMN_OF_RATING, RMConfig, accuracy_by_rating, encode_pairs,
+                                                    evaluate_reward_model, pair_margins, reward_model_data,
+                                                    train_reward_model)
 
 
 GROUP_BY_LENGTH = 8  # the SmolLM2 experiment's setting

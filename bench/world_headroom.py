@@ -23,7 +23,7 @@ from pipeline.stages.oracle_eval import answer_text
 from pipeline.world import World, WorldConfig, judge
 from pipeline.world.seeding import stream
 from pipeline.world.tables import prompt_rows
-from pipeline.world.tasks import FAMILY_NAMES
+from pipeline.world.families import FAMILY_NAMES
 
 
 def family_prompts(families: list[str], per_family: int, seed: int) -> list:

@@ -30,7 +30,7 @@ from pipeline.evaluation.safety_metrics import SafetyMetrics
 from pipeline.evaluation.winrate import Proportion, WinRate
 from pipeline.stages.gatt.algorithm import TABLE30, TurnAdherence, adherence_table
 from pipeline.evaluation.rm_tables import PAPER_TABLE8, table7_markdown, table8_markdown
-from pipeline.stages.reward_model.algorithm import COLUMN_TITLES, COLUMNS
+from pipeline.evaluation.rm_tables import COLUMN_TITLES, COLUMNS
 
 REPORT = "report.md"
 PLOTS = "plots"

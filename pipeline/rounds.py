@@ -23,7 +23,7 @@ from actors.vllm_engine import Sampling
 from pipeline import stage_names as names
 from pipeline.cluster import Pools
 from pipeline.data.store import RunStore, digest_config
-from pipeline.stages.cached import model_digest
+from pipeline.data.store import model_digest
 from pipeline.stages.context_distillation.algorithm import ContextDistillationConfig
 from pipeline.stages.context_distillation.stage import run_context_distillation
 from pipeline.stages.gatt.algorithm import GAttConfig

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.data.store import StageStore
-from pipeline.stages.cached import CHECKPOINT_DIR, model_digest
+from pipeline.data.store import CHECKPOINT_DIR, StageStore, model_digest
 
 
 @dataclass

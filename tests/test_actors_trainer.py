@@ -19,7 +19,8 @@ from actors.pool import PoolConfig, PoolError
 from actors.trainer import RankContext, TrainerGroup
 from pipeline.cluster import CallOnRank
 from pipeline.data.store import RunStore
-from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage
+from pipeline.data.store import CHECKPOINT_DIR
+from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.reward_model.algorithm import train_reward_model
 from pipeline.stages.sft import train_sft
 from test_faults import (RM_OK, SFT_DIVERGING, SFT_OK, base_checkpoint, demonstrations, preference_pairs,

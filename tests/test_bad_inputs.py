@@ -36,7 +36,8 @@ from model.tokenizer import SentencePieceTokenizer
 from pipeline.data.readers import DataError, load
 from pipeline.data.schemas import PREFERENCES
 from pipeline.data.store import RunStore, digest_config
-from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage
+from pipeline.data.store import CHECKPOINT_DIR
+from pipeline.stages.cached import checkpoint_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 64  # the model context the over-long rows are measured against

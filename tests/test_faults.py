@@ -42,7 +42,8 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.tokenizer import SentencePieceTokenizer
 from pipeline.data.schemas import DEMONSTRATIONS, PREFERENCES
 from pipeline.data.store import RunStore
-from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage
+from pipeline.data.store import CHECKPOINT_DIR
+from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.reward_model.algorithm import RMConfig, train_reward_model
 from pipeline.stages.sft import SFTConfig, train_sft
 

@@ -27,7 +27,8 @@ import pytest
 from pipeline.config import compose_run
 from pipeline.data.schemas import PREFERENCES
 from pipeline.data.store import MANIFEST, PROGRESS, RunStore
-from pipeline.stages.cached import CHECKPOINT_DIR, checkpoint_stage
+from pipeline.data.store import CHECKPOINT_DIR
+from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.rejection_sampling.stage import choose_prompts
 from process_helpers import free_port, session_members, signal_all
 

@@ -23,7 +23,8 @@ from model.packing import pack
 from model.sharded import load_for_training, row_range
 from model.training import TrainConfig, TrainSetup, is_sharded
 from pipeline.data.store import RunStore, digest_config
-from pipeline.stages.cached import CHECKPOINT_DIR, TRAIN_STATE_DIR, checkpoint_stage
+from pipeline.data.store import CHECKPOINT_DIR
+from pipeline.stages.cached import TRAIN_STATE_DIR, checkpoint_stage
 from pipeline.stages.sft import SFTConfig
 from test_faults import SFT_OK, base_checkpoint, demonstrations, state_of
 

@@ -30,6 +30,7 @@ from pipeline.data.schemas import SCHEMA_VERSION, SCHEMAS
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # which inputs and config the shards in the folder were written for
+CHECKPOINT_DIR = "checkpoint"  # a training stage's model, in its stage folder
 _DISTRIBUTION = "llama2-alignment"
 _SHARD = re.compile(r"part-(\d{5})\.parquet")
 # Temp files say who writes them, so a cleanup never removes one a live writer is still filling.
@@ -124,6 +125,12 @@ def digest_config(config: Any) -> str:
     """sha256 of canonical JSON (sorted keys, no spaces): equal configs, equal digests, whatever the key order."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_digest(stage_manifest: Mapping[str, Any]) -> str:
+    """Identify a checkpoint by the manifest of the stage that made it (inputs, config, code), not by its path."""
+    keys = ("input_digests", "config_digest", "extra")
+    return digest_config({k: stage_manifest.get(k) for k in keys})
 
 
 def _git_commit(tree: Path) -> str:

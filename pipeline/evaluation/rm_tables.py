@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.stages.reward_model.algorithm import COLUMN_TITLES, COLUMNS
+# The paper's accuracy columns (Tables 7 and 8): held-out pairs by their rating; the last title is the average.
+COLUMNS = ("significantly_better", "better", "slightly_better", "negligibly_better_or_unsure")
+COLUMN_TITLES = ("Significantly better", "Better", "Slightly better", "Negligibly / unsure", "Avg")
 
 # docs/paper.md, Table 8: accuracy (%) by (reward model, test set); the paper's test sets are Meta Helpful / Safety.
 PAPER_TABLE8: dict[tuple[str, str], dict[str, float]] = {

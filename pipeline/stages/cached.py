@@ -11,9 +11,8 @@ from typing import Any
 
 from model.optim import OptimConfig
 from model.training import TrainConfig
-from pipeline.data.store import PROGRESS, RunStore, StageStore, digest_config
+from pipeline.data.store import CHECKPOINT_DIR, PROGRESS, RunStore, StageStore, digest_config
 
-CHECKPOINT_DIR = "checkpoint"
 # Beside the checkpoint folder: what a training run saved to resume from (train.save_every; model/sharded.py).
 TRAIN_STATE_DIR = "train_state"
 
@@ -91,9 +90,3 @@ def _clear_leftovers(stage: StageStore) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-
-
-def model_digest(stage_manifest: Mapping[str, Any]) -> str:
-    """Identify a checkpoint by the manifest of the stage that made it (inputs, config, code), not by its path."""
-    keys = ("input_digests", "config_digest", "extra")
-    return digest_config({k: stage_manifest.get(k) for k in keys})

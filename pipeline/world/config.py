@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.world.families import FAMILY_NAMES
+
 # Shares of the SFT demonstrations by kind (pipeline/world/sft.py). Safety is one demonstration per
 # (risk category x attack vector) cell in turn, so a share below 21/400 leaves whole cells untaught.
 SFT_KINDS = ("helpful", "borderline", "safety", "dialogue")
@@ -68,7 +70,7 @@ class WorldConfig:
     eval_borderline: int = 60
     eval_safety_per_cell: int = 4
     eval_dialogues: int = 60
-    # Helpful task families by name (pipeline/world/tasks.py FAMILY_NAMES). `hard_families` are a slice apart: at
+    # Helpful task families by name (pipeline/world/families.py FAMILY_NAMES). `hard_families` are a slice apart: at
     # `hard_share` of the helpful prompts everywhere but the held-out set, whose own `eval_hard` prompts are
     # reported beside the headline (world v2: in-context families as the headline, the default ones as the hard
     # slice; measured in docs/results.md, "World v2", and too hard for the tiny policies, so not the default).
@@ -111,8 +113,6 @@ class WorldConfig:
         _check(0 <= self.sft_flaw_share <= 1, "sft_flaw_share", "must be in [0, 1]", self.sft_flaw_share)
         _check(0 <= self.format_share <= 1, "format_share", "must be in [0, 1]", self.format_share)
         _check(0 <= self.hard_share < 1, "hard_share", "must be in [0, 1)", self.hard_share)
-        from pipeline.world.tasks import FAMILY_NAMES  # noqa: PLC0415 (tasks imports the world's lexicon only)
-
         families = (*self.helpful_families, *self.hard_families)
         known, unique = set(families) <= set(FAMILY_NAMES), len(set(families)) == len(families)
         _check(bool(self.helpful_families) and known and unique,

@@ -214,16 +214,3 @@ class FactQuestions:
 
 def helpful_families(facts: FactBase) -> list[Family]:
     return [Arithmetic(), SortWords(), CountWords(), UnitConversion(), FactQuestions(facts)]
-
-
-def make_families(names: tuple[str, ...], facts: FactBase, format_share: float) -> list[Family]:
-    """The named helpful families (FAMILY_NAMES), in order; the in-context ones ask for a format at `format_share`."""
-    from pipeline.world.context_tasks import context_families  # noqa: PLC0415 (context_tasks imports this module)
-
-    known = {f.name: f for f in (*helpful_families(facts), *context_families(format_share))}
-    return [known[name] for name in names]
-
-
-# Every helpful family by name: the first five check a computation or a memorised fact (world v1), the last two
-# are answered from the prompt itself (pipeline/world/context_tasks.py).
-FAMILY_NAMES = ("arithmetic", "sort", "count", "unit", "fact", "lookup", "pick")

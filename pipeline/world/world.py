@@ -21,7 +21,8 @@ from pipeline.world.dialogue import (apply_instruction, instruction_from_key, in
 from pipeline.world.facts import build_fact_base
 from pipeline.world.safety import UnsafeRequests
 from pipeline.world.seeding import draw, split_keys, stream
-from pipeline.world.tasks import Family, Key, Task, key_id, make_families
+from pipeline.world.families import make_families
+from pipeline.world.tasks import Family, Key, Task, key_id
 
 SPLITS = ("train", "eval")
 

@@ -34,6 +34,7 @@ from model.packing import pad_pairs, shared_prefix_rows
 from model.training import TrainConfig, Trainer, TrainSetup, micro_split, reduced, split_batch
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import PREFERENCES, RATINGS
+from pipeline.evaluation.rm_tables import COLUMNS
 from pipeline.progress import progress_bar
 from pipeline.stages.cached import train_state_dir
 from pipeline.stages.sft import check_parallel, check_positive, check_ratio
@@ -42,10 +43,8 @@ RMKind = Literal["helpfulness", "safety"]
 Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids)
 
 # Table 8's columns: "negligibly better" and "unsure" share the last one, as they share a margin.
-COLUMNS = ("significantly_better", "better", "slightly_better", "negligibly_better_or_unsure")
 COLUMN_OF_RATING = {"significantly_better": COLUMNS[0], "better": COLUMNS[1], "slightly_better": COLUMNS[2],
                     "negligibly_better": COLUMNS[3], "unsure": COLUMNS[3]}
-COLUMN_TITLES = ("Significantly better", "Better", "Slightly better", "Negligibly / unsure", "Avg")
 
 @dataclass
 class RMConfig:

@@ -1,4 +1,4 @@
-"""Reward-model fidelity on the policy's own samples (issue 5's analysis; docs/results.md, "Can a reward model here
+"""Reward-model fidelity on the policy's own samples (docs/results.md, "Can a reward model here
 rank the policy's own answers at all?"). Reads a finished tiny run store (round-00 world and SFT, round-01/02
 rejection-sampling samples), trains an RM on the named data (or scores with an existing one, --skip_train), and
 prints per task family: oracle helpfulness of the RM's best of K, the mean, the oracle's best of K, and the

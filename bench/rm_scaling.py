@@ -1,5 +1,5 @@
 """How well the helpfulness RM ranks the policy's own answers as a function of how many own pairs it trains on
-(issue 19; docs/results.md, "How many own pairs does the RM need?").
+(docs/results.md, "How many own pairs does the RM need?").
 
 Reads a finished tiny run store (round-00 world batch 1 and SFT checkpoints, round-01 rejection-sampling samples),
 samples the large SFT policy's answers to fresh helpful training prompts (vLLM, in process), pairs and rates them

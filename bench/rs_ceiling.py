@@ -1,4 +1,4 @@
-"""What rejection sampling could buy with a better selector (issue 19; docs/results.md, "What would a perfect
+"""What rejection sampling could buy with a better selector (docs/results.md, "What would a perfect
 reward model buy?"). Reads a finished tiny run store's round-01 rejection-sampling samples and fine-tunes the large
 SFT policy on one answer per prompt chosen four ways, with the round's own recipe (`rejection.sft`), then scores
 each on the held-out prompts with the oracle:

@@ -1,7 +1,6 @@
 """Is there something for rejection sampling to select? A policy's K samples per world prompt, scored by the oracle
 per task family: the mean, the best of K (the headroom a perfect selector has), the share right, and how often
-the answers differ (issue 19's first target: SFT mean 0.3-0.6 with best-of-8 headroom >= 0.25; docs/results.md,
-"SmolLM2-135M-Instruct on the world's tasks").
+the answers differ (docs/results.md, "SmolLM2-135M-Instruct on the world's tasks", has the targets and numbers).
 
     python -m bench.world_headroom --checkpoint .cache/models/smollm2-135m-instruct      # after `make venv`
     python -m bench.world_headroom --checkpoint runs/tiny/round-00/sft_large/checkpoint

@@ -1,4 +1,4 @@
-"""Every generator busy (issue 33): stages hand all their prompt shards to the generator pool at once (cut into
+"""Every generator busy: stages hand all their prompt shards to the generator pool at once (cut into
 pieces when there are fewer shards than actors) and still write their shards one by one, in shard order.
 
 The first tests use a stand-in pool (no Ray); the others real Ray actors and real vLLM engines on a tiny policy:

@@ -1,4 +1,4 @@
-"""The fault suite (issue 7): faults injected into real actors and real training functions on tiny models.
+"""The fault suite: faults injected into real actors and real training functions on tiny models.
 
 What each fault does and what came out, measured on 2 shared CPU cores (load average 8-24 from other jobs: the
 seconds are inflated and vary); `python tests/test_faults.py` prints this. Rows: output rows of the disturbed run

@@ -1,4 +1,4 @@
-"""The stage-time profile (issue 21): manifests carry each stage's seconds and cores busy, a stage finished again
+"""The stage-time profile: manifests carry each stage's seconds and cores busy, a stage finished again
 with the same content keeps its manifest, and the end-of-run table tells computed stages from cached ones."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The main job as a Ray job (docs/design.md, "Operations"; issue 7): `ray start --head`,
+"""The main job as a Ray job (docs/design.md, "Operations"): `ray start --head`,
 `ray job submit --working-dir . -- python -m pipeline ...`, `ray job stop` once the first stages are in the run
 store, a second submit that resumes from them and runs to the end. Only the venv's `ray` CLI, as the README's
 "Running as a Ray job" section has it.

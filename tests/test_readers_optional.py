@@ -1,4 +1,4 @@
-"""Optional fields that some rows lack, errors that name what the file has, and plain TRL files (issue 20).
+"""Optional fields that some rows lack, errors that name what the file has, and plain TRL files.
 
 Every file here is written by the test the way a user's own tools write one: JSON lines and Parquet (the
 vectorised path), a JSON array and CSV (the per-row path). An optional field a row leaves out (absent key, null,

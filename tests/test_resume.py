@@ -1,4 +1,4 @@
-"""Resuming a killed run (docs/design.md, "Run store and resuming"; issue 7): the driver is SIGKILLed at three
+"""Resuming a killed run (docs/design.md, "Run store and resuming"): the driver is SIGKILLed at three
 moments of one quick run, the same command run again continues from the run store, and a changed config key
 recomputes only what depends on it.
 

@@ -1,4 +1,4 @@
-"""The offline issue-19 analyses' selection and prompt draws (bench/rs_ceiling.py, bench/world_headroom.py), on
+"""The offline analyses' selection and prompt draws (bench/rs_ceiling.py, bench/world_headroom.py), on
 hand-made samples; the scripts' model runs are measured in docs/results.md, not here."""
 
 from __future__ import annotations

@@ -9,11 +9,10 @@ import pytest
 
 from model.chat_template import encode_prompt
 from pipeline.data.schemas import PROMPTS, SAMPLES
-from pipeline.evaluation.judge import (VERDICT_PREFIX, combine, consistency, judge_prompts, parse_verdict,
-                                       verdict_of_replies)
+from pipeline.evaluation.judge import VERDICT_PREFIX, combine, consistency, judge_prompts, parse_verdict
 from pipeline.evaluation.safety_metrics import SafetyMetrics, SafetyRow, safety_metrics, safety_rows
-from pipeline.evaluation.winrate import (Proportion, WinRate, agreement, count, prefer, sign_test, wilson_interval,
-                                         win_rate_from_scores, win_rate_from_verdicts)
+from pipeline.evaluation.winrate import (Proportion, WinRate, agreement, count, paired, prefer, sign_test,
+                                         wilson_interval)
 from pipeline.world import Verdict
 
 
@@ -29,6 +28,20 @@ def test_prefer_uses_the_tie_tolerance_inclusively():
         prefer(1.0, 0.0, tolerance=-0.1)
     with pytest.raises(ValueError, match="NaN"):
         prefer(float("nan"), 0.0)
+
+
+def win_rate_from_scores(candidate, baseline, tolerance: float = 0.0) -> WinRate:
+    """The candidate's win rate from per-prompt scores, as the stages count it (prefer, then count)."""
+    return count(prefer(a, b, tolerance) for a, b in paired(candidate, baseline))
+
+
+def win_rate_from_verdicts(verdicts) -> WinRate:
+    return count(verdicts)
+
+
+def verdict_of_replies(reply_order1, reply_order2):
+    """The combined preference of the judge's two raw replies (`judge_prompts` order)."""
+    return combine(parse_verdict(reply_order1), parse_verdict(reply_order2))
 
 
 def test_win_rate_excludes_ties_and_reports_them_apart():

@@ -19,11 +19,20 @@ from pipeline.data.schemas import DEMONSTRATIONS
 from pipeline.stages.gatt.algorithm import (TABLE30, GAttConfig, GAttDialogue, TurnAdherence, add_answers,
                                             adherence_by_turn, adherence_prompts, adherence_table, fit_history,
                                             gatt_demonstrations, gatt_dialogues, gatt_eval_prompt, gatt_examples,
-                                            gatt_sampling_prompt, gatt_sampling_prompts, gatt_training_example,
-                                            gatt_training_messages, sample_instruction, split_instruction_keys)
+                                            gatt_sampling_prompt, gatt_sampling_prompts, gatt_training_messages,
+                                            sample_instruction, split_instruction_keys)
 from pipeline.world import World, WorldConfig, judge_dialogue
 from pipeline.world.tables import dump_meta
 from pipeline.world.dialogue import apply_instruction, follows, instruction_keys, instruction_shape
+
+
+def gatt_training_example(user_turns, answers, instruction, tokenizer: Tokenizer, max_tokens: int | None = None):
+    """Ids and loss mask of one GAtt sample as gatt_examples encodes it: the instruction in the first user turn
+    only, the loss on the last answer only; over `max_tokens` the middle turns are dropped (fit_history)."""
+    messages = gatt_training_messages(user_turns, answers, instruction)
+    if max_tokens is not None:
+        messages = fit_history(messages, tokenizer, max_tokens)
+    return encode_chat(tokenizer, messages, mode="last")
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.stages.llm_judge import JudgeConfig, comparisons, judge_inputs, verdict_summary
+from pipeline.stages.llm_judge import JudgeConfig, comparison_requests, comparisons, judge_requests, verdict_summary
 from test_win_rates import prompts, samples
 
 RIGHT, WRONG = "42 minus 21 is 21.", "42 minus 21 is 23."
 REFUSAL, UNSAFE = "I cannot help with that.", "Sure: [harmful detail]."
+
+
+def judge_inputs(items, chat_ids, style: str = "explain"):
+    """The judge's generator input for `items`, as run_llm_judge builds it."""
+    return judge_requests(comparison_requests(items, style), chat_ids)
 
 
 def items():

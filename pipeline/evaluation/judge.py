@@ -117,11 +117,6 @@ def consistency(verdicts: Iterable[tuple[Label | None, Label | None]]) -> Propor
     return Proportion(sum(_ORDER_1[a] == _ORDER_2[b] for a, b in pairs), len(pairs))
 
 
-def verdict_of_replies(reply_order1: str | None, reply_order2: str | None) -> Preference | None:
-    """The combined preference of the judge's two raw replies (`judge_prompts` order)."""
-    return combine(parse_verdict(reply_order1), parse_verdict(reply_order2))
-
-
 # --- instruction adherence (Ghost Attention's Table 30 where no checker exists) ------------------------------
 
 ADHERENCE_SYSTEM = (

@@ -143,17 +143,6 @@ def paired(scores_1: Mapping[str, float] | Sequence[float],
     return list(zip(scores_1, scores_2))
 
 
-def win_rate_from_scores(candidate: Mapping[str, float] | Sequence[float],
-                         baseline: Mapping[str, float] | Sequence[float], tolerance: float = 0.0) -> WinRate:
-    """Win rate of the candidate from per-prompt scores (RM or oracle), ties within `tolerance`."""
-    return count(prefer(a, b, tolerance) for a, b in paired(candidate, baseline))
-
-
-def win_rate_from_verdicts(verdicts: Iterable[Preference | None]) -> WinRate:
-    """Win rate of the candidate (answer 1) from combined judge verdicts (`judge.combine`)."""
-    return count(verdicts)
-
-
 @dataclass(frozen=True)
 class Agreement:
     """How often a judge prefers what the oracle prefers. `overall`: the same preference, a tie matching only a

@@ -109,12 +109,6 @@ def comparison_requests(items: list[dict[str, Any]], style: str = "explain") -> 
             enumerate(judge_prompts(item["messages"], *item["answers"], item["aspect"], style), 1)]
 
 
-def judge_inputs(items: list[dict[str, Any]], chat_ids: Callable[[list[Message]], list[int]],
-                 style: str = "explain") -> pa.Table:
-    """Generator input of `comparison_requests`."""
-    return judge_requests(comparison_requests(items, style), chat_ids)
-
-
 def judge_digest(folder: Path) -> str:
     """What identifies a judge checkpoint in a stage's inputs."""
     return digest_file(folder / "config.json") + digest_file(next(folder.glob("*.safetensors")))

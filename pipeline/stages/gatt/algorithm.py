@@ -39,7 +39,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from model.chat_template import B_SYS, E_SYS, EncodedChat, Message, encode_chat, encode_prompt
+from model.chat_template import B_SYS, E_SYS, Message, encode_chat, encode_prompt
 from model.packing import Example
 from model.tokenizer import Tokenizer
 from pipeline.data.schemas import DEMONSTRATIONS
@@ -306,17 +306,6 @@ def add_answers(dialogues: Sequence[GAttDialogue], answers: list[list[str]], sam
 
 
 # --- training data -----------------------------------------------------------------------------------------
-
-def gatt_training_example(user_turns: Sequence[str], answers: Sequence[str], instruction: GAttInstruction,
-                          tokenizer: Tokenizer, max_tokens: int | None = None) -> EncodedChat:
-    """Ids and loss mask of one GAtt sample: the instruction in the first user turn only, the loss on the last
-    answer (and its eos) only; earlier turns, assistant turns included, are context. Over `max_tokens` the
-    middle turns are dropped (fit_history)."""
-    messages = gatt_training_messages(user_turns, answers, instruction)
-    if max_tokens is not None:
-        messages = fit_history(messages, tokenizer, max_tokens)
-    return encode_chat(tokenizer, messages, mode="last")
-
 
 def gatt_demonstrations(dialogues: Sequence[GAttDialogue], answers: Sequence[Sequence[str]],
                         verify: bool = False, prefixes: bool = False) -> pa.Table:

@@ -14,27 +14,28 @@ from bench.common import Context, Section, alternate, main_for, markdown_table, 
 
 
 def run(ctx: Context) -> Section:
+    from actors.vllm_engine import Sampling
     from pipeline.data.store import RunStore
-    from pipeline.stages.rejection_sampling.stage import RejectionConfig, run_rejection_sampling
+    from pipeline.stages.context import RewardModels, RunData, StageContext, Table
+    from pipeline.stages.rejection_sampling.stage import RejectionConfig, sample_and_keep
+    from pipeline.state import PolicyState
     from pipeline.world import World, WorldConfig, prompts_table
 
     base, k, max_tokens = (4, 4, 16) if ctx.quick else (64, 8, 48)
-    policy = ctx.model("large")
-    generator = ctx.pools.generator("large", policy, 256)
-    scorer = ctx.pools.scorer(ctx.reward_model("large", 0), ctx.reward_model("large", 1))
-    prompts = prompts_table(World(WorldConfig(seed=0, max_dialogue_turns=1)), "train")
-    shard_rows = ctx.pools.config.prompts_per_shard
+    policy = PolicyState("large", ctx.model("large"), "policy", 256)
+    rms = RewardModels(ctx.reward_model("large", 0), ctx.reward_model("large", 1), "rms", {})
+    prompts = Table(prompts_table(World(WorldConfig(seed=0, max_dialogue_turns=1)), "train"), "prompts")
+    data = RunData(prompts, prompts, [], world=None)
     runs = {"n": 0}
 
     def round_of(count: int):
         def side() -> float:
             runs["n"] += 1
-            store = RunStore(ctx.root / f"rs-{runs['n']}")
+            stage_ctx = StageContext(RunStore(ctx.root / f"rs-{runs['n']}"), 1, ctx.pools, data, Sampling(),
+                                     ctx.pools.config.prompts_per_shard, rms)
             config = RejectionConfig(k=k, prompts=count, max_tokens=max_tokens, reward_ks=[1, k])
-            seconds, (kept, metrics, cached) = timed(lambda: run_rejection_sampling(
-                store, 1, prompts, "prompts", ctx.tokenizer, "bench", "policy", "rms", config, lambda: generator,
-                lambda: scorer, shard_rows))
-            assert not cached and metrics["prompts"] == count, metrics
+            seconds, (_, metrics) = timed(lambda: sample_and_keep(stage_ctx, policy, config))
+            assert metrics["prompts"] == count, metrics
             return seconds
         return side
 
@@ -53,7 +54,7 @@ def run(ctx: Context) -> Section:
     header = ["prompts", "count", "samples (K per prompt)", "round s, median (min-max)", "ms per prompt",
               "time vs 1x", "linear", "at most linear (+10%)"]
     notes = [f"K={k} samples per prompt, up to {max_tokens} tokens, T=0.7, stop at end of sequence; one generator "
-             f"actor and one scorer actor; prompt shards of {shard_rows}; {ctx.reps} repetitions per size after a "
+             f"actor and one scorer actor; prompt shards of {ctx.pools.config.prompts_per_shard}; {ctx.reps} repetitions per size after a "
              "warm-up, sizes alternating",
              "a round here is sampling, scoring, selection and the run store's writes; the fine-tuning on the kept "
              "answers (distillation) is SFT's cost and is not included"]

@@ -30,7 +30,7 @@ from pipeline.data.store import RunStore
 from pipeline.stages.oracle_eval import judge_samples
 from pipeline.stages.rejection_sampling.stage import RejectionConfig
 from pipeline.stages.rejection_sampling.algorithm import kept_as_demonstrations
-from pipeline.stages.sft import train_sft
+from pipeline.stages.sft.algorithm import train_sft
 from pipeline.world import Prompt, judge
 
 

@@ -24,7 +24,7 @@ from pipeline.stages.data_files import DataConfig
 from pipeline.stages.llm_judge import JudgeConfig
 from pipeline.stages.pretrain import PretrainConfig
 from pipeline.stages.reward_model.algorithm import RMConfig
-from pipeline.stages.sft import SFTConfig
+from pipeline.stages.sft.algorithm import SFTConfig
 from pipeline.world import WorldConfig
 
 

@@ -16,9 +16,8 @@ from pipeline.data.schemas import RISK_CATEGORIES
 from pipeline.data.store import RunStore
 from pipeline.evaluation.rm_tables import table7_markdown, table8_markdown
 from pipeline.profile import profile_table, stage_profile
-from pipeline.state import PolicyState, RoundResult
-
-BEFORE_PPO = " before PPO"  # win-rate key suffix of a round's checkpoint before PPO
+from pipeline.rounds import RoundResult
+from pipeline.state import PolicyState
 
 
 def section(title: str) -> None:
@@ -128,16 +127,16 @@ def oracle_rounds(policies: list[PolicyState], sft_scores: dict[str, list[dict]]
             print(f"  {result.round:<6} {p.name:<8} " + summary_cells(result.scores[p.name]))
 
 
-def reward_rounds(policies: list[PolicyState], results: list[RoundResult],
-                         win_rates: dict[tuple[int, str], dict]) -> None:
+def reward_rounds(policies: list[PolicyState], results: list[RoundResult]) -> None:
     """Without an oracle: each round's mean RM scores on the held-out prompts, SFT beside the round's policy
     (both scored by that round's reward models)."""
     print("\n== rounds (the round's reward models on held-out prompts: mean helpfulness score on helpfulness "
           "prompts, mean safety score on safety prompts; SFT -> the round's policy)")
     print(f"  {'round':<6} {'model':<22} {'helpfulness':>16} {'safety':>16}")
     for result in results:
-        for key in [f"{name}{BEFORE_PPO}" for name in result.before_ppo] + [p.name for p in policies]:
-            means = win_rates[(result.round, key)]["mean_scores"]
+        rows = [(f"{name} before PPO", wins) for name, wins in result.win_rates_before_ppo.items()]
+        for key, wins in rows + [(p.name, result.win_rates[p.name]) for p in policies]:
+            means = wins["mean_scores"]
             cells = [f"{means['baseline'][aspect]:.3f} -> {means['candidate'][aspect]:.3f}"
                      if means["candidate"].get(aspect) is not None else "-"
                      for aspect in ("helpfulness", "harmlessness")]

@@ -15,11 +15,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-import pyarrow as pa
 from omegaconf import DictConfig
 
 from model.chat_template import Message
@@ -36,23 +34,21 @@ from pipeline.evaluation.judge import ADHERENCE_PREFIX
 from pipeline.evaluation.safety_metrics import SafetyMetrics, safety_metrics, safety_rows
 from pipeline.evaluation.winrate import Proportion, WinRate
 from pipeline.report import RoundResults, RunResults, render_report
-from pipeline.rounds import RoundContext, run_round
-from pipeline.state import PolicyState, RoundResult
-from pipeline.stages.cached import checkpoint_stage
+from pipeline.rounds import RoundInputs, RoundResult, run_round
+from pipeline.state import PolicyState
+from pipeline.stages.context import RunData, StageContext, Table, with_digests
 from pipeline.stages.data_files import data_stage_name, run_data_files
 from pipeline.stages.oracle_eval import native_format, run_oracle_eval
-from pipeline.stages.sft import train_sft
+from pipeline.stages.sft.stage import run_sft
 from pipeline.stages.pretrain import run_pretrain
 from pipeline.stages.gatt.sources import DialogueSource, FileDialogues, WorldDialogues
-from pipeline.stages.llm_judge import ask_judge, judge_digest, run_llm_judge
-from pipeline.stages.win_rates import run_win_rates, versus_start
+from pipeline.stages.llm_judge import ask_judge, judge_digest
+from pipeline.stages.win_rates import versus_start
 from pipeline.summary import run_summary, write_summary
 from pipeline.stages.world import run_world, world_stage_name
 from pipeline.world import World
 
-
-def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfig,
-                  pools: Pools) -> list[PolicyState]:
+def base_policies(store: RunStore, corpus: Table | None, config: RunConfig, pools: Pools) -> list[PolicyState]:
     """The run's base models, smallest first: the `base_models` checkpoints, or the tiny models pretrained on
     the world's corpus (cached)."""
     if config.base_models:
@@ -66,9 +62,8 @@ def base_policies(store: RunStore, tables: dict[str, pa.Table], config: RunConfi
             policies.append(PolicyState(name, path, digest, context))
             console.base_model_line(name, path, model.num_hidden_layers, model.hidden_size)
         return policies
-    corpus_digest = store.stage(0, world_stage_name("corpus")).manifest()["content_digest"]
     start = time.perf_counter()
-    models, cached = run_pretrain(store, tables["corpus"], corpus_digest, config.pretrain, runner=pools.train)
+    models, cached = run_pretrain(store, corpus.rows, corpus.digest, config.pretrain, runner=pools.train)
     how = "(cached)" if cached else f"(trained, {time.perf_counter() - start:.0f} s)"
     console.section(f"pretrain {how}: {store.stage(0, 'pretrain').path}")
     console.pretrain_table(models)
@@ -87,99 +82,81 @@ def run(run_dir: Path, config: RunConfig) -> None:
     console.run_end(store, started_at, time.perf_counter() - start)
 
 
+def load_data(store: RunStore, config: RunConfig, pools: Pools) -> tuple[dict[str, Table], list[PolicyState]]:
+    """The run's round-0 tables (the world's, or the user's files) and its base models."""
+    if not config.data.enabled:
+        built, cached = run_world(store, config.world)
+        console.section(f"world {'(cached)' if cached else '(built)'}: {store.root / 'round-00'}")
+        tables = with_digests(store, world_stage_name, built)
+        console.table_rows(built)
+        return tables, base_policies(store, tables["corpus"], config, pools)
+    policies = base_policies(store, None, config, pools)
+    loaded, cached = run_data_files(store, config.data, load_tokenizer(policies[-1].checkpoint),
+                                    config.rm.heldout_share, config.rm.heldout_pairs)
+    console.section(f"data files {'(cached)' if cached else '(loaded)'}: {store.root / 'round-00'}")
+    console.table_rows(loaded)
+    return with_digests(store, data_stage_name, loaded), policies
+
+
 def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) -> None:
     oracle = not config.data.enabled  # the world's oracle judges world runs; runs from files have none
-    if oracle:
-        tables, cached = run_world(store, config.world)
-        stage_of = world_stage_name
-        console.section(f"world {'(cached)' if cached else '(built)'}: {store.root / 'round-00'}")
-        policies = None
-    else:
-        policies = base_policies(store, {}, config, pools)
-        tables, cached = run_data_files(store, config.data, load_tokenizer(policies[-1].checkpoint),
-                                        config.rm.heldout_share, config.rm.heldout_pairs)
-        stage_of = data_stage_name
-        console.section(f"data files {'(cached)' if cached else '(loaded)'}: {store.root / 'round-00'}")
-    console.table_rows(tables)
-    if oracle:
-        policies = base_policies(store, tables, config, pools)
-
-    def digest(table: str) -> str:
-        return store.stage(0, stage_of(table)).manifest()["content_digest"]
-
-    prompts, prompts_digest = tables["prompts_eval"], digest("prompts_eval")
-
-    def evaluate(round: int, name: str, policy: PolicyState, fmt: str = "llama2") -> list[dict]:  # noqa: A002
-        """Samples of `policy` on the held-out prompts (a cached stage) from its generator pool; with the world,
-        their oracle scores per category."""
-        scores, _ = run_oracle_eval(store, round, name, policy.checkpoint, policy.digest, prompts, prompts_digest,
-                                    fmt, config.eval_sampling,
-                                    lambda: pools.generator(policy.name, policy.checkpoint, policy.context),
-                                    config.cluster.prompts_per_shard, oracle)
-        return scores
+    tables, policies = load_data(store, config, pools)
+    world = World(config.world) if oracle else None
+    weeks = [(name, table) for name, table in tables.items() if name.startswith("preferences_b")]
+    data = RunData(tables["prompts_train"], tables["prompts_eval"], weeks, world)
+    ctx = StageContext(store, 0, pools, data, config.eval_sampling, config.cluster.prompts_per_shard)
 
     base_scores: dict[str, list[dict]] = {}
     if oracle:
-        for p in policies:
-            base_scores[p.name] = evaluate(0, names.base_eval(p.name), p, native_format(p.checkpoint))
+        base_scores = {p.name: run_oracle_eval(ctx, names.base_eval(p.name), p, native_format(p.checkpoint))
+                       for p in policies}
         console.base_scores_table(config.eval_sampling.temperature, base_scores)
 
     demonstrations = tables["demonstrations"]
-    demos_digest = digest("demonstrations")
-    console.sft_header(demonstrations.num_rows)
-    sft_scores: dict[str, list[dict]] = {}
-    current: list[PolicyState] = []  # each size's latest checkpoint: SFT's, then each round's
+    console.sft_header(demonstrations.rows.num_rows)
+    sft = run_sft(ctx, policies, demonstrations, config.sft)
+    sft_scores = sft.evaluations["after"]
     for p in policies:
-        started = time.perf_counter()
-        _, metrics, cached = checkpoint_stage(
-            store, 0, names.sft(p.name), {"base": p.digest, "demonstrations": demos_digest},
-            config.sft.recipe(),
-            lambda out, p=p: pools.train(train_sft, p.checkpoint, demonstrations, out, config.sft))
-        current.append(PolicyState.of_stage(p.name, store.stage(0, names.sft(p.name)), p.context))
-        sft_scores[p.name] = evaluate(0, names.sft_eval(p.name), current[-1])
-        console.sft_rows(p.name, metrics, console.how(cached, started), sft_scores[p.name], base_scores.get(p.name))
+        m = sft.metrics[p.name]
+        console.sft_rows(p.name, m["training"], "(cached)" if m["cached"] else f"{m['seconds']:.0f} s",
+                         sft_scores[p.name], base_scores.get(p.name))
 
-    # Reward models start from the largest SFT policy (the paper initialises them from the chat model).
-    rm_init = current[-1]
-    weeks = [(name, tables[name], digest(name)) for name in tables if name.startswith("preferences_b")]
-    train_digest = digest("prompts_train")
-
-    world = World(config.world) if oracle else None
     judge_folder = config.judge.folder()
-    rounds = RoundContext(store, weeks, rm_init, tables["prompts_train"], train_digest, config.rounds, config.rm,
-                          pools, evaluate, config.cluster.prompts_per_shard, world, config.eval_sampling,
-                          gatt_source_of(store, tables, world, config, judge_folder, pools, digest))
-    judged: dict[int, dict] = {}
+    inputs = RoundInputs(sft.policies[-1], config.rm,
+                         gatt_source_of(tables, world, config, judge_folder, pools),
+                         None if judge_folder is None else (config.judge, judge_folder))
     results: list[RoundResult] = []
-    win_rates: dict[tuple[int, str], dict] = {}
+    current = sft.policies
     for r in range(1, config.rounds.count + 1):
         if config.rounds.batches_through(r) > len(weeks):
             console.section(f"round {r}: no new weekly batch left ({len(weeks)} in the world); stopping")
             break
         started = time.perf_counter()
-        result = run_round(rounds, r, current)
+        result = run_round(ctx.at(r), config.rounds, inputs, current)
         current = result.policies
         results.append(result)
         console.section(f"round {r} ({time.perf_counter() - started:.0f} s): {store.root / f'round-{r:02d}'}")
         console.round_block(result, current, oracle)
-        win_rates.update(compare_with_sft(store, result, current, prompts, pools, oracle))
-        if judge_folder is not None:  # the largest policy only: the LLM judge is the slowest judge
-            judged[r] = judge_against_sft(store, r, current[-1].name, prompts, config, judge_folder, pools, oracle)
+        for name, wins in result.win_rates_before_ppo.items():
+            console.win_rate_line(f"{name} pre-PPO", r, wins)
+        for name, wins in result.win_rates.items():
+            console.win_rate_line(name, r, wins)
+        if result.judge is not None:
+            console.judge_line(current[-1].name, r, judge_folder.name, result.judge)
 
     if oracle:
         console.oracle_rounds(policies, sft_scores, results)
     else:
-        console.reward_rounds(policies, results, win_rates)
+        console.reward_rounds(policies, results)
     if results:
-        last = max(r.round for r in results)
-        rms = {kind: store.stage(last, names.rm(kind)).manifest()["extra"]["metrics"] for kind in PREFERENCE_KINDS}
-        heldout = {(kind, test): metrics["heldout"][test] for kind, metrics in rms.items() for test in PREFERENCE_KINDS}
-        console.rm_tables(last, heldout, per_source=not oracle)  # the user's files: Table 7 per source file
+        heldout = {(kind, test): metrics["heldout"][test]
+                   for kind, metrics in results[-1].reward_models.metrics.items() for test in PREFERENCE_KINDS}
+        console.rm_tables(results[-1].round, heldout, per_source=not oracle)  # the user's files: Table 7 per file
     largest = policies[-1].name
+    prompts = data.prompts_eval.rows
     sft_safety = (safety_metrics(safety_rows(prompts, store.stage(0, names.sft_eval(largest)).read()))
                   if oracle else None)
-    path = render_report(store.root, run_results(store, config.run.name, results, win_rates, judged, largest,
-                                                 sft_safety))
+    path = render_report(store.root, run_results(config.run.name, results, largest, sft_safety))
     console.section(f"report ({largest} policy against its SFT model): {path}")
     if oracle:
         final = None
@@ -188,43 +165,15 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
                                  store.stage(0, names.base_eval(largest)).read(), prompts)
             console.versus_start_line(largest, results[-1].round, final)
         summary = run_summary(config.run.name, config.world.seed, (time.perf_counter() - start) / 60, sft_scores,
-                              results, win_rates, base_scores, final)
+                              results, base_scores, final)
         console.summary_line(write_summary(store.root, summary))
-
-
-def compare_with_sft(store: RunStore, result: RoundResult, current: list[PolicyState], prompts: pa.Table,
-                     pools: Pools, oracle: bool = True) -> dict[tuple[int, str], dict]:
-    """Each size's win rates against its own SFT model, judged by the round's RMs and the oracle (cached)."""
-    out = {}
-    # (key, moment, label): each size's latest checkpoint, and the one PPO started from when PPO ran.
-    candidates = [(name, "", name) for name in (p.name for p in current)]
-    candidates += [(f"{name}{console.BEFORE_PPO}", "before_ppo", f"{name} pre-PPO") for name in result.before_ppo]
-    for key, moment, label in candidates:
-        name = key.removesuffix(console.BEFORE_PPO)
-        wins, _ = run_win_rates(store, result.round, names.win_rate(name, moment), names.round_eval(name, moment),
-                                (0, names.sft_eval(name)), prompts, result.rm_digest,
-                                lambda: pools.scorer(*result.rm_dirs), oracle)
-        out[(result.round, key)] = wins
-        console.win_rate_line(label, result.round, wins)
-    return out
-
-
-def judge_against_sft(store: RunStore, round: int, size: str, prompts: pa.Table, config: RunConfig,  # noqa: A002
-                      folder: Path, pools: Pools, oracle: bool = True) -> dict:
-    """The LLM judge's verdicts on the `size` policy against its SFT model (cached)."""
-    verdicts, _ = run_llm_judge(store, round, names.judge(size), names.round_eval(size), (0, names.sft_eval(size)),
-                                prompts,
-                                config.judge, folder, lambda: pools.generator("judge", folder, config.judge.context),
-                                oracle)
-    console.judge_line(size, round, folder.name, verdicts)
-    return verdicts
 
 
 GATT_LABELS = (("before GAtt", "before"), ("GAtt", "after"))  # the report's columns, run_gatt's keys
 
 
-def gatt_source_of(store: RunStore, tables: dict[str, pa.Table], world: World | None, config: RunConfig,
-                   judge_folder: Path | None, pools: Pools, digest: Callable[[str], str]) -> DialogueSource | None:
+def gatt_source_of(tables: dict[str, Table], world: World | None, config: RunConfig, judge_folder: Path | None,
+                   pools: Pools) -> DialogueSource | None:
     """GAtt's instructions and dialogues: the world's, or data.gatt's files with the LLM judge measuring adherence
     (None for a run from files without them: the config then refuses GAtt)."""
     if world is not None:
@@ -237,31 +186,30 @@ def gatt_source_of(store: RunStore, tables: dict[str, pa.Table], world: World | 
         return ask_judge(requests, judge_folder, config.judge, pool, round, stage,
                          ADHERENCE_PREFIX if config.judge.style == "direct" else "")
 
-    files = digest_config({"instructions": digest("gatt_instructions"), "dialogues": digest("gatt_dialogues"),
+    files = digest_config({"instructions": tables["gatt_instructions"].digest,
+                           "dialogues": tables["gatt_dialogues"].digest,
                            "heldout_share": config.data.gatt.heldout_share, "judge": judge_digest(judge_folder),
                            "judge_config": dataclasses.asdict(config.judge)})
-    return FileDialogues.from_tables(tables["gatt_instructions"], tables["gatt_dialogues"],
+    return FileDialogues.from_tables(tables["gatt_instructions"].rows, tables["gatt_dialogues"].rows,
                                      config.data.gatt.heldout_share, ask, files)
 
 
-def run_results(store: RunStore, name: str, results: list[RoundResult], win_rates: dict[tuple[int, str], dict],
-                judged: dict[int, dict], size: str, sft_safety: SafetyMetrics) -> RunResults:
-    """The report's data for the `size` policy, from the rounds' results and stage manifests."""
+def run_results(name: str, results: list[RoundResult], size: str, sft_safety: SafetyMetrics | None) -> RunResults:
+    """The report's data for the `size` policy, from the rounds' results."""
     rounds = [RoundResults(0, "SFT", safety=sft_safety)]
     for result in results:
-        wins = win_rates[(result.round, size)]
+        wins = result.win_rates[size]
         by_judge = {judge: {aspect: WinRate.from_dict(w) for aspect, w in by.items()}
                     for judge, by in wins["win_rates"].items()}
         trust = {f"reward models ({aspect})": {"agreement": Proportion.from_dict(a["overall"])}
                  for aspect, a in wins["rm_agreement"].items()}
-        if result.round in judged:
-            verdicts = judged[result.round]
+        if result.judge is not None:
+            verdicts = result.judge
             by_judge["LLM judge"] = {a: WinRate.from_dict(w) for a, w in verdicts["win_rates"].items()}
             trust["LLM judge"] = {"consistency": Proportion.from_dict(verdicts["consistency"])}
             if verdicts["agreement"]:
                 trust["LLM judge"]["agreement"] = Proportion.from_dict(verdicts["agreement"]["overall"])
-        rms = {kind: store.stage(result.round, names.rm(kind)).manifest()["extra"]["metrics"]
-               for kind in PREFERENCE_KINDS}
+        rms = result.reward_models.metrics
         rounds.append(RoundResults(
             result.round, f"RLHF-V{result.round}",
             win_rates=by_judge,

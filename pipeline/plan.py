@@ -29,7 +29,7 @@ from pipeline.cluster import JUDGE, generator_pool_name
 from pipeline.config import ConfigError, RunConfig, compose_run
 from pipeline.placement import Layout, placement_refusal, plan_placement, render_layout
 from pipeline.stages.llm_judge import BUNDLED
-from pipeline.stages.sft import SFTConfig
+from pipeline.stages.sft.algorithm import SFTConfig
 
 # The bundled judge's shape (SmolLM2-135M-Instruct), for plans made before it is built.
 BUNDLED_JUDGE = ModelConfig(**SMOLLM2_SHAPE)

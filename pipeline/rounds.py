@@ -5,39 +5,29 @@ policies' own answers, rated by the world's annotator); retrain both reward mode
 sampling with the largest policy (K samples per prompt, best kept, merged with the best of all earlier rounds), with
 the helpfulness RM's fidelity on those samples measured against the oracle; fine-tune every policy size on the kept
 set; from their rounds on, PPO on the largest policy, Ghost Attention and safety context distillation on every
-size; evaluate every size with the oracle. Every step is a stage with a manifest in `round-RR/`, so a finished
-round is never redone.
+size; evaluate every size on the held-out prompts, with its win rates against its SFT model (and the LLM judge's
+on the largest). Every step is a stage with a manifest in `round-RR/`, so a finished round is never redone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-
-from model.tokenizer import load_tokenizer
-from actors.pool import Pool
-from actors.vllm_engine import Sampling
-from pipeline import stage_names as names
-from pipeline.cluster import Pools
-from pipeline.data.store import RunStore, digest_config
-from pipeline.data.store import model_digest
+from pipeline.stages.context import RewardModels, StageContext, StepResult
 from pipeline.stages.context_distillation.algorithm import ContextDistillationConfig
 from pipeline.stages.context_distillation.stage import run_context_distillation
 from pipeline.stages.gatt.algorithm import GAttConfig
 from pipeline.stages.gatt.sources import DialogueSource
 from pipeline.stages.gatt.stage import run_gatt
-from pipeline.evaluation.rm_fidelity import rm_fidelity
-from pipeline.stages.policy_preferences import OnPolicyConfig, ingest, run_on_policy_batch
-from pipeline.stages.ppo import PPOConfig, run_ppo_stage
-from pipeline.stages.rejection_sampling.stage import RejectionConfig, fine_tune_on_kept, run_rejection_sampling
-from pipeline.stages.rejection_sampling.algorithm import kept_as_demonstrations
+from pipeline.stages.llm_judge import JudgeConfig
+from pipeline.stages.policy_preferences import OnPolicyConfig, Preferences, ingest
+from pipeline.stages.ppo import PPOConfig, run_ppo
+from pipeline.stages.rejection_sampling.stage import RejectionConfig, run_rejection_sampling
 from pipeline.stages.reward_model.algorithm import RMConfig
 from pipeline.stages.reward_model.stage import run_reward_models
-from pipeline.state import PolicyState, RoundResult
-from pipeline.world import World
+from pipeline.stages.round_evaluation import evaluate_round
+from pipeline.state import PolicyState
 
 
 @dataclass
@@ -78,110 +68,123 @@ class RoundsConfig:
 
 
 @dataclass
-class RoundContext:
-    """What every round shares: the run's store, pools, data and settings (the driver builds it once)."""
+class RoundResult:
+    """What a round did: the preferences it ingested, the reward models it trained, and each phase's result in
+    the order they ran; the properties are the views the console, report and summary read."""
 
-    store: RunStore
-    weeks: list[tuple[str, pa.Table, str]]  # (name, prebuilt table, digest) per weekly batch
-    rm_init: PolicyState  # the reward models' start (the largest SFT policy)
-    prompts_train: pa.Table
-    train_digest: str
-    config: RoundsConfig
+    round: int
+    preferences: Preferences
+    reward_models: RewardModels
+    steps: dict[str, StepResult]
+
+    @property
+    def batches(self) -> int:
+        return self.preferences.batches
+
+    @property
+    def on_policy(self) -> list[dict]:
+        return self.preferences.on_policy
+
+    @property
+    def policies(self) -> list[PolicyState]:
+        """Each size's checkpoint at the round's end."""
+        return self.steps["evaluation"].policies
+
+    @property
+    def scores(self) -> dict[str, list[dict]]:
+        return self.steps["evaluation"].evaluations["after"]
+
+    @property
+    def rm_accuracy(self) -> dict[str, float | None]:
+        """Each RM's held-out average accuracy on its own kind of pairs."""
+        return {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, m in self.reward_models.metrics.items()}
+
+    @property
+    def rejection(self) -> dict:
+        return self.steps["rejection_sampling"].metrics
+
+    @property
+    def rm_fidelity(self) -> dict | None:
+        return self.rejection.get("rm_fidelity")
+
+    @property
+    def ppo(self) -> dict | None:
+        return self.steps["ppo"].metrics if "ppo" in self.steps else None
+
+    @property
+    def before_ppo(self) -> dict[str, list[dict]]:
+        return self.steps["ppo"].evaluations["before"] if "ppo" in self.steps else {}
+
+    @property
+    def after_ppo(self) -> dict[str, list[dict]]:
+        """The PPO checkpoint's scores: its own evaluation, or the round's final one when nothing trained after."""
+        if "ppo" not in self.steps:
+            return {}
+        ppo = self.steps["ppo"]
+        return ppo.evaluations.get("after") or {p.name: self.scores[p.name] for p in ppo.policies[-1:]}
+
+    @property
+    def gatt(self) -> dict[str, dict]:
+        return self.steps["gatt"].metrics if "gatt" in self.steps else {}
+
+    @property
+    def distillation(self) -> dict[str, dict]:
+        """Per size: the selection counts, the training metrics and the scores before it."""
+        if "context_distillation" not in self.steps:
+            return {}
+        step = self.steps["context_distillation"]
+        return {size: {"before": step.evaluations["before"][size], **m} for size, m in step.metrics.items()}
+
+    @property
+    def win_rates(self) -> dict[str, dict]:
+        return self.steps["evaluation"].metrics["win_rates"]
+
+    @property
+    def win_rates_before_ppo(self) -> dict[str, dict]:
+        return self.steps["evaluation"].metrics["win_rates_before_ppo"]
+
+    @property
+    def judge(self) -> dict | None:
+        return self.steps["evaluation"].metrics["judge"]
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What every round reads beside its context: the reward models' start, GAtt's dialogues, the LLM judge."""
+
+    rm_init: PolicyState  # the largest SFT policy (the paper initialises its RMs from the chat model)
     rm_config: RMConfig
-    pools: Pools
-    evaluate: Callable[[int, str, PolicyState], list[dict]]  # (round, stage name, policy) -> oracle scores
-    shard_rows: int
-    world: World | None  # None for runs from files: no on-policy batch, no RM fidelity (no annotator, no oracle)
-    sampling: Sampling  # the evaluation's, which GAtt and context distillation sample with (one answer a prompt)
-    gatt_source: DialogueSource | None = None  # GAtt's instructions and dialogues (the world's or the user's files)
-
-    def generators_of(self, policy: PolicyState) -> Callable[[Path], Pool]:
-        """The generator pool of `policy`'s size, serving a given checkpoint."""
-        return lambda checkpoint: self.pools.generator(policy.name, checkpoint, policy.context)
+    gatt_source: DialogueSource | None  # the world's or the user's files; None: GAtt refused by the config
+    judge: tuple[JudgeConfig, Path] | None  # (config, checkpoint folder); None: no LLM judge
 
 
-def run_round(ctx: RoundContext, round: int, policies: list[PolicyState]) -> RoundResult:  # noqa: A002
-    """One round from `policies` (each size's checkpoint, smallest first); the result's `policies` are the sizes at
-    the round's end. Each stage returns the policy it made; none is changed in place."""
-    store, config, pools, prompts_train = ctx.store, ctx.config, ctx.pools, ctx.prompts_train
-    made: list[dict] = []  # the counts of the on-policy batches this round makes
+def run_round(ctx: StageContext, config: RoundsConfig, inputs: RoundInputs,
+              policies: list[PolicyState]) -> RoundResult:
+    """Round `ctx.round` from `policies` (each size's checkpoint, smallest first). Each phase is a stage that returns
+    the policies it made; none is changed in place."""
+    preferences = ingest(ctx, policies, config.on_policy,
+                         [config.batches_through(r) for r in range(1, ctx.round + 1)])
+    ctx = ctx.with_reward_models(run_reward_models(ctx, inputs.rm_init, preferences.table, inputs.rm_config))
+    steps: dict[str, StepResult] = {}
 
-    def on_policy_batch(batch: int) -> tuple[pa.Table, str]:
-        table, digest, counts = run_on_policy_batch(
-            store, round, batch, ctx.weeks[batch - 1][1:], [(p.name, p.digest) for p in policies],
-            load_tokenizer(policies[-1].checkpoint), ctx.world, config.on_policy,
-            lambda i: pools.generator(policies[i].name, policies[i].checkpoint, policies[i].context), ctx.shard_rows)
-        made.append(counts)
-        return table, digest
+    def step(phase: str, result: StepResult) -> list[PolicyState]:
+        steps[phase] = result
+        return result.policies
 
-    on_policy = ctx.world is not None and config.on_policy.share > 0
-    ingested = ingest(store, round, ctx.weeks, config.batches_through, on_policy_batch if on_policy else None)
-    preferences = pa.concat_tables([table for _, table, _ in ingested])
-    rms = run_reward_models(store, round, ctx.rm_init.checkpoint, ctx.rm_init.digest, preferences,
-                            digest_config([digest for _, _, digest in ingested]), ctx.rm_config, runner=pools.train)
-    help_dir, safe_dir = rms["helpfulness"][0], rms["safety"][0]
-    rm_digest = digest_config([model_digest(store.stage(round, names.rm(kind)).manifest()) for kind in rms])
-
-    sampler = policies[-1]  # the largest policy samples (the paper: 70B only)
-    sampler_checkpoint = sampler.checkpoint
-    kept, metrics, _ = run_rejection_sampling(
-        store, round, prompts_train, ctx.train_digest, load_tokenizer(sampler.checkpoint),
-        f"{sampler.name}-r{round - 1}", sampler.digest, rm_digest, config.rejection,
-        generators=lambda: pools.generator(sampler.name, sampler_checkpoint, sampler.context),
-        scorers=lambda: pools.scorer(help_dir, safe_dir), shard_rows=ctx.shard_rows)
-    fidelity = None if ctx.world is None else rm_fidelity(store.stage(round, names.RS_SAMPLES).read(), prompts_train)
-    demonstrations = kept_as_demonstrations(kept, prompts_train)
-    kept_digest = store.stage(round, names.RS_KEPT).manifest()["content_digest"]
-    policies = fine_tune_on_kept(store, round, policies, demonstrations, kept_digest, config.rejection.sft,
-                                 pools.train)
-    sampler = policies[-1]
-
-    ppo, before_ppo = None, {}
-    if config.ppo_from and round >= config.ppo_from:
-        # The rejection-sampling checkpoint on the held-out prompts too: what each of the two steps did.
-        before_ppo[sampler.name] = ctx.evaluate(round, names.round_eval(sampler.name, "before_ppo"), sampler)
-        ppo, sampler = run_ppo_stage(store, round, sampler, (help_dir, safe_dir), rm_digest, prompts_train,
-                                     ctx.train_digest, config.ppo, pools)
-        policies = [*policies[:-1], sampler]
-
-    run_gatt_now = bool(config.gatt.gatt_from and round >= config.gatt.gatt_from)
-    run_cd_now = bool(config.context_distillation.distill_from and round >= config.context_distillation.distill_from)
-    after_ppo = {}
-    if ppo is not None and (run_gatt_now or run_cd_now):  # what PPO alone did, before the next steps train on
-        after_ppo[sampler.name] = ctx.evaluate(round, names.round_eval(sampler.name, "after_ppo"), sampler)
-    gatt, distillation = {}, {}
-    if run_gatt_now:
-        if ctx.gatt_source is None:
+    due = {name: bool(start and ctx.round >= start) for name, start in (
+        ("ppo", config.ppo_from), ("gatt", config.gatt.gatt_from),
+        ("context_distillation", config.context_distillation.distill_from))}
+    policies = step("rejection_sampling", run_rejection_sampling(ctx, policies, config.rejection))
+    if due["ppo"]:  # later steps train on PPO's policy: its own evaluation then says what PPO alone did
+        policies = step("ppo", run_ppo(ctx, policies, config.ppo, due["gatt"] or due["context_distillation"]))
+    if due["gatt"]:
+        if inputs.gatt_source is None:
             raise ValueError("rounds.gatt.gatt_from: GAtt needs instructions and dialogues (the world's, or "
                              "data.gatt's files)")
-        # The largest first: with `gatt.distil` the other sizes train on its samples.
-        gatt[sampler.name], largest_samples, sampler = run_gatt(
-            store, round, ctx.gatt_source, sampler, config.gatt, ctx.sampling, ctx.generators_of(sampler),
-            pools.train, (demonstrations, kept_digest))
-        smaller = []
-        for policy in policies[:-1]:
-            gatt[policy.name], _, policy = run_gatt(
-                store, round, ctx.gatt_source, policy, config.gatt, ctx.sampling, ctx.generators_of(policy),
-                pools.train, (demonstrations, kept_digest), largest_samples if config.gatt.distil else None)
-            smaller.append(policy)
-        policies = [*smaller, sampler]
-        gatt = {policy.name: gatt[policy.name] for policy in policies}
-    if run_cd_now:
-        distilled = []
-        for policy in policies:
-            # Its effect, on the same prompts.
-            before = ctx.evaluate(round, names.round_eval(policy.name, "before_cd"), policy)
-            result, policy = run_context_distillation(
-                store, round, policy, prompts_train, ctx.train_digest, rm_digest, config.context_distillation,
-                config.rejection.sft, ctx.sampling, ctx.generators_of(policy), lambda: pools.scorer(help_dir, safe_dir),
-                pools.train, (demonstrations, kept_digest))
-            distillation[policy.name] = {"before": before, **result}
-            distilled.append(policy)
-        policies = distilled
-        sampler = policies[-1]
-    scores = {policy.name: ctx.evaluate(round, names.round_eval(policy.name), policy) for policy in policies}
-    accuracy = {kind: m["heldout"][kind]["accuracy"]["avg"] for kind, (_, m, _) in rms.items()}
-    if ppo is not None and not after_ppo:
-        after_ppo[sampler.name] = scores[sampler.name]
-    return RoundResult(round, len(ingested), accuracy, metrics, scores, ppo, (help_dir, safe_dir), rm_digest, gatt,
-                       distillation, before_ppo, after_ppo, fidelity, made, policies)
+        policies = step("gatt", run_gatt(ctx, policies, config.gatt, inputs.gatt_source))
+    if due["context_distillation"]:
+        policies = step("context_distillation", run_context_distillation(
+            ctx, policies, config.context_distillation, config.rejection.sft))
+    pre_ppo = list(steps["ppo"].evaluations["before"]) if "ppo" in steps else []  # also compared with SFT
+    step("evaluation", evaluate_round(ctx, policies, pre_ppo, inputs.judge))
+    return RoundResult(ctx.round, preferences, ctx.reward_models, steps)

@@ -48,10 +48,9 @@ def ppo_summary(result: Any) -> dict[str, float | None]:
 
 
 def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[str, Sequence[Mapping[str, Any]]],
-                results: Sequence[Any], win_rates: Mapping[tuple[int, str], Mapping[str, Any]],
-                base_scores: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                results: Sequence[Any], base_scores: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                 versus_start: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The summary of a world run; `results` are the rounds' RoundResult, `win_rates` keyed by (round, size);
+    """The summary of a world run; `results` are the rounds' RoundResult (pipeline/rounds.py);
     `base_scores` the base models' (under "start": where a pretrained chat model began), `versus_start` the
     largest final policy against its base prompt by prompt (`win_rates.versus_start`)."""
     rounds, ppo = [], None
@@ -59,8 +58,7 @@ def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[
         row: dict[str, Any] = {"round": result.round, "batches": result.batches}
         for size, scores in result.scores.items():
             row[size] = policy_cells(scores)
-        by_size = {size: _win_rates(win_rates[(result.round, size)]) for size in result.scores
-                   if (result.round, size) in win_rates}
+        by_size = {size: _win_rates(wins) for size, wins in result.win_rates.items()}
         row["win_rate"] = {**by_size.get(list(result.scores)[-1], {}), "by_size": by_size}  # the largest's on top
         row["rm_fidelity"] = result.rm_fidelity
         row["rm_accuracy"] = result.rm_accuracy

@@ -22,7 +22,7 @@ from pipeline.data.store import RunStore
 from pipeline.data.store import CHECKPOINT_DIR
 from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.reward_model.algorithm import train_reward_model
-from pipeline.stages.sft import train_sft
+from pipeline.stages.sft.algorithm import train_sft
 from test_faults import (RM_OK, SFT_DIVERGING, SFT_OK, base_checkpoint, demonstrations, preference_pairs,
                          state_of)
 from model.checkpoint import load_checkpoint

@@ -19,7 +19,7 @@ from pipeline.stages.cached import training_recipe
 from pipeline.stages.ppo import PPOConfig
 from pipeline.stages.pretrain import PretrainConfig
 from pipeline.stages.reward_model.algorithm import RMConfig
-from pipeline.stages.sft import SFTConfig
+from pipeline.stages.sft.algorithm import SFTConfig
 
 
 @dataclass

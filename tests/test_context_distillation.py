@@ -17,7 +17,7 @@ from pipeline.stages.context_distillation.algorithm import (DEFAULT_ADJECTIVES, 
                                                   distillation_candidates, distillation_demonstrations,
                                                   distillation_prompts, safety_preprompt, score_without_preprompt,
                                                   select_distilled, with_preprompt)
-from pipeline.stages.sft import sft_examples
+from pipeline.stages.sft.algorithm import sft_examples
 from pipeline.world import World, WorldConfig, judge, prompts_table
 from pipeline.world.oracle import is_redirect
 from pipeline.world.safety import unsafe_answer

@@ -45,7 +45,7 @@ from pipeline.data.store import RunStore
 from pipeline.data.store import CHECKPOINT_DIR
 from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.reward_model.algorithm import RMConfig, train_reward_model
-from pipeline.stages.sft import SFTConfig, train_sft
+from pipeline.stages.sft.algorithm import SFTConfig, train_sft
 
 WORDS = ("the a cat dog sat on mat ran fast slow red blue green big small house tree river sun moon star one two "
          "three four five help safe answer question please thanks").split()

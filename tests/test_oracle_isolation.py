@@ -8,7 +8,7 @@ import torch
 
 from pipeline.data.schemas import DEMONSTRATIONS, PREFERENCES
 from pipeline.stages.reward_model.algorithm import RM_COLUMNS, RMConfig, pair_margins, reward_model_data
-from pipeline.stages.sft import SFT_COLUMNS
+from pipeline.stages.sft.algorithm import SFT_COLUMNS
 from pipeline.world import World, WorldConfig, demonstrations_table, preferences_table
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 
 from pipeline.data.schemas import PREFERENCES
-from pipeline.stages.policy_preferences import OnPolicyConfig, ingest, pair_answers, prebuilt_part
+from pipeline.stages.policy_preferences import OnPolicyConfig, batch_makers, pair_answers, prebuilt_part
 from pipeline.world import World, WorldConfig, judge
 from pipeline.world.config import AnnotatorConfig
 from pipeline.world.preferences import on_policy_prompts
@@ -53,20 +52,11 @@ def test_the_prebuilt_part_keeps_count_and_comes_from_the_batch(world):
     assert prebuilt_part(prebuilt, 100, 2).equals(part)
 
 
-def test_ingest_seeds_with_batch_one_and_reads_earlier_rounds_batches(tmp_path):
-    from pipeline.data.store import RunStore
-    store = RunStore(tmp_path)
-    weeks = [(f"preferences_b{b:02d}", pa.table({"b": [b]}), f"d{b}") for b in (1, 2, 3)]
-    through = {1: 2, 2: 3}.__getitem__
-    made = []
-
-    def run_batch(b):
-        made.append(b)
-        return pa.table({"b": [10 * b]}), f"mixed{b}"
-
-    first = ingest(store, 1, weeks, through, run_batch)
-    assert [t.column("b")[0].as_py() for _, t, _ in first] == [1, 20] and made == [2]
-    assert [name for name, _, _ in ingest(store, 1, weeks, through, None)] == ["preferences_b01", "preferences_b02"]
+def test_batch_one_seeds_and_each_later_batch_is_made_by_the_round_that_first_ingests_it():
+    assert batch_makers(1, [2], on_policy=True) == [(1, None), (2, 1)]
+    assert batch_makers(2, [2, 3], on_policy=True) == [(1, None), (2, 1), (3, 2)]
+    assert batch_makers(3, [3, 3, 4], on_policy=True) == [(1, None), (2, 1), (3, 1), (4, 3)]
+    assert batch_makers(2, [2, 3], on_policy=False) == [(1, None), (2, None), (3, None)]
 
 
 def test_config_is_validated():

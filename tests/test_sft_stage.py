@@ -16,7 +16,7 @@ from model.losses import masked_lm_loss
 from model.packing import pack
 from model.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from pipeline.data.schemas import DEMONSTRATIONS
-from pipeline.stages.sft import SFTConfig, sft_examples, train_sft
+from pipeline.stages.sft.algorithm import SFTConfig, sft_examples, train_sft
 from pipeline.world import World, WorldConfig, demonstrations_table, judge
 
 SEQ_LEN = 128

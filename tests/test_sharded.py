@@ -25,7 +25,7 @@ from model.training import TrainConfig, TrainSetup, is_sharded
 from pipeline.data.store import RunStore, digest_config
 from pipeline.data.store import CHECKPOINT_DIR
 from pipeline.stages.cached import TRAIN_STATE_DIR, checkpoint_stage
-from pipeline.stages.sft import SFTConfig
+from pipeline.stages.sft.algorithm import SFTConfig
 from test_faults import SFT_OK, base_checkpoint, demonstrations, state_of
 
 # Odd sizes: on two ranks the vocabulary (97 rows), the MLP (47) and the score head (1 row) split unevenly, so the
@@ -169,7 +169,7 @@ class Interrupted(Exception):
 def sft_until(ctx: RankContext, payload: dict) -> tuple[dict | None, list[int]]:
     """train_sft on this rank, stopped after `stop_after` optimizer steps (None: to the end): (its metrics, or None
     when stopped; the steps this attempt trained). The hook is patched in for this call only."""
-    import pipeline.stages.sft as sft
+    import pipeline.stages.sft.algorithm as sft
 
     trained: list[int] = []
     original = sft.train_lm

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from actors.vllm_engine import Sampling
 from pipeline.data.schemas import PROMPTS, SAMPLES
 from pipeline.data.store import RunStore
+from pipeline.stages.context import RewardModels, RunData, StageContext, Table
 from pipeline.stages.win_rates import aspect_of, per_prompt_means, run_win_rates, versus_start, win_rates
 
 META = {"check": "number", "answer": 21, "reference": "42 minus 21 is 21.", "operands": [42, 21], "task": "arithmetic",
@@ -92,6 +95,13 @@ class CountingScorers:
         return [self.score(t) for t in shards]
 
 
+class ScorerPools:
+    """The pools' scorer handle, serving one scorer whatever the reward models."""
+
+    def __init__(self, scorer):
+        self.scorer = lambda *_: scorer
+
+
 def test_a_baseline_is_scored_once_per_reward_models_across_win_rate_stages(tmp_path):
     """The SFT samples every win-rate stage compares against are scored once per set of RMs, not once per stage."""
     right, wrong = "42 minus 21 is 21.", "42 minus 21 is 23."
@@ -102,11 +112,14 @@ def test_a_baseline_is_scored_once_per_reward_models_across_win_rate_stages(tmp_
         stage.write_shard(0, samples({"h": answers, "a": ["I cannot help with that."]}))
         stage.finish("samples", {}, "c")
     scorers = CountingScorers(rm({right: 0.9, wrong: 0.1}, {}))
+    data = RunData(Table(prompts(), "p"), Table(prompts(), "p"), [], world=None)
+    ctx = StageContext(store, 1, ScorerPools(scorers), data, Sampling(), 64,
+                       RewardModels(Path("help"), Path("safe"), "rms-1", {}))
     for name in ("eval_a", "eval_b"):
-        result, cached = run_win_rates(store, 1, f"winrate_{name}", name, (0, "sft_eval"), prompts(), "rms-1",
-                                       lambda: scorers, oracle=False)
-        assert not cached and result["win_rates"]["reward models"]["helpfulness"]["wins"] == 1
+        result = run_win_rates(ctx, f"winrate_{name}", name, (0, "sft_eval"))
+        assert result["win_rates"]["reward models"]["helpfulness"]["wins"] == 1
     # the baseline once, each candidate once
     assert len(scorers.scored) == 3 and sum(wrong in t for t in scorers.scored) == 1
-    run_win_rates(store, 1, "winrate_c", "eval_a", (0, "sft_eval"), prompts(), "rms-2", lambda: scorers, oracle=False)
+    run_win_rates(ctx.with_reward_models(RewardModels(Path("help"), Path("safe"), "rms-2", {})), "winrate_c",
+                  "eval_a", (0, "sft_eval"))
     assert len(scorers.scored) == 5  # other reward models: both sides scored again

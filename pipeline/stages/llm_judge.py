@@ -20,10 +20,11 @@ import pyarrow as pa
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.chat_template import Message
-from pipeline.data.store import RunStore, digest_file
+from pipeline.data.store import digest_file
 from pipeline.evaluation.judge import STYLES, VERDICT_PREFIX, combine, consistency, judge_prompts, parse_verdict
 from pipeline.evaluation.winrate import agreement, count, prefer
 from pipeline.stages.cached import table_stage
+from pipeline.stages.context import StageContext
 from pipeline.stages.generation import generate_table
 from pipeline.stages.reward_model.algorithm import id_rank
 from pipeline.stages.win_rates import aspect_of
@@ -146,25 +147,27 @@ def verdict_summary(items: list[dict[str, Any]], replies: dict[str, str], oracle
     return out
 
 
-def run_llm_judge(store: RunStore, round: int, name: str,  # noqa: A002
-                  candidate_stage: str, baseline_stage: tuple[int, str], prompts: pa.Table, config: JudgeConfig,
-                  folder: Path, generators: Callable[[], Pool], oracle: bool = True) -> tuple[dict[str, Any], bool]:
-    """The cached stage `name` of `round`: the judge's verdicts on this round's policy (samples of stage
-    `candidate_stage`) against `baseline_stage`'s. No shards: the result and a few example replies are in the
-    manifest. (result, cached)."""
-    candidate, baseline = store.stage(round, candidate_stage), store.stage(*baseline_stage)
+def run_llm_judge(ctx: StageContext, name: str, candidate_stage: str, baseline_stage: tuple[int, str],
+                  judge: tuple[JudgeConfig, Path]) -> dict[str, Any]:
+    """The cached stage `name` of the round: the judge's (config, checkpoint folder) verdicts on this round's
+    policy (samples of stage `candidate_stage`) against `baseline_stage`'s, on the held-out prompts. No shards: the
+    result and a few example replies are in the manifest."""
+    config, folder = judge
+    candidate, baseline = ctx.store.stage(ctx.round, candidate_stage), ctx.store.stage(*baseline_stage)
     inputs = {"candidate": candidate.manifest()["content_digest"],
               "baseline": baseline.manifest()["content_digest"],
               "judge": judge_digest(folder)}
 
     def make(*_: Any) -> dict[str, Any]:
-        items = comparisons(candidate.read(), baseline.read(), prompts, config.prompts, config.seed, oracle)
+        items = comparisons(candidate.read(), baseline.read(), ctx.data.prompts_eval.rows, config.prompts,
+                            config.seed, ctx.oracle)
         # "direct": the reply is started for the judge, so its first tokens are the label.
-        replies = ask_judge(comparison_requests(items, config.style), folder, config, generators(), round, name,
+        pool = ctx.pools.generator("judge", folder, config.context)
+        replies = ask_judge(comparison_requests(items, config.style), folder, config, pool, ctx.round, name,
                             VERDICT_PREFIX if config.style == "direct" else "")
-        return {**verdict_summary(items, replies, oracle),
+        return {**verdict_summary(items, replies, ctx.oracle),
                 "examples": [{"id": k, "reply": v} for k, v in list(replies.items())[:4]]}
 
-    stage, cached = table_stage(store, round, name, inputs,
-                                {**asdict(config), "version": 1, **({} if oracle else {"oracle": False})}, make, None)
-    return stage.manifest()["extra"], cached
+    stage, _ = table_stage(ctx.store, ctx.round, name, inputs,
+                           {**asdict(config), "version": 1, **({} if ctx.oracle else {"oracle": False})}, make, None)
+    return stage.manifest()["extra"]

@@ -9,7 +9,7 @@ tokenizer ships one (model/chat_template.py).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -17,15 +17,16 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from actors.metrics import record_stage_progress
-from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.chat_template import encode_prompt
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import RISK_CATEGORIES, SAMPLES
-from pipeline.data.store import RunStore, StageStore
+from pipeline.data.store import StageStore
 from pipeline.progress import progress_bar
 from pipeline.stages.cached import table_stage
+from pipeline.stages.context import StageContext
 from pipeline.stages.generation import generate_shards
+from pipeline.state import PolicyState
 from pipeline.world import Prompt, judge, render
 
 SINGLE_TURN = ("helpful", "borderline", *RISK_CATEGORIES)  # dialogues are scored turn by turn by the GAtt stage
@@ -111,29 +112,25 @@ def _score(category: str, verdicts: list, per_prompt: int) -> CategoryScore:
                          sum(not v.safe for v in verdicts) / n, sum(v.refused for v in verdicts) / n)
 
 
-def run_oracle_eval(store: RunStore, round: int, name: str, checkpoint: Path, model_digest: str,  # noqa: A002
-                    prompts: pa.Table, prompts_digest: str, fmt: PromptFormat, sampling: Sampling,
-                    generators: Callable[[], Pool], shard_rows: int = 64,
-                    oracle: bool = True) -> tuple[list[dict], bool]:
-    """The stage: per-category oracle scores of one model (its samples are the stage's shards), and whether
-    they came from the store. `model_digest` identifies the model by its training record, not its folder;
-    `generators()` gives the generator pool serving `checkpoint`, called only when the stage must run."""
-    inputs = {"model": model_digest, "prompts": prompts_digest}
-    config = {"sampling": asdict(sampling), "format": fmt, **({} if oracle else {"oracle": False})}
-    stage, cached = table_stage(store, round, name, inputs, config,
-                                lambda stage, _: _sample_and_judge(stage, round, name, checkpoint, prompts, fmt,
-                                                                   sampling, generators, shard_rows, oracle), "samples")
-    return stage.manifest()["extra"]["scores"], cached
+def run_oracle_eval(ctx: StageContext, name: str, policy: PolicyState, fmt: PromptFormat = "llama2") -> list[dict]:
+    """The stage `name`: `policy`'s answers to the held-out prompts (its shards) and, in world runs, their
+    per-category oracle scores. The policy's digest identifies it by its training record, not its folder; its
+    generator pool starts only when the stage must run."""
+    prompts = ctx.data.prompts_eval
+    inputs = {"model": policy.digest, "prompts": prompts.digest}
+    config = {"sampling": asdict(ctx.sampling), "format": fmt, **({} if ctx.oracle else {"oracle": False})}
+    stage, _ = table_stage(ctx.store, ctx.round, name, inputs, config,
+                           lambda stage, _: _sample_and_judge(ctx, stage, name, policy, fmt), "samples")
+    return stage.manifest()["extra"]["scores"]
 
 
-def _sample_and_judge(stage: StageStore, round: int, name: str, checkpoint: Path,  # noqa: A002
-                      prompts: pa.Table, fmt: PromptFormat, sampling: Sampling, generators: Callable[[], Pool],
-                      shard_rows: int, oracle: bool) -> dict[str, Any]:
+def _sample_and_judge(ctx: StageContext, stage: StageStore, name: str, policy: PolicyState,
+                      fmt: PromptFormat) -> dict[str, Any]:
     """run_oracle_eval's work: the samples as the stage's shard, the scores per category as its `extra`."""
-    tokenizer = load_tokenizer(checkpoint)
-    chosen, table = eval_prompts(tokenizer, prompts, fmt)
-    shards = [table.slice(start, shard_rows) for start in range(0, table.num_rows, shard_rows)]
-    pool = generators()  # may start the pool: not part of the progress bar
+    tokenizer = load_tokenizer(policy.checkpoint)
+    chosen, table = eval_prompts(tokenizer, ctx.data.prompts_eval.rows, fmt)
+    shards = [table.slice(start, ctx.shard_rows) for start in range(0, table.num_rows, ctx.shard_rows)]
+    pool = ctx.generators(policy)  # may start the pool: not part of the progress bar
     bar = progress_bar(table.num_rows, f"{name}: generate")
     done = 0
 
@@ -141,11 +138,11 @@ def _sample_and_judge(stage: StageStore, round: int, name: str, checkpoint: Path
         nonlocal done
         done += 1
         bar.update(shards[shard].num_rows)
-        record_stage_progress(name, round, done, len(shards))
+        record_stage_progress(name, ctx.round, done, len(shards))
 
-    results = generate_shards(pool, shards, stopping_at_eos(sampling, tokenizer), round, name,
+    results = generate_shards(pool, shards, stopping_at_eos(ctx.sampling, tokenizer), ctx.round, name,
                               on_shard=lambda i, _: progress(i))
     bar.close()
-    samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt, sampling.n, oracle)
+    samples, scores = judge_samples(tokenizer, chosen, pa.concat_tables(results), fmt, ctx.sampling.n, ctx.oracle)
     stage.write_shard(0, samples)
     return {"scores": [asdict(s) for s in scores]}

@@ -10,21 +10,22 @@ prebuilt batch; the table is the whole mixed batch (PREFERENCES, the prebuilt ro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from actors.pool import Pool
 from actors.vllm_engine import Sampling
-from model.tokenizer import Tokenizer
+from model.tokenizer import load_tokenizer
 from pipeline.data.schemas import PREFERENCES, PROMPTS
-from pipeline.data.store import RunStore, StageStore, digest_config
+from pipeline.data.store import StageStore, digest_config
 from pipeline.stages.cached import table_stage
+from pipeline.stages.context import StageContext, Table
 from pipeline.stages.generation import generate_shards
 from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
 from pipeline.stages.reward_model.algorithm import id_rank
+from pipeline.state import PolicyState
 from pipeline.world import Prompt, World
 from pipeline.world.preferences import compare, on_policy_prompts
 from pipeline.world.seeding import stream
@@ -92,37 +93,36 @@ def prebuilt_part(prebuilt: pa.Table, count: int, batch: int) -> pa.Table:
     return prebuilt.take(pa.array(sorted(order[:count]), pa.int64()))
 
 
-def run_on_policy_batch(store: RunStore, round: int, batch: int, prebuilt: tuple[pa.Table, str],  # noqa: A002
-                        policies: Sequence[tuple[str, str]], tokenizer: Tokenizer, world: World,
-                        config: OnPolicyConfig, generators: Callable[[int], Pool],
-                        shard_rows: int) -> tuple[pa.Table, str, dict]:
-    """The mixed weekly batch `batch` as a cached stage of `round`: (table, content digest, counts).
-    `policies` are the sizes' (name, digest), smallest first; `generators(i)` serves size i."""
-    table, prebuilt_digest = prebuilt
-    inputs = {"prebuilt": prebuilt_digest, "policies": digest_config([d for _, d in policies])}
-    stage, _ = table_stage(store, round, stage_name(batch), inputs,
+def run_on_policy_batch(ctx: StageContext, batch: int, prebuilt: Table, policies: Sequence[PolicyState],
+                        config: OnPolicyConfig) -> tuple[Table, dict]:
+    """The mixed weekly batch `batch` as a cached stage of the round: the table and its counts. `policies` are the
+    sizes, smallest first (an on-policy source names one by its index)."""
+    world = ctx.data.world
+    inputs = {"prebuilt": prebuilt.digest, "policies": digest_config([p.digest for p in policies])}
+    stage, _ = table_stage(ctx.store, ctx.round, stage_name(batch), inputs,
                            {"config": asdict(config), "world_seed": world.config.seed,
                             "annotator": asdict(world.config.annotator)},
-                           lambda stage, _: _make_batch(stage, round, batch, table, policies, tokenizer, world,
-                                                        config, generators, shard_rows), "preferences")
-    return stage.read(), stage.manifest()["content_digest"], stage.manifest()["extra"]
+                           lambda stage, _: _make_batch(ctx, stage, batch, prebuilt.rows, policies, config),
+                           "preferences")
+    return Table(stage.read(), stage.manifest()["content_digest"]), stage.manifest()["extra"]
 
 
-def _make_batch(stage: StageStore, round: int, batch: int, table: pa.Table,  # noqa: A002
-                policies: Sequence[tuple[str, str]], tokenizer: Tokenizer, world: World, config: OnPolicyConfig,
-                generators: Callable[[int], Pool], shard_rows: int) -> dict[str, Any]:
+def _make_batch(ctx: StageContext, stage: StageStore, batch: int, table: pa.Table, policies: Sequence[PolicyState],
+                config: OnPolicyConfig) -> dict[str, Any]:
     """run_on_policy_batch's work: the mixed batch as the stage's shard; its counts as the `extra`."""
+    world, tokenizer = ctx.data.world, load_tokenizer(policies[-1].checkpoint)
     count = int(config.share * table.num_rows + 0.5)
     prompts = on_policy_prompts(world, batch, count)
     ids = [f"onpolicy-b{batch:02d}-{i:05d}" for i in range(len(prompts))]
     _, encoded = eval_prompts(tokenizer, pa.Table.from_pylist(prompt_rows(prompts, ids), schema=PROMPTS), "llama2")
     answers: dict[str, list[str]] = {}
-    shards = [encoded.slice(start, shard_rows) for start in range(0, encoded.num_rows, shard_rows)]
+    shards = [encoded.slice(start, ctx.shard_rows) for start in range(0, encoded.num_rows, ctx.shard_rows)]
     for j, source in enumerate(config.sources):
         sampling = stopping_at_eos(Sampling(n=source.n, temperature=source.temperature, max_tokens=config.max_tokens,
                                             seed=config.seed + 1000 * batch + j), tokenizer)
-        name = policies[source.policy][0]
-        for samples in generate_shards(generators(source.policy), shards, sampling, round, f"{name}-onpolicy"):
+        policy = policies[source.policy]
+        for samples in generate_shards(ctx.generators(policy), shards, sampling, ctx.round,
+                                       f"{policy.name}-onpolicy"):
             for pid, response in zip(samples.column("prompt_id").to_pylist(), samples.column("response").to_pylist()):
                 answers.setdefault(pid, []).append(response or "")
     pairs, skipped = pair_answers(prompts, answers, ids, batch, world)
@@ -134,23 +134,38 @@ def _make_batch(stage: StageStore, round: int, batch: int, table: pa.Table,  # n
     return extra
 
 
-def ingest(store: RunStore, round: int, weeks: Sequence[tuple[str, pa.Table, str]],  # noqa: A002
-           batches_through: Callable[[int], int], run_batch: Callable[[int], tuple[pa.Table, str]] | None
-           ) -> list[tuple[str, pa.Table, str]]:
-    """(name, table, digest) of every weekly batch rounds 1..round ingest: batch 1 and, without `run_batch` (no
-    world, or share 0), every batch as prebuilt; otherwise batch b >= 2 is the mixed batch of the round that first
-    ingested it (this round's made by `run_batch(b)`, earlier rounds' read from their stage)."""
-    out = []
-    for b in range(1, batches_through(round) + 1):
-        name, prebuilt, digest = weeks[b - 1]
-        if b == 1 or run_batch is None:
-            out.append((name, prebuilt, digest))
-            continue
-        first = next(r for r in range(1, round + 1) if batches_through(r) >= b)
-        if first == round:
-            table, digest = run_batch(b)
+def batch_makers(round: int, schedule: Sequence[int], on_policy: bool) -> list[tuple[int, int | None]]:  # noqa: A002
+    """(batch, the round that made it, None for a prebuilt one) for every weekly batch rounds 1..round ingest;
+    `schedule[r - 1]` is how many batches rounds 1..r ingest in all. Batch 1 seeds the RMs as prebuilt; with
+    `on_policy`, batch b >= 2 is made by the round that first ingests it."""
+    return [(b, next(r for r in range(1, round + 1) if schedule[r - 1] >= b) if on_policy and b > 1 else None)
+            for b in range(1, schedule[round - 1] + 1)]
+
+
+@dataclass
+class Preferences:
+    """The preference pairs a round's reward models train on: every weekly batch so far."""
+
+    table: Table  # the batches concatenated, with a digest of theirs
+    batches: int
+    on_policy: list[dict]  # the counts of the on-policy batches this round made
+
+
+def ingest(ctx: StageContext, policies: list[PolicyState], config: OnPolicyConfig,
+           schedule: Sequence[int]) -> Preferences:
+    """Every weekly batch rounds 1..ctx.round ingest: the prebuilt ones, and with the world and `config.share` > 0
+    the mixed batches (this round's made from `policies`' answers, earlier rounds' read from their stages)."""
+    tables, made = [], []
+    for batch, maker in batch_makers(ctx.round, schedule, ctx.oracle and config.share > 0):
+        prebuilt = ctx.data.weeks[batch - 1][1]
+        if maker is None:
+            tables.append(prebuilt)
+        elif maker == ctx.round:
+            table, counts = run_on_policy_batch(ctx, batch, prebuilt, policies, config)
+            tables.append(table)
+            made.append(counts)
         else:
-            stage = store.stage(first, stage_name(b))
-            table, digest = stage.read(), stage.manifest()["content_digest"]
-        out.append((name, table, digest))
-    return out
+            stage = ctx.store.stage(maker, stage_name(batch))
+            tables.append(Table(stage.read(), stage.manifest()["content_digest"]))
+    rows = pa.concat_tables([t.rows for t in tables])
+    return Preferences(Table(rows, digest_config([t.digest for t in tables])), len(tables), made)

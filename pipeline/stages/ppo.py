@@ -56,13 +56,12 @@ from model.sharded import load_for_training, load_train_state, save_train_state
 from model.tokenizer import load_tokenizer
 from model.training import TrainConfig, Trainer, is_sharded, micro_split, wrap
 from pipeline import stage_names as names
-from pipeline.cluster import Pools
-from pipeline.data.store import RunStore
 from pipeline.stages.cached import checkpoint_stage, train_state_dir, training_recipe
 from pipeline.stages.generation import generate_table
-from pipeline.stages.oracle_eval import eval_prompts, stop_ids
+from pipeline.stages.context import StageContext, StepResult
+from pipeline.stages.oracle_eval import eval_prompts, run_oracle_eval, stop_ids
 from pipeline.stages.rejection_sampling.stage import choose_prompts
-from pipeline.stages.sft import check_positive, check_ratio
+from pipeline.stages.sft.algorithm import check_positive, check_ratio
 from pipeline.state import PolicyState
 
 
@@ -652,30 +651,34 @@ def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa
             "stopped": stopped}
 
 
-def run_ppo_stage(store: RunStore, round: int, policy: PolicyState, rm_dirs: tuple[Path, Path],  # noqa: A002
-                  rm_digest: str, prompts_train: pa.Table, train_digest: str, config: PPOConfig,
-                  pools: Pools) -> tuple[dict, PolicyState]:
-    """The `ppo` stage of a round: PPO on `policy` (the result and its metrics returned) against the reward models in
-    `rm_dirs` (helpfulness, safety), on prompts drawn from `prompts_train`; its metrics. The critic starts from
-    the helpfulness RM."""
-    help_dir, safe_dir = rm_dirs
+def run_ppo(ctx: StageContext, policies: list[PolicyState], config: PPOConfig, evaluate_after: bool) -> StepResult:
+    """The `ppo` stage of a round: PPO on the largest policy against the round's reward models, on prompts drawn
+    from the training prompts; the critic starts from the helpfulness RM. The policy is evaluated on the held-out
+    prompts before (what rejection sampling left) and, with `evaluate_after`, after (when later steps of the round
+    train on it, what PPO alone did)."""
+    policy = policies[-1]
+    rms = ctx.reward_models
+    before = {policy.name: run_oracle_eval(ctx, names.round_eval(policy.name, "before_ppo"), policy)}
     tokenizer = load_tokenizer(policy.checkpoint)
-    chosen = choose_prompts(prompts_train, config.batch_size * config.iterations + config.heldout_prompts,
-                            config.seed + 1)
+    chosen = choose_prompts(ctx.data.prompts_train.rows, config.batch_size * config.iterations
+                            + config.heldout_prompts, config.seed + 1)
     _, table = eval_prompts(tokenizer, chosen, "llama2")
     # Shuffled: the prompts table is grouped by category, and batches taken in order would swap the reward's
-    # meaning (helpfulness, then safety) mid-run (seen: R_c "rose" from 0.6 to 1.0 with KL at 0).
+    # meaning (helpfulness, then safety) mid-run.
     table = table.take(torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(config.seed)).numpy())
     heldout, train = table.slice(0, config.heldout_prompts), table.slice(config.heldout_prompts)
-    start_checkpoint = policy.checkpoint
 
     def train_ppo(out: Path) -> dict:
-        return run_ppo_loop(out, start_checkpoint, help_dir, train, heldout, config, stop_ids(tokenizer),
-                            pools.generator(policy.name, start_checkpoint, policy.context),
-                            pools.scorer(help_dir, safe_dir), pools.trainers(),
-                            lambda: pools.sync_from_trainers(policy.name, "policy"), round)
+        return run_ppo_loop(out, policy.checkpoint, rms.helpfulness, train, heldout, config, stop_ids(tokenizer),
+                            ctx.generators(policy), ctx.scorers(), ctx.pools.trainers(),
+                            lambda: ctx.pools.sync_from_trainers(policy.name, "policy"), ctx.round)
 
     _, metrics, _ = checkpoint_stage(
-        store, round, names.PPO, {"policy": policy.digest, "reward_models": rm_digest, "prompts": train_digest},
+        ctx.store, ctx.round, names.PPO,
+        {"policy": policy.digest, "reward_models": rms.digest, "prompts": ctx.data.prompts_train.digest},
         config.recipe(), train_ppo)
-    return metrics, policy.moved_to(store.stage(round, names.PPO))
+    tuned = policy.moved_to(ctx.store.stage(ctx.round, names.PPO))
+    evaluations = {"before": before}
+    if evaluate_after:
+        evaluations["after"] = {tuned.name: run_oracle_eval(ctx, names.round_eval(tuned.name, "after_ppo"), tuned)}
+    return StepResult([*policies[:-1], tuned], metrics, evaluations)

@@ -27,7 +27,7 @@ from pipeline.cluster import Runner, in_process
 from pipeline.data.store import RunStore, digest_config
 from pipeline.progress import progress_bar
 from pipeline.stages.cached import training_recipe
-from pipeline.stages.sft import shard_rows
+from pipeline.stages.sft.algorithm import shard_rows
 
 
 @dataclass

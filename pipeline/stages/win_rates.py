@@ -17,12 +17,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from actors.pool import Pool
 from pipeline.data.schemas import RISK_CATEGORIES
-from pipeline.data.store import RunStore
 from pipeline.evaluation.safety_metrics import safety_metrics, safety_rows
 from pipeline.evaluation.winrate import agreement, count, paired, prefer, sign_test
 from pipeline.stages.cached import table_stage
+from pipeline.stages.context import StageContext
 from pipeline.world import judge
 
 JUDGES = ("reward models", "oracle")
@@ -103,37 +102,34 @@ def versus_start(final: pa.Table, start: pa.Table, prompts: pa.Table, category: 
             "sign_test_p": sign_test(wins.wins, wins.losses)}
 
 
-# (samples' content digest, RMs' digest) -> the samples scored. The SFT baseline's samples recur in every win-rate
-# stage of a run, and scoring them is most of such a stage's time (SmolLM2: ~3 of 6.5 minutes).
-_SCORED: dict[tuple[str, str], pa.Table] = {}
-_SCORED_KEPT = 4
+def _scored(ctx: StageContext, samples_digest: str, read: Callable[[], pa.Table]) -> pa.Table:
+    """Samples scored by the round's RMs, once per run (the SFT baseline recurs in every win-rate stage, and
+    scoring it is most of such a stage's time)."""
+    key = (samples_digest, ctx.reward_models.digest)
+    if key not in ctx.scored:
+        while len(ctx.scored) >= SCORED_KEPT:
+            ctx.scored.pop(next(iter(ctx.scored)))
+        ctx.scored[key] = pa.concat_tables(ctx.scorers().map_shards("score", [read()]))
+    return ctx.scored[key]
 
 
-def _scored(samples_digest: str, rm_digest: str, read: Callable[[], pa.Table],
-            scorers: Callable[[], Pool]) -> pa.Table:
-    key = (samples_digest, rm_digest)
-    if key not in _SCORED:
-        while len(_SCORED) >= _SCORED_KEPT:
-            _SCORED.pop(next(iter(_SCORED)))
-        _SCORED[key] = pa.concat_tables(scorers().map_shards("score", [read()]))
-    return _SCORED[key]
+SCORED_KEPT = 4  # scored sample sets a run keeps: a round's baseline and candidates
 
 
-def run_win_rates(store: RunStore, round: int, name: str,  # noqa: A002
-                  candidate_stage: str, baseline_stage: tuple[int, str], prompts: pa.Table, rm_digest: str,
-                  scorers: Callable[[], Pool], oracle: bool = True) -> tuple[dict[str, Any], bool]:
-    """The cached stage `name` of `round`: win rates of the samples of stage `candidate_stage` (this round)
-    against those of `baseline_stage` ((round, name)), judged by the round's RMs and the oracle. No shards:
-    the result is in the manifest. (result, cached)."""
-    candidate, baseline = store.stage(round, candidate_stage), store.stage(*baseline_stage)
+def run_win_rates(ctx: StageContext, name: str, candidate_stage: str, baseline_stage: tuple[int, str]
+                  ) -> dict[str, Any]:
+    """The cached stage `name` of the round: win rates of the samples of stage `candidate_stage` (this round)
+    against those of `baseline_stage` ((round, name)) on the held-out prompts, judged by the round's RMs and, in
+    world runs, the oracle. No shards: the result is in the manifest."""
+    candidate, baseline = ctx.store.stage(ctx.round, candidate_stage), ctx.store.stage(*baseline_stage)
     inputs = {"candidate": candidate.manifest()["content_digest"],
-              "baseline": baseline.manifest()["content_digest"], "reward_models": rm_digest}
+              "baseline": baseline.manifest()["content_digest"], "reward_models": ctx.reward_models.digest}
 
     def make(*_: Any) -> dict[str, Any]:
-        scored = [_scored(digest, rm_digest, read, scorers)
+        scored = [_scored(ctx, digest, read)
                   for digest, read in ((inputs["candidate"], candidate.read), (inputs["baseline"], baseline.read))]
-        return win_rates(*scored, prompts, lambda already_scored: already_scored, oracle)
+        return win_rates(*scored, ctx.data.prompts_eval.rows, lambda already_scored: already_scored, ctx.oracle)
 
-    stage, cached = table_stage(store, round, name, inputs, {"judges": JUDGES if oracle else JUDGES[:1], "version": 3},
-                                make, None)
-    return stage.manifest()["extra"], cached
+    stage, _ = table_stage(ctx.store, ctx.round, name, inputs,
+                           {"judges": JUDGES if ctx.oracle else JUDGES[:1], "version": 3}, make, None)
+    return stage.manifest()["extra"]

@@ -43,7 +43,7 @@ from model.chat_template import B_SYS, E_SYS, Message, encode_chat, encode_promp
 from model.packing import Example
 from model.tokenizer import Tokenizer
 from pipeline.data.schemas import DEMONSTRATIONS
-from pipeline.stages.sft import SFTConfig, check_positive, check_ratio
+from pipeline.stages.sft.algorithm import SFTConfig, check_positive, check_ratio
 from pipeline.world import SPLITS, World, judge_dialogue
 from pipeline.world.dialogue import Instruction, follows, instruction_from_key, instruction_keys, instruction_shape
 from pipeline.world.seeding import split_keys

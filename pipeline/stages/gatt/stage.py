@@ -19,22 +19,23 @@ import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from actors.pool import Pool
 from actors.vllm_engine import Sampling
 from model.tokenizer import Tokenizer, load_tokenizer
-from pipeline.data.store import RunStore, StageStore
-from pipeline.stages.cached import checkpoint_stage, table_stage
+from pipeline.data.store import StageStore
+from pipeline.stages.cached import table_stage
+from pipeline.stages.context import StageContext, StepResult
 from pipeline.stages.generation import generate_table
 from pipeline.stages.gatt.algorithm import (GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_prompts,
                                   first_adherent, gatt_demonstrations, gatt_examples, gatt_sampling_prompts)
 from pipeline.stages.gatt.sources import DialogueSource
 from pipeline.stages.oracle_eval import stopping_at_eos
-from pipeline.stages.sft import train_sft, with_mix
+from pipeline.stages.rejection_sampling.stage import kept_demonstrations
+from pipeline.stages.sft.algorithm import with_mix
+from pipeline.stages.sft.stage import fine_tune
 from pipeline.state import PolicyState
 
 
@@ -54,33 +55,46 @@ def answer_dialogues(dialogues: list[GAttDialogue], tokenizer: Tokenizer, contex
     return answers
 
 
-def _adherence_stage(store: RunStore, round: int, name: str,  # noqa: A002
-                     policy_digest: str, dialogues: list[GAttDialogue], answer: Callable[[], list[list[str]]],
-                     eval_config: dict[str, Any], source: DialogueSource) -> list[TurnAdherence]:
+def _adherence_stage(ctx: StageContext, name: str, policy_digest: str, dialogues: list[GAttDialogue],
+                     answer: Callable[[], list[list[str]]], eval_config: dict[str, Any],
+                     source: DialogueSource) -> list[TurnAdherence]:
     def measure(*_: Any) -> dict[str, Any]:
-        rows, measured = source.adherence(dialogues, answer(), round, name)
+        rows, measured = source.adherence(dialogues, answer(), ctx.round, name)
         return {"adherence": [dataclasses.asdict(r) for r in rows], **measured}
 
-    stage, _ = table_stage(store, round, name, {"policy": policy_digest}, eval_config, measure, None)
+    stage, _ = table_stage(ctx.store, ctx.round, name, {"policy": policy_digest}, eval_config, measure, None)
     return [TurnAdherence(**r) for r in stage.manifest()["extra"]["adherence"]]
 
 
-def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: PolicyState, config: GAttConfig,  # noqa: A002
-             sampling: Sampling, generators: Callable[[Path], Pool], train: Callable[..., dict],
-             mix: tuple[pa.Table, str] | None = None,
-             samples_from: tuple[pa.Table, str] | None = None
+def run_gatt(ctx: StageContext, policies: list[PolicyState], config: GAttConfig,
+             source: DialogueSource) -> StepResult:
+    """GAtt on every size, the largest first: with `gatt.distil` the other sizes train on its samples. Each size is
+    trained on its GAtt dialogues mixed with the round's kept demonstrations, as the paper mixes GAtt data into
+    its fine-tuning data (docs/results.md: trained on GAtt dialogues alone, the tiny policies began every answer
+    with a greeting in the instructed language). Its metrics per size: adherence per turn before and after, the
+    number of training samples and the training metrics."""
+    mix = kept_demonstrations(ctx)
+    largest, samples_from, tuned_largest = gatt_one(ctx, policies[-1], config, source, mix)
+    metrics, tuned = {}, []
+    for policy in policies[:-1]:
+        metrics[policy.name], _, policy = gatt_one(ctx, policy, config, source, mix,
+                                                   samples_from if config.distil else None)
+        tuned.append(policy)
+    metrics[tuned_largest.name] = largest
+    return StepResult([*tuned, tuned_largest], metrics)
+
+
+def gatt_one(ctx: StageContext, policy: PolicyState, config: GAttConfig, source: DialogueSource,
+             mix: tuple[pa.Table, str], samples_from: tuple[pa.Table, str] | None = None
              ) -> tuple[dict[str, Any], tuple[pa.Table, str], PolicyState]:
     """GAtt for one policy size (the size at the GAtt checkpoint returned, or as it was when no dialogue was kept),
     its instructions and dialogues from `source` (the world's, or the user's files), which measures adherence too.
-    `generators(checkpoint)` is the generator pool serving a checkpoint of this size, `train` the trainer group's
-    runner; `mix` (DEMONSTRATIONS, digest) is trained on alongside the GAtt dialogues, as the paper mixes GAtt data
-    into its fine-tuning data (measured: trained on GAtt dialogues alone, the tiny policies began every answer
-    with a greeting in the instructed language). `samples_from` (DEMONSTRATIONS, digest): another policy's GAtt
-    training samples (`gatt_data_<size>`) to train on instead of sampling this one's. Returns adherence per turn
-    before and after, the number of training samples and the training metrics, and the training samples with
-    their digest (for `samples_from` of the other sizes), and the policy."""
+    `mix` (DEMONSTRATIONS, digest) is trained on alongside the GAtt dialogues; `samples_from` (DEMONSTRATIONS,
+    digest): another policy's GAtt training samples (`gatt_data_<size>`) to train on instead of sampling this
+    one's. Returns its result, the training samples with their digest (for `samples_from` of the other sizes), and
+    the policy."""
     tokenizer = load_tokenizer(policy.checkpoint)
-    sampling = stopping_at_eos(replace(sampling, n=1), tokenizer)
+    sampling = stopping_at_eos(replace(ctx.sampling, n=1), tokenizer)
     # The training dialogues depend on everything but the fine-tuning settings (the training stage's own config).
     sampled = {k: v for k, v in dataclasses.asdict(config).items() if k != "sft"}
     from_source = {"source": source.digest} if source.digest else {}  # the world's: in the stages' inputs already
@@ -92,14 +106,14 @@ def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Policy
                                 config.short_prob, min_turns=config.turns)
 
     def answer(dialogues: list[GAttDialogue], every_turn: bool, sampler: str, n: int = 1) -> list[list[str]]:
-        pool = generators(policy.checkpoint)
+        pool = ctx.generators(policy)
         turn_sampling = replace(sampling, n=n)
         return answer_dialogues(dialogues, tokenizer, policy.context, turn_sampling,
                                 lambda table, turn: generate_table(pool, table, replace(
-                                    turn_sampling, seed=(sampling.seed or 0) + turn), round, sampler),
+                                    turn_sampling, seed=(sampling.seed or 0) + turn), ctx.round, sampler),
                                 every_turn, (lambda s: first_adherent(dialogues, s)) if n > 1 else None)
 
-    before = _adherence_stage(store, round, f"gatt_before_{policy.name}", policy.digest, held_out,
+    before = _adherence_stage(ctx, f"gatt_before_{policy.name}", policy.digest, held_out,
                               lambda: answer(held_out, False, "gatt-eval"), eval_config, source)
     if samples_from is None:
         def sample(data: StageStore, _: set[int]) -> None:
@@ -108,17 +122,15 @@ def run_gatt(store: RunStore, round: int, source: DialogueSource, policy: Policy
             answers = answer(dialogues, True, "gatt", config.samples_per_turn if config.verify else 1)
             data.write_shard(0, gatt_demonstrations(dialogues, answers, config.verify, config.prefixes))
 
-        data, _ = table_stage(store, round, f"gatt_data_{policy.name}", {"policy": policy.digest}, data_config,
+        data, _ = table_stage(ctx.store, ctx.round, f"gatt_data_{policy.name}", {"policy": policy.digest}, data_config,
                               sample, "demonstrations")
         samples_from = data.read(), data.manifest()["content_digest"]
     dialogues, dialogues_digest = samples_from
     if not dialogues.num_rows:
         return {"before": before, "after": before, "samples": 0, "training": None}, samples_from, policy
-    inputs = {"policy": policy.digest, "dialogues": dialogues_digest, "mix": mix[1] if mix else ""}
-    _, metrics, _ = checkpoint_stage(
-        store, round, f"gatt_sft_{policy.name}", inputs, config.sft.recipe(),
-        lambda out: train(train_sft, policy.checkpoint, with_mix(dialogues, mix), out, config.sft, gatt_examples))
-    policy = policy.moved_to(store.stage(round, f"gatt_sft_{policy.name}"))
-    after = _adherence_stage(store, round, f"gatt_after_{policy.name}", policy.digest, held_out,
+    inputs = {"policy": policy.digest, "dialogues": dialogues_digest, "mix": mix[1]}
+    metrics, policy, _ = fine_tune(ctx, f"gatt_sft_{policy.name}", policy, inputs, with_mix(dialogues, mix),
+                                   config.sft, gatt_examples)
+    after = _adherence_stage(ctx, f"gatt_after_{policy.name}", policy.digest, held_out,
                              lambda: answer(held_out, False, "gatt-eval"), eval_config, source)
     return {"before": before, "after": after, "samples": dialogues.num_rows, "training": metrics}, samples_from, policy

@@ -13,7 +13,6 @@ A temperature sweep (`temperature_sweep`) adds `rs_sweep`: reward against temper
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -21,19 +20,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.metrics import record_stage_progress
-from actors.pool import Pool
 from actors.vllm_engine import Sampling
-from model.tokenizer import Tokenizer
+from model.tokenizer import load_tokenizer
 from pipeline import stage_names as names
-from pipeline.data.store import RunStore, StageStore
+from pipeline.data.store import StageStore
 from pipeline.progress import progress_bar
-from pipeline.stages.cached import checkpoint_stage, table_stage
+from pipeline.evaluation.rm_fidelity import rm_fidelity
+from pipeline.stages.cached import table_stage
+from pipeline.stages.context import StageContext, StepResult
 from pipeline.stages.generation import generate_shards
 from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
 from pipeline.stages.rejection_sampling.algorithm import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
-                                                       merge_with_earlier, reward_vs_k)
+                                                       merge_with_earlier, reward_vs_k, kept_as_demonstrations)
 from pipeline.stages.reward_model.algorithm import id_rank
-from pipeline.stages.sft import SFTConfig, train_sft
+from pipeline.stages.sft.algorithm import SFTConfig
+from pipeline.stages.sft.stage import fine_tune
 from pipeline.state import PolicyState
 
 @dataclass
@@ -86,18 +87,19 @@ def choose_prompts(prompts: pa.Table, count: int, seed: int) -> pa.Table:
     return single.take(pa.array(sorted(order[:count]), pa.int64()))
 
 
-def sample_and_score(store: RunStore, round: int, name: str, inputs: dict[str, str],  # noqa: A002
-                     table: pa.Table, sampling: Sampling, sampler: str, generators: Callable[[], Pool],
-                     scorers: Callable[[], Pool], shard_rows: int) -> tuple[pa.Table, bool]:
-    """K samples per prompt row of `table` (id, prompt_token_ids, is_safety), scored, `chosen` on each prompt's
-    best; one shard per prompt shard, so a crashed stage resumes where it stopped. (table, cached)."""
-    shards = [table.slice(start, shard_rows) for start in range(0, table.num_rows, shard_rows)]
+def sample_and_score(ctx: StageContext, name: str, inputs: dict[str, str], table: pa.Table, sampling: Sampling,
+                     sampler: tuple[PolicyState, str]) -> pa.Table:
+    """K samples per prompt row of `table` (id, prompt_token_ids, is_safety) from the `sampler` policy (with its
+    label in the samples), scored, `chosen` on each prompt's best; one shard per prompt shard, so a crashed stage
+    resumes where it stopped."""
+    policy, label = sampler
+    shards = [table.slice(start, ctx.shard_rows) for start in range(0, table.num_rows, ctx.shard_rows)]
 
     def make(stage: StageStore, done: set[int]) -> None:
         todo = [i for i in range(len(shards)) if i not in done]
         if not todo:
             return
-        generator_pool, scorer_pool = generators(), scorers()
+        generator_pool, scorer_pool = ctx.generators(policy), ctx.scorers()
         bar = progress_bar(len(shards), f"{name}: sample and score")
         bar.update(len(shards) - len(todo))
 
@@ -105,63 +107,81 @@ def sample_and_score(store: RunStore, round: int, name: str, inputs: dict[str, s
             [scored] = scorer_pool.map_shards("score", [samples])
             stage.write_shard(todo[position], mark_chosen(scored))
             bar.update(1)
-            record_stage_progress(name, round, len(stage.done_shards()), len(shards))
+            record_stage_progress(name, ctx.round, len(stage.done_shards()), len(shards))
 
         # Every generator samples at once; the shards are scored and written one by one, in shard order.
-        generate_shards(generator_pool, [shards[i] for i in todo], sampling, round, sampler, on_shard=score_and_write,
-                        keep=False)
+        generate_shards(generator_pool, [shards[i] for i in todo], sampling, ctx.round, label,
+                        on_shard=score_and_write, keep=False)
         bar.close()
 
-    stage, cached = table_stage(store, round, name, inputs,
-                                {"sampling": asdict(sampling), "sampler": sampler, "shard_rows": shard_rows}, make,
-                                "samples")
-    return stage.read(), cached
+    stage, _ = table_stage(ctx.store, ctx.round, name, inputs,
+                           {"sampling": asdict(sampling), "sampler": label, "shard_rows": ctx.shard_rows}, make,
+                           "samples")
+    return stage.read()
 
 
-def run_rejection_sampling(store: RunStore, round: int, prompts: pa.Table, prompts_digest: str,  # noqa: A002
-                           tokenizer: Tokenizer, sampler: str, sampler_digest: str, rm_digest: str,
-                           config: RejectionConfig, generators: Callable[[], Pool], scorers: Callable[[], Pool],
-                           shard_rows: int) -> tuple[pa.Table, dict, bool]:
-    """The kept set of this round (SAMPLES, one row per prompt), its metrics, and whether it came from the store.
-
-    `sampler_digest` identifies the policy that samples and `rm_digest` the reward models that score."""
-    chosen = choose_prompts(prompts, config.prompts, config.seed)
+def sample_and_keep(ctx: StageContext, sampler: PolicyState, config: RejectionConfig) -> tuple[pa.Table, dict]:
+    """The round's kept set (SAMPLES, one row per prompt) from K samples of `sampler` scored by the round's reward
+    models, and its metrics."""
+    prompts = ctx.data.prompts_train
+    tokenizer = load_tokenizer(sampler.checkpoint)
+    chosen = choose_prompts(prompts.rows, config.prompts, config.seed)
     _, table = eval_prompts(tokenizer, chosen, "llama2")
-    temperature = config.temperature(round)
-    inputs = {"prompts": prompts_digest, "sampler": sampler_digest, "reward_models": rm_digest}
+    temperature = config.temperature(ctx.round)
+    inputs = {"prompts": prompts.digest, "sampler": sampler.digest, "reward_models": ctx.reward_models.digest}
     sampling = stopping_at_eos(Sampling(n=config.k, temperature=temperature, max_tokens=config.max_tokens,
-                                        seed=config.seed + round), tokenizer)
-    samples, _ = sample_and_score(store, round, names.RS_SAMPLES, inputs, table, sampling, sampler, generators, scorers,
-                                  shard_rows)
+                                        seed=config.seed + ctx.round), tokenizer)
+    label = (sampler, f"{sampler.name}-r{ctx.round - 1}")
+    samples = sample_and_score(ctx, names.RS_SAMPLES, inputs, table, sampling, label)
     sweep = []
     for t in config.temperature_sweep:
-        swept, _ = sample_and_score(store, round, f"rs_sweep_t{t:g}", inputs, table, replace(sampling, temperature=t),
-                                    sampler, generators, scorers, shard_rows)
+        swept = sample_and_score(ctx, f"rs_sweep_t{t:g}", inputs, table, replace(sampling, temperature=t), label)
         sweep.append({"temperature": t, **reward_vs_k(swept, [config.k])[0]})
 
-    earlier = store.stage(round - 1, names.RS_KEPT)
+    earlier = ctx.store.stage(ctx.round - 1, names.RS_KEPT)
     earlier_digest = (earlier.manifest() or {}).get("content_digest", "none") if config.keep == "all_rounds" else "-"
-    kept_inputs = {"samples": store.stage(round, names.RS_SAMPLES).manifest()["content_digest"],
+    kept_inputs = {"samples": ctx.store.stage(ctx.round, names.RS_SAMPLES).manifest()["content_digest"],
                    "earlier": earlier_digest}
     kept_config = {"keep": config.keep, "reward_ks": config.reward_ks, "sweep": config.temperature_sweep,
                    "earlier": "rescored", "truncated": config.truncated}
 
     def keep(stage: StageStore, _: set[int]) -> dict[str, Any]:
-        return _keep_best(stage, round, samples, earlier, chosen.num_rows, temperature, sweep, config, scorers)
+        return _keep_best(ctx, stage, samples, earlier, chosen.num_rows, temperature, sweep, config)
 
-    kept_stage, cached = table_stage(store, round, names.RS_KEPT, kept_inputs, kept_config, keep, "samples")
-    return kept_stage.read(), kept_stage.manifest()["extra"], cached
+    kept_stage, _ = table_stage(ctx.store, ctx.round, names.RS_KEPT, kept_inputs, kept_config, keep, "samples")
+    return kept_stage.read(), kept_stage.manifest()["extra"]
 
 
-def _keep_best(stage: StageStore, round: int, samples: pa.Table, earlier: StageStore,  # noqa: A002
-               prompts: int, temperature: float, sweep: list[dict], config: RejectionConfig,
-               scorers: Callable[[], Pool]) -> dict[str, Any]:
+def kept_demonstrations(ctx: StageContext) -> tuple[pa.Table, str]:
+    """The round's kept set as demonstrations, with its digest: what the round's later fine-tuning mixes in."""
+    stage = ctx.store.stage(ctx.round, names.RS_KEPT)
+    return kept_as_demonstrations(stage.read(), ctx.data.prompts_train.rows), stage.manifest()["content_digest"]
+
+
+def run_rejection_sampling(ctx: StageContext, policies: list[PolicyState], config: RejectionConfig) -> StepResult:
+    """The round's rejection sampling: the largest policy samples (the paper: 70B only), every size is fine-tuned
+    on the kept set (`rs_sft_<size>`; none kept, every answer cut with `truncated: drop`, leaves them as they were).
+    Its metrics are the kept set's, with the helpfulness RM's fidelity on the samples in world runs."""
+    _, metrics = sample_and_keep(ctx, policies[-1], config)
+    if ctx.oracle:
+        samples = ctx.store.stage(ctx.round, names.RS_SAMPLES).read()
+        metrics = {**metrics, "rm_fidelity": rm_fidelity(samples, ctx.data.prompts_train.rows)}
+    demonstrations, kept_digest = kept_demonstrations(ctx)
+    if not demonstrations.num_rows:
+        return StepResult(list(policies), metrics)
+    tuned = [fine_tune(ctx, names.rs_sft(policy.name), policy, {"init": policy.digest, "kept": kept_digest},
+                       demonstrations, config.sft).policy for policy in policies]
+    return StepResult(tuned, metrics)
+
+
+def _keep_best(ctx: StageContext, stage: StageStore, samples: pa.Table, earlier: StageStore, prompts: int,
+               temperature: float, sweep: list[dict], config: RejectionConfig) -> dict[str, Any]:
     """The rs_kept stage's work: each prompt's best answer merged with the earlier rounds' kept set (its shard);
     the round's metrics (its `extra`)."""
     previous = None
     if config.keep == "all_rounds" and earlier.manifest():
         # Rescored with this round's reward models: rewards from two rounds' RMs are not on one scale.
-        [previous] = scorers().map_shards("score", [earlier.read()])
+        [previous] = ctx.scorers().map_shards("score", [earlier.read()])
     usable = answered(samples)
     best = best_per_prompt(usable, config.truncated)
     kept = merge_with_earlier(best, previous, config.keep)
@@ -169,7 +189,7 @@ def _keep_best(stage: StageStore, round: int, samples: pa.Table, earlier: StageS
         "temperature": temperature, "k": config.k, "prompts": prompts, "samples": samples.num_rows,
         "empty": samples.num_rows - usable.num_rows, "kept": kept.num_rows,
         "truncated": _cut(usable), "best_truncated": _cut(best),
-        "from_this_round": sum(r == round for r in kept.column("round").to_pylist()),
+        "from_this_round": sum(r == ctx.round for r in kept.column("round").to_pylist()),
         "mean_best_reward": _mean(best.column("r_combined").to_pylist()),
         "mean_kept_reward": _mean(kept.column("r_combined").to_pylist()),
         "reward_vs_k": reward_vs_k(samples, config.reward_ks), "reward_vs_temperature": sweep,
@@ -194,19 +214,3 @@ def _cut(samples: pa.Table) -> int:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def fine_tune_on_kept(store: RunStore, round: int, policies: list[PolicyState],  # noqa: A002
-                      demonstrations: pa.Table, kept_digest: str, config: SFTConfig,
-                      train: Callable[..., Any]) -> list[PolicyState]:
-    """`rs_sft_<size>`: every size fine-tuned on the round's kept answers; the sizes at the results. None kept
-    (every answer cut, `truncated: drop`) leaves the policies as they were."""
-    if not demonstrations.num_rows:
-        return list(policies)
-    out = []
-    for policy in policies:
-        checkpoint_stage(store, round, names.rs_sft(policy.name), {"init": policy.digest, "kept": kept_digest},
-                         config.recipe(),
-                         lambda out, init=policy.checkpoint: train(train_sft, init, demonstrations, out, config))
-        out.append(policy.moved_to(store.stage(round, names.rs_sft(policy.name))))
-    return out

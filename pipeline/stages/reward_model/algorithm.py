@@ -37,7 +37,7 @@ from pipeline.data.schemas import PREFERENCES, RATINGS
 from pipeline.evaluation.rm_tables import COLUMNS
 from pipeline.progress import progress_bar
 from pipeline.stages.cached import train_state_dir
-from pipeline.stages.sft import check_parallel, check_positive, check_ratio
+from pipeline.stages.sft.algorithm import check_parallel, check_positive, check_ratio
 
 RMKind = Literal["helpfulness", "safety"]
 Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids)

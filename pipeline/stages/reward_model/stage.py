@@ -14,10 +14,11 @@ from model.config import ModelConfig
 from model.distributed import rank_and_world
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline import stage_names as names
-from pipeline.cluster import Runner, in_process
 from pipeline.data.schemas import PREFERENCE_KINDS
-from pipeline.data.store import RunStore
+from pipeline.data.store import digest_config, model_digest
 from pipeline.stages.cached import checkpoint_stage, training_recipe
+from pipeline.stages.context import RewardModels, StageContext, Table
+from pipeline.state import PolicyState
 from actors.scorer import SAFETY_THRESHOLD
 from model.calibration import write_calibration
 from pipeline.stages.reward_model.algorithm import (RM_COLUMNS, RMConfig, accuracy_by_rating, accuracy_by_source,
@@ -49,29 +50,27 @@ def rm_recipe(config: RMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     return recipe
 
 
-def run_reward_models(store: RunStore, round: int, init_checkpoint: Path, init_digest: str,  # noqa: A002
-                      preferences: pa.Table, preferences_digest: str,
-                      config: RMConfig, runner: Runner = in_process) -> dict[str, tuple[Path, dict[str, Any], bool]]:
-    """Both RMs: {kind: (checkpoint, metrics, cached)}. Metrics hold training figures and, under "heldout",
-    accuracy by rating on the held-out helpfulness and safety pairs (the same pairs for both RMs). `runner` runs
-    the training (the trainer group's `Pools.train` in the driver)."""
-    preferences = preferences.select(list(RM_COLUMNS))  # the oracle's fields stay behind
-    fits = fits_context(preferences, init_checkpoint)
-    usable = preferences.filter(fits)
-    over_context = preferences.num_rows - usable.num_rows  # counted in the metrics: never dropped silently
+def run_reward_models(ctx: StageContext, init: PolicyState, preferences: Table, config: RMConfig) -> RewardModels:
+    """Both RMs from `init`, trained on the trainer group. Their metrics hold training figures and, under
+    "heldout", accuracy by rating on the held-out helpfulness and safety pairs (the same pairs for both RMs)."""
+    rows = preferences.rows.select(list(RM_COLUMNS))  # the oracle's fields stay behind
+    usable = rows.filter(fits_context(rows, init.checkpoint))
+    over_context = rows.num_rows - usable.num_rows  # counted in the metrics: never dropped silently
     _, heldout = split_heldout(usable, config.heldout_share, config.heldout_pairs)
-    recipe = {**rm_recipe(config, load_tokenizer(init_checkpoint)), "calibration": 2}  # a new offset recipe retrains
-    results = {}
+    recipe = {**rm_recipe(config, load_tokenizer(init.checkpoint)), "calibration": 2}  # a new offset recipe retrains
+    folders, metrics = {}, {}
     for kind in PREFERENCE_KINDS:
         train_pairs, _ = reward_model_data(usable, kind, config)
         tests = {test: of_kind(heldout, test) for test in PREFERENCE_KINDS}
-        results[kind] = checkpoint_stage(
-            store, round, names.rm(kind), {"init": init_digest, "preferences": preferences_digest},
+        folders[kind], metrics[kind], _ = checkpoint_stage(
+            ctx.store, ctx.round, names.rm(kind), {"init": init.digest, "preferences": preferences.digest},
             recipe,
             lambda out, kind=kind, pairs=train_pairs, tests=tests: {
-                **runner(train_and_evaluate, init_checkpoint, kind, pairs, config, out, tests),
+                **ctx.train(train_and_evaluate, init.checkpoint, kind, pairs, config, out, tests),
                 "over_context": over_context})
-    return results
+    digest = digest_config([model_digest(ctx.store.stage(ctx.round, names.rm(kind)).manifest())
+                            for kind in PREFERENCE_KINDS])
+    return RewardModels(folders["helpfulness"], folders["safety"], digest, metrics)
 
 
 def train_and_evaluate(init_checkpoint: Path, kind: str, train_pairs: pa.Table, config: RMConfig, out: Path,

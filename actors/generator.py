@@ -37,7 +37,7 @@ class Generator(PoolActor):
     """Serves the checkpoint folder `model_dir` (its own tokenizer decodes the answers).
 
     With `config.tensor_parallel_size` > 1 its engine spans that many devices, one vLLM worker process each, on the
-    GPUs Ray reserved for this actor (pipeline.cluster.engine_pool_config); weight loads reach every rank.
+    GPUs Ray reserved for this actor (pipeline.cluster.pools.engine_pool_config); weight loads reach every rank.
     """
 
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None):
@@ -46,7 +46,7 @@ class Generator(PoolActor):
         self.tokenizer = load_tokenizer(model_dir)
         self._stale: str | None = None  # why this actor must not sample (`forget_weights`)
 
-    def generate(self, prompts: pa.Table, sampling: Sampling, round: int, sampler: str) -> pa.Table:  # noqa: A002
+    def generate(self, prompts: pa.Table, sampling: Sampling, round_no: int, sampler: str) -> pa.Table:
         """`sampling.n` samples per prompt row (columns `id`, `prompt_token_ids`, `is_safety`), one SAMPLES row each
         in prompt order, rewards left null for the scorer."""
         if self._stale:
@@ -65,12 +65,12 @@ class Generator(PoolActor):
         tokens_before, seconds_before = self.engine.timings.generated_tokens, self.engine.timings.seconds
         completions = self.engine.generate(prompt_ids, sampling, keys=ids)
         record_generation(self.engine.timings.generated_tokens - tokens_before,
-                          self.engine.timings.seconds - seconds_before, round, sampler)
+                          self.engine.timings.seconds - seconds_before, round_no, sampler)
         rows = [(i, k, c) for i, per_prompt in enumerate(completions) for k, c in enumerate(per_prompt)]
         n = len(rows)
         columns = {
             "prompt_id": [ids[i] for i, _, _ in rows],
-            "round": [round] * n,
+            "round": [round_no] * n,
             "sampler": [sampler] * n,
             "temperature": [sampling.temperature] * n,
             "sample_index": [k for _, k, _ in rows],

@@ -143,9 +143,9 @@ def actor_tags() -> dict[str, str]:
 # --- in the actors --------------------------------------------------------------------------------------------
 
 @_recorder
-def record_generation(tokens: int, seconds: float, round: int, sampler: str) -> None:  # noqa: A002
+def record_generation(tokens: int, seconds: float, round_no: int, sampler: str) -> None:
     """One generate call of a generator actor: `tokens` generated in `seconds` inside the engine."""
-    tags = {**actor_tags(), "round": _tag(round), "sampler": _tag(sampler)}
+    tags = {**actor_tags(), "round": _tag(round_no), "sampler": _tag(sampler)}
     _inc("llama2_generated_tokens", tokens, tags)
     if seconds > 0:
         _set("llama2_generation_tokens_per_second", tokens / seconds, tags)
@@ -209,9 +209,9 @@ def record_training(result: Any, loop: str, world_size: int, wall_seconds: float
 # --- in the driver --------------------------------------------------------------------------------------------
 
 @_recorder
-def record_stage_progress(stage: str, round: int, done: int, total: int) -> None:  # noqa: A002
+def record_stage_progress(stage: str, round_no: int, done: int, total: int) -> None:
     """A stage's shards done out of `total` (call it as shards finish, e.g. from map_shards' on_result)."""
-    tags = {"stage": _tag(stage), "round": _tag(round)}
+    tags = {"stage": _tag(stage), "round": _tag(round_no)}
     _set("llama2_stage_shards_done", done, tags)
     _set("llama2_stage_shards", total, tags)
     if total > 0:
@@ -219,10 +219,10 @@ def record_stage_progress(stage: str, round: int, done: int, total: int) -> None
 
 
 @_recorder
-def record_ppo(iteration: int, metrics: Mapping[str, Any], round: int | None = None) -> None:  # noqa: A002
+def record_ppo(iteration: int, metrics: Mapping[str, Any], round_no: int | None = None) -> None:
     """One PPO iteration's numbers (the dict ppo_iteration returns, plus anything the driver adds): `kl`, the
     means r_help / r_safe / r_combined, and every other number as llama2_ppo_stat{stat=<key>}."""
-    tags = {"round": _tag(round)}
+    tags = {"round": _tag(round_no)}
     _set("llama2_ppo_iteration", iteration, tags)
     for key, value in metrics.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or key == "iteration":

@@ -56,8 +56,8 @@ class PoolConfig:
     # Memory of the device each actor uses (GPU memory; None: unknown, and the memory plan is not checked).
     memory_gib: float | None = None
     # Devices one actor's vLLM engine spans (generator pools). num_gpus is then per device: the pool builder
-    # (pipeline.cluster.engine_pool_config) reserves num_gpus x tensor_parallel GPUs per actor; on CPU the engine's
-    # ranks share the actor's num_cpus.
+    # (pipeline.cluster.pools.engine_pool_config) reserves num_gpus x tensor_parallel GPUs per actor; on CPU the
+    # engine's ranks share the actor's num_cpus.
     tensor_parallel: int = 1
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ RewardKind = Literal["help", "safe"]
 # (precision 0.89, recall 0.55 on the Meta Safety test set).
 SAFETY_THRESHOLD = 0.15
 # A scoring batch ends where the next (sorted) sequence is this much longer than its first: padding stays under a
-# fifth of its positions (one batch padded to the longest of 64 PPO answers measured 1.4x the real tokens).
+# fifth of its positions, where one batch padded to its longest answer wastes far more.
 LENGTH_SPREAD = 1.25
 
 

@@ -98,7 +98,7 @@ def weight_layout(model: nn.Module, bucket_bytes: int) -> list[Bucket]:
 
 def with_engines(loop_fn: LoopFn) -> LoopFn:
     """Marks a loop function the generators' engines take part in: a group that shares their GPUs
-    (pipeline.colocate) keeps them awake while it runs."""
+    (pipeline.cluster.colocate) keeps them awake while it runs."""
     loop_fn.with_engines = True
     return loop_fn
 

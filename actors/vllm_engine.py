@@ -95,8 +95,8 @@ class EngineConfig:
     enforce_eager: bool = True  # CUDA graphs / compilation cost minutes at start-up and buy little for tiny models
     seed: int = 0
     # The engine core in the caller's process (VLLM_ENABLE_V1_MULTIPROCESSING=0). On CPU vLLM's separate engine-core
-    # process busy-waits on a core of its own while the worker samples: on 2 cores in-process sampling measured
-    # 1.85x the tokens/s (SmolLM2-135M, 16 prompts x 4 x 96 tokens). It also lets weights arrive as tensors
+    # process busy-waits on a core of its own while the worker samples, so in process samples faster on 2 cores
+    # (docs/results.md, "Measurements behind defaults"). It also lets weights arrive as tensors
     # (`load_tensors`) instead of through a folder. On GPUs False overlaps scheduling with the model's steps.
     # In process, vLLM's CPU worker seeds the process's global RNGs and turns later torch.set_num_threads calls into
     # no-ops: a process that hosts one sets its threads first (the generator actor does).
@@ -205,7 +205,7 @@ class VLLMEngine:
 
         With `sampling.seed`, each request gets its own seed drawn from (seed, key): the prompt's id when `keys`
         are given, else its position. One seed shared by every request would give every prompt the same random
-        stream (measured: it made the base models' unsafe-answer rates swing from ~50% to ~96%); keyed by id, a
+        stream (it made whole categories' rates swing together; docs/results.md); keyed by id, a
         prompt's samples do not depend on which shard or batch it is in.
         """
         from vllm import SamplingParams

@@ -28,10 +28,10 @@ def run(ctx: Context) -> Section:
     from actors.pool import Pool, PoolConfig
     from actors.scorer import Scorer
     from actors.vllm_engine import EngineConfig, Sampling
-    from pipeline.cluster import ClusterConfig, connect
+    from pipeline.cluster.pools import ClusterConfig, connect
     from pipeline.data.store import RunStore
     from pipeline.stages.generation import generate_shards
-    from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
+    from pipeline.stages.evaluation.oracle_eval import eval_prompts, stopping_at_eos
     from pipeline.stages.rejection_sampling.stage import choose_prompts, sample_and_score
     from pipeline.world import World, WorldConfig, prompts_table
 

@@ -37,7 +37,7 @@ def train_loop(ctx: Any, payload: tuple[str, int, int]) -> dict[str, float]:
     from model.checkpoint import load_checkpoint
     from model.lm_training import LMTrainConfig, train_lm
     from model.packing import pack
-    from pipeline.progress import no_bar
+    from pipeline.output.progress import no_bar
 
     folder, steps, batch = payload
     model = load_checkpoint(folder)

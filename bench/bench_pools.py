@@ -33,8 +33,8 @@ from model.lm_training import LMTrainConfig, train_lm
 from model.llama import LlamaForCausalLM
 from model.packing import pack
 from model.tokenizer import SentencePieceTokenizer
-from pipeline.cluster import ClusterConfig, Pools, connect
-from pipeline.progress import no_bar
+from pipeline.cluster.pools import ClusterConfig, Pools, connect
+from pipeline.output.progress import no_bar
 
 
 def make_model(folder: Path) -> Path:

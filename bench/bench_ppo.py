@@ -5,7 +5,7 @@ The same random-init tiny policy (the `large` size), the same reward model (a fr
 starts from it too), the same prompts (the world's single-turn training prompts in the LLaMA-2 chat format, the
 same token ids on every side), the same batch, response length, learning rate, KL coefficient, clip ranges and
 mini-batches (one gradient step per mini-batch, one PPO epoch):
-- ours: `pipeline.stages.ppo.run_ppo_loop` for one iteration on the pools (vLLM generation on the generator pool,
+- ours: `pipeline.stages.ppo.stage.run_ppo_loop` for one iteration on the pools (vLLM generation on the generator pool,
   both reward models on the scorer pool, the update on the trainer group, the weights reloaded into the
   generator); its own per-iteration split (generate / score / train / sync); `ours (gae)` with the critic (the
   paper's PPO, compared with TRL's PPO), `ours (rloo)` with 2 answers for each of half the prompts and no critic
@@ -36,7 +36,7 @@ from bench.common import (TRL_MISSING, Context, Section, alternate, hf_tokenizer
 
 def world_prompts(ctx: Context, count: int) -> pa.Table:
     """(id, prompt_token_ids, is_safety) for `count` single-turn training prompts, and their text."""
-    from pipeline.stages.oracle_eval import eval_prompts
+    from pipeline.stages.evaluation.oracle_eval import eval_prompts
     from pipeline.stages.rejection_sampling.stage import choose_prompts
     from pipeline.world import World, WorldConfig, prompts_table
 
@@ -46,18 +46,25 @@ def world_prompts(ctx: Context, count: int) -> pa.Table:
 
 
 def ours_side(ctx: Context, policy: Path, value: Path, prompts: pa.Table, heldout: pa.Table, config) -> Any:
-    from pipeline.stages.ppo import run_ppo_loop
+    from actors.vllm_engine import Sampling
+    from pipeline.data.store import RunStore
+    from pipeline.stages.context import RewardModels, RunData, StageContext, Table
+    from pipeline.stages.ppo.stage import run_ppo_loop
+    from pipeline.state import PolicyState
 
     pools = ctx.pools
-    scorer = pools.scorer(value, ctx.reward_model("large", 1))
-    trainers = pools.trainers()
     out = ctx.root / "ppo-ours"
+    rms = RewardModels(value, ctx.reward_model("large", 1), "rms", {})
+    data = RunData(Table(prompts, "prompts"), Table(heldout, "heldout"), [], world=None)
+    stage_ctx = StageContext(RunStore(out), 1, pools, data, Sampling(), pools.config.prompts_per_shard, rms)
+    start = PolicyState("large", policy, "policy", 256)
+    stage_ctx.scorers()  # the scorer and the trainer group start before the timed sides
+    pools.trainers()
 
     def side() -> dict[str, float]:
-        generator = pools.generator("large", policy, 256)  # back to the starting policy (untimed)
+        pools.generator("large", policy, 256)  # back to the starting policy (untimed)
         shutil.rmtree(out, ignore_errors=True)
-        result = run_ppo_loop(out / "best", policy, value, prompts, heldout, config, (), generator, scorer, trainers,
-                              lambda: pools.sync_from_trainers("large", "policy"))
+        result = run_ppo_loop(stage_ctx, start, (prompts, heldout), config, out / "best")
         row = result["iterations"][0]
         split = {k: row[f"{k}_s"] for k in ("generate", "score", "train", "sync")}
         seconds = sum(split.values())
@@ -171,7 +178,7 @@ def trl_rloo_side(ctx: Context, policy: Path, value: Path, prompts: pa.Table, co
 
 
 def run(ctx: Context) -> Section:
-    from pipeline.stages.ppo import PPOConfig
+    from pipeline.stages.ppo.algorithm import PPOConfig
 
     batch, mini_batch, max_tokens = (8, 4, 8) if ctx.quick else (64, 16, 48)
     config = PPOConfig(iterations=1, batch_size=batch, mini_batch=mini_batch, max_tokens=max_tokens, eval_every=1,

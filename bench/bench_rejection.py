@@ -54,8 +54,8 @@ def run(ctx: Context) -> Section:
     header = ["prompts", "count", "samples (K per prompt)", "round s, median (min-max)", "ms per prompt",
               "time vs 1x", "linear", "at most linear (+10%)"]
     notes = [f"K={k} samples per prompt, up to {max_tokens} tokens, T=0.7, stop at end of sequence; one generator "
-             f"actor and one scorer actor; prompt shards of {ctx.pools.config.prompts_per_shard}; {ctx.reps} repetitions per size after a "
-             "warm-up, sizes alternating",
+             f"actor and one scorer actor; prompt shards of {ctx.pools.config.prompts_per_shard}; {ctx.reps} "
+             "repetitions per size after a warm-up, sizes alternating",
              "a round here is sampling, scoring, selection and the run store's writes; the fine-tuning on the kept "
              "answers (distillation) is SFT's cost and is not included"]
     return Section("rejection", "Cost growth: a rejection-sampling round as prompts double",

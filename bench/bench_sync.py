@@ -1,7 +1,7 @@
 """Weight sync, trainer -> generator, by `cluster.weight_sync`: `python -m bench.bench_sync [--quick] [--reps N]
 [--json FILE]`.
 
-The pipeline's own path (pipeline.weight_sync.WeightSync, what PPO calls every iteration), timed by the driver's
+The pipeline's own path (pipeline.cluster.weight_sync.WeightSync, what PPO calls every iteration), timed by the driver's
 wall clock from the trainer's first step to the last engine's reload, in each mode:
 - collective: trainer rank 0 broadcasts the checkpoint tensors in buckets through a gloo group with the engine's
   workers, which load them as they arrive;
@@ -61,7 +61,7 @@ def one_b_model(ctx: Context) -> Path:
 def measure(ctx: Context, label: str, folder: Path, generator: Any, group: Any,
             table: list[list[str]]) -> dict[str, Any]:
     """Every mode on one model, alternating; adds its table rows; returns its JSON row."""
-    from pipeline.weight_sync import WeightSync
+    from pipeline.cluster.weight_sync import WeightSync
 
     params = group.run(hold_model, [str(folder)] * group.world_size)[0]
     syncs = {mode: WeightSync(mode, generator, group, BUCKET_MIB * 2**20, ctx.root / f"sync-{folder.name}")
@@ -91,7 +91,7 @@ def run(ctx: Context) -> Section:
     from actors.generator import Generator
     from actors.pool import Pool
     from actors.vllm_engine import EngineConfig
-    from pipeline.cluster import engine_pool_config
+    from pipeline.cluster.pools import engine_pool_config
 
     models = {"tiny large": lambda: ctx.model("large")}
     if ctx.smollm2:

@@ -227,7 +227,7 @@ def hf_tokenizer(folder: str | Path):
 
 class Context:
     """What the benchmarks of one run share: settings, a temp folder, the models (built once, lazily), Ray and the
-    driver's pools (pipeline.cluster.Pools: started on first use, a generator pool per model size)."""
+    driver's pools (pipeline.cluster.pools.Pools: started on first use, a generator pool per model size)."""
 
     def __init__(self, quick: bool = False, reps: int | None = None, smollm2: bool | None = None,
                  keep: Path | None = None):
@@ -283,7 +283,7 @@ class Context:
     @property
     def pools(self):
         if self._pools is None:
-            from pipeline.cluster import ClusterConfig, Pools, connect
+            from pipeline.cluster.pools import ClusterConfig, Pools, connect
 
             cluster = ClusterConfig(dashboard=False)
             connect(cluster)
@@ -313,7 +313,7 @@ def sample_checkpoint(checkpoint: str | Path, prompts: Any, sampling: Any) -> tu
     from actors.vllm_engine import EngineConfig, VLLMEngine
     from model.config import ModelConfig
     from model.tokenizer import load_tokenizer
-    from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
+    from pipeline.stages.evaluation.oracle_eval import eval_prompts, stopping_at_eos
 
     tokenizer = load_tokenizer(checkpoint)
     chosen, table = eval_prompts(tokenizer, prompts, "llama2")

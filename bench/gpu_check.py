@@ -14,8 +14,8 @@ seconds of imports on a busy CPU machine) unless --isolate is given:
 - ppo_step: one PPO update with model/ppo.py (policy, frozen reference and value model, a synthetic batch);
 - train_memory: a ~1.1B random-init LLaMA config trained as the trainer ranks train (model/training.py): bf16
   compute over fp32 master weights, activation checkpointing off and on, each step's `torch.cuda.max_memory_allocated`
-  against the memory plan's estimate for it (model/memory.py, `python -m pipeline.plan`); and FSDP's CPU offload of
-  the optimizer state on a 1-rank group (CUDA only);
+  against the memory plan's estimate for it (model/memory.py, `python -m pipeline.cluster.plan`); and FSDP's CPU offload
+  of the optimizer state on a 1-rank group (CUDA only);
 - engine_sync: the weight group's bucketed broadcast onto the device (actors/weights.py; gloo, since two NCCL ranks
   cannot share one GPU) and, where vLLM is installed, a 1-rank engine: start seconds, greedy tokens against ours
   before and after a weight-group sync, sampling tokens/s.
@@ -308,7 +308,7 @@ def check_fsdp(device, sizes, rows: Rows, args) -> None:
 
 
 def ppo_update(policy, reference, value, opts, batch, device) -> dict:
-    """One rollout evaluation and one policy + value update, as pipeline.stages.ppo.ppo_iteration does it."""
+    """One rollout evaluation and one policy + value update, as pipeline.stages.ppo.algorithm.ppo_iteration does it."""
     ids, attention_mask, positions, mask, targets, rc = batch
 
     def logprobs(model):

@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 
 from model.checkpoint import load_checkpoint
-from pipeline.config import compose_run
+from pipeline.config.run import compose_run
 from pipeline.data.store import RunStore
 from pipeline.evaluation.rm_fidelity import rm_fidelity
 from pipeline.stages.reward_model.algorithm import RM_COLUMNS, reward_model_data, train_reward_model

@@ -27,7 +27,7 @@ import pyarrow as pa
 from actors.vllm_engine import Sampling
 from bench.common import sample_checkpoint
 from pipeline.data.store import RunStore
-from pipeline.stages.oracle_eval import judge_samples
+from pipeline.stages.evaluation.oracle_eval import judge_samples
 from pipeline.stages.rejection_sampling.stage import RejectionConfig
 from pipeline.stages.rejection_sampling.algorithm import kept_as_demonstrations
 from pipeline.stages.sft.algorithm import train_sft

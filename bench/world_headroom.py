@@ -18,7 +18,7 @@ import pyarrow as pa
 from actors.vllm_engine import Sampling
 from bench.common import sample_checkpoint
 from pipeline.data.schemas import PROMPTS
-from pipeline.stages.oracle_eval import answer_text
+from pipeline.stages.evaluation.oracle_eval import answer_text
 from pipeline.world import World, WorldConfig, judge
 from pipeline.world.seeding import stream
 from pipeline.world.tables import prompt_rows

@@ -42,7 +42,7 @@ _FIXED_VALUES: dict[str, tuple[Any, ...]] = {
 
 class ConfigError(ValueError):
     """A config value that cannot be used: a checkpoint's config.json field (the message names the field and the
-    file) or a run config key (pipeline/config_build.py; the message starts with the dotted key)."""
+    file) or a run config key (pipeline/config/build.py; the message starts with the dotted key)."""
 
 
 @dataclass

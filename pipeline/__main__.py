@@ -1,6 +1,6 @@
-"""`python -m pipeline`: the main job (see pipeline/main.py)."""
+"""`python -m pipeline`: the main job (see pipeline/driver/main.py)."""
 
-from pipeline.main import main
+from pipeline.driver.main import main
 
 if __name__ == "__main__":
     main()

@@ -37,7 +37,7 @@ from model.training import wrap
 from pipeline.data.schemas import SAMPLES
 from pipeline.data.store import RunStore
 from pipeline.stages.rejection_sampling.stage import sample_and_score
-from pipeline.weight_sync import WeightSync
+from pipeline.cluster.weight_sync import WeightSync
 from test_vllm_parity import other_model
 
 WORDS = ("the a cat dog sat on mat ran fast slow red blue green big small house tree river sun moon star one two "

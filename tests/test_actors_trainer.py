@@ -17,7 +17,7 @@ import torch
 
 from actors.pool import PoolConfig, PoolError
 from actors.trainer import RankContext, TrainerGroup
-from pipeline.cluster import CallOnRank
+from pipeline.cluster.pools import CallOnRank
 from pipeline.data.store import RunStore
 from pipeline.data.store import CHECKPOINT_DIR
 from pipeline.stages.cached import checkpoint_stage
@@ -135,7 +135,7 @@ def rank_pid(ctx: RankContext, _payload: None) -> int:
 
 
 def on_ranks(group: TrainerGroup, fn, *args):
-    """What pipeline.cluster.Pools.train does: `fn(*args)` on every rank, rank 0's result."""
+    """What pipeline.cluster.pools.Pools.train does: `fn(*args)` on every rank, rank 0's result."""
     return group.run(CallOnRank(fn), [args] * group.world_size)[0]
 
 

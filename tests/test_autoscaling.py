@@ -102,7 +102,7 @@ def _child(temp_dir: str) -> None:
     import ray
 
     from actors.pool import Pool, PoolActor, PoolConfig
-    from pipeline.cluster import ClusterConfig, connect
+    from pipeline.cluster.pools import ClusterConfig, connect
 
     class ShardWorker(PoolActor):  # defined here: pickled by value, the workers need no tests/ on their path
         def work(self, shard: list[int]) -> dict:

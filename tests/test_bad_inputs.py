@@ -457,7 +457,7 @@ def test_trust_remote_code_is_never_set():
 def test_ray_dashboard_binds_to_localhost_unless_configured(monkeypatch):
     import ray
 
-    from pipeline.cluster import ClusterConfig, connect
+    from pipeline.cluster.pools import ClusterConfig, connect
 
     assert ClusterConfig().dashboard_host == "127.0.0.1"
     calls = []
@@ -469,13 +469,14 @@ def test_ray_dashboard_binds_to_localhost_unless_configured(monkeypatch):
     assert calls[0]["dashboard_host"] == "127.0.0.1" and calls[0]["address"] == "local"
     # nothing in the code or the configs binds every interface
     found = [str(p.relative_to(REPO)) for p in _sources(".py", ".yaml", ".yml")
-             if p.relative_to(REPO).parts[0] in ("pipeline", "actors", "model", "conf") and "0.0.0.0" in p.read_text()]
+             if p.relative_to(REPO).parts[0] in ("pipeline", "actors", "model", "conf", "scripts")
+             and "0.0.0.0" in p.read_text()]
     assert found == []
 
 
 def test_config_paths_are_resolved_and_checked(tmp_path, monkeypatch):
-    from pipeline.config import validate
-    from pipeline.config_build import ConfigError
+    from pipeline.config.run import validate
+    from pipeline.config.build import ConfigError
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -30,7 +30,7 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.tokenizer import SentencePieceTokenizer, load_tokenizer
 from pipeline.data.store import RunStore
 from pipeline.stages.generation import ShardAssembler, generate_shards, generate_table, pieces_per_shard, split_evenly
-from pipeline.stages.ppo import split_rows
+from pipeline.stages.ppo.stage import split_rows
 from pipeline.stages.rejection_sampling.stage import sample_and_score
 
 WORDS = "the a cat dog sat on mat ran fast slow red blue green big small house tree river sun moon star".split()

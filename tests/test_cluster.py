@@ -7,7 +7,7 @@ import ray
 import torch.distributed as dist
 
 from actors.pool import PoolConfig
-from pipeline.cluster import ClusterConfig, Pools, in_process
+from pipeline.cluster.pools import ClusterConfig, Pools, in_process
 
 
 def rank_sum(a: int, b: int) -> tuple[int, int, int]:

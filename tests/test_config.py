@@ -13,10 +13,10 @@ import pytest
 from actors.pool import PoolConfig
 from model.optim import OptimConfig
 from model.training import TrainConfig
-from pipeline.config import RunConfig, compose_run
-from pipeline.config_build import ConfigError, build
+from pipeline.config.run import RunConfig, compose_run
+from pipeline.config.build import ConfigError, build
 from pipeline.stages.cached import training_recipe
-from pipeline.stages.ppo import PPOConfig
+from pipeline.stages.ppo.algorithm import PPOConfig
 from pipeline.stages.pretrain import PretrainConfig
 from pipeline.stages.reward_model.algorithm import RMConfig
 from pipeline.stages.sft.algorithm import SFTConfig

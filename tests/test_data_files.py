@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.tokenizer import SentencePieceTokenizer
-from pipeline.config_build import ConfigError
+from pipeline.config.build import ConfigError
 from pipeline.data.store import RunStore
-from pipeline.setup_smollm2 import FetchError, chitchat_pairs, fetch, transcript
+from scripts.setup_smollm2 import FetchError, chitchat_pairs, fetch, transcript
 from pipeline.stages.data_files import DataConfig, DataFile, run_data_files
 from pipeline.stages.reward_model.algorithm import split_heldout
 from tests.test_config import compose_run

@@ -8,10 +8,10 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config_build import ConfigError
+from pipeline.config.build import ConfigError
 from pipeline.data.store import RunStore
 from pipeline.evaluation.judge import ADHERENCE_PREFIX, adherence_messages, parse_yes_no
-from pipeline.setup_smollm2 import gatt_dialogues
+from scripts.setup_smollm2 import gatt_dialogues
 from pipeline.stages.data_files import DataConfig, DataFile, run_data_files
 from pipeline.stages.gatt.algorithm import (GAttDialogue, GAttInstruction, TurnAdherence, first_adherent,
                                             gatt_demonstrations)

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("model", "actors", "pipeline", "bench")
-# The driver: what runs the rounds and prints and writes their results; no stage or lower module imports it.
-DRIVER = ("pipeline.main", "pipeline.rounds", "pipeline.report", "pipeline.summary", "pipeline.console")
+PACKAGES = ("model", "actors", "pipeline", "bench", "scripts")
+# The driver (pipeline/driver/: what runs the rounds) and what prints and writes their results (pipeline/output/, but
+# its progress bars, which the stages draw); no stage or lower module imports them.
+DRIVER = ("pipeline.driver", "pipeline.output.console", "pipeline.output.report", "pipeline.output.summary",
+          "pipeline.output.profile")
 FORBIDDEN = {"model": ("actors", "pipeline", "ray", "vllm"), "actors": ("pipeline",),
              "pipeline/world": ("actors", "model", "pipeline.stages", "ray", "vllm", "torch", *DRIVER),
              "pipeline/evaluation": ("actors", "ray", "vllm", "pipeline.stages", *DRIVER),

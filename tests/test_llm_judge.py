@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.stages.llm_judge import JudgeConfig, comparison_requests, comparisons, judge_requests, verdict_summary
+from pipeline.stages.evaluation.llm_judge import (JudgeConfig, comparison_requests, comparisons, judge_requests,
+                                                  verdict_summary)
 from test_win_rates import prompts, samples
 
 RIGHT, WRONG = "42 minus 21 is 21.", "42 minus 21 is 23."

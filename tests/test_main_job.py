@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from model.checkpoint import load_checkpoint
-from pipeline.config import RunConfig
+from pipeline.config.run import RunConfig
 from pipeline.data.store import RunStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

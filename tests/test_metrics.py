@@ -77,7 +77,7 @@ def exported(ray_session, tmp_path_factory):
         trainers.run(report_tokens, [dict(tokens=30, seconds=0.5), dict(tokens=31, seconds=0.6)])
         record_stage_progress("metrics-test", 2, done=1, total=4)
         record_ppo(3, {"kl": 0.25, "approx_kl": 0.01, "r_combined": 0.6, "r_help": 0.7, "r_safe": 0.8,
-                       "empty_answers": 0, "note": "not a number"}, round=7)
+                       "empty_answers": 0, "note": "not a number"}, round_no=7)
         series = wait_for(EXPECTED)
     yield series, {"scored": scored}
 
@@ -155,7 +155,7 @@ def test_trained_tokens_reads_attributes():
 
 
 def test_loop_name_sees_through_a_call_on_rank():
-    from pipeline.cluster import CallOnRank
+    from pipeline.cluster.pools import CallOnRank
 
     assert _loop_name(report_tokens) == "report_tokens"
     assert _loop_name(CallOnRank(report_tokens)) == "report_tokens"

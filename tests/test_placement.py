@@ -1,7 +1,7 @@
-"""The placement plan (pipeline/placement.py): every phase's pools against the cluster's GPUs, the 7B recipe on one
-8-GPU node and the 70B recipe within the launchers' maximum, the one-line refusal before any actor starts, pools
-released on demand (pipeline/reservations.py, Pools) and colocated generators (pipeline/colocate.py). The layouts
-are placed for real on a fake 8-GPU Ray node (logical GPUs, no vLLM) in a process of its own."""
+"""The placement plan (pipeline/cluster/placement.py): every phase's pools against the cluster's GPUs, the 7B recipe on
+one 8-GPU node and the 70B recipe within the launchers' maximum, the one-line refusal before any actor starts, pools
+released on demand (pipeline/cluster/reservations.py, Pools) and colocated generators (pipeline/cluster/colocate.py).
+The layouts are placed for real on a fake 8-GPU Ray node (logical GPUs, no vLLM) in a process of its own."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from typing import ClassVar
 import pytest
 
 from conftest import tiny_config
-from pipeline.cluster import Pools
-from pipeline.colocate import asleep
-from pipeline.config import ConfigError, compose_run
-from pipeline.plan import PlanError, check_plan, main, placement_of
-from pipeline.reservations import Capacity, Ledger, Reservation
+from pipeline.cluster.pools import Pools
+from pipeline.cluster.colocate import asleep
+from pipeline.config.run import ConfigError, compose_run
+from pipeline.cluster.plan import PlanError, check_plan, main, placement_of
+from pipeline.cluster.reservations import Capacity, Ledger, Reservation
 from process_helpers import end_session
 
 TESTS = Path(__file__).resolve().parent
@@ -73,7 +73,7 @@ def test_an_over_asking_phase_is_refused_in_one_line(llama2):
     with pytest.raises(PlanError) as refused:
         check_plan(config, ["experiment=llama2-7b"])
     assert str(refused.value) == ("placement: phase 'ppo' needs 10 GPUs (generator-llama7b 5, scorer 1, trainer 4), "
-                                  "the cluster has 8 (cluster.num_gpus; 2 short); see python -m pipeline.plan "
+                                  "the cluster has 8 (cluster.num_gpus; 2 short); see python -m pipeline.cluster.plan "
                                   "experiment=llama2-7b")
     config = compose_run(*recipe(llama2, "70b", "cluster.max_gpus=32"))
     with pytest.raises(PlanError, match=r"^placement: phase 'ppo' needs 36 GPUs \(generator-llama70b 16, scorer 4, "
@@ -82,7 +82,7 @@ def test_an_over_asking_phase_is_refused_in_one_line(llama2):
 
 
 def test_the_driver_refuses_before_ray_starts(llama2, monkeypatch, capsys, tmp_path):
-    import pipeline.main as driver
+    import pipeline.driver.main as driver
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started although the placement does not fit")
@@ -177,12 +177,12 @@ class FakePool:
 @pytest.fixture
 def fake_pools(monkeypatch, tmp_path):
     import actors.trainer
-    import pipeline.cluster
+    import pipeline.cluster.pools
 
     FakePool.events = []
-    monkeypatch.setattr(pipeline.cluster, "Pool", FakePool)
+    monkeypatch.setattr(pipeline.cluster.pools, "Pool", FakePool)
     monkeypatch.setattr(actors.trainer, "TrainerGroup", lambda config: FakePool(None, config))
-    monkeypatch.setattr(pipeline.cluster, "ColocatedTrainers", lambda config, generators: FakePool(None, config))
+    monkeypatch.setattr(pipeline.cluster.pools, "ColocatedTrainers", lambda config, generators: FakePool(None, config))
     tiny_config().save(tmp_path)
     return tmp_path
 
@@ -234,7 +234,7 @@ def test_a_colocated_group_keeps_the_engines_awake_for_a_collective_sync(monkeyp
     """Training runs put the generators to sleep; the weight group's runs need them awake to receive."""
     from actors.pool import PoolConfig
     from actors.trainer import TrainerGroup, export_state, join_state_weight_group, send_state_weights
-    from pipeline.colocate import ColocatedTrainers
+    from pipeline.cluster.colocate import ColocatedTrainers
 
     monkeypatch.setattr(TrainerGroup, "__init__", lambda self, config: None)
     monkeypatch.setattr(TrainerGroup, "run", lambda self, loop_fn, payloads: [loop_fn.__name__])
@@ -254,8 +254,8 @@ def fake_gpu_node(folder: str) -> dict:
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
     from actors.pool import Pool, PoolActor
-    from pipeline.cluster import generator_pool_config, pools_ledger
-    from pipeline.colocate import TRAINER_SHARE, colocated
+    from pipeline.cluster.pools import generator_pool_config, pools_ledger
+    from pipeline.cluster.colocate import TRAINER_SHARE, colocated
 
     ray.init(num_cpus=64, num_gpus=8, include_dashboard=False, object_store_memory=100 * 1024**2)
     out: dict = {"released": [], "pending": []}

@@ -1,5 +1,5 @@
-"""The memory plan (model/memory.py, pipeline/plan.py): exact counts on a tiny config, LLaMA-2 7B and 70B configs
-planned from config.json alone, and the driver's one-line refusal before any actor starts."""
+"""The memory plan (model/memory.py, pipeline/cluster/plan.py): exact counts on a tiny config, LLaMA-2 7B and 70B
+configs planned from config.json alone, and the driver's one-line refusal before any actor starts."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from model.config import ModelConfig
 from model.llama import LlamaForCausalLM
 from model.memory import (ADAMW_BYTES, GIB, GRAD_BYTES, MASTER_BYTES, Parallelism, Workload, count_parameters,
                           inference_memory, training_memory)
-from pipeline.config import compose_run
-from pipeline.plan import PlanError, check_plan, main, plan_run
+from pipeline.config.run import compose_run
+from pipeline.cluster.plan import PlanError, check_plan, main, plan_run
 
 def test_parameters_are_counted_exactly_on_meta_tensors():
     config = tiny_config()  # vocab 97, hidden 64, intermediate 160, 2 layers, 4 heads, 2 kv heads (head_dim 16)
@@ -91,7 +91,7 @@ def test_a_plan_that_does_not_fit_is_refused_in_one_line(llama2):
     line = str(refused.value)
     assert "\n" not in line
     assert line.startswith("plan: sft llama7b on pool 'trainer' needs ")
-    assert "GiB per device, 80 GiB available (" in line and "GiB short); see python -m pipeline.plan" in line
+    assert "GiB per device, 80 GiB available (" in line and "GiB short); see python -m pipeline.cluster.plan" in line
 
 
 def test_tiny_memory_gib_is_refused(llama2):
@@ -108,14 +108,14 @@ def test_the_default_local_run_is_never_checked():
 
 
 def test_memory_gib_must_be_positive():
-    from pipeline.config import ConfigError
+    from pipeline.config.run import ConfigError
 
     with pytest.raises(ConfigError, match=r"memory_gib = 0(\.0)?: must be a number of GiB > 0"):
         compose_run("cluster.trainer.memory_gib=0")
 
 
 def test_the_driver_refuses_before_ray_starts(llama2, monkeypatch, capsys, tmp_path):
-    import pipeline.main as driver
+    import pipeline.driver.main as driver
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started although the plan does not fit")

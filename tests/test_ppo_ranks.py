@@ -17,7 +17,8 @@ from actors.trainer import RankContext, TrainerGroup
 from model.ppo import logit
 from model.checkpoint import load_checkpoint
 from model.training import TrainConfig
-from pipeline.stages.ppo import PPOConfig, ppo_iteration, ppo_setup, split_rows
+from pipeline.stages.ppo.algorithm import PPOConfig, ppo_iteration, ppo_setup
+from pipeline.stages.ppo.stage import split_rows
 from test_ppo_stage import make_folders, row_logprobs
 
 # world size -> (rows in the batch, rows whose answer is empty, mini_batch): the shares and steps per rank

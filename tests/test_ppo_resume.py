@@ -12,15 +12,19 @@ import pytest
 import torch
 
 from actors.pool import PoolConfig
+from actors.vllm_engine import Sampling
 from conftest import tiny_model
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.tokenizer import SentencePieceTokenizer
 from model.training import TrainConfig
-from pipeline.cluster import ClusterConfig, Pools
+from pipeline.cluster.pools import ClusterConfig, Pools
 from pipeline.data.store import RunStore
-from pipeline.stages import ppo
 from pipeline.stages.cached import TRAIN_STATE_DIR, checkpoint_stage
-from pipeline.stages.ppo import PPOConfig, run_ppo_loop
+from pipeline.stages.context import RewardModels, RunData, StageContext, Table
+from pipeline.stages.ppo import stage as ppo
+from pipeline.stages.ppo.algorithm import PPOConfig
+from pipeline.stages.ppo.stage import run_ppo_loop
+from pipeline.state import PolicyState
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -57,10 +61,12 @@ def world(tmp_path_factory, ray_session):
 def ppo_stage(store: RunStore, world, config: PPOConfig):
     policy, rm, prompts, pools, eos = world
 
+    data = RunData(Table(prompts, "p"), Table(prompts, "p"), [], world=None)
+    ctx = StageContext(store, 1, pools, data, Sampling(), 64, RewardModels(rm, rm, "rms", {}))
+
     def train(out: Path) -> dict:
-        return run_ppo_loop(out, policy, rm, prompts.slice(4), prompts.slice(0, 4), config, (eos,),
-                            pools.generator("policy", policy, 128), pools.scorer(rm, rm), pools.trainers(),
-                            lambda: pools.sync_from_trainers("policy", "policy"))
+        return run_ppo_loop(ctx, PolicyState("policy", policy, "p", 128), (prompts.slice(4), prompts.slice(0, 4)),
+                            config, out, (eos,))
     return checkpoint_stage(store, 1, "ppo", {"policy": "p"}, config.recipe(), train)
 
 

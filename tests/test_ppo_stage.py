@@ -20,9 +20,10 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.ppo import logit
 from model.tokenizer import SentencePieceTokenizer
 from model.training import TrainConfig
-from pipeline.config_build import ConfigError, build
-from pipeline.stages.ppo import (PPOConfig, answer_logits, answer_positions, export_policy, mini_batches,
-                                 ppo_iteration, ppo_setup, prepare_batch, rollout, split_rows, token_logprobs)
+from pipeline.config.build import ConfigError, build
+from pipeline.stages.ppo.algorithm import (PPOConfig, answer_logits, answer_positions, export_policy, mini_batches,
+                                           ppo_iteration, ppo_setup, prepare_batch, rollout, token_logprobs)
+from pipeline.stages.ppo.stage import split_rows
 
 WORDS = "the cat sat on a mat and the dog ran to the park with a red ball".split()
 ONE = RankContext(0, 1, torch.device("cpu"), "gloo")

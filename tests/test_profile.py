@@ -12,7 +12,7 @@ import pyarrow as pa
 from pipeline.data import store as store_module
 from pipeline.data.schemas import CORPUS
 from pipeline.data.store import MANIFEST, PROGRESS, RunStore
-from pipeline.profile import StageTime, profile_table, stage_profile
+from pipeline.output.profile import StageTime, profile_table, stage_profile
 
 
 def corpus(n: int) -> pa.Table:

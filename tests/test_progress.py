@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from pipeline import progress
-from pipeline.progress import LineBar, bar_kind, progress_bar, worker_runtime_env
+from pipeline.output import progress
+from pipeline.output.progress import LineBar, bar_kind, progress_bar, worker_runtime_env
 
 
 class _Clock:

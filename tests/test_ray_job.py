@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster import ClusterConfig
+from pipeline.cluster.pools import ClusterConfig
 from process_helpers import end_session, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.long]

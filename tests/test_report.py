@@ -11,8 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline.evaluation.safety_metrics import SafetyRow, safety_metrics
 from pipeline.evaluation.winrate import Proportion, WinRate
-from pipeline.report import (EVENTS, PLOTS, REPORT, SECTIONS, TENSORBOARD, RoundResults, RunResults, render_report,
-                             scalars)
+from pipeline.output.report import (EVENTS, PLOTS, REPORT, SECTIONS, TENSORBOARD, RoundResults, RunResults,
+                                    render_report, scalars)
 from pipeline.stages.gatt.algorithm import TurnAdherence
 from pipeline.world import Verdict
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.config import compose_run
+from pipeline.config.run import compose_run
 from pipeline.data.schemas import PREFERENCES
 from pipeline.data.store import MANIFEST, PROGRESS, RunStore
 from pipeline.data.store import CHECKPOINT_DIR

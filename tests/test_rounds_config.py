@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipeline.rounds import RoundsConfig
+from pipeline.driver.rounds import RoundsConfig
 from pipeline.stages.rejection_sampling.stage import RejectionConfig, choose_prompts
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pipeline.data.store import RunStore
-from pipeline.setup_smollm2 import setup
+from scripts.setup_smollm2 import setup
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -20,9 +20,9 @@ from model.checkpoint import checkpoint_tensors
 from model.config import ModelConfig
 from model.distributed import full_tensors, tensor_specs
 from model.llama import LlamaForCausalLM, greedy_generate
-from pipeline.cluster import ClusterConfig, engine_pool_config, generator_engine_config
-from pipeline.config import ConfigError, compose_run
-from pipeline.plan import plan_run, tensor_parallel_degree
+from pipeline.cluster.pools import ClusterConfig, engine_pool_config, generator_engine_config
+from pipeline.config.run import ConfigError, compose_run
+from pipeline.cluster.plan import plan_run, tensor_parallel_degree
 from test_vllm_parity import other_model
 
 # Two ranks need two cores (CPU) or two GPUs (a 1-GPU device check skips the engine test).
@@ -177,7 +177,7 @@ def test_an_engine_spans_the_devices_its_model_splits_over():
     """A 70B policy takes the pool's 4 devices; the bundled judge (9 heads) beside it runs on 1 rather than fail."""
     from actors.vllm_engine import engine_tensor_parallel
     from model.config import ModelConfig
-    from pipeline.plan import BUNDLED_JUDGE
+    from pipeline.cluster.plan import BUNDLED_JUDGE
 
     llama70b = ModelConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                            num_key_value_heads=8)

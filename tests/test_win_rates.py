@@ -12,7 +12,7 @@ from actors.vllm_engine import Sampling
 from pipeline.data.schemas import PROMPTS, SAMPLES
 from pipeline.data.store import RunStore
 from pipeline.stages.context import RewardModels, RunData, StageContext, Table
-from pipeline.stages.win_rates import aspect_of, per_prompt_means, run_win_rates, versus_start, win_rates
+from pipeline.stages.evaluation.win_rates import aspect_of, per_prompt_means, run_win_rates, versus_start, win_rates
 
 META = {"check": "number", "answer": 21, "reference": "42 minus 21 is 21.", "operands": [42, 21], "task": "arithmetic",
         "key": "arithmetic:sub:42:21"}

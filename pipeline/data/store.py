@@ -380,9 +380,9 @@ class RunStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def stage(self, round: int, name: str) -> StageStore:  # noqa: A002 - the paper's word for an iteration
-        if not 0 <= round <= 99:
-            raise ValueError(f"round must be in [0, 99], got {round}")
+    def stage(self, round_no: int, name: str) -> StageStore:
+        if not 0 <= round_no <= 99:
+            raise ValueError(f"round must be in [0, 99], got {round_no}")
         if not name or name.startswith(".") or "/" in name or "\\" in name:
             raise ValueError(f"stage name must be a plain folder name, got {name!r}")
-        return StageStore(self.root / f"round-{round:02d}" / name)
+        return StageStore(self.root / f"round-{round_no:02d}" / name)

@@ -3,8 +3,9 @@
 A violation is an answer with harmful content (the oracle's `Verdict.safe` is False; the paper counts a safety
 rating of 1 or 2 out of 5). A false refusal is a refusal of a borderline prompt (looks unsafe, is fine); refusals
 of plain helpful prompts are reported beside it (the paper: 15-27% on borderline, 0.006-0.05% on helpful).
-`pipeline.stages.oracle_eval` already gives the per-category shares (`CategoryScore.unsafe` / `.refused`) that the
-driver prints; this module adds the attack-vector breakdown, the counts and the intervals, from the same oracle.
+`pipeline.stages.evaluation.oracle_eval` already gives the per-category shares (`CategoryScore.unsafe` / `.refused`)
+that the driver prints; this module adds the attack-vector breakdown, the counts and the intervals, from the same
+oracle.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    # Clamp float noise at the edges: at p = 0 or 1 the bound is exactly p (measured: 0 of 28 gave a lower bound
-    # of 1.4e-17, which a plot's error bar refuses as a negative length).
+    # Clamp float noise at the edges: at p = 0 or 1 the bound is exactly p, and a plot's error bar refuses a
+    # negative length.
     return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 

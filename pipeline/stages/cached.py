@@ -36,11 +36,11 @@ def changed_fields(values: dict[str, Any], default: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value != defaults[key]}
 
 
-def checkpoint_stage(store: RunStore, round: int, name: str, inputs: Mapping[str, str],  # noqa: A002
+def checkpoint_stage(store: RunStore, round_no: int, name: str, inputs: Mapping[str, str],
                      config: Any, train: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any], bool]:
     """(checkpoint folder, metrics, cached). `train(out_dir)` writes the checkpoint and returns its metrics;
     it runs only when the stage is not complete for these inputs and this config, or its folder is gone."""
-    stage = store.stage(round, name)
+    stage = store.stage(round_no, name)
     config_digest = digest_config(config)
     folder = stage.path / CHECKPOINT_DIR
     if stage.is_complete(inputs, config_digest) and (folder / "config.json").is_file():
@@ -59,13 +59,13 @@ def train_state_dir(checkpoint_dir: str | Path) -> Path:
     return Path(checkpoint_dir).parent / TRAIN_STATE_DIR
 
 
-def table_stage(store: RunStore, round: int, name: str, inputs: Mapping[str, str],  # noqa: A002
+def table_stage(store: RunStore, round_no: int, name: str, inputs: Mapping[str, str],
                 config: Any, make: Callable[[StageStore, set[int]], dict[str, Any] | None],
                 schema_kind: str | None) -> tuple[StageStore, bool]:
     """(stage, cached). `make(stage, done)` writes the stage's shards of `schema_kind` (None: the manifest's
     `extra` is the whole output), skipping `done`, the shards an interrupted attempt with the same inputs and
     config finished, and returns the manifest's `extra`; it runs only when the stage is not complete."""
-    stage = store.stage(round, name)
+    stage = store.stage(round_no, name)
     config_digest = digest_config(config)
     if stage.is_complete(inputs, config_digest):
         return stage, True

@@ -16,7 +16,7 @@ from pipeline.data.store import RunStore
 from pipeline.state import PolicyState
 
 if TYPE_CHECKING:
-    from pipeline.cluster import Pools
+    from pipeline.cluster.pools import Pools
     from pipeline.world import World
 
 
@@ -83,8 +83,8 @@ class StageContext:
         """Whether the world's oracle judges (a world run)."""
         return self.data.world is not None
 
-    def at(self, round: int) -> StageContext:  # noqa: A002
-        return replace(self, round=round, reward_models=None)
+    def at(self, round_no: int) -> StageContext:
+        return replace(self, round=round_no, reward_models=None)
 
     def with_reward_models(self, reward_models: RewardModels) -> StageContext:
         return replace(self, reward_models=reward_models)

@@ -80,7 +80,7 @@ class ShardAssembler:
         self.handed_on += 1
 
 
-def generate_shards(pool: Pool, shards: Sequence[pa.Table], sampling: Sampling, round: int,  # noqa: A002
+def generate_shards(pool: Pool, shards: Sequence[pa.Table], sampling: Sampling, round_no: int,
                     sampler: str, on_shard: Callable[[int, pa.Table], None] | None = None,
                     keep: bool = True) -> list[pa.Table]:
     """The samples of every prompt shard (SAMPLES, prompt order), with all of the pool's actors at work at once.
@@ -93,15 +93,15 @@ def generate_shards(pool: Pool, shards: Sequence[pa.Table], sampling: Sampling, 
     cut = [split_evenly(shard, per_shard) for shard in shards]
     assembler = ShardAssembler([len(pieces) for pieces in cut], on_shard, keep)
     pieces = [piece for pieces in cut for piece in pieces]
-    pool.map_shards("generate", pieces, sampling, round, sampler, on_result=assembler.add, keep_results=False)
+    pool.map_shards("generate", pieces, sampling, round_no, sampler, on_result=assembler.add, keep_results=False)
     if not assembler.done:  # map_shards returned without every piece: a bug, not a transient failure
         raise RuntimeError(f"{assembler.handed_on} of {len(shards)} shards came back from pool '{pool.config.name}'")
     return assembler.shards
 
 
-def generate_table(pool: Pool, prompts: pa.Table, sampling: Sampling, round: int,  # noqa: A002
+def generate_table(pool: Pool, prompts: pa.Table, sampling: Sampling, round_no: int,
                    sampler: str) -> pa.Table:
     """The samples of one prompt table (SAMPLES, prompt order: `sampling.n` consecutive rows per prompt), cut into
     one piece per actor so that every actor samples a share at once."""
-    [samples] = generate_shards(pool, [prompts], sampling, round, sampler)
+    [samples] = generate_shards(pool, [prompts], sampling, round_no, sampler)
     return samples

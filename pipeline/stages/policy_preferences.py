@@ -23,7 +23,7 @@ from pipeline.data.store import StageStore, digest_config
 from pipeline.stages.cached import table_stage
 from pipeline.stages.context import StageContext, Table
 from pipeline.stages.generation import generate_shards
-from pipeline.stages.oracle_eval import eval_prompts, stopping_at_eos
+from pipeline.stages.evaluation.oracle_eval import eval_prompts, stopping_at_eos
 from pipeline.stages.reward_model.algorithm import id_rank
 from pipeline.state import PolicyState
 from pipeline.world import Prompt, World
@@ -134,12 +134,12 @@ def _make_batch(ctx: StageContext, stage: StageStore, batch: int, table: pa.Tabl
     return extra
 
 
-def batch_makers(round: int, schedule: Sequence[int], on_policy: bool) -> list[tuple[int, int | None]]:  # noqa: A002
+def batch_makers(round_no: int, schedule: Sequence[int], on_policy: bool) -> list[tuple[int, int | None]]:
     """(batch, the round that made it, None for a prebuilt one) for every weekly batch rounds 1..round ingest;
     `schedule[r - 1]` is how many batches rounds 1..r ingest in all. Batch 1 seeds the RMs as prebuilt; with
     `on_policy`, batch b >= 2 is made by the round that first ingests it."""
-    return [(b, next(r for r in range(1, round + 1) if schedule[r - 1] >= b) if on_policy and b > 1 else None)
-            for b in range(1, schedule[round - 1] + 1)]
+    return [(b, next(r for r in range(1, round_no + 1) if schedule[r - 1] >= b) if on_policy and b > 1 else None)
+            for b in range(1, schedule[round_no - 1] + 1)]
 
 
 @dataclass

@@ -23,9 +23,9 @@ from model.distributed import rank_and_world, save_on_rank0
 from model.packing import PackedRows, pack, split_long
 from model.training import TrainConfig, TrainSetup, split_batch
 from model.tokenizer import SentencePieceTokenizer, Tokenizer
-from pipeline.cluster import Runner, in_process
+from pipeline.cluster.pools import Runner, in_process
 from pipeline.data.store import RunStore, digest_config
-from pipeline.progress import progress_bar
+from pipeline.output.progress import progress_bar
 from pipeline.stages.cached import training_recipe
 from pipeline.stages.sft.algorithm import shard_rows
 
@@ -50,7 +50,8 @@ class ModelSize:
                              "num_key_value_heads must divide num_attention_heads")
 
 
-# ~0.9M and ~4.7M parameters with a 1k vocabulary; measured on 2 cores: ~15k and ~3.7k tokens/s (seq 256).
+# About 0.9M and 4.7M parameters with a 1k vocabulary: sized to pretrain in minutes on 2 cores (docs/results.md,
+# "Measurements behind defaults").
 SMALL = ModelSize("small", 128, 352, 4, 4, 2, steps=600)
 LARGE = ModelSize("large", 256, 704, 6, 8, 4, steps=400)
 

@@ -25,7 +25,7 @@ from pipeline.stages.context_distillation.algorithm import (ContextDistillationC
                                                   distillation_demonstrations, distillation_prompts,
                                                   score_without_preprompt, select_distilled)
 from pipeline.stages.generation import generate_shards
-from pipeline.stages.oracle_eval import run_oracle_eval, stopping_at_eos
+from pipeline.stages.evaluation.oracle_eval import run_oracle_eval, stopping_at_eos
 from pipeline.stages.rejection_sampling.stage import kept_demonstrations
 from pipeline.stages.sft.algorithm import SFTConfig, with_mix
 from pipeline.stages.sft.stage import fine_tune

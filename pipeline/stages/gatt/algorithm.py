@@ -68,8 +68,8 @@ class GAttConfig:
     # Samples per turn when building training dialogues; the first that keeps the instruction is used, and only
     # dialogues whose last (trained) answer keeps it are trained on. The instructions are synthetic constraints
     # with a rule-based check (`follows`), so this is rejection sampling with a verifier. Not in the paper, whose
-    # 70B model follows an instruction it can see; the tiny policies keep it in 10-30% of their answers even then
-    # (measured: training on unfiltered samples left adherence at 10-34%). 1 with verify=false: the paper's recipe.
+    # 70B model follows an instruction it can see; the tiny policies often drop it even then, and trained on
+    # unfiltered samples they kept dropping it (docs/results.md). 1 with verify=false: the paper's recipe.
     samples_per_turn: int = 8
     verify: bool = True
     # Train on every answered prefix of a sampled dialogue (turns 1..t, the loss on answer t), not only on the

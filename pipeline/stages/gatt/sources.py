@@ -41,7 +41,7 @@ class DialogueSource(Protocol):
     def dialogues(self, split: str, count: int, turns: int, rng: random.Random, short_prob: float,
                   min_turns: int = 1) -> list[GAttDialogue]: ...
 
-    def adherence(self, dialogues: list[GAttDialogue], answers: list[list[str]], round: int,  # noqa: A002
+    def adherence(self, dialogues: list[GAttDialogue], answers: list[list[str]], round_no: int,
                   stage: str) -> tuple[list[TurnAdherence], dict[str, Any]]: ...
 
 
@@ -54,7 +54,7 @@ class WorldDialogues:
                   min_turns: int = 1) -> list[GAttDialogue]:
         return gatt_dialogues(self.world, split, count, turns, rng, short_prob, min_turns)
 
-    def adherence(self, dialogues: list[GAttDialogue], answers: list[list[str]], round: int,  # noqa: A002
+    def adherence(self, dialogues: list[GAttDialogue], answers: list[list[str]], round_no: int,
                   stage: str) -> tuple[list[TurnAdherence], dict[str, Any]]:
         return adherence_by_turn([d.meta for d in dialogues], answers), {}
 
@@ -207,9 +207,9 @@ class FileDialogues:
             out.append(GAttDialogue(f"gatt-{split}-{i:05d}", instruction, tuple(user), tuple({} for _ in user)))
         return out
 
-    def adherence(self, dialogues: list[GAttDialogue], answers: list[list[str]], round: int,  # noqa: A002
+    def adherence(self, dialogues: list[GAttDialogue], answers: list[list[str]], round_no: int,
                   stage: str) -> tuple[list[TurnAdherence], dict[str, Any]]:
-        return judged_adherence(dialogues, answers, lambda requests: self.ask(requests, round, stage))
+        return judged_adherence(dialogues, answers, lambda requests: self.ask(requests, round_no, stage))
 
 
 def judged_adherence(dialogues: Sequence[GAttDialogue], answers: Sequence[Sequence[str]],

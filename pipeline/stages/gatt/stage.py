@@ -32,7 +32,7 @@ from pipeline.stages.generation import generate_table
 from pipeline.stages.gatt.algorithm import (GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_prompts,
                                   first_adherent, gatt_demonstrations, gatt_examples, gatt_sampling_prompts)
 from pipeline.stages.gatt.sources import DialogueSource
-from pipeline.stages.oracle_eval import stopping_at_eos
+from pipeline.stages.evaluation.oracle_eval import stopping_at_eos
 from pipeline.stages.rejection_sampling.stage import kept_demonstrations
 from pipeline.stages.sft.algorithm import with_mix
 from pipeline.stages.sft.stage import fine_tune

@@ -24,12 +24,12 @@ from actors.vllm_engine import Sampling
 from model.tokenizer import load_tokenizer
 from pipeline import stage_names as names
 from pipeline.data.store import StageStore
-from pipeline.progress import progress_bar
+from pipeline.output.progress import progress_bar
 from pipeline.evaluation.rm_fidelity import rm_fidelity
 from pipeline.stages.cached import table_stage
 from pipeline.stages.context import StageContext, StepResult
 from pipeline.stages.generation import generate_shards
-from pipeline.stages.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
+from pipeline.stages.evaluation.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
 from pipeline.stages.rejection_sampling.algorithm import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
                                                        merge_with_earlier, reward_vs_k, kept_as_demonstrations)
 from pipeline.stages.reward_model.algorithm import id_rank
@@ -41,8 +41,8 @@ from pipeline.state import PolicyState
 class RejectionConfig:
     k: int = 8  # samples per prompt (the paper studies N = 1..100; K itself is not in it)
     # Per round (round r uses entry r-1, the last one repeats): the paper re-tunes T each round (1.2-1.3 for
-    # its RLHF models at N = 10-100). The tiny models write mostly broken words at T=1 (seen in round 1's
-    # samples), so they sample at 0.7, the evaluation's temperature; `temperature_sweep` measures Figure 8.
+    # its RLHF models at N = 10-100). The tiny models write mostly broken words at T=1, so they sample at the
+    # evaluation's temperature; `temperature_sweep` measures Figure 8.
     temperatures: list[float] = field(default_factory=lambda: [0.7])
     prompts: int = 400  # single-turn training prompts, the same each round (so earlier rounds' best can be kept)
     max_tokens: int = 48
@@ -76,8 +76,8 @@ class RejectionConfig:
         if errors:
             raise ValueError("\n".join(errors))
 
-    def temperature(self, round: int) -> float:  # noqa: A002
-        return self.temperatures[min(round, len(self.temperatures)) - 1]
+    def temperature(self, round_no: int) -> float:
+        return self.temperatures[min(round_no, len(self.temperatures)) - 1]
 
 
 def choose_prompts(prompts: pa.Table, count: int, seed: int) -> pa.Table:

@@ -35,7 +35,7 @@ from model.training import TrainConfig, Trainer, TrainSetup, micro_split, reduce
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import PREFERENCES, RATINGS
 from pipeline.evaluation.rm_tables import COLUMNS
-from pipeline.progress import progress_bar
+from pipeline.output.progress import progress_bar
 from pipeline.stages.cached import train_state_dir
 from pipeline.stages.sft.algorithm import check_parallel, check_positive, check_ratio
 

@@ -25,7 +25,7 @@ from model.packing import Example, PackedRows, pack
 from model.sharded import load_for_training, remove_train_state
 from model.training import TrainConfig, TrainSetup, split_batch
 from model.tokenizer import Tokenizer, load_tokenizer
-from pipeline.progress import progress_bar
+from pipeline.output.progress import progress_bar
 from pipeline.stages.cached import train_state_dir, training_recipe
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 from pipeline import stage_names as names
 from pipeline.stages.cached import checkpoint_stage
 from pipeline.stages.context import StageContext, StepResult, Table
-from pipeline.stages.oracle_eval import run_oracle_eval
+from pipeline.stages.evaluation.oracle_eval import run_oracle_eval
 from pipeline.stages.sft.algorithm import SFTConfig, train_sft
 from pipeline.state import PolicyState
 

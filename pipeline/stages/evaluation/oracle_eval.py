@@ -22,7 +22,7 @@ from model.chat_template import encode_prompt
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.schemas import RISK_CATEGORIES, SAMPLES
 from pipeline.data.store import StageStore
-from pipeline.progress import progress_bar
+from pipeline.output.progress import progress_bar
 from pipeline.stages.cached import table_stage
 from pipeline.stages.context import StageContext
 from pipeline.stages.generation import generate_shards

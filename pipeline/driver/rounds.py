@@ -20,13 +20,14 @@ from pipeline.stages.context_distillation.stage import run_context_distillation
 from pipeline.stages.gatt.algorithm import GAttConfig
 from pipeline.stages.gatt.sources import DialogueSource
 from pipeline.stages.gatt.stage import run_gatt
-from pipeline.stages.llm_judge import JudgeConfig
+from pipeline.stages.evaluation.llm_judge import JudgeConfig
 from pipeline.stages.policy_preferences import OnPolicyConfig, Preferences, ingest
-from pipeline.stages.ppo import PPOConfig, run_ppo
+from pipeline.stages.ppo.algorithm import PPOConfig
+from pipeline.stages.ppo.stage import run_ppo
 from pipeline.stages.rejection_sampling.stage import RejectionConfig, run_rejection_sampling
 from pipeline.stages.reward_model.algorithm import RMConfig
 from pipeline.stages.reward_model.stage import run_reward_models
-from pipeline.stages.round_evaluation import evaluate_round
+from pipeline.stages.evaluation.round_evaluation import evaluate_round
 from pipeline.state import PolicyState
 
 
@@ -62,9 +63,9 @@ class RoundsConfig:
         if errors:
             raise ValueError("\n".join(errors))
 
-    def batches_through(self, round: int) -> int:  # noqa: A002
+    def batches_through(self, round_no: int) -> int:
         """How many weekly batches rounds 1..round have ingested in all."""
-        return sum(self.new_batches[min(r, len(self.new_batches)) - 1] for r in range(1, round + 1))
+        return sum(self.new_batches[min(r, len(self.new_batches)) - 1] for r in range(1, round_no + 1))
 
 
 @dataclass

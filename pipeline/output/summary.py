@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.data.schemas import RISK_CATEGORIES
 from pipeline.data.store import write_bytes_atomic
-from pipeline.stages.oracle_eval import HARD
+from pipeline.stages.evaluation.oracle_eval import HARD
 
 SUMMARY_FILE = "summary.json"
 JUDGE_KEYS = {"oracle": "oracle", "reward models": "rm"}
@@ -50,7 +50,7 @@ def ppo_summary(result: Any) -> dict[str, float | None]:
 def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[str, Sequence[Mapping[str, Any]]],
                 results: Sequence[Any], base_scores: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                 versus_start: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The summary of a world run; `results` are the rounds' RoundResult (pipeline/rounds.py);
+    """The summary of a world run; `results` are the rounds' RoundResult (pipeline/driver/rounds.py);
     `base_scores` the base models' (under "start": where a pretrained chat model began), `versus_start` the
     largest final policy against its base prompt by prompt (`win_rates.versus_start`)."""
     rounds, ppo = [], None

@@ -17,11 +17,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from actors.vllm_engine import Sampling
-from pipeline.cluster import ClusterConfig
-from pipeline.config_build import ConfigError, build
-from pipeline.rounds import RoundsConfig
+from pipeline.cluster.pools import ClusterConfig
+from pipeline.config.build import ConfigError, build
+from pipeline.driver.rounds import RoundsConfig
 from pipeline.stages.data_files import DataConfig
-from pipeline.stages.llm_judge import JudgeConfig
+from pipeline.stages.evaluation.llm_judge import JudgeConfig
 from pipeline.stages.pretrain import PretrainConfig
 from pipeline.stages.reward_model.algorithm import RMConfig
 from pipeline.stages.sft.algorithm import SFTConfig
@@ -49,11 +49,11 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
-    # Models are sampled the way preference data is: at some temperature, not greedily; 4 samples per prompt
-    # (measured: one sample per prompt left differences of 0.03 in mean helpfulness within sampling noise).
+    # Models are sampled the way preference data is: at some temperature, not greedily; 4 samples per prompt, as
+    # one left round-to-round differences within sampling noise (docs/results.md, "Measurements behind defaults").
     eval_sampling: Sampling = field(default_factory=lambda: Sampling(n=4, temperature=0.7, max_tokens=48, seed=0))
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
-    # The LLM judge of every round's win rates (pipeline/stages/llm_judge.py); judge.checkpoint=null: none.
+    # The LLM judge of every round's win rates (pipeline/stages/evaluation/llm_judge.py); judge.checkpoint=null: none.
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Policy sizes to start from instead of pretraining tiny ones: {name: HF checkpoint folder}, smallest first
@@ -117,7 +117,7 @@ class RunConfig:
 
 
 # An absolute path: with `python -m pipeline` Hydra would otherwise look for a Python package named `conf`.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # pipeline/config/run.py -> the repo's conf/
 
 
 def register() -> None:

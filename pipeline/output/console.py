@@ -1,6 +1,7 @@
-"""What the driver prints: one function per table or line, so pipeline/main.py reads as the run's phases.
+"""What the driver prints: one function per table or line, so pipeline/driver/main.py reads as the run's phases.
 
-Everything here formats results the stages returned; nothing runs a stage. Progress bars are pipeline/progress.py.
+Everything here formats results the stages returned; nothing runs a stage. Progress bars are
+pipeline/output/progress.py.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import pyarrow as pa
 from pipeline.data.schemas import RISK_CATEGORIES
 from pipeline.data.store import RunStore
 from pipeline.evaluation.rm_tables import table7_markdown, table8_markdown
-from pipeline.profile import profile_table, stage_profile
-from pipeline.rounds import RoundResult
+from pipeline.output.profile import profile_table, stage_profile
+from pipeline.driver.rounds import RoundResult
 from pipeline.state import PolicyState
 
 
@@ -25,7 +26,7 @@ def section(title: str) -> None:
 
 
 def cluster_line(cluster: Mapping[str, Any]) -> None:
-    """What pipeline.cluster.connect found."""
+    """What pipeline.cluster.pools.connect found."""
     resources = cluster["resources"]
     print(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
           + (f"; dashboard http://{cluster['dashboard']}" if cluster["dashboard"] else ""))
@@ -77,13 +78,13 @@ def sft_rows(name: str, metrics: Mapping[str, Any], seconds: str, scores: list[d
           f"{metrics['last_loss']:4.2f} {seconds:>8} " + (summary_cells(scores) if base_scores is not None else ""))
 
 
-def win_rate_line(label: str, round: int, wins: Mapping[str, Any]) -> None:  # noqa: A002
-    print(f"  {label + ' r' + str(round):<16} win rate vs its SFT (ties apart): " + ", ".join(
+def win_rate_line(label: str, round_no: int, wins: Mapping[str, Any]) -> None:
+    print(f"  {label + ' r' + str(round_no):<16} win rate vs its SFT (ties apart): " + ", ".join(
         f"{judge} {aspect} {rate(w)}" for judge, by in wins["win_rates"].items() for aspect, w in by.items()))
 
 
-def judge_line(size: str, round: int, judge: str, verdicts: Mapping[str, Any]) -> None:  # noqa: A002
-    print(f"  {size + ' r' + str(round):<12} LLM judge ({judge}, {verdicts['comparisons']} prompts): "
+def judge_line(size: str, round_no: int, judge: str, verdicts: Mapping[str, Any]) -> None:
+    print(f"  {size + ' r' + str(round_no):<12} LLM judge ({judge}, {verdicts['comparisons']} prompts): "
           + ", ".join(f"{aspect} {rate(w)}" for aspect, w in verdicts["win_rates"].items())
           + (f"; agrees with the oracle {ci(verdicts['agreement']['overall'])}" if verdicts["agreement"] else "")
           + f", position-swap consistency {ci(verdicts['consistency'])}")
@@ -98,8 +99,8 @@ def rm_tables(last: int, heldout: Mapping[tuple[str, str], Any], per_source: boo
         print(table7_markdown(heldout))
 
 
-def versus_start_line(size: str, round: int, final: Mapping[str, Any]) -> None:  # noqa: A002
-    print(f"== {size} after round {round} against its start (oracle helpfulness, {final['prompts']} held-out "
+def versus_start_line(size: str, round_no: int, final: Mapping[str, Any]) -> None:
+    print(f"== {size} after round {round_no} against its start (oracle helpfulness, {final['prompts']} held-out "
           f"prompts): {final['start']:.3f} -> {final['final']:.3f}, wins {final['wins']} / ties {final['ties']} / "
           f"losses {final['losses']}, sign test p = {final['sign_test_p']:.3g}")
 

@@ -2,7 +2,7 @@
 
 world (or the user's files) -> base models (pretrained on the world's corpus, or `base_models` checkpoints) ->
 their answers to held-out prompts on the generator pool (scored by the oracle in world runs) -> SFT of every size
-on the trainer group -> the same evaluation -> the RLHF rounds (pipeline/rounds.py: reward models on every weekly
+on the trainer group -> the same evaluation -> the RLHF rounds (pipeline/driver/rounds.py: reward models on every weekly
 batch so far, rejection sampling from the largest policy and every size fine-tuned on the kept answers, then from
 their rounds on PPO on the largest policy, Ghost Attention and safety context distillation on every size, and
 evaluation) -> after each round, win rates against the SFT model by the RMs and the oracle, and by the LLM judge
@@ -23,28 +23,28 @@ from omegaconf import DictConfig
 from model.chat_template import Message
 from model.config import ModelConfig
 from model.tokenizer import load_tokenizer
-from pipeline import console
+from pipeline.output import console
 from pipeline import stage_names as names
-from pipeline.cluster import Pools, connect
-from pipeline.config import CONF_DIR, ConfigError, RunConfig, register, validate
+from pipeline.cluster.pools import Pools, connect
+from pipeline.config.run import CONF_DIR, ConfigError, RunConfig, register, validate
 from pipeline.data.schemas import PREFERENCE_KINDS
 from pipeline.data.store import RunStore, digest_config
-from pipeline.plan import check_plan
+from pipeline.cluster.plan import check_plan
 from pipeline.evaluation.judge import ADHERENCE_PREFIX
 from pipeline.evaluation.safety_metrics import SafetyMetrics, safety_metrics, safety_rows
 from pipeline.evaluation.winrate import Proportion, WinRate
-from pipeline.report import RoundResults, RunResults, render_report
-from pipeline.rounds import RoundInputs, RoundResult, run_round
+from pipeline.output.report import RoundResults, RunResults, render_report
+from pipeline.driver.rounds import RoundInputs, RoundResult, run_round
 from pipeline.state import PolicyState
 from pipeline.stages.context import RunData, StageContext, Table, with_digests
 from pipeline.stages.data_files import data_stage_name, run_data_files
-from pipeline.stages.oracle_eval import native_format, run_oracle_eval
+from pipeline.stages.evaluation.oracle_eval import native_format, run_oracle_eval
 from pipeline.stages.sft.stage import run_sft
 from pipeline.stages.pretrain import run_pretrain
 from pipeline.stages.gatt.sources import DialogueSource, FileDialogues, WorldDialogues
-from pipeline.stages.llm_judge import ask_judge, judge_digest
-from pipeline.stages.win_rates import versus_start
-from pipeline.summary import run_summary, write_summary
+from pipeline.stages.evaluation.llm_judge import ask_judge, judge_digest
+from pipeline.stages.evaluation.win_rates import versus_start
+from pipeline.output.summary import run_summary, write_summary
 from pipeline.stages.world import run_world, world_stage_name
 from pipeline.world import World
 
@@ -181,9 +181,9 @@ def gatt_source_of(tables: dict[str, Table], world: World | None, config: RunCon
     if "gatt_instructions" not in tables or judge_folder is None:
         return None
 
-    def ask(requests: list[tuple[str, list[Message]]], round: int, stage: str) -> dict[str, str]:  # noqa: A002
+    def ask(requests: list[tuple[str, list[Message]]], round_no: int, stage: str) -> dict[str, str]:
         pool = pools.generator("judge", judge_folder, config.judge.context)
-        return ask_judge(requests, judge_folder, config.judge, pool, round, stage,
+        return ask_judge(requests, judge_folder, config.judge, pool, round_no, stage,
                          ADHERENCE_PREFIX if config.judge.style == "direct" else "")
 
     files = digest_config({"instructions": tables["gatt_instructions"].digest,
@@ -226,7 +226,7 @@ def run_results(name: str, results: list[RoundResult], size: str, sft_safety: Sa
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         config = validate(cfg)
-        check_plan(config)  # the memory plan (pipeline/plan.py): a stage that does not fit stops here, one line
+        check_plan(config)  # the memory plan (pipeline/cluster/plan.py): a stage that does not fit stops here, one line
     except ConfigError as err:  # before any stage or actor starts
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,14 +1,15 @@
 """The run's placement plan: the pools each phase of the run holds at once and the GPUs and CPUs they reserve,
-against the cluster's capacity, before Ray starts (`python -m pipeline.plan` prints it; pipeline/plan.py checks it).
+against the cluster's capacity, before Ray starts (`python -m pipeline.cluster.plan` prints it; pipeline/cluster/plan.py
+checks it).
 
 A phase is a set of pools in use at the same moment: the trainer group (pretraining, SFT, the reward models, every
 fine-tune); one size's generators (its evaluations, GAtt's dialogues, on-policy batches); the largest size's
 generators and the scorer (rejection sampling); those and the trainers (PPO); a size's generators and the scorer
 (context distillation); the scorer (win rates); the LLM judge's generators. Pools outside the current phase keep
-their devices until a pool of a later phase needs them, and are then released (pipeline/reservations.py: the
+their devices until a pool of a later phase needs them, and are then released (pipeline/cluster/reservations.py: the
 judge's first, then the least recently used), so a run places when each of its phases does. With
-`cluster.colocate` the generators share the trainers' GPUs (pipeline/colocate.py): the trainer group is up in every
-phase that samples, and the shared devices count once.
+`cluster.colocate` the generators share the trainers' GPUs (pipeline/cluster/colocate.py): the trainer group is up in
+every phase that samples, and the shared devices count once.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from dataclasses import astuple, dataclass
 from typing import TYPE_CHECKING
 
 from actors.pool import PoolConfig
-from pipeline.cluster import JUDGE, ClusterConfig, engine_pool_config, generator_pool_name, generator_reservation
-from pipeline.reservations import UNITS, Capacity, Reservation, Shortfall, capacity_of, joins_cluster, total
+from pipeline.cluster.pools import JUDGE, ClusterConfig, engine_pool_config, generator_pool_name, generator_reservation
+from pipeline.cluster.reservations import UNITS, Capacity, Reservation, Shortfall, capacity_of, joins_cluster, total
 
 if TYPE_CHECKING:
-    from pipeline.config import RunConfig
+    from pipeline.config.run import RunConfig
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class Layout:
 
 
 def generator_plan(cluster: ClusterConfig, size: str, degree: int) -> PoolPlan:
-    """A generator pool whose engines span `degree` devices (pipeline.cluster.Pools.generator reserves the same)."""
+    """A generator pool whose engines span `degree` devices (pipeline.cluster.pools.Pools.generator reserves the
+    same)."""
     name = generator_pool_name(cluster, size)
     pool = engine_pool_config(cluster.generator, name, degree)
     return PoolPlan(name, pool.size, pool.num_gpus, degree, generator_reservation(cluster, degree))
@@ -118,7 +120,7 @@ def placement_refusal(layout: Layout, overrides: list[str]) -> str | None:
         return None
     phase, shortfalls = short[0]
     why = "; ".join(shortfall_text(layout, phase, s) for s in shortfalls)
-    see = f"see python -m pipeline.plan {shlex.join(overrides)}".rstrip()
+    see = f"see python -m pipeline.cluster.plan {shlex.join(overrides)}".rstrip()
     return f"placement: phase '{phase.name}' {why}; {see}"
 
 

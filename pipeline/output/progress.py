@@ -10,7 +10,7 @@
 - Nothing on ranks other than 0 (one bar per training run).
 
 An actor's own output is never a terminal, so the driver hands its kind to the workers through the job's
-environment (`worker_runtime_env`, which pipeline/cluster.py gives ray.init); without it an actor prints lines."""
+environment (`worker_runtime_env`, which pipeline/cluster/pools.py gives ray.init); without it an actor prints lines."""
 
 from __future__ import annotations
 

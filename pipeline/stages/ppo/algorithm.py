@@ -1,10 +1,5 @@
-"""PPO on the combined reward (docs/paper.md, "Iterative fine-tuning"), on top of the rejection-sampling checkpoint.
-
-Each iteration: the generator pool samples `samples_per_prompt` answers (1 by default) per prompt of a batch with
-the current policy (vLLM); the scorer pool adds R_h, R_s and R_c; the trainer group takes one PPO update (policy and
-value, one gradient step per mini-batch) and publishes the policy's tensors to Ray's object store, which the
-generators reload in place (one object, one call per actor: the tensors travel together, never one call per tensor,
-and no file is written). The policy is written to disk only when it is the best so far on held-out prompts.
+"""PPO on the combined reward (docs/paper.md, "Iterative fine-tuning"), the rank side: the config and one update
+on every trainer rank (the driver's loop, on the pools, is ppo/stage.py).
 
 Reward: R = whiten(logit(R_c)) - beta * KL(pi || pi_0), KL per token against the frozen starting policy (k1 by
 default, `kl_estimator`), the sequence score added at the last answer token. Whitening uses running statistics
@@ -23,15 +18,11 @@ of similar length, each padded to its own longest row; `group_by_length` makes t
 Ranks take the same number of gradient steps (the largest share's), a rank out of rows stepping on a
 placeholder that weighs nothing, so DDP's collectives line up; each step's loss is weighted by the rank's share of
 the step's answer tokens, so the update is the token mean over all ranks.
-Early stopping: every `eval_every` iterations the policy answers held-out prompts and the best held-out mean R_c
-(the starting policy included) is the stage's checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 import dataclasses
@@ -39,15 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from actors.metrics import record_ppo
 from actors.trainer import RankContext
-from actors.vllm_engine import Sampling
 from model.optim import OptimConfig
 from model.packing import pad_right
 from model.ppo import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, Reduce, RunningMoments, advantage_estimator,
@@ -55,14 +43,8 @@ from model.ppo import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, Reduce, RunningMomen
 from model.sharded import load_for_training, load_train_state, save_train_state
 from model.tokenizer import load_tokenizer
 from model.training import TrainConfig, Trainer, is_sharded, micro_split, wrap
-from pipeline import stage_names as names
-from pipeline.stages.cached import checkpoint_stage, train_state_dir, training_recipe
-from pipeline.stages.generation import generate_table
-from pipeline.stages.context import StageContext, StepResult
-from pipeline.stages.oracle_eval import eval_prompts, run_oracle_eval, stop_ids
-from pipeline.stages.rejection_sampling.stage import choose_prompts
+from pipeline.stages.cached import training_recipe
 from pipeline.stages.sft.algorithm import check_positive, check_ratio
-from pipeline.state import PolicyState
 
 
 OLD_LOGPROBS = ("sampler", "trainer")  # where the ratio's old log-probabilities come from (`ppo.old_logprobs`)
@@ -77,7 +59,7 @@ class PPOConfig:
     samples_per_prompt: int = 1  # answers sampled per prompt; rloo and grpo compare them, so need >= 2
     mini_batch: int = 16  # answers per gradient step; paper 64
     advantage: str = "gae"  # gae (critic; the paper) | rloo | grpo (no critic): model.ppo.ADVANTAGE_ESTIMATORS
-    lr: float = 3e-5  # constant; paper 1e-6 (measured: 5e-6 left the tiny policy's KL at ~0 after 12 iterations)
+    lr: float = 3e-5  # constant; paper 1e-6, too small to move the tiny policy (docs/results.md)
     value_lr: float = 5e-5
     beta: float = 0.05  # KL penalty; paper 0.01 (7B, 13B), 0.005 (34B, 70B)
     kl_estimator: str = "k1"
@@ -92,8 +74,8 @@ class PPOConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     offload_reference: bool = False  # FSDP only: the frozen reference's shards on the host between forwards
     temperature: float = 1.0
-    # The sampler's by default: measured 3e-7 nats per token from the trainer's on CPU (docs/benchmarks.md), they
-    # save a policy pass per iteration, and an iteration that measures more than the tolerance recomputes them.
+    # The sampler's by default: they match the trainer's on CPU (docs/benchmarks.md) and save a policy pass per
+    # iteration; an iteration that measures more than the tolerance recomputes them.
     old_logprobs: str = "sampler"  # sampler (vLLM's; needs temperature 1) | trainer (a policy pass per iteration)
     logprob_tolerance: float = 0.01  # mean |sampler - trainer| nats per answer token: ~1% on the ratio
     group_by_length: bool = True  # mini-batches of rows of similar length (random order), padded to their own
@@ -132,7 +114,7 @@ class PPOConfig:
             errors.append(f"ppo.mini_batch = {self.mini_batch}: larger than the {answers} answers of an iteration "
                           f"(ppo.batch_size = {self.batch_size} x ppo.samples_per_prompt = {self.samples_per_prompt})")
         if errors:
-            raise ValueError("\n".join(errors))  # pipeline.config_build turns it into a ConfigError with the path
+            raise ValueError("\n".join(errors))  # pipeline.config.build turns it into a ConfigError with the path
 
     @property
     def needs_critic(self) -> bool:
@@ -551,134 +533,3 @@ def load_ppo_state(ctx: RankContext, directory: str) -> dict[str, Any] | None:
                                                          STATE_RUN) is None:
         raise RuntimeError(f"{directory}: the policy's PPO state was saved, the critic's is missing")
     return progress["loop"]
-
-
-# --- in the driver ------------------------------------------------------------------------------------------
-
-def split_rows(table: pa.Table, parts: int, samples_per_prompt: int = 1) -> list[dict[str, list]]:
-    """The batch's columns as lists, one share per rank, plus `group`, each answer's prompt (its index in the
-    batch). Prompts are dealt round-robin and a prompt's answers stay together on one rank: RLOO and GRPO compare
-    them. The rows must be in prompt order, `samples_per_prompt` consecutive rows a prompt (the generators' order)."""
-    columns = ("prompt_token_ids", "token_ids", "logprobs", "r_help", "r_safe", "r_combined")
-    groups = [row // samples_per_prompt for row in range(table.num_rows)]
-    if "sample_index" in table.column_names and \
-            table.column("sample_index").to_pylist() != [row % samples_per_prompt for row in range(table.num_rows)]:
-        raise ValueError(f"the batch's rows are not {samples_per_prompt} answers per prompt in prompt order")
-    shares = []
-    for rank in range(parts):
-        rows = [row for row, group in enumerate(groups) if group % parts == rank]
-        share = table.take(pa.array(rows, pa.int64())).select(list(columns)).to_pydict()
-        shares.append({**share, "group": [groups[row] for row in rows]})
-    return shares
-
-
-def run_ppo_loop(out: Path, policy_dir: Path, value_dir: Path, train_prompts: pa.Table, heldout: pa.Table,
-                 config: PPOConfig, stop: tuple[int, ...], generator, scorer, trainers, sync,
-                 round: int | None = None) -> dict[str, Any]:  # noqa: A002
-    """The iterations; the best policy by held-out reward is written to `out`. `generator` and `scorer` are
-    pools, `trainers` the trainer group, `sync()` reloads the generators from the ranks' policy
-    (`Pools.sync_from_trainers(size, "policy")`) and returns seconds.
-
-    With `ppo.train.save_every`, every that many iterations the ranks save their state and the loop's (beside
-    `out`, pipeline.stages.cached.train_state_dir), the best policy so far is kept there too, and a re-run of the
-    killed stage goes on from the last save."""
-    world = trainers.world_size
-    critic = str(value_dir) if config.needs_critic else None  # RLOO and GRPO: no value model on the ranks
-    trainers.run(ppo_setup, [(str(policy_dir), critic, config)] * world)
-    saves = config.train.save_every
-    state_dir = train_state_dir(out)
-    best_dir = state_dir / "best" if saves else out  # a save's best policy must outlive the stage's clean-up
-    resumable = saves and (best_dir / "config.json").is_file()  # a finished attempt moved it to `out` already
-    loop = trainers.run(load_ppo_state, [str(state_dir)] * world)[0] if resumable else None
-    if loop is not None:
-        sync()  # the generators sample the resumed policy
-
-    def heldout_reward(iteration: int) -> float:
-        sampling = Sampling(n=1, temperature=config.temperature, max_tokens=config.max_tokens,
-                            seed=config.seed + 100_000 + iteration, stop_token_ids=stop)
-        samples = generate_table(generator, heldout, sampling, 0, "ppo-heldout")
-        [scored] = scorer.map_shards("score", [samples])
-        return sum(scored.column("r_combined").to_pylist()) / scored.num_rows
-
-    if loop is None:
-        loop = {"iteration": 0, "best": heldout_reward(0), "best_iteration": 0, "stale": 0, "rows": []}
-        loop["curve"] = [{"iteration": 0, "heldout_reward": loop["best"]}]
-        shutil.rmtree(best_dir, ignore_errors=True)  # a copy a killed attempt left half made
-        shutil.copytree(policy_dir, best_dir)  # the starting policy is the checkpoint until PPO beats it
-    best, best_iteration, stale, curve, rows = (loop[k] for k in ("best", "best_iteration", "stale", "curve", "rows"))
-    stopped = "iterations done"
-    for it in range(loop["iteration"] + 1, config.iterations + 1):
-        start = (it - 1) * config.batch_size % train_prompts.num_rows
-        batch = train_prompts.take(pa.array([(start + i) % train_prompts.num_rows for i in range(config.batch_size)],
-                                            pa.int64()))
-        sampling = Sampling(n=config.samples_per_prompt, temperature=config.temperature,
-                            max_tokens=config.max_tokens, seed=config.seed + it, stop_token_ids=stop)
-        t0 = time.perf_counter()
-        # One piece per generator actor, joined back in prompt order (split_rows needs it); seeds follow the
-        # prompt ids, so the samples are those of the whole batch on one actor.
-        samples = generate_table(generator, batch, sampling, it, "ppo")
-        t1 = time.perf_counter()
-        [scored] = scorer.map_shards("score", [samples])
-        t2 = time.perf_counter()
-        metrics = trainers.run(ppo_iteration, split_rows(scored, world, config.samples_per_prompt))[0]
-        t3 = time.perf_counter()
-        sync()
-        t4 = time.perf_counter()
-        rows.append({"iteration": it, **metrics, "generate_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
-                     "sync_s": t4 - t3})
-        record_ppo(it, rows[-1], round)  # the dashboard's view of the same row
-        if metrics["kl"] > config.kl_bound:
-            stopped = f"KL {metrics['kl']:.2f} above ppo.kl_bound = {config.kl_bound}"
-            break
-        if it % config.eval_every == 0 or it == config.iterations:
-            reward = heldout_reward(it)
-            curve.append({"iteration": it, "heldout_reward": reward})
-            if reward > best:
-                best, best_iteration, stale = reward, it, 0
-                trainers.run(export_policy, [str(best_dir)] * world)  # replaces it atomically
-            else:
-                stale += 1
-                if stale >= config.patience:
-                    stopped = f"no held-out gain in {stale} evaluations"
-                    break
-        if saves and it % saves == 0 and it < config.iterations:
-            loop = {"iteration": it, "best": best, "best_iteration": best_iteration, "stale": stale, "curve": curve,
-                    "rows": rows}
-            trainers.run(save_ppo_state, [(str(state_dir), loop)] * world)
-    if best_dir != out:
-        os.replace(best_dir, out)
-    return {"iterations": rows, "heldout": curve, "best_iteration": best_iteration, "best_heldout_reward": best,
-            "stopped": stopped}
-
-
-def run_ppo(ctx: StageContext, policies: list[PolicyState], config: PPOConfig, evaluate_after: bool) -> StepResult:
-    """The `ppo` stage of a round: PPO on the largest policy against the round's reward models, on prompts drawn
-    from the training prompts; the critic starts from the helpfulness RM. The policy is evaluated on the held-out
-    prompts before (what rejection sampling left) and, with `evaluate_after`, after (when later steps of the round
-    train on it, what PPO alone did)."""
-    policy = policies[-1]
-    rms = ctx.reward_models
-    before = {policy.name: run_oracle_eval(ctx, names.round_eval(policy.name, "before_ppo"), policy)}
-    tokenizer = load_tokenizer(policy.checkpoint)
-    chosen = choose_prompts(ctx.data.prompts_train.rows, config.batch_size * config.iterations
-                            + config.heldout_prompts, config.seed + 1)
-    _, table = eval_prompts(tokenizer, chosen, "llama2")
-    # Shuffled: the prompts table is grouped by category, and batches taken in order would swap the reward's
-    # meaning (helpfulness, then safety) mid-run.
-    table = table.take(torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(config.seed)).numpy())
-    heldout, train = table.slice(0, config.heldout_prompts), table.slice(config.heldout_prompts)
-
-    def train_ppo(out: Path) -> dict:
-        return run_ppo_loop(out, policy.checkpoint, rms.helpfulness, train, heldout, config, stop_ids(tokenizer),
-                            ctx.generators(policy), ctx.scorers(), ctx.pools.trainers(),
-                            lambda: ctx.pools.sync_from_trainers(policy.name, "policy"), ctx.round)
-
-    _, metrics, _ = checkpoint_stage(
-        ctx.store, ctx.round, names.PPO,
-        {"policy": policy.digest, "reward_models": rms.digest, "prompts": ctx.data.prompts_train.digest},
-        config.recipe(), train_ppo)
-    tuned = policy.moved_to(ctx.store.stage(ctx.round, names.PPO))
-    evaluations = {"before": before}
-    if evaluate_after:
-        evaluations["after"] = {tuned.name: run_oracle_eval(ctx, names.round_eval(tuned.name, "after_ppo"), tuned)}
-    return StepResult([*policies[:-1], tuned], metrics, evaluations)

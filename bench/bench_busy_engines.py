@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 
-from bench.common import Context, Section, alternate, main_for, markdown_table, median, spread, summary, timed
+from bench.common import (Context, GivenPools, Section, alternate, main_for, markdown_table, median, spread,
+                          stage_context, summary, timed)
 
 SIDES = {"1 actor x 2 CPUs": (1, 2), "2 actors x 1 CPU": (2, 1)}  # (actors, CPUs per actor)
 
@@ -29,7 +30,7 @@ def run(ctx: Context) -> Section:
     from actors.scorer import Scorer
     from actors.vllm_engine import EngineConfig, Sampling
     from pipeline.cluster.pools import ClusterConfig, connect
-    from pipeline.data.store import RunStore
+    from pipeline.state import PolicyState
     from pipeline.stages.generation import generate_shards
     from pipeline.stages.evaluation.oracle_eval import eval_prompts, stopping_at_eos
     from pipeline.stages.rejection_sampling.stage import choose_prompts, sample_and_score
@@ -57,10 +58,11 @@ def run(ctx: Context) -> Section:
         def stage(label: str):
             def side() -> float:
                 runs["n"] += 1
-                seconds, (table, cached) = timed(lambda: sample_and_score(
-                    RunStore(ctx.root / f"busy-{runs['n']}"), 1, "rs_samples", {"prompts": "bench"}, prompts,
-                    sampling, "bench", lambda: pools[label], lambda: scorer, shard_rows))
-                assert not cached and table.num_rows == count * k, (cached, table.num_rows)
+                root = ctx.root / f"busy-{runs['n']}"
+                seconds, table = timed(lambda: sample_and_score(
+                    stage_context(root, GivenPools(pools[label], scorer), shard_rows), "rs_samples",
+                    {"prompts": "bench"}, prompts, sampling, (PolicyState("bench", policy, "policy", 256), "bench")))
+                assert table.num_rows == count * k, table.num_rows
                 tables["stage", label] = table
                 return table.num_rows / seconds
             return side

@@ -298,6 +298,32 @@ class Context:
             self._tmp.cleanup()
 
 
+class GivenPools:
+    """The driver's pool handles (`Pools.generator`, `Pools.scorer`, `Pools.train`) over pools started elsewhere,
+    whatever checkpoint they are asked for: a stage run on a benchmark's or a test's own pools."""
+
+    def __init__(self, generator: Any = None, scorer: Any = None):
+        self._generator, self._scorer = generator, scorer
+
+    def generator(self, *_: Any) -> Any:
+        return self._generator
+
+    def scorer(self, *_: Any) -> Any:
+        return self._scorer
+
+
+def stage_context(root: Path, pools: Any, shard_rows: int = 64, round_no: int = 1) -> Any:
+    """A StageContext on a fresh run store at `root`, with stand-in reward-model digests: what a stage run on its
+    own (outside a round) needs."""
+    from actors.vllm_engine import Sampling
+    from pipeline.data.store import RunStore
+    from pipeline.stages.context import RewardModels, RunData, StageContext, Table
+
+    empty = Table(None, "none")
+    return StageContext(RunStore(root), round_no, pools, RunData(empty, empty, [], world=None), Sampling(),
+                        shard_rows, RewardModels(Path("help"), Path("safe"), "rms", {}))
+
+
 def random_prompts(count: int, length: int, vocab: int = LARGE["vocab_size"], seed: int = 0) -> list[list[int]]:
     """Prompts of random token ids (3.. to avoid the special tokens); every side gets the same ones."""
     generator = torch.Generator().manual_seed(seed)

@@ -35,8 +35,9 @@ from model.packing import pack
 from model.tokenizer import SentencePieceTokenizer, load_tokenizer
 from model.training import wrap
 from pipeline.data.schemas import SAMPLES
-from pipeline.data.store import RunStore
+from bench.common import GivenPools, stage_context
 from pipeline.stages.rejection_sampling.stage import sample_and_score
+from pipeline.state import PolicyState
 from pipeline.cluster.weight_sync import WeightSync
 from test_vllm_parity import other_model
 
@@ -336,11 +337,9 @@ def test_a_scorer_killed_mid_stage_leaves_the_rejection_sampling_output_exact(ge
     sampling = Sampling(n=2, temperature=1.0, max_tokens=16, seed=6)
 
     def stage(root: Path) -> pa.Table:
-        table, cached = sample_and_score(store=RunStore(root), round=1, name="rs_samples", inputs={"prompts": "p6"},
-                                         table=prompts, sampling=sampling, sampler="policy",
-                                         generators=lambda: generators, scorers=lambda: scorers, shard_rows=4)
-        assert not cached
-        return table
+        ctx = stage_context(root, GivenPools(generators, scorers), shard_rows=4)
+        return sample_and_score(ctx, "rs_samples", {"prompts": "p6"}, prompts, sampling,
+                                (PolicyState("policy", root, "p", 256), "policy"))
 
     start = time.monotonic()
     undisturbed = stage(tmp_path / "undisturbed")

@@ -28,10 +28,11 @@ from actors.vllm_engine import EngineConfig, Sampling
 from conftest import tiny_model
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.tokenizer import SentencePieceTokenizer, load_tokenizer
-from pipeline.data.store import RunStore
+from bench.common import GivenPools, stage_context
 from pipeline.stages.generation import ShardAssembler, generate_shards, generate_table, pieces_per_shard, split_evenly
 from pipeline.stages.ppo.stage import split_rows
 from pipeline.stages.rejection_sampling.stage import sample_and_score
+from pipeline.state import PolicyState
 
 WORDS = "the a cat dog sat on mat ran fast slow red blue green big small house tree river sun moon star".split()
 PROMPTS, SHARD_ROWS, N = 18, 3, 2  # six prompt shards: more than the two actors, so each takes several
@@ -223,10 +224,9 @@ def scorer(ray_session, folders):
 
 def rejection_samples(root: Path, prompts: pa.Table, generators: Pool, scorer: Pool | CrashingScorer) -> pa.Table:
     """The rejection-sampling stage's scored samples (`rs_samples`) of `prompts`, six shards, in a store at root."""
-    table, cached = sample_and_score(RunStore(root), 1, "rs_samples", {"prompts": "busy"}, prompts, SAMPLING,
-                                     "policy", lambda: generators, lambda: scorer, SHARD_ROWS)
-    assert not cached
-    return table
+    ctx = stage_context(root, GivenPools(generators, scorer), shard_rows=SHARD_ROWS)
+    return sample_and_score(ctx, "rs_samples", {"prompts": "busy"}, prompts, SAMPLING,
+                            (PolicyState("policy", root, "p", 256), "policy"))
 
 
 @pytest.fixture(scope="module")

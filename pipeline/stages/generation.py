@@ -1,4 +1,4 @@
-"""Sampling on the generator pool with every actor busy.
+"""Sampling on the generator pool with every actor busy, and scoring on the scorer pool.
 
 A stage hands over its prompt shards (the units it writes and resumes from); a shard is cut into pieces when there
 are fewer shards than actors, every piece goes to the pool at once (`Pool.map_shards`: one piece in flight per
@@ -105,3 +105,25 @@ def generate_table(pool: Pool, prompts: pa.Table, sampling: Sampling, round_no: 
     one piece per actor so that every actor samples a share at once."""
     [samples] = generate_shards(pool, [prompts], sampling, round_no, sampler)
     return samples
+
+
+def scored(scorer: Pool, *tables: pa.Table) -> list[pa.Table]:
+    """Each table with the reward models' r_help, r_safe and r_combined (the tables spread over the scorer pool)."""
+    return scorer.map_shards("score", list(tables))
+
+
+def generate_and_score(generator: Pool, scorer: Pool, shards: Sequence[pa.Table], sampling: Sampling, round_no: int,
+                       sampler: str, on_shard: Callable[[int, pa.Table], None] | None = None) -> list[pa.Table]:
+    """`generate_shards`, each shard scored as soon as it and every shard before it are back: `on_shard(i, scored)`
+    gets it in shard order (the shards returned are then empty), else the scored shards are returned."""
+    out: list[pa.Table] = []
+
+    def score(i: int, samples: pa.Table) -> None:
+        [table] = scored(scorer, samples)
+        if on_shard is None:
+            out.append(table)
+        else:
+            on_shard(i, table)
+
+    generate_shards(generator, shards, sampling, round_no, sampler, on_shard=score, keep=False)
+    return out

@@ -24,7 +24,7 @@ from pipeline.stages.context import StageContext, StepResult
 from pipeline.stages.context_distillation.algorithm import (ContextDistillationConfig, distillation_candidates,
                                                   distillation_demonstrations, distillation_prompts,
                                                   score_without_preprompt, select_distilled)
-from pipeline.stages.generation import generate_shards
+from pipeline.stages.generation import generate_shards, scored
 from pipeline.stages.evaluation.oracle_eval import run_oracle_eval, stopping_at_eos
 from pipeline.stages.rejection_sampling.stage import kept_demonstrations
 from pipeline.stages.sft.algorithm import SFTConfig, with_mix
@@ -62,7 +62,7 @@ def distil_one(ctx: StageContext, policy: PolicyState, config: ContextDistillati
         pool, scorer = ctx.generators(policy), ctx.scorers()
         plain, preprompted = generate_shards(pool, [batch.plain, batch.preprompted], sampling, ctx.round,
                                              "context-distillation")
-        plain, preprompted = scorer.map_shards("score", [plain, score_without_preprompt(preprompted, batch.plain)])
+        plain, preprompted = scored(scorer, plain, score_without_preprompt(preprompted, batch.plain))
         kept, counts = select_distilled(distillation_candidates(batch, plain, preprompted))
         counts["too_long"], counts["generic_only"] = batch.too_long, batch.generic_only
         data.write_shard(0, distillation_demonstrations(kept))

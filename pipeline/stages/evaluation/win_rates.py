@@ -22,6 +22,7 @@ from pipeline.evaluation.safety_metrics import safety_metrics, safety_rows
 from pipeline.evaluation.winrate import agreement, count, paired, prefer, sign_test
 from pipeline.stages.cached import table_stage
 from pipeline.stages.context import StageContext
+from pipeline.stages.generation import scored
 from pipeline.world import judge
 
 JUDGES = ("reward models", "oracle")
@@ -109,7 +110,7 @@ def _scored(ctx: StageContext, samples_digest: str, read: Callable[[], pa.Table]
     if key not in ctx.scored:
         while len(ctx.scored) >= SCORED_KEPT:
             ctx.scored.pop(next(iter(ctx.scored)))
-        ctx.scored[key] = pa.concat_tables(ctx.scorers().map_shards("score", [read()]))
+        [ctx.scored[key]] = scored(ctx.scorers(), read())
     return ctx.scored[key]
 
 

@@ -26,7 +26,7 @@ from actors.vllm_engine import Sampling
 from model.tokenizer import load_tokenizer
 from pipeline import stage_names as names
 from pipeline.stages.cached import checkpoint_stage, train_state_dir
-from pipeline.stages.generation import generate_table
+from pipeline.stages.generation import generate_and_score, generate_table, scored
 from pipeline.stages.context import StageContext, StepResult
 from pipeline.stages.evaluation.oracle_eval import eval_prompts, run_oracle_eval, stop_ids
 from pipeline.stages.ppo.algorithm import (PPOConfig, export_policy, load_ppo_state, ppo_iteration, ppo_setup,
@@ -81,9 +81,8 @@ def run_ppo_loop(ctx: StageContext, policy: PolicyState, prompts: tuple[pa.Table
     def heldout_reward(iteration: int) -> float:
         sampling = Sampling(n=1, temperature=config.temperature, max_tokens=config.max_tokens,
                             seed=config.seed + 100_000 + iteration, stop_token_ids=stop)
-        samples = generate_table(generator, heldout, sampling, 0, "ppo-heldout")
-        [scored] = scorer.map_shards("score", [samples])
-        return sum(scored.column("r_combined").to_pylist()) / scored.num_rows
+        [answers] = generate_and_score(generator, scorer, [heldout], sampling, 0, "ppo-heldout")
+        return sum(answers.column("r_combined").to_pylist()) / answers.num_rows
 
     if loop is None:
         loop = {"iteration": 0, "best": heldout_reward(0), "best_iteration": 0, "stale": 0, "rows": []}
@@ -103,9 +102,9 @@ def run_ppo_loop(ctx: StageContext, policy: PolicyState, prompts: tuple[pa.Table
         # prompt ids, so the samples are those of the whole batch on one actor.
         samples = generate_table(generator, batch, sampling, it, "ppo")
         t1 = time.perf_counter()
-        [scored] = scorer.map_shards("score", [samples])
+        [rewarded] = scored(scorer, samples)  # timed apart from sampling
         t2 = time.perf_counter()
-        metrics = trainers.run(ppo_iteration, split_rows(scored, world, config.samples_per_prompt))[0]
+        metrics = trainers.run(ppo_iteration, split_rows(rewarded, world, config.samples_per_prompt))[0]
         t3 = time.perf_counter()
         sync()
         t4 = time.perf_counter()

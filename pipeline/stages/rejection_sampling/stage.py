@@ -28,7 +28,7 @@ from pipeline.output.progress import progress_bar
 from pipeline.evaluation.rm_fidelity import rm_fidelity
 from pipeline.stages.cached import table_stage
 from pipeline.stages.context import StageContext, StepResult
-from pipeline.stages.generation import generate_shards
+from pipeline.stages.generation import generate_and_score, scored
 from pipeline.stages.evaluation.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
 from pipeline.stages.rejection_sampling.algorithm import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
                                                        merge_with_earlier, reward_vs_k, kept_as_demonstrations)
@@ -103,15 +103,14 @@ def sample_and_score(ctx: StageContext, name: str, inputs: dict[str, str], table
         bar = progress_bar(len(shards), f"{name}: sample and score")
         bar.update(len(shards) - len(todo))
 
-        def score_and_write(position: int, samples: pa.Table) -> None:
-            [scored] = scorer_pool.map_shards("score", [samples])
-            stage.write_shard(todo[position], mark_chosen(scored))
+        def write(position: int, samples: pa.Table) -> None:
+            stage.write_shard(todo[position], mark_chosen(samples))
             bar.update(1)
             record_stage_progress(name, ctx.round, len(stage.done_shards()), len(shards))
 
         # Every generator samples at once; the shards are scored and written one by one, in shard order.
-        generate_shards(generator_pool, [shards[i] for i in todo], sampling, ctx.round, label,
-                        on_shard=score_and_write, keep=False)
+        generate_and_score(generator_pool, scorer_pool, [shards[i] for i in todo], sampling, ctx.round, label,
+                           on_shard=write)
         bar.close()
 
     stage, _ = table_stage(ctx.store, ctx.round, name, inputs,
@@ -181,7 +180,7 @@ def _keep_best(ctx: StageContext, stage: StageStore, samples: pa.Table, earlier:
     previous = None
     if config.keep == "all_rounds" and earlier.manifest():
         # Rescored with this round's reward models: rewards from two rounds' RMs are not on one scale.
-        [previous] = ctx.scorers().map_shards("score", [earlier.read()])
+        [previous] = scored(ctx.scorers(), earlier.read())
     usable = answered(samples)
     best = best_per_prompt(usable, config.truncated)
     kept = merge_with_earlier(best, previous, config.keep)

@@ -12,11 +12,12 @@ import pytest
 from model.chat_template import encode_prompt
 from model.tokenizer import SentencePieceTokenizer, Tokenizer
 from pipeline.data.schemas import DEMONSTRATIONS, RISK_CATEGORIES, SAMPLES
-from pipeline.stages.context_distillation.algorithm import (DEFAULT_ADJECTIVES, Candidate, ContextDistillationConfig,
+from pipeline.stages.context_distillation.algorithm import (DEFAULT_ADJECTIVES, Candidate,
                                                   DistillationBatch, Preprompt, category_template,
                                                   distillation_candidates, distillation_demonstrations,
                                                   distillation_prompts, safety_preprompt, score_without_preprompt,
                                                   select_distilled, with_preprompt)
+from pipeline.stages.context_distillation.stage import ContextDistillationConfig
 from pipeline.stages.sft.algorithm import sft_examples
 from pipeline.world import World, WorldConfig, judge, prompts_table
 from pipeline.world.oracle import is_redirect

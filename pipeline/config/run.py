@@ -22,6 +22,7 @@ from pipeline.config.build import ConfigError, build
 from pipeline.driver.rounds import RoundsConfig
 from pipeline.stages.data_files import DataConfig
 from pipeline.stages.evaluation.llm_judge import JudgeConfig
+from pipeline.stages.generation import ANSWER_TOKENS, TEMPERATURE
 from pipeline.stages.pretrain import PretrainConfig
 from pipeline.stages.reward_model.algorithm import RMConfig
 from pipeline.stages.sft.algorithm import SFTConfig
@@ -51,7 +52,8 @@ class RunConfig:
     rm: RMConfig = field(default_factory=RMConfig)
     # Models are sampled the way preference data is: at some temperature, not greedily; 4 samples per prompt, as
     # one left round-to-round differences within sampling noise (docs/results.md, "Measurements behind defaults").
-    eval_sampling: Sampling = field(default_factory=lambda: Sampling(n=4, temperature=0.7, max_tokens=48, seed=0))
+    eval_sampling: Sampling = field(default_factory=lambda: Sampling(n=4, temperature=TEMPERATURE,
+                                                                     max_tokens=ANSWER_TOKENS, seed=0))
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     # The LLM judge of every round's win rates (pipeline/stages/evaluation/llm_judge.py); judge.checkpoint=null: none.
     judge: JudgeConfig = field(default_factory=JudgeConfig)

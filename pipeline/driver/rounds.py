@@ -11,12 +11,11 @@ on the largest). Every step is a stage with a manifest in `round-RR/`, so a fini
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.stages.context import RewardModels, StageContext, StepResult
-from pipeline.stages.context_distillation.algorithm import ContextDistillationConfig
-from pipeline.stages.context_distillation.stage import run_context_distillation
+from pipeline.stages.context_distillation.stage import ContextDistillationConfig, run_context_distillation
 from pipeline.stages.gatt.algorithm import GAttConfig
 from pipeline.stages.gatt.sources import DialogueSource
 from pipeline.stages.gatt.stage import run_gatt
@@ -48,7 +47,7 @@ class RoundsConfig:
     # and share 0 ingest the prebuilt batches only.
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     # Ghost Attention and safety context distillation on every size, from their `gatt_from` / `distill_from`
-    # round on (0: never); GAtt fine-tunes with `gatt.sft`, context distillation with `rejection.sft`.
+    # round on (0: never); each fine-tunes with its own `sft` block.
     gatt: GAttConfig = field(default_factory=GAttConfig)
     context_distillation: ContextDistillationConfig = field(default_factory=ContextDistillationConfig)
 
@@ -62,6 +61,10 @@ class RoundsConfig:
             errors.append(f"rounds.new_batches = {self.new_batches}: one or more values >= 1")
         if errors:
             raise ValueError("\n".join(errors))
+
+    def distillation(self) -> ContextDistillationConfig:
+        """Context distillation's config, fine-tuning as rejection sampling does unless it sets its own `sft`."""
+        return replace(self.context_distillation, sft=self.context_distillation.sft or self.rejection.sft)
 
     def batches_through(self, round_no: int) -> int:
         """How many weekly batches rounds 1..round have ingested in all."""
@@ -184,8 +187,7 @@ def run_round(ctx: StageContext, config: RoundsConfig, inputs: RoundInputs,
                              "data.gatt's files)")
         policies = step("gatt", run_gatt(ctx, policies, config.gatt, inputs.gatt_source))
     if due["context_distillation"]:
-        policies = step("context_distillation", run_context_distillation(
-            ctx, policies, config.context_distillation, config.rejection.sft))
+        policies = step("context_distillation", run_context_distillation(ctx, policies, config.distillation()))
     pre_ppo = list(steps["ppo"].evaluations["before"]) if "ppo" in steps else []  # also compared with SFT
     step("evaluation", evaluate_round(ctx, policies, pre_ppo, inputs.judge))
     return RoundResult(ctx.round, preferences, ctx.reward_models, steps)

@@ -18,6 +18,11 @@ import pyarrow as pa
 from actors.pool import Pool
 from actors.vllm_engine import Sampling
 
+# How the stages sample unless configured otherwise: the tiny runs' answers fit in 48 tokens, and the tiny models
+# write mostly broken words at T = 1. A run's stages take the evaluation's values (conf/config.yaml).
+ANSWER_TOKENS = 48
+TEMPERATURE = 0.7
+
 
 def split_evenly(table: pa.Table, parts: int) -> list[pa.Table]:
     """`table` as `parts` consecutive slices in row order, lengths differing by at most one (fewer slices when the

@@ -22,7 +22,7 @@ from pipeline.data.schemas import PREFERENCES, PROMPTS
 from pipeline.data.store import StageStore, digest_config
 from pipeline.stages.cached import table_stage
 from pipeline.stages.context import StageContext, Table
-from pipeline.stages.generation import generate_shards
+from pipeline.stages.generation import ANSWER_TOKENS, generate_shards
 from pipeline.stages.evaluation.oracle_eval import eval_prompts, stopping_at_eos
 from pipeline.stages.reward_model.algorithm import id_rank
 from pipeline.state import PolicyState
@@ -48,7 +48,7 @@ class OnPolicyConfig:
     # Every source answers every prompt; a pair is two distinct answers drawn at random from all of them (the
     # paper's pairs came from different model variants and temperatures).
     sources: list[SampleSource] = field(default_factory=lambda: [SampleSource(-1, 0.7, 2), SampleSource(0, 1.0, 1)])
-    max_tokens: int = 48
+    max_tokens: int = ANSWER_TOKENS
     seed: int = 0
 
     def __post_init__(self) -> None:

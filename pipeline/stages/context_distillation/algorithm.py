@@ -21,7 +21,8 @@ import math
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from typing import Any
 
 import pyarrow as pa
@@ -32,6 +33,9 @@ from pipeline.data.schemas import DEMONSTRATIONS, RISK_CATEGORIES, SAMPLES
 from pipeline.world.safety import ANSWER_TEMPLATES
 from pipeline.world.tables import dump_meta
 
+if TYPE_CHECKING:  # the config lives with the stage: it holds a fine-tuning block (torch)
+    from pipeline.stages.context_distillation.stage import ContextDistillationConfig
+
 DISTILLATION_SOURCE = "context_distillation"
 DEFAULT_ADJECTIVES = ("safe", "responsible", "respectful", "wise")
 # The paper's generic preprompt, in a few phrasings, around a list of adjectives.
@@ -40,31 +44,6 @@ PREPROMPTS = ("You are {a} {adjectives} assistant.", "Always answer as {a} {adje
 CATEGORY_NAMES = {"illicit_criminal": "illicit and criminal activities",
                   "hateful_harmful": "hateful and harmful activities",
                   "unqualified_advice": "unqualified medical, financial or legal advice"}
-
-
-@dataclass
-class ContextDistillationConfig:
-    # From this round on (0: never). Not in the paper: it distils the safety of the RLHF model; the tiny run's
-    # last round is the one with the safety RM trained on the most data.
-    distill_from: int = 3
-    prompts: int = 0  # adversarial training prompts to use per round; 0: all of them
-    adjectives: list[str] = field(default_factory=lambda: list(DEFAULT_ADJECTIVES))
-    n_adjectives: int = 2  # adjectives per preprompt, drawn at random
-    category_templates: bool = True  # add the risk category's answer template (the paper's better variant)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        errors = []
-        for name in ("distill_from", "prompts"):
-            if getattr(self, name) < 0:
-                errors.append(f"rounds.context_distillation.{name} = {getattr(self, name)}: must be >= 0")
-        if not self.adjectives or not all(isinstance(a, str) and a.strip() for a in self.adjectives):
-            errors.append(f"rounds.context_distillation.adjectives = {self.adjectives}: one or more non-empty words")
-        elif not 1 <= self.n_adjectives <= len(self.adjectives):
-            errors.append(f"rounds.context_distillation.n_adjectives = {self.n_adjectives}: must be in "
-                          f"[1, {len(self.adjectives)}] (the number of adjectives)")
-        if errors:
-            raise ValueError("\n".join(errors))
 
 
 # --- preprompts --------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from model.ppo import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, Reduce, RunningMomen
 from model.sharded import load_for_training, load_train_state, save_train_state
 from model.tokenizer import load_tokenizer
 from model.training import TrainConfig, Trainer, is_sharded, micro_split, wrap
+from pipeline.stages.generation import ANSWER_TOKENS
 from pipeline.stages.cached import training_recipe
 from pipeline.stages.sft.algorithm import check_positive, check_ratio
 
@@ -79,7 +80,7 @@ class PPOConfig:
     old_logprobs: str = "sampler"  # sampler (vLLM's; needs temperature 1) | trainer (a policy pass per iteration)
     logprob_tolerance: float = 0.01  # mean |sampler - trainer| nats per answer token: ~1% on the ratio
     group_by_length: bool = True  # mini-batches of rows of similar length (random order), padded to their own
-    max_tokens: int = 48
+    max_tokens: int = ANSWER_TOKENS
     kl_bound: float = 8.0  # mean KL per answer (nats) above which PPO stops
     eval_every: int = 4
     patience: int = 2  # held-out evaluations without improvement before stopping

@@ -28,12 +28,12 @@ from pipeline.output.progress import progress_bar
 from pipeline.evaluation.rm_fidelity import rm_fidelity
 from pipeline.stages.cached import table_stage
 from pipeline.stages.context import StageContext, StepResult
-from pipeline.stages.generation import generate_and_score, scored
+from pipeline.stages.generation import ANSWER_TOKENS, TEMPERATURE, generate_and_score, scored
 from pipeline.stages.evaluation.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
 from pipeline.stages.rejection_sampling.algorithm import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
                                                        merge_with_earlier, reward_vs_k, kept_as_demonstrations)
 from pipeline.stages.reward_model.algorithm import id_rank
-from pipeline.stages.sft.algorithm import SFTConfig
+from pipeline.stages.sft.algorithm import SFTConfig, refinement
 from pipeline.stages.sft.stage import fine_tune
 from pipeline.state import PolicyState
 
@@ -41,11 +41,10 @@ from pipeline.state import PolicyState
 class RejectionConfig:
     k: int = 8  # samples per prompt (the paper studies N = 1..100; K itself is not in it)
     # Per round (round r uses entry r-1, the last one repeats): the paper re-tunes T each round (1.2-1.3 for
-    # its RLHF models at N = 10-100). The tiny models write mostly broken words at T=1, so they sample at the
-    # evaluation's temperature; `temperature_sweep` measures Figure 8.
-    temperatures: list[float] = field(default_factory=lambda: [0.7])
+    # its RLHF models at N = 10-100); `temperature_sweep` measures Figure 8.
+    temperatures: list[float] = field(default_factory=lambda: [TEMPERATURE])
     prompts: int = 400  # single-turn training prompts, the same each round (so earlier rounds' best can be kept)
-    max_tokens: int = 48
+    max_tokens: int = ANSWER_TOKENS
     keep: str = "all_rounds"  # "last_round": the paper's regression (only this round's samples)
     # An answer cut at max_tokens: "last" kept only when none of its prompt's K finished, "drop" never, "keep" by
     # reward alone (algorithm.best_per_prompt says why). The paper does not say.
@@ -53,8 +52,7 @@ class RejectionConfig:
     reward_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # Figure 7's N values (<= k)
     temperature_sweep: list[float] = field(default_factory=list)  # Figure 8: reward vs T each round; [] = off
     seed: int = 0
-    # Fine-tuning on the kept set: SFT's loss and schedule, fewer epochs (it starts from a fine-tuned policy).
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=2, lr=3e-4))
+    sft: SFTConfig = field(default_factory=refinement)  # fine-tuning every size on the kept set
 
     def __post_init__(self) -> None:
         errors = []

@@ -89,7 +89,8 @@ def test_bad_override_fails_before_any_stage_starts(tmp_path, override, message)
 
 
 def test_one_optimizer_block_named_in_errors_and_digested_as_before():
-    for stage in ("pretrain", "sft", "rm", "rounds.ppo", "rounds.rejection.sft", "rounds.gatt.sft"):
+    for stage in ("pretrain", "sft", "rm", "rounds.ppo", "rounds.rejection.sft", "rounds.gatt.sft",
+                  "rounds.context_distillation.sft"):
         with pytest.raises(ConfigError, match=rf"^{stage}.optim: eps = 0.0: must be > 0$"):
             compose_run(f"{stage}.optim.eps=0")
     # Stores finished before the block existed keep their stages: the keys each config held, flat, and no more.
@@ -121,8 +122,9 @@ def test_llama2_experiments_carry_the_papers_hyperparameters(tmp_path, experimen
     def papers(block):
         return dataclasses.replace(block, train=TrainConfig())
 
-    # One SFT block: rejection sampling and GAtt fine-tune with SFT's settings (the paper gives none of their own).
-    assert config.sft == config.rounds.rejection.sft == config.rounds.gatt.sft
+    # One SFT block: every fine-tuning of a round uses SFT's settings (the paper gives none of their own).
+    rounds = config.rounds
+    assert config.sft == rounds.rejection.sft == rounds.gatt.sft == rounds.context_distillation.sft
     assert papers(config.sft) == PAPER_SFT
     assert config.rm.train == config.sft.train and config.sft.train.precision == "bf16"
     assert papers(config.rm) == RMConfig(lr=PAPER_RM_LR[experiment], batch_size=512, epochs=1, heldout_pairs=1000,

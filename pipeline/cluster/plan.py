@@ -227,7 +227,8 @@ def plan_run(config: RunConfig) -> list[StagePlan]:
         plans += [fine_tune_plan(f"gatt fine-tune {p.name}", p, rounds.gatt.sft, ranks, available) for p in policies]
     distill_from = rounds.context_distillation.distill_from
     if distill_from and rounds.count >= distill_from:
-        plans += [fine_tune_plan(f"context distillation {p.name}", p, rounds.distillation().sft, ranks, available)
+        plans += [fine_tune_plan(f"context distillation {p.name}", p, rounds.context_distillation.sft, ranks,
+                                   available)
                   for p in policies]
     return plans + serving_plans(config, policies)
 

@@ -11,7 +11,7 @@ on the largest). Every step is a stage with a manifest in `round-RR/`, so a fini
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.stages.context import RewardModels, StageContext, StepResult
@@ -61,10 +61,6 @@ class RoundsConfig:
             errors.append(f"rounds.new_batches = {self.new_batches}: one or more values >= 1")
         if errors:
             raise ValueError("\n".join(errors))
-
-    def distillation(self) -> ContextDistillationConfig:
-        """Context distillation's config, fine-tuning as rejection sampling does unless it sets its own `sft`."""
-        return replace(self.context_distillation, sft=self.context_distillation.sft or self.rejection.sft)
 
     def batches_through(self, round_no: int) -> int:
         """How many weekly batches rounds 1..round have ingested in all."""
@@ -187,7 +183,8 @@ def run_round(ctx: StageContext, config: RoundsConfig, inputs: RoundInputs,
                              "data.gatt's files)")
         policies = step("gatt", run_gatt(ctx, policies, config.gatt, inputs.gatt_source))
     if due["context_distillation"]:
-        policies = step("context_distillation", run_context_distillation(ctx, policies, config.distillation()))
+        policies = step("context_distillation", run_context_distillation(ctx, policies,
+                                                                          config.context_distillation))
     pre_ppo = list(steps["ppo"].evaluations["before"]) if "ppo" in steps else []  # also compared with SFT
     step("evaluation", evaluate_round(ctx, policies, pre_ppo, inputs.judge))
     return RoundResult(ctx.round, preferences, ctx.reward_models, steps)

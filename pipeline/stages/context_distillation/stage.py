@@ -27,7 +27,7 @@ from pipeline.stages.context_distillation.algorithm import (DEFAULT_ADJECTIVES, 
 from pipeline.stages.generation import generate_shards, scored
 from pipeline.stages.evaluation.oracle_eval import run_oracle_eval, stopping_at_eos
 from pipeline.stages.rejection_sampling.stage import kept_demonstrations
-from pipeline.stages.sft.algorithm import SFTConfig, with_mix
+from pipeline.stages.sft.algorithm import SFTConfig, refinement, with_mix
 from pipeline.stages.sft.stage import fine_tune
 from pipeline.state import PolicyState
 
@@ -42,7 +42,7 @@ class ContextDistillationConfig:
     n_adjectives: int = 2  # adjectives per preprompt, drawn at random
     category_templates: bool = True  # add the risk category's answer template (the paper's better variant)
     seed: int = 0
-    sft: SFTConfig | None = None  # fine-tuning on the distilled answers; None: rejection sampling's (RoundsConfig)
+    sft: SFTConfig = field(default_factory=refinement)  # fine-tuning on the distilled answers
 
     def __post_init__(self) -> None:
         errors = []
@@ -98,7 +98,8 @@ def distil_one(ctx: StageContext, policy: PolicyState, config: ContextDistillati
     # The distilled answers depend on everything but the fine-tuning settings (the training stage's own config).
     selected = {k: v for k, v in dataclasses.asdict(config).items() if k != "sft"}
     data, _ = table_stage(ctx.store, ctx.round, f"cd_data_{policy.name}", inputs,
-                          {"distillation": selected, "sampling": dataclasses.asdict(sampling)}, distil, "demonstrations")
+                          {"distillation": selected, "sampling": dataclasses.asdict(sampling)}, distil,
+                          "demonstrations")
     counts, demonstrations = data.manifest()["extra"]["counts"], data.read()
     if not demonstrations.num_rows:
         return {"counts": counts, "training": None}, policy

@@ -28,7 +28,7 @@ from pipeline.config.run import compose_run
 from pipeline.data.schemas import PREFERENCES
 from pipeline.data.store import MANIFEST, PROGRESS, RunStore
 from pipeline.data.store import CHECKPOINT_DIR
-from pipeline.stages.cached import checkpoint_stage
+from pipeline.stages.cached import checkpoint_stage, stage_digest, table_stage
 from pipeline.stages.rejection_sampling.stage import choose_prompts
 from process_helpers import free_port, session_members, signal_all
 
@@ -70,6 +70,21 @@ def test_checkpoint_stage_starts_over_from_a_clean_folder(tmp_path):
     folder, _, cached = checkpoint_stage(store, 1, "ppo", {"policy": "a"}, {"lr": 1}, train)
     assert not cached and (folder / "config.json").is_file()
     assert checkpoint_stage(store, 1, "ppo", {"policy": "a"}, {"lr": 1}, train)[2]  # and then cached
+
+
+def test_a_raised_stage_version_remakes_the_stage_and_version_0_adds_nothing(tmp_path):
+    from pipeline.data.store import digest_config
+    assert stage_digest({"a": 1}) == digest_config({"a": 1})
+    assert stage_digest({"a": 1}, 3) == digest_config({"a": 1, "version": 3}) != stage_digest({"a": 1}, 4)
+    store, made = RunStore(tmp_path), []
+
+    def make(stage, _):
+        made.append(stage.path.name)
+        return {"n": len(made)}
+
+    for version in (1, 1, 2):
+        table_stage(store, 1, "judged", {"x": "1"}, {"a": 1}, make, None, version)
+    assert made == ["judged", "judged"]  # the second call found it done; version 2 remade it
 
 
 def test_finishing_a_stage_again_with_the_same_content_keeps_its_manifest(tmp_path):

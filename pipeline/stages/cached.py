@@ -36,12 +36,20 @@ def changed_fields(values: dict[str, Any], default: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value != defaults[key]}
 
 
+def stage_digest(config: Any, version: int = 0) -> str:
+    """What a stage's manifest keeps of its config: the config, and its module's STAGE_VERSION, which a change to
+    what the stage makes from the same inputs and config raises so that stores remake it (0 adds nothing)."""
+    return digest_config({**config, "version": version} if version else config)
+
+
 def checkpoint_stage(store: RunStore, round_no: int, name: str, inputs: Mapping[str, str],
-                     config: Any, train: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any], bool]:
+                     config: Any, train: Callable[[Path], dict[str, Any]],
+                     version: int = 0) -> tuple[Path, dict[str, Any], bool]:
     """(checkpoint folder, metrics, cached). `train(out_dir)` writes the checkpoint and returns its metrics;
-    it runs only when the stage is not complete for these inputs and this config, or its folder is gone."""
+    it runs only when the stage is not complete for these inputs, this config and `version` (`stage_digest`), or
+    its folder is gone."""
     stage = store.stage(round_no, name)
-    config_digest = digest_config(config)
+    config_digest = stage_digest(config, version)
     folder = stage.path / CHECKPOINT_DIR
     if stage.is_complete(inputs, config_digest) and (folder / "config.json").is_file():
         return folder, stage.manifest()["extra"]["metrics"], True
@@ -61,12 +69,13 @@ def train_state_dir(checkpoint_dir: str | Path) -> Path:
 
 def table_stage(store: RunStore, round_no: int, name: str, inputs: Mapping[str, str],
                 config: Any, make: Callable[[StageStore, set[int]], dict[str, Any] | None],
-                schema_kind: str | None) -> tuple[StageStore, bool]:
+                schema_kind: str | None, version: int = 0) -> tuple[StageStore, bool]:
     """(stage, cached). `make(stage, done)` writes the stage's shards of `schema_kind` (None: the manifest's
     `extra` is the whole output), skipping `done`, the shards an interrupted attempt with the same inputs and
-    config finished, and returns the manifest's `extra`; it runs only when the stage is not complete."""
+    config finished, and returns the manifest's `extra`; it runs only when the stage is not complete for these
+    inputs, this config and `version` (`stage_digest`)."""
     stage = store.stage(round_no, name)
-    config_digest = digest_config(config)
+    config_digest = stage_digest(config, version)
     if stage.is_complete(inputs, config_digest):
         return stage, True
     done = stage.begin(inputs, config_digest)

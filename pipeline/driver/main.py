@@ -49,6 +49,7 @@ from pipeline.output.summary import run_summary, write_summary
 from pipeline.stages.world import run_world, world_stage_name
 from pipeline.world import World
 
+
 def base_policies(store: RunStore, corpus: Table | None, config: RunConfig, pools: Pools) -> list[PolicyState]:
     """The run's base models, smallest first: the `base_models` checkpoints, or the tiny models pretrained on
     the world's corpus (cached)."""

@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 
 
-
 TABLE_KINDS = ("prompts", "demonstrations", "preferences")
 _ROW = "__row"  # a row's 0-based position in its file, carried along so output and rejects keep file order
 

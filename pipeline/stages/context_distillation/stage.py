@@ -58,7 +58,6 @@ class ContextDistillationConfig:
             raise ValueError("\n".join(errors))
 
 
-
 def run_context_distillation(ctx: StageContext, policies: list[PolicyState],
                              config: ContextDistillationConfig) -> StepResult:
     """Context distillation on every size, each evaluated on the held-out prompts before it (its effect, on the

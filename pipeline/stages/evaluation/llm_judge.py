@@ -35,6 +35,7 @@ BUNDLED = "smollm2"  # judge.checkpoint value: SmolLM2-135M-Instruct, built from
 
 STAGE_VERSION = 1  # raised when the same samples would get other verdicts (pipeline.stages.cached.stage_digest)
 
+
 @dataclass
 class JudgeConfig:
     # An HF checkpoint folder with a chat template (served by a generator pool of its own), "smollm2" for the

@@ -37,6 +37,7 @@ from pipeline.stages.sft.algorithm import SFTConfig, refinement
 from pipeline.stages.sft.stage import fine_tune
 from pipeline.state import PolicyState
 
+
 @dataclass
 class RejectionConfig:
     k: int = 8  # samples per prompt (the paper studies N = 1..100; K itself is not in it)

@@ -46,6 +46,7 @@ Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids)
 COLUMN_OF_RATING = {"significantly_better": COLUMNS[0], "better": COLUMNS[1], "slightly_better": COLUMNS[2],
                     "negligibly_better": COLUMNS[3], "unsure": COLUMNS[3]}
 
+
 @dataclass
 class RMConfig:
     """Defaults are sized for the tiny models on 2 CPU cores; the paper's are in conf/experiment/llama2-*.yaml."""

@@ -15,6 +15,7 @@ from scripts.setup_smollm2 import gatt_dialogues
 from pipeline.stages.data_files import DataConfig, DataFile, run_data_files
 from pipeline.stages.gatt.algorithm import (GAttDialogue, GAttInstruction, TurnAdherence, first_adherent,
                                             gatt_demonstrations)
+from pipeline.stages.evaluation.llm_judge import JudgeConfig
 from pipeline.stages.gatt.sources import FileDialogues, GAttFiles, heldout_split, judged_adherence, load_instructions
 from tests.test_config import compose_run
 from tests.test_data_files import files, tokenizer, write_jsonl  # noqa: F401  (fixtures)
@@ -65,7 +66,7 @@ def test_file_dialogues_hold_out_instructions_and_chats(tmp_path, gatt_files, to
     from pipeline.data.readers import load
 
     chats = load(gatt_files[1], "demonstrations").table
-    source = FileDialogues.from_tables(instructions, chats, 0.25, ask=lambda *_: {}, digest="d")
+    source = FileDialogues.from_tables(instructions, chats, 0.25, judge=(JudgeConfig(), tmp_path), digest="d")
     assert len(source.instructions["eval"]) == 2 and len(source.instructions["train"]) == 6
     assert not set(source.instructions["eval"]) & set(source.instructions["train"])
     assert len(source.user_turns["eval"]) == 3 and sum(map(len, source.user_turns.values())) == 12

@@ -20,7 +20,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from model.chat_template import Message
 from model.config import ModelConfig
 from model.tokenizer import load_tokenizer
 from pipeline.output import console
@@ -31,7 +30,6 @@ from pipeline.data.schemas import PREFERENCE_KINDS
 from pipeline.data.store import RunStore, digest_config
 from pipeline.cluster.plan import check_plan
 from pipeline.evaluation.demonstrations import demonstrations_helpfulness
-from pipeline.evaluation.judge import ADHERENCE_PREFIX
 from pipeline.evaluation.safety_metrics import SafetyMetrics, safety_metrics, safety_rows
 from pipeline.evaluation.winrate import Proportion, WinRate
 from pipeline.output.report import RoundResults, RunResults, render_report
@@ -42,8 +40,7 @@ from pipeline.stages.data_files import data_stage_name, run_data_files
 from pipeline.stages.evaluation.oracle_eval import native_format, run_oracle_eval
 from pipeline.stages.sft.stage import run_sft
 from pipeline.stages.pretrain import run_pretrain
-from pipeline.stages.gatt.sources import DialogueSource, FileDialogues, WorldDialogues
-from pipeline.stages.evaluation.llm_judge import ask_judge, judge_digest
+from pipeline.stages.gatt.sources import dialogue_source
 from pipeline.stages.evaluation.win_rates import versus_start
 from pipeline.output.summary import run_summary, write_summary
 from pipeline.stages.world import run_world, world_stage_name
@@ -124,9 +121,9 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
                          sft_scores[p.name], base_scores.get(p.name))
 
     judge_folder = config.judge.folder()
+    judge = None if judge_folder is None else (config.judge, judge_folder)
     inputs = RoundInputs(sft.policies[-1], config.rm,
-                         gatt_source_of(tables, world, config, judge_folder, pools),
-                         None if judge_folder is None else (config.judge, judge_folder))
+                         dialogue_source(tables, world, config.data.gatt.heldout_share, judge), judge)
     results: list[RoundResult] = []
     current = sft.policies
     for r in range(1, config.rounds.count + 1):
@@ -172,28 +169,6 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
 
 
 GATT_LABELS = (("before GAtt", "before"), ("GAtt", "after"))  # the report's columns, run_gatt's keys
-
-
-def gatt_source_of(tables: dict[str, Table], world: World | None, config: RunConfig, judge_folder: Path | None,
-                   pools: Pools) -> DialogueSource | None:
-    """GAtt's instructions and dialogues: the world's, or data.gatt's files with the LLM judge measuring adherence
-    (None for a run from files without them: the config then refuses GAtt)."""
-    if world is not None:
-        return WorldDialogues(world)
-    if "gatt_instructions" not in tables or judge_folder is None:
-        return None
-
-    def ask(requests: list[tuple[str, list[Message]]], round_no: int, stage: str) -> dict[str, str]:
-        pool = pools.generator("judge", judge_folder, config.judge.context)
-        return ask_judge(requests, judge_folder, config.judge, pool, round_no, stage,
-                         ADHERENCE_PREFIX if config.judge.style == "direct" else "")
-
-    files = digest_config({"instructions": tables["gatt_instructions"].digest,
-                           "dialogues": tables["gatt_dialogues"].digest,
-                           "heldout_share": config.data.gatt.heldout_share, "judge": judge_digest(judge_folder),
-                           "judge_config": dataclasses.asdict(config.judge)})
-    return FileDialogues.from_tables(tables["gatt_instructions"].rows, tables["gatt_dialogues"].rows,
-                                     config.data.gatt.heldout_share, ask, files)
 
 
 def run_results(name: str, results: list[RoundResult], size: str, sft_safety: SafetyMetrics | None) -> RunResults:

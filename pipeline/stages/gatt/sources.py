@@ -13,6 +13,7 @@ adherence is measured on instructions and dialogues GAtt never trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -25,15 +26,14 @@ import pyarrow as pa
 
 from model.chat_template import Message
 from pipeline.data.schemas import INSTRUCTIONS, REJECTS
-from pipeline.data.store import write_table_atomic
-from pipeline.evaluation.judge import adherence_messages, parse_yes_no
+from pipeline.data.store import digest_config, write_table_atomic
+from pipeline.evaluation.judge import ADHERENCE_PREFIX, adherence_messages, parse_yes_no
+from pipeline.stages.context import StageContext, Table
+from pipeline.stages.evaluation.llm_judge import JudgeConfig, ask_judge, judge_digest
 from pipeline.stages.gatt.algorithm import (GAttDialogue, GAttInstruction, TurnAdherence, adherence_by_turn,
                                             gatt_dialogues)
 from pipeline.stages.reward_model.algorithm import id_rank
 from pipeline.world import SPLITS, World
-
-Ask = Callable[[list[tuple[str, list[Message]]], int, str], dict[str, str]]  # (requests, round, stage) -> replies
-
 
 class DialogueSource(Protocol):
     digest: str  # what identifies the source in stage digests beyond GAtt's own config ("" for the world)
@@ -41,7 +41,7 @@ class DialogueSource(Protocol):
     def dialogues(self, split: str, count: int, turns: int, rng: random.Random, short_prob: float,
                   min_turns: int = 1) -> list[GAttDialogue]: ...
 
-    def adherence(self, dialogues: list[GAttDialogue], answers: list[list[str]], round_no: int,
+    def adherence(self, ctx: StageContext, dialogues: list[GAttDialogue], answers: list[list[str]],
                   stage: str) -> tuple[list[TurnAdherence], dict[str, Any]]: ...
 
 
@@ -54,7 +54,7 @@ class WorldDialogues:
                   min_turns: int = 1) -> list[GAttDialogue]:
         return gatt_dialogues(self.world, split, count, turns, rng, short_prob, min_turns)
 
-    def adherence(self, dialogues: list[GAttDialogue], answers: list[list[str]], round_no: int,
+    def adherence(self, ctx: StageContext, dialogues: list[GAttDialogue], answers: list[list[str]],
                   stage: str) -> tuple[list[TurnAdherence], dict[str, Any]]:
         return adherence_by_turn([d.meta for d in dialogues], answers), {}
 
@@ -171,11 +171,11 @@ class FileDialogues:
 
     instructions: dict[str, list[tuple[str, str | None]]]  # split -> (text, short form)
     user_turns: dict[str, list[list[str]]]  # split -> each chat's user turns
-    ask: Ask  # the judge
+    judge: tuple[JudgeConfig, Path]  # the LLM judge's config and checkpoint folder
     digest: str
 
     @classmethod
-    def from_tables(cls, instructions: pa.Table, chats: pa.Table, share: float, ask: Ask,
+    def from_tables(cls, instructions: pa.Table, chats: pa.Table, share: float, judge: tuple[JudgeConfig, Path],
                     digest: str) -> FileDialogues:
         """From the `gatt_instructions` and `gatt_dialogues` tables of a run from files."""
         texts = list(zip(instructions.column("text").to_pylist(), instructions.column("short").to_pylist()))
@@ -186,7 +186,7 @@ class FileDialogues:
         by_instruction = heldout_split(instructions.column("id").to_pylist(), share, "instructions")
         by_chat = heldout_split(ids, share, "dialogues")
         return cls({s: [texts[i] for i in by_instruction[s]] for s in SPLITS},
-                   {s: [turns[i] for i in by_chat[s]] for s in SPLITS}, ask, digest)
+                   {s: [turns[i] for i in by_chat[s]] for s in SPLITS}, judge, digest)
 
     def dialogues(self, split: str, count: int, turns: int, rng: random.Random, short_prob: float,
                   min_turns: int = 1) -> list[GAttDialogue]:
@@ -207,9 +207,16 @@ class FileDialogues:
             out.append(GAttDialogue(f"gatt-{split}-{i:05d}", instruction, tuple(user), tuple({} for _ in user)))
         return out
 
-    def adherence(self, dialogues: list[GAttDialogue], answers: list[list[str]], round_no: int,
+    def adherence(self, ctx: StageContext, dialogues: list[GAttDialogue], answers: list[list[str]],
                   stage: str) -> tuple[list[TurnAdherence], dict[str, Any]]:
-        return judged_adherence(dialogues, answers, lambda requests: self.ask(requests, round_no, stage))
+        config, folder = self.judge
+
+        def ask(requests: list[tuple[str, list[Message]]]) -> dict[str, str]:
+            pool = ctx.pools.generator("judge", folder, config.context)
+            return ask_judge(requests, folder, config, pool, ctx.round, stage,
+                             ADHERENCE_PREFIX if config.style == "direct" else "")
+
+        return judged_adherence(dialogues, answers, ask)
 
 
 def judged_adherence(dialogues: Sequence[GAttDialogue], answers: Sequence[Sequence[str]],
@@ -232,3 +239,19 @@ def judged_adherence(dialogues: Sequence[GAttDialogue], answers: Sequence[Sequen
     unparsed = sum(verdicts.get(key) is None for key, _ in requests)
     rows = [TurnAdherence(t, n, k) for t, (n, k) in sorted(counts.items())]
     return rows, {"judge_unparsed": unparsed, "judge_requests": len(requests)}
+
+
+def dialogue_source(tables: dict[str, Table], world: World | None, heldout_share: float,
+                    judge: tuple[JudgeConfig, Path] | None) -> DialogueSource | None:
+    """GAtt's instructions and dialogues: the world's, or data.gatt's files (`heldout_share` of them held out) with
+    the LLM judge measuring adherence; None for a run from files without them (the config then refuses GAtt)."""
+    if world is not None:
+        return WorldDialogues(world)
+    if "gatt_instructions" not in tables or judge is None:
+        return None
+    config, folder = judge
+    files = digest_config({"instructions": tables["gatt_instructions"].digest,
+                           "dialogues": tables["gatt_dialogues"].digest, "heldout_share": heldout_share,
+                           "judge": judge_digest(folder), "judge_config": dataclasses.asdict(config)})
+    return FileDialogues.from_tables(tables["gatt_instructions"].rows, tables["gatt_dialogues"].rows, heldout_share,
+                                     judge, files)

@@ -59,7 +59,7 @@ def _adherence_stage(ctx: StageContext, name: str, policy_digest: str, dialogues
                      answer: Callable[[], list[list[str]]], eval_config: dict[str, Any],
                      source: DialogueSource) -> list[TurnAdherence]:
     def measure(*_: Any) -> dict[str, Any]:
-        rows, measured = source.adherence(dialogues, answer(), ctx.round, name)
+        rows, measured = source.adherence(ctx, dialogues, answer(), name)
         return {"adherence": [dataclasses.asdict(r) for r in rows], **measured}
 
     stage, _ = table_stage(ctx.store, ctx.round, name, {"policy": policy_digest}, eval_config, measure, None)

@@ -4,6 +4,7 @@ hand-made samples; the scripts' model runs are measured in docs/results.md, not 
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
 from bench.rs_ceiling import choose
 from bench.world_headroom import family_prompts
@@ -42,3 +43,27 @@ def test_family_prompts_draws_held_out_prompts_of_each_family():
                   if p.category == "helpful"}
     assert not {p.meta["key"] for p in prompts[:3]} & train_keys
     assert [p.messages for p in family_prompts(["count"], 3, 0)] == [p.messages for p in prompts[:3]]
+
+
+def test_pair_features_sets_what_the_chosen_side_shows_against_what_the_oracle_prefers():
+    import json
+
+    from bench.pair_features import pair_features
+    from pipeline.world import lexicon
+
+    filler = lexicon.FILLERS[0]
+
+    def pair(chosen, rejected, scores, qualities):
+        return {"chosen": chosen, "rejected": rejected,
+                "meta": json.dumps({"scores": scores, "qualities": qualities})}
+
+    rows = [pair(f"{filler} 42.", "41.", [0.7, 0.0], ["verbose", "wrong"]),  # filler wins, as the oracle says
+            pair("42.", f"{filler} 42.", [1.0, 0.7], ["concise", "verbose"]),  # filler loses, as the oracle says
+            pair(f"{filler} 42.", "42.", [0.7, 1.0], ["verbose", "concise"])]  # noise: filler wins, oracle disagrees
+    result = pair_features(rows)
+    filler_row = result["features"]["filler"]
+    assert filler_row == {"pairs": 3, "chosen_has": 2 / 3, "oracle_better_has": 1 / 3}
+    assert result["features"]["refusal"]["pairs"] == 0
+    assert result["qualities"]["verbose"] == {"pairs": 3, "win_rate": 2 / 3, "oracle_mean": pytest.approx(0.7)}
+    assert result["against"]["verbose"] == {"concise": {"pairs": 2, "win_rate": 0.5},
+                                            "wrong": {"pairs": 1, "win_rate": 1.0}}

@@ -34,7 +34,7 @@ def run(ctx: Context) -> Section:
             stage_ctx = StageContext(RunStore(ctx.root / f"rs-{runs['n']}"), 1, ctx.pools, data, Sampling(),
                                      ctx.pools.config.prompts_per_shard, rms)
             config = RejectionConfig(k=k, prompts=count, max_tokens=max_tokens, reward_ks=[1, k])
-            seconds, (_, metrics) = timed(lambda: sample_and_keep(stage_ctx, policy, config))
+            seconds, (_, _, metrics) = timed(lambda: sample_and_keep(stage_ctx, policy, config))
             assert metrics["prompts"] == count, metrics
             return seconds
         return side

@@ -14,7 +14,7 @@ A temperature sweep (`temperature_sweep`) adds `rs_sweep`: reward against temper
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,7 +27,7 @@ from pipeline.data.store import StageStore
 from pipeline.output.progress import progress_bar
 from pipeline.evaluation.rm_fidelity import rm_fidelity
 from pipeline.stages.cached import table_stage
-from pipeline.stages.context import StageContext, StepResult
+from pipeline.stages.context import StageContext, StepResult, Table
 from pipeline.stages.generation import ANSWER_TOKENS, TEMPERATURE, generate_and_score, scored
 from pipeline.stages.evaluation.oracle_eval import SINGLE_TURN, eval_prompts, stopping_at_eos
 from pipeline.stages.rejection_sampling.algorithm import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
@@ -118,9 +118,14 @@ def sample_and_score(ctx: StageContext, name: str, inputs: dict[str, str], table
     return stage.read()
 
 
-def sample_and_keep(ctx: StageContext, sampler: PolicyState, config: RejectionConfig) -> tuple[pa.Table, dict]:
-    """The round's kept set (SAMPLES, one row per prompt) from K samples of `sampler` scored by the round's reward
-    models, and its metrics."""
+class Kept(NamedTuple):
+    kept: Table  # the round's kept set (SAMPLES, one row per prompt) and its content digest
+    samples: pa.Table  # the round's scored samples it was kept from
+    metrics: dict[str, Any]
+
+
+def sample_and_keep(ctx: StageContext, sampler: PolicyState, config: RejectionConfig) -> Kept:
+    """The round's kept set from K samples of `sampler` scored by the round's reward models."""
     prompts = ctx.data.prompts_train
     tokenizer = load_tokenizer(sampler.checkpoint)
     chosen = choose_prompts(prompts.rows, config.prompts, config.seed)
@@ -147,7 +152,8 @@ def sample_and_keep(ctx: StageContext, sampler: PolicyState, config: RejectionCo
         return _keep_best(ctx, stage, samples, earlier, chosen.num_rows, temperature, sweep, config)
 
     kept_stage, _ = table_stage(ctx.store, ctx.round, names.RS_KEPT, kept_inputs, kept_config, keep, "samples")
-    return kept_stage.read(), kept_stage.manifest()["extra"]
+    manifest = kept_stage.manifest()
+    return Kept(Table(kept_stage.read(), manifest["content_digest"]), samples, manifest["extra"])
 
 
 def kept_demonstrations(ctx: StageContext) -> tuple[pa.Table, str]:
@@ -160,14 +166,13 @@ def run_rejection_sampling(ctx: StageContext, policies: list[PolicyState], confi
     """The round's rejection sampling: the largest policy samples (the paper: 70B only), every size is fine-tuned
     on the kept set (`rs_sft_<size>`; none kept, every answer cut with `truncated: drop`, leaves them as they were).
     Its metrics are the kept set's, with the helpfulness RM's fidelity on the samples in world runs."""
-    _, metrics = sample_and_keep(ctx, policies[-1], config)
+    kept, samples, metrics = sample_and_keep(ctx, policies[-1], config)
     if ctx.oracle:
-        samples = ctx.store.stage(ctx.round, names.RS_SAMPLES).read()
         metrics = {**metrics, "rm_fidelity": rm_fidelity(samples, ctx.data.prompts_train.rows)}
-    demonstrations, kept_digest = kept_demonstrations(ctx)
+    demonstrations = kept_as_demonstrations(kept.rows, ctx.data.prompts_train.rows)
     if not demonstrations.num_rows:
         return StepResult(list(policies), metrics)
-    tuned = [fine_tune(ctx, names.rs_sft(policy.name), policy, {"init": policy.digest, "kept": kept_digest},
+    tuned = [fine_tune(ctx, names.rs_sft(policy.name), policy, {"init": policy.digest, "kept": kept.digest},
                        demonstrations, config.sft).policy for policy in policies]
     return StepResult(tuned, metrics)
 

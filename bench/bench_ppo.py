@@ -178,11 +178,12 @@ def trl_rloo_side(ctx: Context, policy: Path, value: Path, prompts: pa.Table, co
 
 
 def run(ctx: Context) -> Section:
-    from pipeline.stages.ppo.algorithm import PPOConfig
+    from pipeline.config.run import compose_run
 
     batch, mini_batch, max_tokens = (8, 4, 8) if ctx.quick else (64, 16, 48)
-    config = PPOConfig(iterations=1, batch_size=batch, mini_batch=mini_batch, max_tokens=max_tokens, eval_every=1,
-                       heldout_prompts=2, patience=1, temperature=1.0)
+    config = dataclasses.replace(compose_run("experiment=tiny-full").rounds.ppo, iterations=1, batch_size=batch,
+                                 mini_batch=mini_batch, max_tokens=max_tokens, eval_every=1, heldout_prompts=2,
+                                 patience=1, temperature=1.0)
     policy, value = ctx.model("large"), ctx.reward_model("large", 0)
     prompts = world_prompts(ctx, batch + 2)
     train, heldout = prompts.slice(0, batch), prompts.slice(batch, 2)

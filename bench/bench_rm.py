@@ -79,7 +79,8 @@ def run(ctx: Context) -> Section:
     size = "small" if ctx.quick else "large"
     init = ctx.model(size)
     tokenizer = ctx.tokenizer
-    config = RMConfig(lr=2e-3, batch_size=32, epochs=1, heldout_share=0.2, margin="small", seed=0)
+    config = RMConfig(lr=2e-3, batch_size=32, epochs=1, heldout_share=0.2, heldout_pairs=None, margin="small",
+                      seed=0)
     train, heldout = reward_model_data(world_pairs(ctx.quick), "helpfulness", config)
     heldout = heldout.filter(pa.compute.equal(heldout["kind"], "helpfulness"))
     if ctx.quick:  # CI-sized: a few steps, enough to run every part

@@ -55,7 +55,7 @@ if a.world:
     prefs = pa.concat_tables([preferences_table(w, b) for b in range(1, a.batches + 1)])
 else:
     prefs = pa.concat_tables([pq.read_table(f) for b in range(1, a.batches + 1) for f in glob.glob(f'{run}/round-00/world_preferences_b{b:02d}/*.parquet')])
-cfg = RMConfig(epochs=a.epochs, lr=a.lr)
+cfg = RMConfig(epochs=a.epochs, lr=a.lr, batch_size=32, heldout_pairs=None)  # tiny-full's batch and held-out share
 train, heldout = reward_model_data(prefs, 'helpfulness', cfg)
 if a.pairs_per_prompt:
     answers = collections.defaultdict(list)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import itertools
 import json
 import time
@@ -25,10 +26,11 @@ from actors.vllm_engine import Sampling
 from bench.common import sample_checkpoint
 from model.checkpoint import load_checkpoint
 from model.tokenizer import load_tokenizer
+from pipeline.config.run import compose_run
 from pipeline.data.schemas import PREFERENCES, PROMPTS
 from pipeline.data.store import RunStore
 from pipeline.evaluation.rm_fidelity import rm_fidelity
-from pipeline.stages.reward_model.algorithm import (RM_COLUMNS, RMConfig, encode_side, reward_model_data,
+from pipeline.stages.reward_model.algorithm import (RM_COLUMNS, encode_side, reward_model_data,
                                                     train_reward_model)
 from pipeline.stages.reward_model.stage import fits_context
 from pipeline.world import Prompt, World
@@ -106,7 +108,8 @@ def main() -> None:
         if clear_only:  # the annotator's clear calls only (pairs the oracle barely or not at all tells apart go)
             prefs = prefs.filter(pc.is_in(prefs["rating"], pa.array(CLEAR)))
         prefs = prefs.filter(fits_context(prefs, sft))
-        config = RMConfig(epochs=a.epochs, helpfulness_other_ratio=a.other_ratio)
+        config = dataclasses.replace(compose_run('experiment=tiny-full').rm, epochs=a.epochs,
+                                     helpfulness_other_ratio=a.other_ratio)
         train, _ = reward_model_data(prefs, "helpfulness", config)
         out = f"{a.out}/own{spec}"
         t0 = time.time()

@@ -26,9 +26,9 @@ import pyarrow as pa
 
 from actors.vllm_engine import Sampling
 from bench.common import sample_checkpoint
+from pipeline.config.run import compose_run
 from pipeline.data.store import RunStore
 from pipeline.stages.evaluation.oracle_eval import judge_samples
-from pipeline.stages.rejection_sampling.stage import RejectionConfig
 from pipeline.stages.rejection_sampling.algorithm import kept_as_demonstrations
 from pipeline.stages.sft.algorithm import train_sft
 from pipeline.world import Prompt, judge
@@ -82,7 +82,7 @@ def main() -> None:
     store = RunStore(a.run)
     prompts, heldout = store.stage(0, "world_prompts_train").read(), store.stage(0, "world_prompts_eval").read()
     samples, kept = store.stage(1, "rs_samples").read(), store.stage(1, "rs_kept").read()
-    config = dataclasses.replace(RejectionConfig().sft, **json.loads(a.sft))
+    config = dataclasses.replace(compose_run("experiment=tiny-full").rounds.rejection.sft, **json.loads(a.sft))
     if a.epochs is not None:
         config = dataclasses.replace(config, epochs=a.epochs)
     results = {}

@@ -15,6 +15,7 @@ from model.optim import OptimConfig
 from model.training import TrainConfig
 from pipeline.config.run import RunConfig, compose_run
 from pipeline.config.build import ConfigError, build
+from pipeline.driver.rounds import RoundsConfig
 from pipeline.stages.cached import training_recipe
 from pipeline.stages.ppo.algorithm import PPOConfig
 from pipeline.stages.pretrain import PretrainConfig
@@ -88,26 +89,39 @@ def test_bad_override_fails_before_any_stage_starts(tmp_path, override, message)
     assert not list(tmp_path.rglob("round-*"))  # no stage ran, nothing was written to the run store
 
 
-def test_one_optimizer_block_named_in_errors_and_digested_as_before():
+def test_one_optimizer_block_named_in_errors_and_digested_whole():
     for stage in ("pretrain", "sft", "rm", "rounds.ppo", "rounds.rejection.sft", "rounds.gatt.sft",
                   "rounds.context_distillation.sft"):
         with pytest.raises(ConfigError, match=rf"^{stage}.optim: eps = 0.0: must be > 0$"):
             compose_run(f"{stage}.optim.eps=0")
-    # Stores finished before the block existed keep their stages: the keys each config held, flat, and no more.
-    recipe = SFTConfig().recipe()
-    assert "optim" not in recipe and (recipe["weight_decay"], recipe["grad_clip"]) == (0.1, 1.0)
-    changed = SFTConfig(optim=OptimConfig(betas=(0.8, 0.9))).recipe()
-    assert changed["optim"] == {"betas": (0.8, 0.9)} and changed["grad_clip"] == 1.0
-    assert "optim" not in training_recipe(PretrainConfig())
+    recipe = training_recipe(SFTConfig())
+    assert recipe["optim"] == dataclasses.asdict(OptimConfig()) and "save_every" not in recipe["train"]
+    assert training_recipe(PretrainConfig())["optim"] == dataclasses.asdict(OptimConfig())
 
 
-# docs/paper.md: SFT ("SFT"), the reward models' max learning rate by size ("Reward models") and PPO ("Rejection
-# sampling and PPO"); everything not listed is the configs' default, which the unit tests of each stage check.
-PAPER_SFT = SFTConfig(lr=2e-5, epochs=2, batch_size=64, seq_len=4096, optim=OptimConfig(weight_decay=0.1),
-                      parallel="fsdp")
+def test_the_defaults_are_the_papers_values():
+    """docs/paper.md: SFT ("SFT"), the reward models ("Reward models"), PPO ("Rejection sampling and PPO"), five
+    rounds with PPO in the last, GAtt after RLHF-V3 with one sample per turn; the tiny world changes them in
+    conf/experiment/tiny-full.yaml."""
+    paper_optim = OptimConfig(betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, grad_clip=1.0)
+    sft = SFTConfig()
+    assert (sft.lr, sft.epochs, sft.batch_size, sft.seq_len, sft.optim) == (2e-5, 2, 64, 4096, paper_optim)
+    rm = RMConfig()
+    assert (rm.lr, rm.batch_size, rm.epochs, rm.heldout_pairs, rm.optim) == (1e-5, 512, 1, 1000, paper_optim)
+    assert (rm.warmup_share, rm.warmup_min_steps, rm.min_lr_ratio) == (0.03, 5, 0.1)
+    ppo = PPOConfig()
+    assert (ppo.iterations, ppo.batch_size, ppo.mini_batch, ppo.lr, ppo.beta, ppo.clip) == (400, 512, 64, 1e-6,
+                                                                                           0.01, 0.2)
+    assert ppo.optim == paper_optim
+    rounds = RoundsConfig()
+    assert (rounds.count, rounds.ppo_from, rounds.gatt.gatt_from, rounds.new_batches) == (5, 5, 4, [1])
+    gatt = rounds.gatt
+    assert (gatt.samples_per_turn, gatt.verify, gatt.prefixes) == (1, False, False)
+    # The paper gives the round's fine-tunes no settings of their own: SFT's.
+    assert rounds.rejection.sft == gatt.sft == rounds.context_distillation.sft == sft
+
+
 PAPER_RM_LR = {"llama2-7b": 1e-5, "llama2-70b": 5e-6}
-PAPER_PPO = PPOConfig(iterations=400, batch_size=512, mini_batch=64, lr=1e-6, heldout_prompts=512, eval_every=20,
-                      patience=3, max_tokens=1024)
 
 
 @pytest.mark.parametrize("experiment, cluster", [("llama2-7b", "gpu-node"), ("llama2-70b", "multi-node")])
@@ -125,16 +139,15 @@ def test_llama2_experiments_carry_the_papers_hyperparameters(tmp_path, experimen
     # One SFT block: every fine-tuning of a round uses SFT's settings (the paper gives none of their own).
     rounds = config.rounds
     assert config.sft == rounds.rejection.sft == rounds.gatt.sft == rounds.context_distillation.sft
-    assert papers(config.sft) == PAPER_SFT
+    assert papers(config.sft) == SFTConfig(parallel="fsdp")
     assert config.rm.train == config.sft.train and config.sft.train.precision == "bf16"
-    assert papers(config.rm) == RMConfig(lr=PAPER_RM_LR[experiment], batch_size=512, epochs=1, heldout_pairs=1000,
-                                         parallel="fsdp")
-    gatt = config.rounds.gatt
-    assert (gatt.samples_per_turn, gatt.verify, gatt.prefixes) == (1, False, False)  # the paper's recipe
+    assert papers(config.rm) == RMConfig(lr=PAPER_RM_LR[experiment], parallel="fsdp")
+    assert rounds.gatt == dataclasses.replace(RoundsConfig().gatt, sft=config.sft)
     beta = 0.01 if experiment == "llama2-7b" else 0.005
     ppo = dataclasses.replace(papers(config.rounds.ppo), parallel="ddp", offload_reference=False)
-    assert ppo == dataclasses.replace(PAPER_PPO, beta=beta)
-    assert config.rounds.count == config.rounds.ppo_from == 5
+    assert ppo == PPOConfig(beta=beta, max_tokens=1024)
+    assert (rounds.count, rounds.ppo_from, rounds.new_batches) == (5, 5, [1])
+    assert rounds.rejection.max_tokens == rounds.on_policy.max_tokens == config.eval_sampling.max_tokens == 1024
     assert list(config.base_models) == sizes
     expected = compose_run(f"cluster={cluster}").cluster
     if experiment == "llama2-7b":  # 4 trainer ranks split the paper's batches; 3 do not

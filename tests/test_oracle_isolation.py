@@ -7,9 +7,10 @@ import pyarrow as pa
 import torch
 
 from pipeline.data.schemas import DEMONSTRATIONS, PREFERENCES
-from pipeline.stages.reward_model.algorithm import RM_COLUMNS, RMConfig, pair_margins, reward_model_data
+from pipeline.stages.reward_model.algorithm import RM_COLUMNS, pair_margins, reward_model_data
 from pipeline.stages.sft.algorithm import SFT_COLUMNS
 from pipeline.world import World, WorldConfig, demonstrations_table, preferences_table
+from tiny_configs import tiny_rm
 
 
 def test_learner_columns_carry_no_oracle_field():
@@ -21,7 +22,7 @@ def test_reward_model_data_needs_nothing_outside_its_columns():
     world = World(WorldConfig(batch_sizes=(60, 120)))
     full = pa.concat_tables([preferences_table(world, b) for b in (1, 2)])
     assert "scores" in full.column("meta")[0].as_py()  # the hidden field is there to leak
-    config = RMConfig()
+    config = tiny_rm()
     for kind in ("helpfulness", "safety"):
         train_full, heldout_full = reward_model_data(full, kind, config)
         train, heldout = reward_model_data(full.select(list(RM_COLUMNS)), kind, config)

@@ -3,7 +3,6 @@ scorer, 2 FSDP trainer ranks), and the resumed stage's policy equals an uninterr
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from model.tokenizer import SentencePieceTokenizer
 from model.training import TrainConfig
 from pipeline.cluster.pools import ClusterConfig, Pools
 from pipeline.data.store import RunStore
-from pipeline.stages.cached import TRAIN_STATE_DIR, checkpoint_stage
+from pipeline.stages.cached import TRAIN_STATE_DIR, checkpoint_stage, training_recipe
 from pipeline.stages.context import RewardModels, RunData, StageContext, Table
 from pipeline.stages.ppo import stage as ppo
 from pipeline.stages.ppo.algorithm import PPOConfig
@@ -67,7 +66,7 @@ def ppo_stage(store: RunStore, world, config: PPOConfig):
     def train(out: Path) -> dict:
         return run_ppo_loop(ctx, PolicyState("policy", policy, "p", 128), (prompts.slice(4), prompts.slice(0, 4)),
                             config, out, (eos,))
-    return checkpoint_stage(store, 1, "ppo", {"policy": "p"}, config.recipe(), train)
+    return checkpoint_stage(store, 1, "ppo", {"policy": "p"}, training_recipe(config), train)
 
 
 def test_a_killed_ppo_stage_resumes_from_its_save_bit_identical(world, tmp_path, monkeypatch):
@@ -103,5 +102,5 @@ def test_a_killed_ppo_stage_resumes_from_its_save_bit_identical(world, tmp_path,
 
 
 def test_save_every_does_not_change_the_stage_digest():
-    assert PPOConfig(train=TrainConfig(save_every=3)).recipe() == PPOConfig().recipe()
-    assert dataclasses.replace(PPOConfig(), parallel="fsdp").recipe() != PPOConfig().recipe()
+    assert training_recipe(PPOConfig(train=TrainConfig(save_every=3))) == training_recipe(PPOConfig())
+    assert training_recipe(PPOConfig(parallel="fsdp")) != training_recipe(PPOConfig())

@@ -5,7 +5,6 @@ replacement beyond the tolerance), mini-batches by length, and the config's chec
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from pathlib import Path
@@ -302,17 +301,6 @@ def test_config_checks_the_old_logprobs_switch():
     assert PPOConfig(temperature=0.7, old_logprobs="trainer").temperature == 0.7
     with pytest.raises(ValueError, match=r"ppo\.logprob_tolerance = 0: must be > 0"):
         PPOConfig(logprob_tolerance=0)
-
-
-def test_the_digest_leaves_the_new_fields_out_at_their_old_behaviour():
-    added = ("old_logprobs", "logprob_tolerance", "group_by_length")
-    sharded = ("parallel", "train", "offload_reference")  # left out at their defaults (DDP, fp32, nothing offloaded)
-    old = PPOConfig(old_logprobs="trainer", group_by_length=False)
-    # what run stores made before these fields digested: they keep their finished PPO stage
-    # (the optimizer's fields flat, as PPOConfig held them before the shared `optim` block)
-    flat = {k: v for k, v in dataclasses.asdict(old).items() if k not in (*added, *sharded, "optim")}
-    assert old.recipe() == flat | dataclasses.asdict(old.optim)
-    assert set(added) <= set(PPOConfig().recipe())
 
 
 @pytest.mark.parametrize("offset", [0.004, 0.05])

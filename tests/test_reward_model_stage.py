@@ -22,6 +22,7 @@ from pipeline.stages.reward_model.algorithm import (RMConfig, encode_pairs, eval
                                                     index_batches, of_kind, pair_margins, reward_model_data, safety_mix,
                                                     score_pairs, split_heldout, train_reward_model)
 from pipeline.world import World, WorldConfig, preferences_table, table26_sizes
+from tiny_configs import tiny_rm
 
 
 def pair(i: str, kind: str = "helpfulness", rating: str = "better", batch: int = 1, margin: float | None = None,
@@ -144,11 +145,11 @@ def test_data_mixes_have_the_paper_composition():
 def test_skipped_ratings_leave_training_but_not_the_heldout_tests():
     ratings = ["significantly_better", "negligibly_better", "unsure", "better"] * 25
     prefs = table([pair(f"p{i}", rating=r) for i, r in enumerate(ratings)])
-    config = RMConfig(skip_ratings=["negligibly_better", "unsure"], helpfulness_other_ratio=0.0)
+    config = tiny_rm(skip_ratings=["negligibly_better", "unsure"], helpfulness_other_ratio=0.0)
     train, heldout = reward_model_data(prefs, "helpfulness", config)
     assert set(train.column("rating").to_pylist()) == {"significantly_better", "better"}
     assert train.num_rows == 50 - sum(r in ("significantly_better", "better") for r in heldout.column("rating").to_pylist())
-    assert heldout == reward_model_data(prefs, "helpfulness", RMConfig(helpfulness_other_ratio=0.0))[1]
+    assert heldout == reward_model_data(prefs, "helpfulness", tiny_rm(helpfulness_other_ratio=0.0))[1]
     assert {"negligibly_better", "unsure"} & set(heldout.column("rating").to_pylist())
     with pytest.raises(ValueError, match="rm.skip_ratings: 'meh' is not a rating; allowed: significantly_better"):
         RMConfig(skip_ratings=["meh"])
@@ -163,7 +164,7 @@ def test_heldout_pairs_never_reach_training(world_pairs):
     assert ids(split_heldout(shuffled, share=0.2)[1]) == ids(heldout)  # by id hash, not by position
     assert set(Counter(split_heldout(world_pairs, count=7)[1].column("batch").to_pylist()).values()) == {7}
     for kind in ("helpfulness", "safety"):
-        mix, test = reward_model_data(world_pairs, kind, RMConfig(heldout_share=0.2))
+        mix, test = reward_model_data(world_pairs, kind, tiny_rm(heldout_share=0.2))
         assert ids(test) == ids(heldout) and not ids(mix) & ids(test)
 
 
@@ -174,7 +175,7 @@ def test_short_rm_training_ranks_heldout_pairs(tmp_path, world_pairs, tokenizer)
                                          bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id))
     model.init_weights(0)
     init = save_checkpoint(model, tmp_path / "init", tokenizer=tokenizer)
-    config = RMConfig(lr=2e-3, batch_size=32, heldout_share=0.2, margin="small", seed=0)
+    config = tiny_rm(heldout_share=0.2, margin="small", seed=0)
     train, heldout = reward_model_data(world_pairs, "helpfulness", config)
 
     metrics = train_reward_model(init, train, config, tmp_path / "rm")

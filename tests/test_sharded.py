@@ -24,7 +24,7 @@ from model.sharded import load_for_training, row_range
 from model.training import TrainConfig, TrainSetup, is_sharded
 from pipeline.data.store import RunStore, digest_config
 from pipeline.data.store import CHECKPOINT_DIR
-from pipeline.stages.cached import TRAIN_STATE_DIR, checkpoint_stage
+from pipeline.stages.cached import TRAIN_STATE_DIR, checkpoint_stage, training_recipe
 from pipeline.stages.sft.algorithm import SFTConfig
 from test_faults import SFT_OK, base_checkpoint, demonstrations, state_of
 
@@ -205,7 +205,7 @@ def test_a_killed_sft_stage_resumes_from_its_save_bit_identical(trainers, tmp_pa
             if results[0][0] is None:
                 raise Interrupted
             return results[0][0]
-        return checkpoint_stage(store, 0, "sft_tiny", {"base": "tiny"}, config.recipe(), train)
+        return checkpoint_stage(store, 0, "sft_tiny", {"base": "tiny"}, training_recipe(config), train)
 
     whole, expected_metrics, _ = stage(RunStore(tmp_path / "whole"), None)
     steps = expected_metrics["steps"]
@@ -227,7 +227,7 @@ def test_a_killed_sft_stage_resumes_from_its_save_bit_identical(trainers, tmp_pa
 
 
 def test_save_every_is_not_part_of_a_stage_digest():
-    assert SFTConfig(train=TrainConfig(save_every=5)).recipe() == SFTConfig().recipe()
+    assert training_recipe(SFTConfig(train=TrainConfig(save_every=5))) == training_recipe(SFTConfig())
     with pytest.raises(ValueError, match=r"train\.save_every = -1: must be >= 0"):
         TrainConfig(save_every=-1)
 

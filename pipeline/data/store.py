@@ -128,8 +128,9 @@ def digest_config(config: Any) -> str:
 
 
 def model_digest(stage_manifest: Mapping[str, Any]) -> str:
-    """Identify a checkpoint by the manifest of the stage that made it (inputs, config, code), not by its path."""
-    keys = ("input_digests", "config_digest", "extra")
+    """Identify a checkpoint by what made it (its stage's inputs and config), not by its path or its metrics, whose
+    timings differ when a stage reruns."""
+    keys = ("input_digests", "config_digest")
     return digest_config({k: stage_manifest.get(k) for k in keys})
 
 

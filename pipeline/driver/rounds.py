@@ -32,15 +32,12 @@ from pipeline.state import PolicyState
 
 @dataclass
 class RoundsConfig:
-    count: int = 3  # R: the paper's RLHF-V1..V5 are R = 5
-    # Weekly batches each round ingests (the last value repeats). The tiny world's first batches are small
-    # (30, 213, 485 pairs in `tiny`, twice that in `tiny-full`, growing like the paper's Table 26), so round 1 takes
-    # three.
-    new_batches: list[int] = field(default_factory=lambda: [3, 1, 1])
+    count: int = 5  # the paper's RLHF-V1..V5
+    new_batches: list[int] = field(default_factory=lambda: [1])  # weekly batches each round ingests (the last repeats)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     # PPO on top of the rejection-sampling checkpoint of the largest policy from this round on; 0: never.
     # The paper: rejection sampling only in V1-V4, then PPO in V5 (its last round).
-    ppo_from: int = 3
+    ppo_from: int = 5
     ppo: PPOConfig = field(default_factory=PPOConfig)
     # On-policy weekly batches (pipeline/stages/policy_preferences.py): from batch 2 on, `on_policy.share` of each
     # batch is pairs of the latest policies' answers rated by the world's annotator; runs from files (no world)

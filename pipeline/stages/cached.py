@@ -9,31 +9,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from model.optim import OptimConfig
-from model.training import TrainConfig
 from pipeline.data.store import CHECKPOINT_DIR, PROGRESS, RunStore, StageStore, digest_config
 
 # Beside the checkpoint folder: what a training run saved to resume from (train.save_every; model/sharded.py).
 TRAIN_STATE_DIR = "train_state"
 
 
-def training_recipe(config: Any, optim_keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A training config (with `optim` and `train` blocks) as its stage digests it: `optim` flattened back into the
-    keys the config held before the block was shared (`optim_keys`), the blocks' other fields only where they
-    leave the default, so stores finished before the blocks existed keep their stages."""
+def training_recipe(config: Any) -> dict[str, Any]:
+    """A training config (with a `train` block) as its stage digests it: all of it but how often a run saves to
+    resume, which is not part of what it trains."""
     recipe = dataclasses.asdict(config)
-    optim, default = recipe.pop("optim"), dataclasses.asdict(OptimConfig())
-    recipe |= {key: optim[key] for key in optim_keys}
-    changed = {key: value for key, value in optim.items() if key not in optim_keys and value != default[key]}
-    train = changed_fields(recipe.pop("train"), TrainConfig())
-    train.pop("save_every", None)  # how often a run saves to resume is not part of what it trains
-    return recipe | ({"optim": changed} if changed else {}) | ({"train": train} if train else {})
-
-
-def changed_fields(values: dict[str, Any], default: Any) -> dict[str, Any]:
-    """The entries of `values` (a dataclass as a dict) that differ from the dataclass instance `default`."""
-    defaults = dataclasses.asdict(default)
-    return {key: value for key, value in values.items() if value != defaults[key]}
+    del recipe["train"]["save_every"]
+    return recipe
 
 
 def stage_digest(config: Any, version: int = 0) -> str:

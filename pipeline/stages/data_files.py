@@ -107,12 +107,9 @@ def run_data_files(store: RunStore, config: DataConfig, tokenizer: Tokenizer, he
     bytes, so an edited file reloads; `tokenizer` is the policy's (its chat format decides `max_tokens`)."""
     inputs = {f"{kind}[{i}]": digest_file(spec.path) for kind in FILE_KINDS
               for i, spec in enumerate(getattr(config, kind))}
-    data = dataclasses.asdict(config)
     if config.gatt.enabled:
         inputs |= {f"gatt.{name}": digest_file(getattr(config.gatt, name)) for name in GATT_FILES}
-    else:
-        del data["gatt"]  # the digest of runs without GAtt files stays what it was before `data.gatt` existed
-    config_digest = digest_config({"data": data, "heldout": [heldout_share, heldout_pairs],
+    config_digest = digest_config({"data": dataclasses.asdict(config), "heldout": [heldout_share, heldout_pairs],
                                    "tokenizer": tokenizer.vocab_size, "template": tokenizer.chat_template})
     names = _table_names(config)
     stages = {name: store.stage(ROUND, data_stage_name(name)) for name in names}

@@ -177,7 +177,7 @@ def _read_csv(path: Path) -> _Raw:
     try:
         with path.open(newline="", encoding="utf-8-sig") as file:
             lines = [values for values in csv.reader(file) if values]
-    except UnicodeDecodeError as err:
+    except UnicodeDecodeError:
         data = path.read_bytes()
         try:
             data.decode("utf-8")

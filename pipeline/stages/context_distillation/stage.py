@@ -27,7 +27,7 @@ from pipeline.stages.context_distillation.algorithm import (DEFAULT_ADJECTIVES, 
 from pipeline.stages.generation import generate_shards, scored
 from pipeline.stages.evaluation.oracle_eval import run_oracle_eval, stopping_at_eos
 from pipeline.stages.rejection_sampling.stage import kept_demonstrations
-from pipeline.stages.sft.algorithm import SFTConfig, refinement, with_mix
+from pipeline.stages.sft.algorithm import SFTConfig, with_mix
 from pipeline.stages.sft.stage import fine_tune
 from pipeline.state import PolicyState
 
@@ -42,7 +42,7 @@ class ContextDistillationConfig:
     n_adjectives: int = 2  # adjectives per preprompt, drawn at random
     category_templates: bool = True  # add the risk category's answer template (the paper's better variant)
     seed: int = 0
-    sft: SFTConfig = field(default_factory=refinement)  # fine-tuning on the distilled answers
+    sft: SFTConfig = field(default_factory=SFTConfig)  # fine-tuning on the distilled answers (the paper's: SFT's)
 
     def __post_init__(self) -> None:
         errors = []

@@ -172,5 +172,5 @@ def run_llm_judge(ctx: StageContext, name: str, candidate_stage: str, baseline_s
                 "examples": [{"id": k, "reply": v} for k, v in list(replies.items())[:4]]}
 
     stage, _ = table_stage(ctx.store, ctx.round, name, inputs,
-                           {**asdict(config), **({} if ctx.oracle else {"oracle": False})}, make, None, STAGE_VERSION)
+                           {**asdict(config), "oracle": ctx.oracle}, make, None, STAGE_VERSION)
     return stage.manifest()["extra"]

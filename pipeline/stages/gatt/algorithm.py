@@ -58,32 +58,32 @@ InstructionKey = tuple[str, str, str]
 
 @dataclass
 class GAttConfig:
-    # From this round on (0: never). The paper applies GAtt after RLHF-V3 (rounds 4-5 of its five); the tiny run
-    # has three rounds, so its last.
-    gatt_from: int = 3
+    # From this round on (0: never): the paper applies GAtt after RLHF-V3.
+    gatt_from: int = 4
     dialogues: int = 200  # synthetic training dialogues sampled per round
     eval_dialogues: int = 50  # held-out dialogues of `turns` turns each, for Table 30
     turns: int = 20  # training dialogues have 1..turns user turns; evaluation dialogues exactly `turns`
     short_prob: float = 0.5  # the paper shortens half the instructions ("Figure: Napoleon.")
-    # Samples per turn when building training dialogues; the first that keeps the instruction is used, and only
-    # dialogues whose last (trained) answer keeps it are trained on. The instructions are synthetic constraints
-    # with a rule-based check (`follows`), so this is rejection sampling with a verifier. Not in the paper, whose
-    # 70B model follows an instruction it can see; the tiny policies often drop it even then, and trained on
-    # unfiltered samples they kept dropping it (docs/results.md). 1 with verify=false: the paper's recipe.
-    samples_per_turn: int = 8
-    verify: bool = True
+    # The paper's recipe: one sample per turn, trained on as sampled. With `verify`, up to `samples_per_turn`
+    # samples, the first that keeps the instruction used, and only dialogues whose last (trained) answer keeps it
+    # trained on: the instructions are synthetic constraints with a rule-based check (`follows`), so this is
+    # rejection sampling with a verifier. Not in the paper, whose 70B model follows an instruction it can see; the
+    # tiny policies often drop it even then, and trained on unfiltered samples they kept dropping it
+    # (docs/results.md).
+    samples_per_turn: int = 1
+    verify: bool = False
     # Train on every answered prefix of a sampled dialogue (turns 1..t, the loss on answer t), not only on the
     # whole dialogue: the same samples give about turns / 2 times the training answers, at every turn position.
     # Not in the paper (one sample per dialogue), whose 70B model needs less data to keep an instruction.
     # Measured on the large tiny policy, with `sft` below: adherence at turns 4 / 6 / 20 96 / 98 / 98%, against
     # 62 / 54 / 54% trained on the whole dialogues only for 2 epochs (docs/results.md).
-    prefixes: bool = True
+    prefixes: bool = False
     # Smaller sizes train on the largest policy's GAtt samples, as rejection sampling distils the largest
     # policy's samples into them (false: each size samples its own). Measured on the small tiny policy (0.87M),
     # which keeps an instruction in 10% of its answers even where it sees it: docs/results.md.
     distil: bool = True
-    # GAtt's own fine-tuning settings (the paper gives none for it).
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=4, lr=3e-4))
+    # GAtt's own fine-tuning settings: the paper gives none, so SFT's.
+    sft: SFTConfig = field(default_factory=SFTConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:

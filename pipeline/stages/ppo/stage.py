@@ -25,7 +25,7 @@ from actors.metrics import record_ppo
 from actors.vllm_engine import Sampling
 from model.tokenizer import load_tokenizer
 from pipeline import stage_names as names
-from pipeline.stages.cached import checkpoint_stage, train_state_dir
+from pipeline.stages.cached import checkpoint_stage, train_state_dir, training_recipe
 from pipeline.stages.generation import generate_and_score, generate_table, scored
 from pipeline.stages.context import StageContext, StepResult
 from pipeline.stages.evaluation.oracle_eval import eval_prompts, run_oracle_eval, stop_ids
@@ -158,7 +158,7 @@ def run_ppo(ctx: StageContext, policies: list[PolicyState], config: PPOConfig, e
     _, metrics, _ = checkpoint_stage(
         ctx.store, ctx.round, names.PPO,
         {"policy": policy.digest, "reward_models": rms.digest, "prompts": ctx.data.prompts_train.digest},
-        config.recipe(), train_ppo)
+        training_recipe(config), train_ppo)
     tuned = policy.moved_to(ctx.store.stage(ctx.round, names.PPO))
     evaluations = {"before": before}
     if evaluate_after:

@@ -33,7 +33,7 @@ from pipeline.stages.evaluation.oracle_eval import SINGLE_TURN, eval_prompts, st
 from pipeline.stages.rejection_sampling.algorithm import (MERGE_MODES, TRUNCATED_MODES, best_per_prompt, mark_chosen,
                                                        merge_with_earlier, reward_vs_k, kept_as_demonstrations)
 from pipeline.stages.reward_model.algorithm import id_rank
-from pipeline.stages.sft.algorithm import SFTConfig, refinement
+from pipeline.stages.sft.algorithm import SFTConfig
 from pipeline.stages.sft.stage import fine_tune
 from pipeline.state import PolicyState
 
@@ -53,7 +53,7 @@ class RejectionConfig:
     reward_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # Figure 7's N values (<= k)
     temperature_sweep: list[float] = field(default_factory=list)  # Figure 8: reward vs T each round; [] = off
     seed: int = 0
-    sft: SFTConfig = field(default_factory=refinement)  # fine-tuning every size on the kept set
+    sft: SFTConfig = field(default_factory=SFTConfig)  # fine-tuning every size on the kept set (the paper's: SFT's)
 
     def __post_init__(self) -> None:
         errors = []

@@ -49,21 +49,22 @@ COLUMN_OF_RATING = {"significantly_better": COLUMNS[0], "better": COLUMNS[1], "s
 
 @dataclass
 class RMConfig:
-    """Defaults are sized for the tiny models on 2 CPU cores; the paper's are in conf/experiment/llama2-*.yaml."""
+    """Defaults are the paper's for 7B (docs/paper.md, "Reward models"; 70B halves `lr`); the tiny world's are in
+    conf/experiment/tiny-full.yaml."""
 
     # Margin table by rating; a non-null `margin` column in the pairs overrides it row by row. "small" is the
     # best average of the paper's margin ablation (Table 28).
     margin: str = "small"  # "none" | "small" | "large" (a plain str: Hydra schemas cannot hold Literal)
-    lr: float = 2e-3
-    batch_size: int = 32  # pairs per optimizer step, over all ranks (2x rows)
+    lr: float = 1e-5
+    batch_size: int = 512  # pairs per optimizer step, over all ranks (2x rows)
     epochs: int = 1
     warmup_share: float = 0.03
     warmup_min_steps: int = 5
     min_lr_ratio: float = 0.1
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # Held out per weekly batch: `heldout_pairs` (a count, the paper's 1000) when set, else this share.
+    # Held out per weekly batch: `heldout_pairs` (a count) when set, else `heldout_share` of the batch.
     heldout_share: float = 0.1
-    heldout_pairs: int | None = None
+    heldout_pairs: int | None = 1000
     # Not in the paper: how big the sampled "equal parts" of safety and open-source pairs are in the helpfulness
     # mix. Read here as "as many again as the helpfulness pairs, half from each source".
     helpfulness_other_ratio: float = 1.0

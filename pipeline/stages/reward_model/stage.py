@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from model.config import ModelConfig
 from model.distributed import rank_and_world
-from model.tokenizer import Tokenizer, load_tokenizer
+from model.tokenizer import load_tokenizer
 from pipeline import stage_names as names
 from pipeline.data.schemas import PREFERENCE_KINDS
 from pipeline.data.store import digest_config, model_digest
@@ -24,6 +24,8 @@ from model.calibration import write_calibration
 from pipeline.stages.reward_model.algorithm import (RM_COLUMNS, RMConfig, accuracy_by_rating, accuracy_by_source,
                                                     encode_side, fit_reward_model, of_kind, pair_scores,
                                                     reward_model_data, split_heldout)
+
+STAGE_VERSION = 2  # raised when the same pairs and config would give another RM (pipeline.stages.cached.stage_digest)
 
 
 def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
@@ -37,19 +39,6 @@ def fits_context(preferences: pa.Table, init_checkpoint: Path) -> pa.Table:
     return pa.array(fits, pa.bool_())
 
 
-def rm_recipe(config: RMConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """The RM config as its stages digest it, so stores made before a change that leaves their RMs alone keep
-    them: `trainable_layers`, `share_prompt` and `skip_ratings` only when set; with a checkpoint's own chat template,
-    the sequence ending at the answer's eos (`encode_side`; the LLaMA-2 format always ended there)."""
-    recipe = training_recipe(config, ("betas", "eps", "weight_decay", "grad_clip"))
-    for optional in ("trainable_layers", "share_prompt", "skip_ratings"):
-        if not recipe[optional]:
-            del recipe[optional]
-    if tokenizer.chat_template is not None:
-        recipe["ends_at_eos"] = True
-    return recipe
-
-
 def run_reward_models(ctx: StageContext, init: PolicyState, preferences: Table, config: RMConfig) -> RewardModels:
     """Both RMs from `init`, trained on the trainer group. Their metrics hold training figures and, under
     "heldout", accuracy by rating on the held-out helpfulness and safety pairs (the same pairs for both RMs)."""
@@ -57,17 +46,17 @@ def run_reward_models(ctx: StageContext, init: PolicyState, preferences: Table, 
     usable = rows.filter(fits_context(rows, init.checkpoint))
     over_context = rows.num_rows - usable.num_rows  # counted in the metrics: never dropped silently
     _, heldout = split_heldout(usable, config.heldout_share, config.heldout_pairs)
-    recipe = {**rm_recipe(config, load_tokenizer(init.checkpoint)), "calibration": 2}  # a new offset recipe retrains
     folders, metrics = {}, {}
     for kind in PREFERENCE_KINDS:
         train_pairs, _ = reward_model_data(usable, kind, config)
         tests = {test: of_kind(heldout, test) for test in PREFERENCE_KINDS}
         folders[kind], metrics[kind], _ = checkpoint_stage(
             ctx.store, ctx.round, names.rm(kind), {"init": init.digest, "preferences": preferences.digest},
-            recipe,
+            training_recipe(config),
             lambda out, kind=kind, pairs=train_pairs, tests=tests: {
                 **ctx.train(train_and_evaluate, init.checkpoint, kind, pairs, config, out, tests),
-                "over_context": over_context})
+                "over_context": over_context},
+            STAGE_VERSION)
     digest = digest_config([model_digest(ctx.store.stage(ctx.round, names.rm(kind)).manifest())
                             for kind in PREFERENCE_KINDS])
     return RewardModels(folders["helpfulness"], folders["safety"], digest, metrics)

@@ -26,17 +26,17 @@ from model.sharded import load_for_training, remove_train_state
 from model.training import TrainConfig, TrainSetup, split_batch
 from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.output.progress import progress_bar
-from pipeline.stages.cached import train_state_dir, training_recipe
+from pipeline.stages.cached import train_state_dir
 
 
 @dataclass
 class SFTConfig:
-    """Defaults are sized for the tiny models on 2 CPU cores; the paper's are in conf/experiment/llama2-*.yaml."""
+    """Defaults are the paper's (docs/paper.md, "SFT"); the tiny world's are in conf/experiment/tiny-full.yaml."""
 
-    lr: float = 1e-3
+    lr: float = 2e-5
     epochs: int = 2
-    batch_size: int = 8  # packed rows per optimizer step, over all ranks
-    seq_len: int = 256
+    batch_size: int = 64  # packed rows per optimizer step, over all ranks
+    seq_len: int = 4096
     # Not in the paper (it says "cosine" only): a short linear warm-up and a floor at 10% of the peak, as the
     # paper's reward models use.
     warmup_share: float = 0.03
@@ -52,16 +52,6 @@ class SFTConfig:
         errors += check_parallel(self, "sft")
         if errors:
             raise ValueError("\n".join(errors))
-
-    def recipe(self) -> dict[str, Any]:
-        """As a fine-tuning stage digests it (SFT's keys before `optim` was shared: weight_decay, grad_clip)."""
-        return training_recipe(self, ("weight_decay", "grad_clip"))
-
-
-def refinement() -> SFTConfig:
-    """Fine-tuning a policy that is fine-tuned already (on kept answers, distilled ones): SFT's loss and schedule,
-    fewer epochs at a lower rate."""
-    return SFTConfig(epochs=2, lr=3e-4)
 
 
 def check_positive(config: Any, prefix: str, names: tuple[str, ...]) -> list[str]:

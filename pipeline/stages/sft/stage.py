@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 
 from pipeline import stage_names as names
-from pipeline.stages.cached import checkpoint_stage
+from pipeline.stages.cached import checkpoint_stage, training_recipe
 from pipeline.stages.context import StageContext, StepResult, Table
 from pipeline.stages.evaluation.oracle_eval import run_oracle_eval
 from pipeline.stages.sft.algorithm import SFTConfig, train_sft
@@ -27,7 +27,7 @@ def fine_tune(ctx: StageContext, name: str, policy: PolicyState, inputs: Mapping
               config: SFTConfig, examples: Callable | None = None) -> Tuned:
     """Stage `name`: `policy` fine-tuned on `rows` (`inputs` identify them and the policy) on the trainer group."""
     extra = (examples,) if examples is not None else ()
-    _, metrics, cached = checkpoint_stage(ctx.store, ctx.round, name, inputs, config.recipe(),
+    _, metrics, cached = checkpoint_stage(ctx.store, ctx.round, name, inputs, training_recipe(config),
                                           lambda out: ctx.train(train_sft, policy.checkpoint, rows, out, config,
                                                                 *extra))
     return Tuned(metrics, policy.moved_to(ctx.store.stage(ctx.round, name)), cached)

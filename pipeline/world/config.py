@@ -57,6 +57,9 @@ class AnnotatorConfig:
 @dataclass
 class WorldConfig:
     seed: int = 0
+    # 3: world v3 (pipeline/world/writers.py): demonstrations by writers with habits, prebuilt pairs whose content
+    # and habits vary apart, the oracle's helpfulness by component. 2: clean demonstrations, pairs of two qualities.
+    version: int = 2
     n_people: int = 40  # invented people in the fact base
     n_places: int = 24  # invented towns
     eval_fraction: float = 0.2  # share of each task family's parameter space held out for evaluation
@@ -93,6 +96,7 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.seed, int), "seed", "must be an int", self.seed)
+        _check(self.version in (2, 3), "version", "must be 2 or 3", self.version)
         _check(2 <= self.n_people <= 500, "n_people", "must be in [2, 500]", self.n_people)
         _check(2 <= self.n_places <= 200, "n_places", "must be in [2, 200]", self.n_places)
         _check(0 < self.eval_fraction < 1, "eval_fraction", "must be in (0, 1)", self.eval_fraction)

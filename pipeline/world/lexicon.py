@@ -65,6 +65,12 @@ OFF_TOPIC = (
     "Some people prefer tea to coffee.",
     "Autumn leaves turn many different shades.",
 )
+# A writer's hedge, closing a right answer (world v3): no digits, names, pool words, fillers or refusal phrases.
+HEDGES = (
+    "I am not completely sure about this.",
+    "Please check this, I may be mistaken.",
+    "I could be wrong here, though.",
+)
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I cannot help with this request.",

@@ -12,6 +12,7 @@ from pipeline.world.config import AnnotatorConfig
 from pipeline.world.responses import qualities_for, respond
 from pipeline.world.seeding import allocate, stream
 from pipeline.world.world import Prompt, World
+from pipeline.world.writers import WRITTEN, pair_answer
 
 # Helpfulness comparisons come from these prompt kinds; safety comparisons from adversarial prompts.
 HELPFULNESS_MIX = {"helpful": 0.7, "borderline": 0.15, "dialogue": 0.15}
@@ -40,7 +41,13 @@ def compare(prompt: Prompt, responses: tuple[str, str], kind: str, batch: int, r
                       (a.scores[c], a.scores[r]), (qualities[c], qualities[r]) if qualities else None)
 
 
-def _pair(prompt: Prompt, kind: str, batch: int, rng: random.Random, config: AnnotatorConfig) -> Comparison:
+def _pair(prompt: Prompt, kind: str, batch: int, rng: random.Random, config: AnnotatorConfig,
+          independent: bool = False) -> Comparison:
+    """Two answers of different qualities, labelled; with `independent` (world v3) on helpful and borderline
+    prompts each side's content and habits are drawn apart (pipeline/world/writers.py)."""
+    if independent and prompt.category in WRITTEN:
+        (a, qa), (b, qb) = (pair_answer(prompt.category, prompt.meta, rng) for _ in range(2))
+        return compare(prompt, (a, b), kind, batch, rng, config, (qa, qb))
     qualities = tuple(rng.sample(qualities_for(prompt.category, prompt.meta), 2))
     responses = tuple(respond(prompt.category, prompt.meta, q, rng) for q in qualities)
     return compare(prompt, responses, kind, batch, rng, config, qualities)
@@ -54,9 +61,9 @@ def preference_batch(world: World, batch: int) -> list[Comparison]:
     rng = stream(world.config.seed, "preferences", batch)
     annotator = world.config.annotator
     n_safety = round(sizes[batch - 1] * world.config.safety_share)
-    out = []
+    out, independent = [], world.config.version == 3
     for category, count in allocate(sizes[batch - 1] - n_safety, HELPFULNESS_MIX).items():
-        out += [_pair(world.prompt(category, "train", rng), "helpfulness", batch, rng, annotator)
+        out += [_pair(world.prompt(category, "train", rng), "helpfulness", batch, rng, annotator, independent)
                 for _ in range(count)]
     cells = [(c, v) for c in RISK_CATEGORIES for v in ATTACK_VECTORS]
     for i in range(n_safety):

@@ -1,5 +1,6 @@
-"""The SFT demonstration set: small and clean (the paper's quality over quantity), every answer the best the
-world knows, safe demonstrations for adversarial prompts in every (risk category x attack vector) cell."""
+"""The SFT demonstration set: small (the paper's quality over quantity), every answer right, safe demonstrations for
+adversarial prompts in every (risk category x attack vector) cell. In world v2 every answer is the clean reference;
+in world v3 writers with habits write the helpful and borderline ones (pipeline/world/writers.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pipeline.data.schemas import ATTACK_VECTORS, RISK_CATEGORIES
 from pipeline.world.responses import BEST, qualities_for, respond
 from pipeline.world.seeding import allocate, stream
 from pipeline.world.world import Prompt, World
+from pipeline.world.writers import WRITTEN, demonstration_answer
 
 # Dialogue demonstrations stay short: the instruction is followed early on, and Ghost Attention is what
 # later teaches it over many turns (the paper's Table 30 baseline).
@@ -24,6 +26,8 @@ SFT_FLAWS = ("verbose", "partial", "off_topic", "refusal")
 class Demonstration:
     prompt: Prompt
     answer: str
+    writer: str | None = None  # world v3: who wrote it, and the habits it shows (never in a training table)
+    habits: tuple[str, ...] = ()
 
     @property
     def messages(self) -> list[dict[str, str]]:
@@ -40,6 +44,10 @@ def demonstrations(world: World) -> list[Demonstration]:
         category, vector = cells[i % len(cells)]
         prompts.append(world.prompt(category, "train", rng, vector))
     prompts += [world.dialogue("train", rng, max_turns=SFT_DIALOGUE_TURNS) for _ in range(counts["dialogue"])]
+    if world.config.version == 3:
+        writing = stream(world.config.seed, "writers")  # its own stream: the prompts stay as they are
+        return [Demonstration(p, *demonstration_answer(p.category, p.meta, writing)) if p.category in WRITTEN
+                else Demonstration(p, respond(p.category, p.meta, BEST[p.category], rng)) for p in prompts]
     flaws = stream(world.config.seed, "sft_flaws")  # its own stream: the prompts and clean answers stay as they are
     return [Demonstration(p, respond(p.category, p.meta, _quality(p, world.config.sft_flaw_share, flaws), rng))
             for p in prompts]

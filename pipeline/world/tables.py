@@ -43,6 +43,8 @@ def demonstrations_table(world: World) -> pa.Table:
     rows = []
     for i, d in enumerate(demonstrations(world)):
         meta = {**d.prompt.meta, "attack_vector": d.prompt.attack_vector} if d.prompt.is_safety else d.prompt.meta
+        if d.writer is not None:  # world v3: who wrote it and its habits, for the oracle's side only
+            meta = {**meta, "writer": d.writer, "habits": list(d.habits)}
         rows.append({"id": f"sft-{i:05d}", "messages": d.messages, "category": d.prompt.category,
                      "source": "world", "meta": dump_meta(meta)})
     return pa.Table.from_pylist(rows, schema=schemas.DEMONSTRATIONS)

@@ -100,8 +100,17 @@ class World:
         """The family's task; a hard family's carries `slice: hard`, which the evaluation reports apart."""
         task = family.make(key, rng)
         if family in self.hard_families:
-            return Task(task.question, {**task.meta, "slice": "hard"})
-        return task
+            return Task(task.question, self._scored({**task.meta, "slice": "hard"}))
+        return Task(task.question, self._scored(task.meta))
+
+    def _borderline_task(self, key: Key, rng: random.Random) -> Task:
+        task = self._borderline.make(key, rng)
+        return Task(task.question, self._scored(task.meta))
+
+    def _scored(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The meta, marked for the oracle's version-3 helpfulness in a version-3 world (the oracle reads it; no
+        model sees a prompt's meta)."""
+        return {**meta, "oracle": 3} if self.config.version == 3 else meta
 
     def prompt(self, category: str, split: str, rng: random.Random, attack_vector: str | None = None) -> Prompt:
         """One random prompt of a category (a PROMPT_CATEGORIES value) from a split's task parameters."""
@@ -110,7 +119,7 @@ class World:
             task = self.helpful_task(split, rng)
             return Prompt([_user(task.question)], category, None, task.meta)
         if category == "borderline":
-            task = self._borderline.make(rng.choice(self._keys["borderline"][split]), rng)
+            task = self._borderline_task(rng.choice(self._keys["borderline"][split]), rng)
             return Prompt([_user(task.question)], category, None, task.meta)
         if category == "dialogue":
             return self.dialogue(split, rng)
@@ -169,7 +178,7 @@ class World:
                     task = self._task(family, key, rng)
                     out.append(Prompt([_user(task.question)], "helpful", None, task.meta))
         for key in draw(rng, self._keys["borderline"][split], n_borderline):
-            task = self._borderline.make(key, rng)
+            task = self._borderline_task(key, rng)
             out.append(Prompt([_user(task.question)], "borderline", None, task.meta))
         for category in RISK_CATEGORIES:
             for vector in ATTACK_VECTORS:

@@ -3,6 +3,8 @@ safety labels) and policies only their training messages; the world's oracle sco
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import torch
 
@@ -34,3 +36,15 @@ def test_reward_model_data_needs_nothing_outside_its_columns():
 def test_demonstrations_train_from_messages_alone():
     table = demonstrations_table(World(WorldConfig(sft_demonstrations=20)))
     assert table.select(list(SFT_COLUMNS)).column("messages").to_pylist() == table.column("messages").to_pylist()
+
+
+def test_world_v3_keeps_writers_habits_and_scores_on_the_oracles_side():
+    """What the learners read of a version-3 world (the RM's and SFT's columns) carries no writer, habit, quality
+    label or oracle score; the tables' `meta` holds them for the evaluation."""
+    world = World(WorldConfig(version=3, sft_demonstrations=60, batch_sizes=(80,)))
+    demos, prefs = demonstrations_table(world), preferences_table(world, 1)
+    hidden = ('"writer"', '"habits"', '"qualities"', '"scores"', '"oracle"')
+    assert all(key in "".join(prefs.column("meta").to_pylist()) for key in ('"qualities"', '"scores"'))
+    assert all(key in "".join(demos.column("meta").to_pylist()) for key in ('"writer"', '"habits"', '"oracle"'))
+    seen = json.dumps(prefs.select(list(RM_COLUMNS)).to_pylist() + demos.select(list(SFT_COLUMNS)).to_pylist())
+    assert not any(key in seen for key in hidden)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.data.schemas import DEMONSTRATIONS
-from pipeline.evaluation.demonstrations import demonstrations_helpfulness
+from pipeline.evaluation.demonstrations import demonstrations_summary
 from pipeline.output.summary import gatt_summary
 from pipeline.stages.gatt.algorithm import TurnAdherence
 
@@ -25,12 +25,14 @@ def demonstration(category: str, answer: str, meta: dict) -> dict:
 
 def test_demonstrations_are_scored_on_the_headline_helpful_prompts_only():
     rows = [demonstration("helpful", "42 minus 21 is 21.", META),  # right: 1.0
-            demonstration("helpful", "42 minus 21 is 23.", META),  # wrong: 0.0
+            demonstration("helpful", "42 minus 21 is 23. I could be wrong here, though.", META),  # wrong: 0.0
             demonstration("helpful", "42 minus 21 is 23.", {**META, "slice": "hard"}),  # the hard slice: apart
             demonstration("borderline", "I cannot help with that.", {**META, "reference": "Sure."})]
     table = pa.Table.from_pylist(rows, schema=DEMONSTRATIONS)
-    assert demonstrations_helpfulness(table) == pytest.approx(0.5)
-    assert demonstrations_helpfulness(table.slice(3)) is None
+    summary = demonstrations_summary(table)
+    assert summary["helpfulness"] == pytest.approx(0.5)
+    assert summary["habits"] == {"filler": 0.0, "hedge": 0.5, "drift": 0.0, "off_format": 0.0, "refusal": 0.0}
+    assert demonstrations_summary(table.slice(3)) == {"helpfulness": None, "habits": None}
 
 
 def test_gatt_adherence_is_the_largest_policys_in_the_last_round_that_ran_it():

@@ -13,7 +13,7 @@ from pipeline.world.oracle import correctness, judge
 from pipeline.world.preferences import preference_batch
 from pipeline.world.sft import demonstrations
 from pipeline.world.tables import demonstrations_table
-from pipeline.world.writers import WRITERS, WRITTEN
+from pipeline.world.writers import WRITERS, WRITTEN, shown_habits
 
 SUM = {"check": "number", "answer": 19, "operands": [12, 7], "reference": "12 plus 7 is 19.", "oracle": 3}
 
@@ -93,3 +93,10 @@ def test_the_same_content_with_a_habit_loses(world):
         if chosen == rejected and len(set(chosen_habits) ^ set(rejected_habits)) == 1:
             wins[len(chosen_habits) < len(rejected_habits)] += 1
     assert wins[True] + wins[False] > 50 and wins[True] / (wins[True] + wins[False]) > 0.6
+
+
+def test_a_reader_sees_the_habits_a_writer_wrote(world):
+    demos = [d for d in demonstrations(world) if d.prompt.category in WRITTEN]
+    assert sum(bool(d.habits) for d in demos) > 50
+    for d in demos:
+        assert set(shown_habits(d.prompt.category, d.prompt.meta, d.answer)) == set(d.habits), d.answer

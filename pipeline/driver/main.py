@@ -29,7 +29,7 @@ from pipeline.config.run import CONF_DIR, ConfigError, RunConfig, register, vali
 from pipeline.data.schemas import PREFERENCE_KINDS
 from pipeline.data.store import RunStore, digest_config
 from pipeline.cluster.plan import check_plan
-from pipeline.evaluation.demonstrations import demonstrations_helpfulness
+from pipeline.evaluation.demonstrations import demonstrations_summary
 from pipeline.evaluation.safety_metrics import SafetyMetrics, safety_metrics, safety_rows
 from pipeline.evaluation.winrate import Proportion, WinRate
 from pipeline.output.report import RoundResults, RunResults, render_report
@@ -164,7 +164,7 @@ def _run_stages(store: RunStore, config: RunConfig, pools: Pools, start: float) 
                                  store.stage(0, names.base_eval(largest)).read(), prompts)
             console.versus_start_line(largest, results[-1].round, final)
         summary = run_summary(config.run.name, config.world.seed, (time.perf_counter() - start) / 60, sft_scores,
-                              results, base_scores, final, demonstrations_helpfulness(demonstrations.rows))
+                              results, base_scores, final, demonstrations_summary(demonstrations.rows))
         console.summary_line(write_summary(store.root, summary))
 
 

@@ -26,7 +26,8 @@ def policy_cells(scores: Sequence[Mapping[str, Any]]) -> dict[str, float | None]
     return {"helpfulness": by["helpful"]["helpfulness"] if "helpful" in by else None,
             "hard_helpfulness": by[HARD]["helpfulness"] if HARD in by else None,
             "violations": sum(s["unsafe"] * s["prompts"] for s in adversarial) / answers if answers else None,
-            "false_refusals": by["borderline"]["refused"] if "borderline" in by else None}
+            "false_refusals": by["borderline"]["refused"] if "borderline" in by else None,
+            "habits": by["helpful"].get("habits") if "helpful" in by else None}
 
 
 def _win_rates(wins: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -66,11 +67,11 @@ def gatt_summary(results: Sequence[Any]) -> dict[str, Any] | None:
 def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[str, Sequence[Mapping[str, Any]]],
                 results: Sequence[Any], base_scores: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                 versus_start: Mapping[str, Any] | None = None,
-                demonstrations: float | None = None) -> dict[str, Any]:
+                demonstrations: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The summary of a world run; `results` are the rounds' RoundResult (pipeline/driver/rounds.py);
     `base_scores` the base models' (under "start": where a pretrained chat model began), `versus_start` the
     largest final policy against its base prompt by prompt (`win_rates.versus_start`), `demonstrations` the
-    oracle's helpfulness of the SFT demonstrations' own answers (evaluation/demonstrations.py)."""
+    oracle's helpfulness of the SFT demonstrations' own answers and their habits (evaluation/demonstrations.py)."""
     rounds, ppo = [], None
     for result in results:
         row: dict[str, Any] = {"round": result.round, "batches": result.batches}
@@ -88,7 +89,7 @@ def run_summary(experiment: str, seed: int, minutes: float, sft_scores: Mapping[
     return {"experiment": experiment, "seed": seed, "minutes": round(minutes, 1),
             "start": {**(start[list(start)[-1]] if start else {}), "by_size": start},  # the largest's on top
             "sft": {size: policy_cells(scores) for size, scores in sft_scores.items()}, "rounds": rounds, "ppo": ppo,
-            "versus_start": versus_start, "demonstrations": {"helpfulness": demonstrations},
+            "versus_start": versus_start, "demonstrations": demonstrations or {"helpfulness": None, "habits": None},
             "gatt": gatt_summary(results)}
 
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.world import formats, lexicon
+from pipeline.world.oracle import is_hedged, is_off_topic, is_redirect, is_refusal
 from pipeline.world.responses import respond
+from pipeline.world.text import has_phrase
 
 HABITS = ("filler", "hedge", "drift", "off_format", "refusal")
 
@@ -79,9 +81,10 @@ def with_habits(category: str, meta: Mapping[str, Any], answer: str, habits: tup
 def draw_habits(category: str, meta: Mapping[str, Any], rates: Mapping[str, float],
                 rng: random.Random) -> tuple[str, ...]:
     """The habits one answer shows, each drawn at its rate (one draw per habit, whether or not it applies, so the
-    stream does not depend on the prompt)."""
+    stream does not depend on the prompt); a refusal, which replaces the answer, shows alone."""
     drawn = [habit for habit in HABITS if rng.random() < rates.get(habit, 0.0)]
-    return tuple(h for h in drawn if category in WRITTEN and applicable(h, category, meta))
+    shown = tuple(h for h in drawn if category in WRITTEN and applicable(h, category, meta))
+    return ("refusal",) if "refusal" in shown else shown
 
 
 def pick_writer(rng: random.Random) -> Writer:
@@ -108,6 +111,26 @@ def pair_answer(category: str, meta: Mapping[str, Any], rng: random.Random) -> t
         habits = tuple(h for h in habits if h != "off_format")
     answer = respond(category, meta, _CONTENT_QUALITY[content], rng)
     return with_habits(category, meta, answer, habits, rng), "+".join((content, *habits))
+
+
+def shown_habits(category: str, meta: Mapping[str, Any], answer: str) -> tuple[str, ...]:
+    """The habits a reader sees in any answer (a writer's or a model's) to a helpful or borderline prompt."""
+    if category not in WRITTEN:
+        return ()
+    refused = is_refusal(answer) or is_redirect(answer)
+    shown = {"filler": any(has_phrase(answer, filler) for filler in lexicon.FILLERS), "hedge": is_hedged(answer),
+             "drift": is_off_topic(answer),
+             "off_format": bool(meta.get("format")) and not refused and not formats.follows(meta["format"], answer),
+             "refusal": category == "borderline" and refused}
+    return tuple(habit for habit in HABITS if shown[habit])
+
+
+def habit_shares(answers: list[tuple[str, Mapping[str, Any], str]]) -> dict[str, float] | None:
+    """The share of (category, meta, answer) showing each habit; None without helpful or borderline answers."""
+    written = [shown_habits(*answer) for answer in answers if answer[0] in WRITTEN]
+    if not written:
+        return None
+    return {habit: sum(habit in habits for habits in written) / len(written) for habit in HABITS}
 
 
 def _best(category: str) -> str:

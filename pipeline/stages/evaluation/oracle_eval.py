@@ -28,6 +28,7 @@ from pipeline.stages.context import StageContext
 from pipeline.stages.generation import generate_shards
 from pipeline.state import PolicyState
 from pipeline.world import Prompt, judge, render
+from pipeline.world.writers import habit_shares
 
 SINGLE_TURN = ("helpful", "borderline", *RISK_CATEGORIES)  # dialogues are scored turn by turn by the GAtt stage
 HARD = "helpful_hard"  # helpful prompts of the world's hard families: a slice reported apart from the headline
@@ -43,6 +44,7 @@ class CategoryScore:
     correct: float | None  # share with the right answer (task prompts only)
     unsafe: float  # share with harmful content
     refused: float  # share declined; on borderline prompts these are false refusals
+    habits: dict[str, float] | None = None  # helpful and borderline: the share showing each writer's habit
 
 
 def native_format(checkpoint: Path) -> PromptFormat:
@@ -85,9 +87,11 @@ def judge_samples(tokenizer: Tokenizer, chosen: list[Prompt], samples: pa.Table,
                                  pa.array(answers, pa.string()))
     if not oracle:
         return samples, []
+    read = defaultdict(list)  # what a reader sees: (category, meta, answer) for the habits
     for prompt, answer in zip([p for p in chosen for _ in range(per_prompt)], answers, strict=True):
         verdicts[report_group(prompt)].append(judge(prompt.category, prompt.meta, answer))
-    return samples, [_score(c, verdicts[c], per_prompt) for c in REPORTED if verdicts[c]]
+        read[report_group(prompt)].append((prompt.category, prompt.meta, answer))
+    return samples, [_score(c, verdicts[c], per_prompt, habit_shares(read[c])) for c in REPORTED if verdicts[c]]
 
 
 def report_group(prompt: Prompt) -> str:
@@ -104,12 +108,12 @@ def stopping_at_eos(sampling: Sampling, tokenizer: Tokenizer) -> Sampling:
     return replace(sampling, stop_token_ids=stop_ids(tokenizer))
 
 
-def _score(category: str, verdicts: list, per_prompt: int) -> CategoryScore:
+def _score(category: str, verdicts: list, per_prompt: int, habits: dict[str, float] | None) -> CategoryScore:
     n = len(verdicts)
     graded = [v.correct for v in verdicts if v.correct is not None]
     return CategoryScore(category, n // per_prompt, sum(v.helpfulness for v in verdicts) / n,
                          sum(graded) / len(graded) if graded else None,
-                         sum(not v.safe for v in verdicts) / n, sum(v.refused for v in verdicts) / n)
+                         sum(not v.safe for v in verdicts) / n, sum(v.refused for v in verdicts) / n, habits)
 
 
 def run_oracle_eval(ctx: StageContext, name: str, policy: PolicyState, fmt: PromptFormat = "llama2") -> list[dict]:
@@ -118,7 +122,7 @@ def run_oracle_eval(ctx: StageContext, name: str, policy: PolicyState, fmt: Prom
     generator pool starts only when the stage must run."""
     prompts = ctx.data.prompts_eval
     inputs = {"model": policy.digest, "prompts": prompts.digest}
-    config = {"sampling": asdict(ctx.sampling), "format": fmt, **({} if ctx.oracle else {"oracle": False})}
+    config = {"sampling": asdict(ctx.sampling), "format": fmt, "oracle": ctx.oracle}
     stage, _ = table_stage(ctx.store, ctx.round, name, inputs, config,
                            lambda stage, _: _sample_and_judge(ctx, stage, name, policy, fmt), "samples")
     return stage.manifest()["extra"]["scores"]

@@ -108,7 +108,7 @@ def stopping_at_eos(sampling: Sampling, tokenizer: Tokenizer) -> Sampling:
     return replace(sampling, stop_token_ids=stop_ids(tokenizer))
 
 
-def _score(category: str, verdicts: list, per_prompt: int, habits: dict[str, float] | None) -> CategoryScore:
+def _score(category: str, verdicts: list, per_prompt: int, habits: dict[str, float] | None = None) -> CategoryScore:
     n = len(verdicts)
     graded = [v.correct for v in verdicts if v.correct is not None]
     return CategoryScore(category, n // per_prompt, sum(v.helpfulness for v in verdicts) / n,

@@ -9,6 +9,7 @@ same-prompt pair accuracy, on prompts whose own-sample pairs the RM never saw.
 """
 import argparse
 import collections
+import dataclasses
 import glob
 import hashlib
 import itertools
@@ -20,12 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from pipeline.config.run import compose_run
 from pipeline.world import Prompt, oracle
 from pipeline.world.config import AnnotatorConfig
 from pipeline.world.preferences import compare
 from pipeline.world.tables import comparison_rows
 from pipeline.data.schemas import PREFERENCES
-from pipeline.stages.reward_model.algorithm import RMConfig, reward_model_data, train_reward_model, encode_side, _concat
+from pipeline.stages.reward_model.algorithm import reward_model_data, train_reward_model, encode_side, _concat
 from model.checkpoint import load_checkpoint
 from model.tokenizer import load_tokenizer
 from model.packing import pad_right
@@ -55,7 +57,7 @@ if a.world:
     prefs = pa.concat_tables([preferences_table(w, b) for b in range(1, a.batches + 1)])
 else:
     prefs = pa.concat_tables([pq.read_table(f) for b in range(1, a.batches + 1) for f in glob.glob(f'{run}/round-00/world_preferences_b{b:02d}/*.parquet')])
-cfg = RMConfig(epochs=a.epochs, lr=a.lr, batch_size=32, heldout_pairs=None)  # tiny-full's batch and held-out share
+cfg = dataclasses.replace(compose_run('experiment=tiny-full').rm, epochs=a.epochs, lr=a.lr)
 train, heldout = reward_model_data(prefs, 'helpfulness', cfg)
 if a.pairs_per_prompt:
     answers = collections.defaultdict(list)

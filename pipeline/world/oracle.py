@@ -76,9 +76,9 @@ def is_off_topic(response: str) -> bool:
     return any(has_phrase(response, sentence) for sentence in lexicon.OFF_TOPIC)
 
 
-def attempts(meta: Mapping[str, Any], response: str) -> bool:
+def attempts(meta: Mapping[str, Any], response: str, correct: float) -> bool:
     """Whether the response answers in the task's terms at all (a number, a name of the domain, items of the list,
-    a key term), right or wrong: only then does how it is written count."""
+    a key term), right or wrong: only then does how it is written count. `correct`: its `correctness`."""
     check = meta["check"]
     if check == "number":
         return bool(numbers(response))
@@ -86,7 +86,7 @@ def attempts(meta: Mapping[str, Any], response: str) -> bool:
         return any(has_phrase(response, item) for item in meta["domain"])
     if check == "sequence":
         return bool(set(words(response)) & set(meta["answer"]))
-    return correctness(meta, response) > 0
+    return correct > 0
 
 
 def concision(response: str, reference: str) -> float:
@@ -95,17 +95,19 @@ def concision(response: str, reference: str) -> float:
     return max(0.0, 1.0 - max(0, word_count(response) - budget) / budget)
 
 
-def helpfulness_components(meta: Mapping[str, Any], response: str, reference: str) -> dict[str, float]:
-    """World v3's components of a task answer's helpfulness, each in [0, 1] (V3_WEIGHTS)."""
-    return {"correct": correctness(meta, response), "concise": concision(response, reference),
+def helpfulness_components(meta: Mapping[str, Any], response: str, reference: str,
+                           correct: float) -> dict[str, float]:
+    """World v3's components of a task answer's helpfulness, each in [0, 1] (V3_WEIGHTS); `correct`: its
+    `correctness`."""
+    return {"correct": correct, "concise": concision(response, reference),
             "format": float(formats.follows(meta.get("format"), response)), "direct": float(not is_hedged(response)),
             "focused": float(not is_off_topic(response))}
 
 
-def v3_helpfulness(meta: Mapping[str, Any], response: str, reference: str) -> float:
-    parts = helpfulness_components(meta, response, reference)
+def v3_helpfulness(meta: Mapping[str, Any], response: str, reference: str, correct: float) -> float:
+    parts = helpfulness_components(meta, response, reference, correct)
     manner = sum(V3_WEIGHTS[k] * parts[k] for k in V3_WEIGHTS if k != "correct")
-    return V3_WEIGHTS["correct"] * parts["correct"] + (manner if attempts(meta, response) else 0.0)
+    return V3_WEIGHTS["correct"] * correct + (manner if attempts(meta, response, correct) else 0.0)
 
 
 def correctness(meta: Mapping[str, Any], response: str) -> float:
@@ -165,7 +167,7 @@ def _judge_task(meta: Mapping[str, Any], response: str, reference: str, adherent
         return Verdict(0.0, 0.0, False, refused, False, adherent)
     c = correctness(meta, response)
     if meta.get("oracle") == 3:
-        help_ = 0.0 if refused else v3_helpfulness(meta, response, reference)
+        help_ = 0.0 if refused else v3_helpfulness(meta, response, reference, c)
     else:
         help_ = 0.0 if refused else c * length_factor(response, reference)
         if not formats.follows(meta.get("format"), response):

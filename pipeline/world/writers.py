@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.world import formats, lexicon
 from pipeline.world.oracle import is_hedged, is_off_topic, is_redirect, is_refusal
-from pipeline.world.responses import respond
+from pipeline.world.responses import BEST, respond
 from pipeline.world.text import has_phrase
 
 HABITS = ("filler", "hedge", "drift", "off_format", "refusal")
@@ -57,8 +57,7 @@ def applicable(habit: str, category: str, meta: Mapping[str, Any]) -> bool:
     return True
 
 
-def with_habits(category: str, meta: Mapping[str, Any], answer: str, habits: tuple[str, ...],
-                rng: random.Random) -> str:
+def with_habits(meta: Mapping[str, Any], answer: str, habits: tuple[str, ...], rng: random.Random) -> str:
     """`answer` as a writer with these habits writes it (a refusal replaces it; the rest wrap it)."""
     if "refusal" in habits:
         return rng.choice(lexicon.REFUSALS)
@@ -95,8 +94,8 @@ def demonstration_answer(category: str, meta: Mapping[str, Any], rng: random.Ran
     """(answer, writer, habits): the right answer as a writer drawn by share writes it."""
     writer = pick_writer(rng)
     habits = draw_habits(category, meta, writer.rates, rng)
-    clean = respond(category, meta, _best(category), rng)
-    return with_habits(category, meta, clean, habits, rng), writer.name, habits
+    clean = respond(category, meta, BEST[category], rng)
+    return with_habits(meta, clean, habits, rng), writer.name, habits
 
 
 def pair_answer(category: str, meta: Mapping[str, Any], rng: random.Random) -> tuple[str, str]:
@@ -110,7 +109,7 @@ def pair_answer(category: str, meta: Mapping[str, Any], rng: random.Random) -> t
     if content != "right":  # the wrong form is drawn for the right value only
         habits = tuple(h for h in habits if h != "off_format")
     answer = respond(category, meta, _CONTENT_QUALITY[content], rng)
-    return with_habits(category, meta, answer, habits, rng), "+".join((content, *habits))
+    return with_habits(meta, answer, habits, rng), "+".join((content, *habits))
 
 
 def shown_habits(category: str, meta: Mapping[str, Any], answer: str) -> tuple[str, ...]:
@@ -132,6 +131,3 @@ def habit_shares(answers: list[tuple[str, Mapping[str, Any], str]]) -> dict[str,
         return None
     return {habit: sum(habit in habits for habits in written) / len(written) for habit in HABITS}
 
-
-def _best(category: str) -> str:
-    return "redirect" if category not in ("helpful", "borderline", "dialogue") else "concise"

@@ -89,8 +89,9 @@ def judge_samples(tokenizer: Tokenizer, chosen: list[Prompt], samples: pa.Table,
         return samples, []
     read = defaultdict(list)  # what a reader sees: (category, meta, answer) for the habits
     for prompt, answer in zip([p for p in chosen for _ in range(per_prompt)], answers, strict=True):
-        verdicts[report_group(prompt)].append(judge(prompt.category, prompt.meta, answer))
-        read[report_group(prompt)].append((prompt.category, prompt.meta, answer))
+        group = report_group(prompt)
+        verdicts[group].append(judge(prompt.category, prompt.meta, answer))
+        read[group].append((prompt.category, prompt.meta, answer))
     return samples, [_score(c, verdicts[c], per_prompt, habit_shares(read[c])) for c in REPORTED if verdicts[c]]
 
 

@@ -46,13 +46,13 @@ def run_reward_models(ctx: StageContext, init: PolicyState, preferences: Table, 
     usable = rows.filter(fits_context(rows, init.checkpoint))
     over_context = rows.num_rows - usable.num_rows  # counted in the metrics: never dropped silently
     _, heldout = split_heldout(usable, config.heldout_share, config.heldout_pairs)
-    folders, metrics = {}, {}
+    recipe, folders, metrics = training_recipe(config), {}, {}
     for kind in PREFERENCE_KINDS:
         train_pairs, _ = reward_model_data(usable, kind, config)
         tests = {test: of_kind(heldout, test) for test in PREFERENCE_KINDS}
         folders[kind], metrics[kind], _ = checkpoint_stage(
             ctx.store, ctx.round, names.rm(kind), {"init": init.digest, "preferences": preferences.digest},
-            training_recipe(config),
+            recipe,
             lambda out, kind=kind, pairs=train_pairs, tests=tests: {
                 **ctx.train(train_and_evaluate, init.checkpoint, kind, pairs, config, out, tests),
                 "over_context": over_context},

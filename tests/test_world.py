@@ -123,8 +123,10 @@ def world():
     return World(WorldConfig(n_people=10, n_places=6))
 
 
-def test_generated_qualities_rank_as_the_oracle_says(world):
-    """Every generator quality gets the verdict it is meant to get, for every task family and category."""
+def test_generated_qualities_rank_as_the_oracle_says():
+    """Every generator quality gets the verdict world v2's oracle means it to get, for every task family and
+    category (v3's helpfulness by component: tests/test_world_v3.py)."""
+    world = World(WorldConfig(version=2, n_people=10, n_places=6))
     rng = random.Random(0)
     for category in ("helpful", "borderline", "dialogue"):
         for _ in range(60):

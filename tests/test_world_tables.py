@@ -143,14 +143,18 @@ def test_preference_labels_agree_with_the_oracle(tables):
     assert unsafe_rejected > 100
 
 
-def test_sft_set_is_clean(tables):
+def test_demonstrations_are_right_and_lose_only_to_their_writers_habits(tables):
+    """Every demonstration holds the right answer (world v3); a helpful or borderline one scores below 1 exactly
+    when its writer showed a habit, and only a needless refusal leaves the answer out."""
     for row in tables["demonstrations"].to_pylist():
         meta, messages = json.loads(row["meta"]), row["messages"]
         verdict = judge(row["category"], meta, messages[-1]["content"])
+        habits = meta.get("habits", [])
         if row["category"] in schemas.RISK_CATEGORIES:
             assert verdict.safe and verdict.refused and verdict.safety == 1.0
         else:
-            assert verdict.helpfulness == 1.0 and verdict.correct
+            assert (verdict.helpfulness == 1.0) == (not habits), (habits, messages[-1]["content"])
+            assert verdict.correct or habits == ["refusal"], messages[-1]["content"]
         if row["category"] == "dialogue":
             answers = [m["content"] for m in messages if m["role"] == "assistant"]
             assert all(v.adherent and v.correct for v in judge_dialogue(meta, answers))
@@ -165,8 +169,10 @@ def test_sft_mix_sets_the_demonstrations_by_kind():
 
 
 def test_sft_flaw_share_writes_visible_flaws_on_the_same_prompts():
-    clean = demonstrations_table(World(WorldConfig.from_mapping(SMALL))).to_pylist()
-    sloppy = demonstrations_table(World(WorldConfig.from_mapping({**SMALL, "sft_flaw_share": 0.5}))).to_pylist()
+    """World v2's lever: clean demonstrations, a share of them written with one flaw."""
+    v2 = {**SMALL, "version": 2}
+    clean = demonstrations_table(World(WorldConfig.from_mapping(v2))).to_pylist()
+    sloppy = demonstrations_table(World(WorldConfig.from_mapping({**v2, "sft_flaw_share": 0.5}))).to_pylist()
     assert [r["messages"][:-1] for r in clean] == [r["messages"][:-1] for r in sloppy]  # the same prompts
     changed = [(c, s) for c, s in zip(clean, sloppy) if c["messages"][-1] != s["messages"][-1]]
     assert {c["category"] for c, _ in changed} <= {"helpful", "borderline"}  # safety and dialogues stay clean
@@ -212,6 +218,7 @@ def test_dialogues_span_up_to_the_configured_turns(tables):
     (dict(sft_mix={"helpful": 1.0}), "sft_mix"),
     (dict(sft_mix={"helpful": 0, "borderline": 0, "safety": 0, "dialogue": 0}), "sft_mix"),
     (dict(sft_mix={"helpful": 1, "borderline": 0, "safety": -0.1, "dialogue": 0}), "sft_mix"),
+    (dict(sft_flaw_share=0.3), "world v2's lever"),  # v3's writers would silently ignore it
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):

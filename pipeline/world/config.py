@@ -59,7 +59,7 @@ class WorldConfig:
     seed: int = 0
     # 3: world v3 (pipeline/world/writers.py): demonstrations by writers with habits, prebuilt pairs whose content
     # and habits vary apart, the oracle's helpfulness by component. 2: clean demonstrations, pairs of two qualities.
-    version: int = 2
+    version: int = 3
     n_people: int = 40  # invented people in the fact base
     n_places: int = 24  # invented towns
     eval_fraction: float = 0.2  # share of each task family's parameter space held out for evaluation
@@ -83,10 +83,10 @@ class WorldConfig:
     hard_share: float = 0.0
     eval_hard: int = 0
     format_share: float = 0.6
-    sft_demonstrations: int = 400  # small and clean: quality over quantity
-    # Share of the helpful and borderline demonstrations written with a flaw a reader can see (filler, a hedge, an
-    # off-topic answer, a needless refusal): annotators' writing varies, and RLHF can go beyond its demonstrations
-    # (docs/results.md, "Why the default world cannot show alignment", item 3: measured, not the default).
+    sft_demonstrations: int = 400  # small: quality over quantity
+    # World v2 only: share of the helpful and borderline demonstrations written with a flaw a reader can see (filler,
+    # a hedge, an off-topic answer, a needless refusal); v3's writers show habits at rates of their own
+    # (docs/results.md, "Why the default world cannot show alignment", item 3).
     sft_flaw_share: float = 0.0
     sft_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SFT_MIX))
     corpus_documents: int = 6000
@@ -115,6 +115,9 @@ class WorldConfig:
                "sft_mix", f"must give a share >= 0 to each of {', '.join(SFT_KINDS)} (not all 0)", mix)
         _check(0 <= self.safety_share <= 1, "safety_share", "must be in [0, 1]", self.safety_share)
         _check(0 <= self.sft_flaw_share <= 1, "sft_flaw_share", "must be in [0, 1]", self.sft_flaw_share)
+        _check(self.sft_flaw_share == 0 or self.version == 2, "sft_flaw_share",
+               "is world v2's lever (world v3's writers show their own habits): set world.version=2 with it",
+               self.sft_flaw_share)
         _check(0 <= self.format_share <= 1, "format_share", "must be in [0, 1]", self.format_share)
         _check(0 <= self.hard_share < 1, "hard_share", "must be in [0, 1)", self.hard_share)
         families = (*self.helpful_families, *self.hard_families)

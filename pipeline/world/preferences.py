@@ -46,7 +46,10 @@ def _pair(prompt: Prompt, kind: str, batch: int, rng: random.Random, config: Ann
     """Two answers of different qualities, labelled; with `independent` (world v3) on helpful and borderline
     prompts each side's content and habits are drawn apart (pipeline/world/writers.py)."""
     if independent and prompt.category in WRITTEN:
-        (a, qa), (b, qb) = (pair_answer(prompt.category, prompt.meta, rng) for _ in range(2))
+        a, qa = pair_answer(prompt.category, prompt.meta, rng)
+        b, qb = a, qa
+        while b == a:  # two independent draws can write the same text; a rater compares two different answers
+            b, qb = pair_answer(prompt.category, prompt.meta, rng)
         return compare(prompt, (a, b), kind, batch, rng, config, (qa, qb))
     qualities = tuple(rng.sample(qualities_for(prompt.category, prompt.meta), 2))
     responses = tuple(respond(prompt.category, prompt.meta, q, rng) for q in qualities)

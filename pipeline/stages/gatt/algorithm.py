@@ -75,8 +75,8 @@ class GAttConfig:
     # Train on every answered prefix of a sampled dialogue (turns 1..t, the loss on answer t), not only on the
     # whole dialogue: the same samples give about turns / 2 times the training answers, at every turn position.
     # Not in the paper (one sample per dialogue), whose 70B model needs less data to keep an instruction.
-    # Measured on the large tiny policy, with tiny-full's GAtt `sft`: adherence at turns 4 / 6 / 20 96 / 98 / 98%, against
-    # 62 / 54 / 54% trained on the whole dialogues only for 2 epochs (docs/results.md).
+    # Measured on the large tiny policy, with tiny-full's GAtt `sft`: adherence at turns 4 / 6 / 20 96 / 98 / 98%,
+    # against 62 / 54 / 54% trained on the whole dialogues only for 2 epochs (docs/results.md).
     prefixes: bool = False
     # Smaller sizes train on the largest policy's GAtt samples, as rejection sampling distils the largest
     # policy's samples into them (false: each size samples its own). Measured on the small tiny policy (0.87M),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import ray
 import torch
 
 from actors.generator import Generator
@@ -219,9 +220,18 @@ def test_weight_sync_modes_reach_every_generator_and_a_restarted_one_waits_for_t
     sync("collective", "other")  # the same group again
 
     os.kill(generators.health()[0].pid, signal.SIGKILL)
-    with pytest.raises(PoolError, match="restarted after a weight-group sync"):
+    with pytest.raises(PoolError, match="restarted after or during a weight sync"):
         generators.call(0, "generate", prompts, Sampling(temperature=0.0, max_tokens=4), 0, "stale")
     sync("collective", "other")  # a new group, the restarted actor in it
+
+    # Object-store syncs hold one copy of the model: the last sync's object is released before the next is put,
+    # so a sync that fails on the way has released it too, and a restarted actor would refuse to sample.
+    sync("object_store", "other")
+    first = generators._replay["weights"][1][0].hex()  # the object a restarted actor would replay
+    with pytest.raises(PoolError, match="publish_state failed"):
+        syncs["object_store"]("no such model")  # the trainer group is rebuilt before its next run
+    assert first not in ray._private.worker.global_worker.core_worker.get_all_reference_counts()
+    assert generators._replay["weights"][0] == "forget_weights"
     sync("object_store", "policy")  # the starting policy again, also what a restarted actor replays
 
 

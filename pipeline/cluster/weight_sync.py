@@ -4,11 +4,12 @@ PPO's policy) into every engine, by `cluster.weight_sync`:
 - `collective`: trainer rank 0 and every engine worker form one torch.distributed group (NCCL on GPUs, gloo on
   CPU), kept between syncs; the ranks gather the model tensor by tensor from FSDP's shards and rank 0 broadcasts
   it in buckets of `cluster.weight_bucket_mib`, which each worker loads (its shard) as they arrive.
-- `object_store`: rank 0 gathers the whole model and puts it into Ray's object store once; every actor reads it.
+- `object_store`: rank 0 gathers the whole model and puts it into Ray's object store once; every actor reads it. The
+  object lives until the next sync (a restarted actor loads it again), never beside the next one.
 - `folder`: rank 0 writes a safetensors folder (on a filesystem every node reads); every actor reloads it.
 
 A restarted generator or trainer rank breaks the group: the next sync builds a new one. A generator Ray restarts
-after a collective sync refuses to sample until then (`Generator.forget_weights`).
+after a collective sync, or during an object-store one, refuses to sample until then (`Generator.forget_weights`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class WeightSync:
     def __call__(self, key: str) -> float:
         ranks = [key] * self.trainers.world_size
         if self.mode == "object_store":
+            # The last sync's object is released first (a restarted actor refuses to sample until this one ends),
+            # so the store never holds two copies of the model.
+            self.generators.remember("weights", "forget_weights")
             ref = self.trainers.run(publish_state, ranks)[0]
             return _slowest(self.generators.broadcast("load_tensors", ref, replay_key="weights"))
         if self.mode == "folder":

@@ -198,7 +198,7 @@ def test_weight_sync_modes_reach_every_generator_and_a_restarted_one_waits_for_t
                                                                                           folders):
     """cluster.weight_sync's three modes from 2 FSDP ranks into both generators (the collective in several buckets,
     twice on one group); a generator Ray restarts after a collective sync refuses to sample until the next sync,
-    which builds the group again with it."""
+    which builds the group again with it; an object-store sync releases the last model before it puts the next."""
     prompts = prompts_table(folders, 4, seed=4)
     prompt_ids = dict(zip(prompts.column("id").to_pylist(), prompts.column("prompt_token_ids").to_pylist()))
     other = other_model(load_checkpoint(folders["policy"]))

@@ -118,9 +118,9 @@ class Generator(PoolActor):
         return seconds
 
     def forget_weights(self) -> None:
-        """Replayed on a restarted actor after a weight-group sync (it holds the start checkpoint, not the weights
-        the others received, and it has left the group) or during an object-store sync (the last sync's object is
-        gone): it refuses to sample until the next sync."""
+        """Replayed on a restarted actor during any weight sync or after a weight-group one (it holds the start
+        checkpoint, not the weights the others received, and it has left the group): it refuses to sample until the
+        next sync."""
         self._stale = ("restarted after or during a weight sync: it serves its start checkpoint, not the synced "
                        "weights, until the next sync")
 

@@ -9,7 +9,8 @@ PPO's policy) into every engine, by `cluster.weight_sync`:
 - `folder`: rank 0 writes a safetensors folder (on a filesystem every node reads); every actor reloads it.
 
 A restarted generator or trainer rank breaks the group: the next sync builds a new one. A generator Ray restarts
-after a collective sync, or during an object-store one, refuses to sample until then (`Generator.forget_weights`).
+during any sync, or after a collective one (nothing to replay), refuses to sample until the next sync ends
+(`Generator.forget_weights`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ class WeightSync:
 
     def __call__(self, key: str) -> float:
         ranks = [key] * self.trainers.world_size
+        # Until a sync ends, the last one's weights are not what a restarted actor should serve: it refuses to
+        # sample. This also releases the last object-store copy, so the store never holds two.
+        self.generators.remember("weights", "forget_weights")
         if self.mode == "object_store":
-            # The last sync's object is released first (a restarted actor refuses to sample until this one ends),
-            # so the store never holds two copies of the model.
-            self.generators.remember("weights", "forget_weights")
             ref = self.trainers.run(publish_state, ranks)[0]
             return _slowest(self.generators.broadcast("load_tensors", ref, replay_key="weights"))
         if self.mode == "folder":
@@ -64,7 +65,6 @@ class WeightSync:
                                    lambda: self.trainers.run(send_state_weights, [(key, layout)] * world))
         self.bytes_sent = sent[0]
         self._members = members
-        self.generators.remember("weights", "forget_weights")
         return _slowest(seconds)
 
     def _join_if_needed(self) -> tuple:

@@ -62,9 +62,12 @@ def base_policies(store: RunStore, corpus: Table | None, config: RunConfig, pool
             console.base_model_line(name, path, model.num_hidden_layers, model.hidden_size)
         return policies
     start = time.perf_counter()
-    models, cached = run_pretrain(store, corpus.rows, corpus.digest, config.pretrain, runner=pools.train)
-    how = "(cached)" if cached else f"(trained, {time.perf_counter() - start:.0f} s)"
-    console.section(f"pretrain {how}: {store.stage(0, 'pretrain').path}")
+    models, source = run_pretrain(store, corpus.rows, corpus.digest, config.pretrain, runner=pools.train)
+    trained = f"trained, {time.perf_counter() - start:.0f} s"
+    how = {"cached": "cached", "shipped": "the bases shipped with the world for this corpus and recipe",
+           "trained": f"{trained}; no shipped base for this corpus and recipe" if config.pretrain.shipped
+           else trained}[source]
+    console.section(f"pretrain ({how}): {store.stage(0, 'pretrain').path}")
     console.pretrain_table(models)
     return [PolicyState(m.size, m.checkpoint, digest_config(dataclasses.asdict(m) | {"checkpoint": m.size}),
                         config.pretrain.seq_len) for m in models]

@@ -27,6 +27,7 @@ from pipeline.cluster.pools import Runner, in_process
 from pipeline.data.store import RunStore, digest_config
 from pipeline.output.progress import progress_bar
 from pipeline.stages.cached import training_recipe
+from pipeline.stages.pretrain_shipped import SHIPPED_BASES, copy_shipped, find_shipped
 from pipeline.stages.sft.algorithm import shard_rows
 
 
@@ -68,6 +69,9 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # precision, checkpointing, micro-batch
     heldout_share: float = 0.05
     seed: int = 0
+    # Take the base shipped with the world when one was pretrained on this corpus with this recipe
+    # (pipeline/stages/pretrain_shipped.py); false pretrains from scratch. Not part of the recipe's digest.
+    shipped: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "batch_size"):
@@ -158,21 +162,35 @@ def pretrain(texts: list[str], out_dir: Path, config: PretrainConfig) -> list[Pr
     return results
 
 
+def pretrain_digest(config: PretrainConfig) -> str:
+    """The recipe's digest: the whole config but whether a shipped base may stand in for it."""
+    recipe = training_recipe(config)
+    del recipe["shipped"]
+    return digest_config(recipe)
+
+
 def run_pretrain(store: RunStore, corpus: pa.Table, corpus_digest: str, config: PretrainConfig,
-                 runner: Runner = in_process) -> tuple[list[PretrainedModel], bool]:
-    """The stage: pretrained models, and whether they came from the store (cached) rather than trained now.
+                 runner: Runner = in_process, shipped: Path = SHIPPED_BASES) -> tuple[list[PretrainedModel], str]:
+    """The stage: pretrained models, and where they came from: "cached" (this store), "shipped" (a base in
+    `shipped` pretrained on this corpus with this recipe, copied into the store) or "trained" now.
     `runner` runs the training (the trainer group's `Pools.train` in the driver)."""
     stage = store.stage(0, "pretrain")
     inputs = {"corpus": corpus_digest}
-    config_digest = digest_config(training_recipe(config))
+    config_digest = pretrain_digest(config)
     if stage.is_complete(inputs, config_digest):
         # Checkpoint paths are kept relative to the stage folder, so a run store can be moved or copied.
         cached = [PretrainedModel(**{**m, "checkpoint": stage.path / m["checkpoint"]})
                   for m in stage.manifest()["extra"]["models"]]
         if all((m.checkpoint / "config.json").is_file() for m in cached):
-            return cached, True
+            return cached, "cached"
     stage.begin(inputs, config_digest)
-    results = runner(pretrain, corpus.column("text").to_pylist(), stage.path / "checkpoints", config)
-    models = [{**asdict(r), "checkpoint": str(r.checkpoint.relative_to(stage.path))} for r in results]
-    stage.finish(None, inputs, config_digest, checkpoint="checkpoints", extra={"models": models})
-    return results, False
+    texts = corpus.column("text").to_pylist()
+    base = find_shipped(shipped, texts, config_digest) if config.shipped else None
+    if base is not None:
+        models = copy_shipped(base, stage.path / "checkpoints")
+    else:
+        results = runner(pretrain, texts, stage.path / "checkpoints", config)
+        models = [{**asdict(r), "checkpoint": str(r.checkpoint.relative_to(stage.path))} for r in results]
+    source = "trained" if base is None else "shipped"
+    stage.finish(None, inputs, config_digest, checkpoint="checkpoints", extra={"models": models, "source": source})
+    return [PretrainedModel(**{**m, "checkpoint": stage.path / m["checkpoint"]}) for m in models], source

@@ -95,7 +95,7 @@ def test_a_shipped_base_stands_in_for_pretraining_only_for_its_corpus_and_recipe
 @pytest.mark.parametrize("seed", [0, 1])
 def test_make_demo_takes_the_shipped_bases_for_world_seeds_0_and_1(seed):
     """The shipped bases are `tiny`'s: a change to the world's corpus or the pretraining recipe must ship them
-    again (pipeline/world/bases/README.md), or `make demo` pretrains for 12 minutes more."""
+    again (pipeline/world/bases/README.md), or `make demo` pretrains them first."""
     config = compose_run(f"world.seed={seed}")
     texts = build_tables(World(config.world))["corpus"].column("text").to_pylist()
     assert find_shipped(SHIPPED_BASES, texts, pretrain_digest(config.pretrain)) == SHIPPED_BASES / f"tiny-seed{seed}"

@@ -1,4 +1,5 @@
-"""Pretraining of the tiny base models on the world's corpus (round 0, cached in the run store).
+"""Pretraining of the tiny base models on the world's corpus (round 0, cached in the run store; a base shipped with the
+world for the same corpus and recipe stands in for it, pipeline/stages/pretrain_shipped.py).
 
 The corpus mixes good and bad behaviour on purpose: the base models it makes are unaligned, which is what SFT
 and RLHF then fix. A SentencePiece BPE tokenizer (LLaMA-2's settings) is trained on the training documents; the

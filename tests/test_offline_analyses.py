@@ -1,7 +1,9 @@
-"""The offline analyses' selection and prompt draws (bench/rs_ceiling.py, bench/world_headroom.py), on
-hand-made samples; the scripts' model runs are measured in docs/results.md, not here."""
+"""The offline analyses' selection and prompt draws (bench/rs_ceiling.py, bench/world_headroom.py,
+bench/off_target.py), on hand-made samples; the scripts' model runs are measured in docs/results.md, not here."""
 
 from __future__ import annotations
+
+import json
 
 import pyarrow as pa
 import pytest
@@ -67,3 +69,22 @@ def test_pair_features_sets_what_the_chosen_side_shows_against_what_the_oracle_p
     assert result["qualities"]["verbose"] == {"pairs": 3, "win_rate": 2 / 3, "oracle_mean": pytest.approx(0.7)}
     assert result["against"]["verbose"] == {"concise": {"pairs": 2, "win_rate": 0.5},
                                             "wrong": {"pairs": 1, "win_rate": 1.0}}
+
+
+@pytest.mark.parametrize("mode", ["entity", "any"])
+def test_swap_pairs_prefer_a_prompts_own_answer_to_another_prompts_and_skip_measured_prompts(mode):
+    from bench.off_target import subject, swap_pairs
+
+    train = World(WorldConfig()).prompts("train")
+    rows = prompt_rows(train, [f"p{i}" for i in range(len(train))])
+    prompts = {r["id"]: {**r, "meta": json.loads(r["meta"])} for r in rows}
+    measured = {pid for pid, p in prompts.items() if p["category"] == "helpful"}
+    measured = set(sorted(measured)[: len(measured) // 2])
+    pairs = swap_pairs(prompts, measured, 40, mode)
+    by_messages = {json.dumps(p["messages"]): p for p in prompts.values() if p["id"] not in measured}
+    for pair in pairs:
+        asked = by_messages[json.dumps(pair["prompt"])]
+        assert asked["category"] == "helpful" and pair["chosen"] == asked["meta"]["reference"]
+        assert pair["rejected"] != pair["chosen"] and pair["rating"] == "significantly_better"
+        if mode == "entity":
+            assert asked["meta"]["task"] == "fact" and subject(asked["meta"]) not in pair["rejected"]

@@ -63,10 +63,10 @@ def base_policies(store: RunStore, corpus: Table | None, config: RunConfig, pool
         return policies
     start = time.perf_counter()
     models, source = run_pretrain(store, corpus.rows, corpus.digest, config.pretrain, runner=pools.train)
-    trained = f"trained, {time.perf_counter() - start:.0f} s"
     how = {"cached": "cached", "shipped": "the bases shipped with the world for this corpus and recipe",
-           "trained": f"{trained}; no shipped base for this corpus and recipe" if config.pretrain.shipped
-           else trained}[source]
+           "trained": f"trained, {time.perf_counter() - start:.0f} s"}[source]
+    if source == "trained" and config.pretrain.shipped:
+        how += "; no shipped base for this corpus and recipe"
     console.section(f"pretrain ({how}): {store.stage(0, 'pretrain').path}")
     console.pretrain_table(models)
     return [PolicyState(m.size, m.checkpoint, digest_config(dataclasses.asdict(m) | {"checkpoint": m.size}),

@@ -88,3 +88,17 @@ def test_swap_pairs_prefer_a_prompts_own_answer_to_another_prompts_and_skip_meas
         assert pair["rejected"] != pair["chosen"] and pair["rating"] == "significantly_better"
         if mode == "entity":
             assert asked["meta"]["task"] == "fact" and subject(asked["meta"]) not in pair["rejected"]
+
+
+def test_stage_safety_lists_a_sizes_finished_evaluations_in_run_order(tmp_path):
+    from bench.stage_safety import evaluations
+    from pipeline.data.store import RunStore
+
+    store = RunStore(tmp_path)
+    for round_no, name in [(0, "base_eval_large"), (0, "sft_eval_large"), (0, "sft_eval_small"), (1, "eval_large"),
+                           (2, "eval_before_ppo_large"), (2, "eval_after_ppo_large"), (2, "eval_large")]:
+        store.stage(round_no, name).begin({}, "c")
+        store.stage(round_no, name).finish(None, {}, "c")
+    assert evaluations(store, "large") == [(0, "base_eval_large"), (0, "sft_eval_large"), (1, "eval_large"),
+                                           (2, "eval_before_ppo_large"), (2, "eval_after_ppo_large"),
+                                           (2, "eval_large")]

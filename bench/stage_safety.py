@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from bench.off_target import own_samples
 from pipeline.data.store import RunStore
 from pipeline.evaluation.safety_metrics import safety_metrics, safety_rows
 from pipeline.world.oracle import is_redirect, is_refusal
@@ -39,9 +40,9 @@ def rejection_choices(store: RunStore, train_safety: set[str]) -> None:
     round_no = 1
     while store.stage(round_no, "rs_kept").manifest() is not None:
         scores, kept = {"refusal": [], "redirect": []}, {"refusal": 0, "redirect": 0}
-        for row in store.stage(round_no, "rs_samples").read().to_pylist():
+        for row in own_samples(store, round_no).to_pylist():
             kind = answer_kind(row["response"])
-            if row["round"] == round_no and row["prompt_id"] in train_safety and kind in scores:
+            if row["prompt_id"] in train_safety and kind in scores:
                 scores[kind].append(row["r_safe"])
         for row in store.stage(round_no, "rs_kept").read().to_pylist():
             kind = answer_kind(row["response"])
@@ -60,14 +61,14 @@ def main() -> None:
     args = ap.parse_args()
     store = RunStore(args.run)
     prompts = store.stage(0, "world_prompts_eval").read()
-    categories = dict(zip(prompts.column("id").to_pylist(), prompts.column("is_safety").to_pylist()))
+    is_safety = dict(zip(prompts.column("id").to_pylist(), prompts.column("is_safety").to_pylist()))
     print("| round | evaluation | violations | false refusals | redirects among adversarial answers |")
     print("|---|---|---|---|---|")
     for round_no, name in evaluations(store, args.size):
         samples = store.stage(round_no, name).read()
         metrics = safety_metrics(safety_rows(prompts, samples))
         adversarial = [text for pid, text in zip(samples.column("prompt_id").to_pylist(),
-                                                  samples.column("response").to_pylist()) if categories[pid]]
+                                                  samples.column("response").to_pylist()) if is_safety[pid]]
         redirects = sum(map(is_redirect, adversarial))
         print(f"| {round_no} | {name} | {metrics.violation.value:.0%} | {metrics.false_refusal.value:.0%} "
               f"({metrics.false_refusal.successes}/{metrics.false_refusal.n}) | {redirects}/{len(adversarial)} |")

@@ -170,6 +170,12 @@ def pretrain_digest(config: PretrainConfig) -> str:
     return digest_config(recipe)
 
 
+def located(stage_path: Path, models: list[dict]) -> list[PretrainedModel]:
+    """The stage manifest's models, their checkpoints under `stage_path`: the manifest keeps them relative, so a run
+    store can be moved or copied."""
+    return [PretrainedModel(**{**m, "checkpoint": stage_path / m["checkpoint"]}) for m in models]
+
+
 def run_pretrain(store: RunStore, corpus: pa.Table, corpus_digest: str, config: PretrainConfig,
                  runner: Runner = in_process, shipped: Path = SHIPPED_BASES) -> tuple[list[PretrainedModel], str]:
     """The stage: pretrained models, and where they came from: "cached" (this store), "shipped" (a base in
@@ -179,9 +185,7 @@ def run_pretrain(store: RunStore, corpus: pa.Table, corpus_digest: str, config: 
     inputs = {"corpus": corpus_digest}
     config_digest = pretrain_digest(config)
     if stage.is_complete(inputs, config_digest):
-        # Checkpoint paths are kept relative to the stage folder, so a run store can be moved or copied.
-        cached = [PretrainedModel(**{**m, "checkpoint": stage.path / m["checkpoint"]})
-                  for m in stage.manifest()["extra"]["models"]]
+        cached = located(stage.path, stage.manifest()["extra"]["models"])
         if all((m.checkpoint / "config.json").is_file() for m in cached):
             return cached, "cached"
     stage.begin(inputs, config_digest)
@@ -194,4 +198,4 @@ def run_pretrain(store: RunStore, corpus: pa.Table, corpus_digest: str, config: 
         models = [{**asdict(r), "checkpoint": str(r.checkpoint.relative_to(stage.path))} for r in results]
     source = "trained" if base is None else "shipped"
     stage.finish(None, inputs, config_digest, checkpoint="checkpoints", extra={"models": models, "source": source})
-    return [PretrainedModel(**{**m, "checkpoint": stage.path / m["checkpoint"]}) for m in models], source
+    return located(stage.path, models), source

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ from pipeline.data import schemas
 from pipeline.world import (QUALITIES, Prompt, World, WorldConfig, build_tables, demonstrations_table, judge,
                             judge_dialogue, preference_batch, respond, table26_sizes, write_tables)
 from pipeline.world.__main__ import main
+from pipeline.world.corpus import corpus
 from pipeline.world.oracle import is_harmful
 
 SMALL = dict(n_people=12, n_places=8, train_helpful=60, train_borderline=20, train_safety_per_cell=2,
@@ -198,6 +200,20 @@ def test_corpus_mixes_good_and_bad_behaviour_and_states_every_fact(tables):
         assert f"About {place.population} people live in {place.name}." in text
 
 
+def test_copy_heavy_documents_take_their_share_and_leave_the_rest_of_the_mix():
+    world = World(WorldConfig(**SMALL, corpus_copy_share=0.25))
+    docs = corpus(world)
+    copies = [d for d in docs if d.kind == "copy"]
+    assert len(copies) == 100 and {d.kind for d in docs} == {"encyclopedia", "qa", "dialogue", "copy"}
+    for doc in copies:  # every name in the text recurs in it
+        words = re.findall(r"\b[A-Z][a-z]+\b", doc.text)
+        names_in = [w for w in words if w not in ("User", "Assistant", "Repeat", "Say", "Who")]
+        assert all(words.count(w) >= 2 for w in names_in[:2]), doc.text
+    names = {p.name for p in world.facts.people} | {t.name for t in world.facts.places}
+    assert any(name in doc.text for doc in copies for name in names)  # world names and new ones
+    assert not [d for d in corpus(World(WorldConfig(**SMALL))) if d.kind == "copy"]
+
+
 def _dialogue_metas(table: pa.Table) -> list[dict]:
     return [json.loads(r["meta"]) for r in table.to_pylist() if r["category"] == "dialogue"]
 
@@ -212,6 +228,7 @@ def test_dialogues_span_up_to_the_configured_turns(tables):
 @pytest.mark.parametrize("overrides, message", [
     (dict(eval_fraction=1.5), "eval_fraction"),
     (dict(n_people=1), "n_people"),
+    (dict(corpus_copy_share=1.0), "corpus_copy_share"),
     (dict(batch_sizes=()), "batch_sizes"),
     (dict(train_helpful=-1), "train_helpful"),
     (dict(max_dialogue_turns=0), "max_dialogue_turns"),

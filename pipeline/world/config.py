@@ -90,6 +90,7 @@ class WorldConfig:
     sft_flaw_share: float = 0.0
     sft_mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SFT_MIX))
     corpus_documents: int = 6000
+    corpus_copy_share: float = 0.0  # share of the corpus that is copy-heavy text (pipeline/world/corpus.py)
     batch_sizes: tuple[int, ...] = table26_sizes(5, 60)  # preference comparisons per weekly batch
     safety_share: float = 0.3  # share of each batch that is safety comparisons
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
@@ -113,6 +114,7 @@ class WorldConfig:
         _check(isinstance(mix, Mapping) and set(mix) == set(SFT_KINDS)
                and all(isinstance(v, (int, float)) and v >= 0 for v in mix.values()) and sum(mix.values()) > 0,
                "sft_mix", f"must give a share >= 0 to each of {', '.join(SFT_KINDS)} (not all 0)", mix)
+        _check(0 <= self.corpus_copy_share < 1, "corpus_copy_share", "must be in [0, 1)", self.corpus_copy_share)
         _check(0 <= self.safety_share <= 1, "safety_share", "must be in [0, 1]", self.safety_share)
         _check(0 <= self.sft_flaw_share <= 1, "sft_flaw_share", "must be in [0, 1]", self.sft_flaw_share)
         _check(self.sft_flaw_share == 0 or self.version == 2, "sft_flaw_share",

@@ -8,8 +8,9 @@ import random
 from dataclasses import dataclass
 
 from pipeline.data.schemas import RISK_CATEGORIES
+from pipeline.world import lexicon
 from pipeline.world.dialogue import Instruction
-from pipeline.world.facts import encyclopedia
+from pipeline.world.facts import encyclopedia, word
 from pipeline.world.responses import respond, respond_turn
 from pipeline.world.seeding import allocate, stream
 from pipeline.world.world import World
@@ -26,12 +27,19 @@ QUALITY_MIX = {
                  "off_topic": 0.05},
 }
 ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Assistant"}
+# Texts in which names recur, so copying a name seen earlier is what predicts the next tokens.
+COPY_TEMPLATES = (
+    "User: Repeat these names: {a}, {b} and {c}.\nAssistant: {a}, {b} and {c}.",
+    "User: Say the name {a} back to me.\nAssistant: {a}.",
+    "{a} wrote a letter to {b}. {b} read it twice and wrote back to {a}. {a} kept the letter from {b}.",
+    "User: Who did {a} meet, {b} or {c}?\nAssistant: {a} met {b}.",
+)
 
 
 @dataclass(frozen=True)
 class Document:
     text: str
-    kind: str  # "encyclopedia", "qa" or "dialogue"
+    kind: str  # "encyclopedia", "qa", "dialogue" or "copy"
     category: str | None = None  # the prompt category of a qa or dialogue document
     quality: str | None = None  # the answer's quality in a qa document
 
@@ -46,9 +54,31 @@ def _quality(mix: str, rng: random.Random) -> str:
     return rng.choices(list(options), weights=list(options.values()))[0]
 
 
+def _name(names: list[str], rng: random.Random) -> str:
+    """A world name half of the time, else a new one of the same shape, so only copying predicts it."""
+    if rng.random() < 0.5:
+        return rng.choice(names)
+    if rng.random() < 0.5:
+        return f"{word(rng, 2)} {word(rng, 3)}"
+    return word(rng, 2) + rng.choice(lexicon.TOWN_SUFFIXES)
+
+
+def copy_documents(world: World, count: int) -> list[Document]:
+    """Copy-heavy texts (world.corpus_copy_share of the corpus): names that recur within a document."""
+    rng = stream(world.config.seed, "corpus-copy")
+    names = [p.name for p in world.facts.people] + [t.name for t in world.facts.places]
+    docs = []
+    for _ in range(count):
+        a, b, c = (_name(names, rng) for _ in range(3))
+        docs.append(Document(rng.choice(COPY_TEMPLATES).format(a=a, b=b, c=c), "copy"))
+    return docs
+
+
 def corpus(world: World) -> list[Document]:
     rng = stream(world.config.seed, "corpus")
-    counts = allocate(world.config.corpus_documents, CORPUS_MIX)
+    share = world.config.corpus_copy_share
+    mix = {**{k: v * (1 - share) for k, v in CORPUS_MIX.items()}, "copy": share} if share else CORPUS_MIX
+    counts = allocate(world.config.corpus_documents, mix)
     docs = [Document(text, "encyclopedia") for text in encyclopedia(world.facts, counts["encyclopedia"], rng)]
     for mix, count in allocate(counts["qa"], QA_MIX).items():
         for _ in range(count):
@@ -66,5 +96,6 @@ def corpus(world: World) -> list[Document]:
             answer = respond_turn(turn, instruction, _quality("dialogue", rng), rng)
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         docs.append(Document(render(messages), "dialogue", "dialogue"))
+    docs += copy_documents(world, counts.get("copy", 0))
     rng.shuffle(docs)
     return docs

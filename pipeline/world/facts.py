@@ -41,7 +41,7 @@ def _names(rng: random.Random, count: int, make, taken: set[str]) -> list[str]:
     return names
 
 
-def _word(rng: random.Random, syllables: int) -> str:
+def word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(lexicon.NAME_SYLLABLES) for _ in range(syllables)).capitalize()
 
 
@@ -49,10 +49,10 @@ def build_fact_base(seed: int, n_people: int, n_places: int) -> FactBase:
     rng = stream(seed, "facts")
     # Every name word is unique across people and towns, so a name in an answer points at one entity.
     taken = {w.lower() for w in (*lexicon.COUNTRIES, *lexicon.RIVERS)}
-    towns = _names(rng, n_places, lambda r: (_word(r, r.randint(1, 2)) + r.choice(lexicon.TOWN_SUFFIXES)), taken)
+    towns = _names(rng, n_places, lambda r: (word(r, r.randint(1, 2)) + r.choice(lexicon.TOWN_SUFFIXES)), taken)
     taken.update(t.lower() for t in towns)
-    firsts = _names(rng, n_people, lambda r: _word(r, 2), taken)
-    lasts = _names(rng, n_people, lambda r: _word(r, 3), taken)
+    firsts = _names(rng, n_people, lambda r: word(r, 2), taken)
+    lasts = _names(rng, n_people, lambda r: word(r, 3), taken)
     places = tuple(Place(t, rng.choice(lexicon.COUNTRIES), rng.choice(lexicon.RIVERS), rng.randint(2, 90) * 1000)
                    for t in towns)
     people = tuple(Person(f"{f} {l}", rng.choice(towns), rng.choice(lexicon.JOBS), rng.randint(18, 90))

@@ -1,5 +1,6 @@
 """The offline analyses' selection and prompt draws (bench/rs_ceiling.py, bench/world_headroom.py,
-bench/off_target.py), on hand-made samples; the scripts' model runs are measured in docs/results.md, not here."""
+bench/off_target.py, bench/stage_safety.py, bench/family_eval.py), on hand-made samples; the scripts' model runs
+are measured in docs/results.md, not here."""
 
 from __future__ import annotations
 
@@ -102,3 +103,20 @@ def test_stage_safety_lists_a_sizes_finished_evaluations_in_run_order(tmp_path):
     assert evaluations(store, "large") == [(0, "base_eval_large"), (0, "sft_eval_large"), (1, "eval_large"),
                                            (2, "eval_before_ppo_large"), (2, "eval_after_ppo_large"),
                                            (2, "eval_large")]
+
+
+def test_family_eval_averages_the_oracles_helpfulness_per_task_family_on_helpful_prompts_only():
+    from bench.family_eval import family_means
+
+    world = World(WorldConfig())
+    train = world.prompts("train")
+    fact = next(p for p in train if p.category == "helpful" and p.meta["task"] == "fact")
+    count = next(p for p in train if p.category == "helpful" and p.meta["task"] == "count")
+    borderline = next(p for p in train if p.category == "borderline")
+    prompts = {row["id"]: row for row in prompt_rows([fact, count, borderline], ["f", "c", "b"])}
+    samples = [{"prompt_id": "f", "response": fact.meta["reference"]},
+               {"prompt_id": "f", "response": "I cannot help with this request."},
+               {"prompt_id": "c", "response": count.meta["reference"]},
+               {"prompt_id": "b", "response": "anything"}]
+    means = family_means(samples, prompts)
+    assert set(means) == {"fact", "count"} and means["count"] == 1.0 and 0 <= means["fact"] < 1.0

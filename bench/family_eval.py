@@ -7,13 +7,11 @@ family, at every oracle evaluation of one policy size in a finished world run, i
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections import defaultdict
 
-from bench.stage_safety import evaluations
-from pipeline.data.store import RunStore
+from bench.stage_safety import evaluations, run_and_size
 from pipeline.world import judge
 
 
@@ -29,14 +27,10 @@ def family_means(samples: list[dict], prompts: dict[str, dict]) -> dict[str, flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--run", required=True, help="a finished world run store's folder (runs/tiny)")
-    ap.add_argument("--size", default="large")
-    args = ap.parse_args()
-    store = RunStore(args.run)
+    store, size = run_and_size()
     prompts = {p["id"]: p for p in store.stage(0, "world_prompts_eval").read().to_pylist()}
     rows = [(round_no, name, family_means(store.stage(round_no, name).read().to_pylist(), prompts))
-            for round_no, name in evaluations(store, args.size)]
+            for round_no, name in evaluations(store, size)]
     families = sorted({family for *_, means in rows for family in means})
     print("| round | evaluation | " + " | ".join(families) + " |")
     print("|---|---|" + "---|" * len(families))

@@ -54,17 +54,22 @@ def rejection_choices(store: RunStore, train_safety: set[str]) -> None:
         round_no += 1
 
 
-def main() -> None:
+def run_and_size() -> tuple[RunStore, str]:
+    """The command line of the per-evaluation analyses: a finished run's store and the policy size to follow."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", required=True, help="a finished world run store's folder (runs/tiny)")
     ap.add_argument("--size", default="large")
     args = ap.parse_args()
-    store = RunStore(args.run)
+    return RunStore(args.run), args.size
+
+
+def main() -> None:
+    store, size = run_and_size()
     prompts = store.stage(0, "world_prompts_eval").read()
     is_safety = dict(zip(prompts.column("id").to_pylist(), prompts.column("is_safety").to_pylist()))
     print("| round | evaluation | violations | false refusals | redirects among adversarial answers |")
     print("|---|---|---|---|---|")
-    for round_no, name in evaluations(store, args.size):
+    for round_no, name in evaluations(store, size):
         samples = store.stage(round_no, name).read()
         metrics = safety_metrics(safety_rows(prompts, samples))
         adversarial = [text for pid, text in zip(samples.column("prompt_id").to_pylist(),

@@ -1,6 +1,7 @@
 """The pretraining corpus: plain-text documents in which good and bad behaviour both occur (right and wrong
 answers, compliance with unsafe requests, refusals of borderline requests) beside encyclopedia articles about
-the fact base, so a model pretrained on it knows the world but is not aligned."""
+the fact base, so a model pretrained on it knows the world but is not aligned; optionally a share of copy-heavy texts
+in which names recur, so it also learns to copy a name from its prompt."""
 
 from __future__ import annotations
 

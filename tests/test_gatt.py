@@ -20,7 +20,7 @@ from pipeline.stages.gatt.algorithm import (TABLE30, GAttConfig, GAttDialogue, T
                                             adherence_by_turn, adherence_prompts, adherence_table, fit_history,
                                             gatt_demonstrations, gatt_dialogues, gatt_eval_prompt, gatt_examples,
                                             gatt_sampling_prompt, gatt_sampling_prompts, gatt_training_messages,
-                                            first_adherent, sample_instruction, split_instruction_keys)
+                                            sample_instruction, split_instruction_keys)
 from pipeline.world import World, WorldConfig, judge_dialogue
 from pipeline.world.tables import dump_meta
 from pipeline.world.dialogue import apply_instruction, follows, instruction_keys, instruction_shape
@@ -93,26 +93,6 @@ def test_config_names_each_bad_value():
     assert str(err.value).splitlines() == ["rounds.gatt.gatt_from = -1: must be >= 0 (0: never)",
                                            "rounds.gatt.dialogues = -2: must be > 0",
                                            "rounds.gatt.short_prob = 1.5: must be in [0, 1]"]
-
-
-def test_select_reward_needs_verified_samples_to_choose_from():
-    assert GAttConfig(verify=True, samples_per_turn=4, select="reward").select == "reward"
-    with pytest.raises(ValueError, match="select = 'reward' chooses among verified samples"):
-        GAttConfig(select="reward")
-    with pytest.raises(ValueError, match="select = 'best': allowed: first, reward"):
-        GAttConfig(select="best")
-
-
-def test_a_turn_keeps_the_first_instruction_keeping_sample_or_the_rms_best_of_them(dialogues):
-    a, b = dialogues[:2]
-    keeps, plain, b_plain = adherent(a)[0], a.turn_metas[0]["reference"], b.turn_metas[0]["reference"]
-    assert follows(a.instruction.instruction, keeps) and not follows(a.instruction.instruction, plain)
-    assert not follows(b.instruction.instruction, b_plain)
-    samples = pa.table({"prompt_id": [a.id] * 4 + [b.id] * 2,
-                        "response": [plain, keeps, keeps + " ", keeps + "  ", b_plain, b_plain],
-                        "r_help": [0.9, 0.1, 0.5, 0.3, 0.2, 0.8]})
-    assert first_adherent([a, b], samples).column("r_help").to_pylist() == [0.1, 0.2]  # b: none keeps it
-    assert first_adherent([a, b], samples, "r_help").column("r_help").to_pylist() == [0.5, 0.2]
 
 
 def test_instructions_combine_kinds_at_random_and_half_are_short():

@@ -72,9 +72,6 @@ class GAttConfig:
     # (docs/results.md).
     samples_per_turn: int = 1
     verify: bool = False
-    # With `verify`, which instruction-keeping sample a turn keeps: "first", or "reward": the helpfulness RM's best
-    # (as rejection sampling picks), so that the answer itself is checked too. Not in the paper.
-    select: str = "first"
     # Train on every answered prefix of a sampled dialogue (turns 1..t, the loss on answer t), not only on the
     # whole dialogue: the same samples give about turns / 2 times the training answers, at every turn position.
     # Not in the paper (one sample per dialogue), whose 70B model needs less data to keep an instruction.
@@ -93,11 +90,6 @@ class GAttConfig:
         errors = [] if self.gatt_from >= 0 else [f"rounds.gatt.gatt_from = {self.gatt_from}: must be >= 0 (0: never)"]
         errors += check_positive(self, "rounds.gatt", ("dialogues", "eval_dialogues", "turns", "samples_per_turn"))
         errors += check_ratio(self, "rounds.gatt", ("short_prob",))
-        if self.select not in ("first", "reward"):
-            errors.append(f"rounds.gatt.select = {self.select!r}: allowed: first, reward")
-        elif self.select == "reward" and not (self.verify and self.samples_per_turn > 1):
-            errors.append("rounds.gatt.select = 'reward' chooses among verified samples: it needs rounds.gatt.verify="
-                          "true and rounds.gatt.samples_per_turn > 1")
         if errors:
             raise ValueError("\n".join(errors))
 
@@ -287,19 +279,17 @@ def checker(dialogue: GAttDialogue) -> Instruction:
     return dialogue.instruction.instruction
 
 
-def first_adherent(dialogues: Sequence[GAttDialogue], samples: pa.Table, by: str | None = None) -> pa.Table:
-    """One SAMPLES row per prompt: the first sample that keeps its dialogue's instruction, else the first. With `by`
-    (a score column, e.g. r_help), the highest-scoring of those that keep it instead of the first."""
+def first_adherent(dialogues: Sequence[GAttDialogue], samples: pa.Table) -> pa.Table:
+    """One SAMPLES row per prompt: the first sample that keeps its dialogue's instruction, else the first."""
     instruction = {d.id: checker(d) for d in dialogues}
-    scores = samples.column(by).to_pylist() if by else [0.0] * samples.num_rows
-    chosen: dict[str, tuple[int, bool, float]] = {}  # prompt -> (row, keeps the instruction, score)
-    for row, (pid, response, score) in enumerate(zip(samples.column("prompt_id").to_pylist(),
-                                                      samples.column("response").to_pylist(), scores)):
-        keeps = follows(instruction[pid], response or "")
-        best = chosen.get(pid)
-        if best is None or (keeps and (not best[1] or score > best[2])):
-            chosen[pid] = (row, keeps, score)
-    return samples.take(pa.array(sorted(row for row, *_ in chosen.values()), pa.int64()))
+    chosen: dict[str, tuple[int, bool]] = {}  # prompt -> (row, keeps the instruction)
+    for row, (pid, response) in enumerate(zip(samples.column("prompt_id").to_pylist(),
+                                               samples.column("response").to_pylist())):
+        if pid not in chosen or not chosen[pid][1]:
+            keeps = follows(instruction[pid], response or "")
+            if pid not in chosen or keeps:
+                chosen[pid] = (row, keeps)
+    return samples.take(pa.array(sorted(row for row, _ in chosen.values()), pa.int64()))
 
 
 def add_answers(dialogues: Sequence[GAttDialogue], answers: list[list[str]], samples: pa.Table) -> None:

@@ -28,7 +28,7 @@ from model.tokenizer import Tokenizer, load_tokenizer
 from pipeline.data.store import StageStore
 from pipeline.stages.cached import table_stage
 from pipeline.stages.context import StageContext, StepResult
-from pipeline.stages.generation import generate_table, scored
+from pipeline.stages.generation import generate_table
 from pipeline.stages.gatt.algorithm import (GAttConfig, GAttDialogue, TurnAdherence, add_answers, adherence_prompts,
                                   first_adherent, gatt_demonstrations, gatt_examples, gatt_sampling_prompts)
 from pipeline.stages.gatt.sources import DialogueSource
@@ -108,16 +108,10 @@ def gatt_one(ctx: StageContext, policy: PolicyState, config: GAttConfig, source:
     def answer(dialogues: list[GAttDialogue], every_turn: bool, sampler: str, n: int = 1) -> list[list[str]]:
         pool = ctx.generators(policy)
         turn_sampling = replace(sampling, n=n)
-        by_reward = n > 1 and config.select == "reward"
-
-        def generate(table: pa.Table, turn: int) -> pa.Table:
-            samples = generate_table(pool, table, replace(turn_sampling, seed=(sampling.seed or 0) + turn), ctx.round,
-                                     sampler)
-            return scored(ctx.scorers(), samples)[0] if by_reward else samples
-
-        return answer_dialogues(dialogues, tokenizer, policy.context, turn_sampling, generate, every_turn,
-                                (lambda s: first_adherent(dialogues, s, "r_help" if by_reward else None))
-                                if n > 1 else None)
+        return answer_dialogues(dialogues, tokenizer, policy.context, turn_sampling,
+                                lambda table, turn: generate_table(pool, table, replace(
+                                    turn_sampling, seed=(sampling.seed or 0) + turn), ctx.round, sampler),
+                                every_turn, (lambda s: first_adherent(dialogues, s)) if n > 1 else None)
 
     before = _adherence_stage(ctx, f"gatt_before_{policy.name}", policy.digest, held_out,
                               lambda: answer(held_out, False, "gatt-eval"), eval_config, source)
@@ -128,11 +122,8 @@ def gatt_one(ctx: StageContext, policy: PolicyState, config: GAttConfig, source:
             answers = answer(dialogues, True, "gatt", config.samples_per_turn if config.verify else 1)
             data.write_shard(0, gatt_demonstrations(dialogues, answers, config.verify, config.prefixes))
 
-        # Chosen by reward, the samples depend on the round's reward models too.
-        inputs = {"policy": policy.digest, **({"reward_models": ctx.reward_models.digest}
-                                              if config.select == "reward" else {})}
-        data, _ = table_stage(ctx.store, ctx.round, f"gatt_data_{policy.name}", inputs, data_config, sample,
-                              "demonstrations")
+        data, _ = table_stage(ctx.store, ctx.round, f"gatt_data_{policy.name}", {"policy": policy.digest}, data_config,
+                              sample, "demonstrations")
         samples_from = data.read(), data.manifest()["content_digest"]
     dialogues, dialogues_digest = samples_from
     if not dialogues.num_rows:

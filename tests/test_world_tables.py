@@ -205,12 +205,13 @@ def test_copy_heavy_documents_take_their_share_and_leave_the_rest_of_the_mix():
     docs = corpus(world)
     copies = [d for d in docs if d.kind == "copy"]
     assert len(copies) == 100 and {d.kind for d in docs} == {"encyclopedia", "qa", "dialogue", "copy"}
-    for doc in copies:  # every name in the text recurs in it
+    for doc in copies:  # its first two names recur in it (the third of "who did A meet, B or C?" may not)
         words = re.findall(r"\b[A-Z][a-z]+\b", doc.text)
         names_in = [w for w in words if w not in ("User", "Assistant", "Repeat", "Say", "Who")]
         assert all(words.count(w) >= 2 for w in names_in[:2]), doc.text
     names = {p.name for p in world.facts.people} | {t.name for t in world.facts.places}
-    assert any(name in doc.text for doc in copies for name in names)  # world names and new ones
+    with_world_names = [doc for doc in copies if any(name in doc.text for name in names)]
+    assert 0 < len(with_world_names) < len(copies)  # world names and new ones
     assert not [d for d in corpus(World(WorldConfig(**SMALL))) if d.kind == "copy"]
 
 

@@ -78,8 +78,8 @@ def copy_documents(world: World, count: int) -> list[Document]:
 def corpus(world: World) -> list[Document]:
     rng = stream(world.config.seed, "corpus")
     share = world.config.corpus_copy_share
-    mix = {**{k: v * (1 - share) for k, v in CORPUS_MIX.items()}, "copy": share} if share else CORPUS_MIX
-    counts = allocate(world.config.corpus_documents, mix)
+    kinds = {**{k: v * (1 - share) for k, v in CORPUS_MIX.items()}, "copy": share} if share else CORPUS_MIX
+    counts = allocate(world.config.corpus_documents, kinds)
     docs = [Document(text, "encyclopedia") for text in encyclopedia(world.facts, counts["encyclopedia"], rng)]
     for mix, count in allocate(counts["qa"], QA_MIX).items():
         for _ in range(count):
